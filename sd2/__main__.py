@@ -1,0 +1,3 @@
+from sd2.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""Load and validate the workflow configuration against workflow/schemas/config.schema.yaml."""
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCRATCH_KEYS = ("arch", "tokenizer", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    set_defaults = validator_class.VALIDATORS["properties"]
+
+    def fill(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = _copy(sub["default"])
+        yield from set_defaults(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill})
+
+
+def _copy(value):
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def validate(config: dict) -> dict:
+    """Fill defaults into `config` in place and check it; raise ConfigError naming the bad key."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    # Errors are reported in a stable order, most specific key first.
+    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.path), _key(e.path)))
+    if errors:
+        err = errors[0]
+        raise ConfigError(f"config error at {_key(err.path)}: {err.message}")
+    _check_references(config)
+    return config
+
+
+def _check_references(config: dict) -> None:
+    models = config["models"]
+    for name, spec in models.items():
+        where = f"models.{name}"
+        if "hub" in spec:
+            extra = [k for k in SCRATCH_KEYS if k in spec]
+            if extra:
+                raise ConfigError(f"config error at {where}: a hub model takes no from-scratch keys ({', '.join(extra)})")
+        else:
+            missing = [k for k in SCRATCH_KEYS if k not in spec]
+            if missing:
+                raise ConfigError(f"config error at {where}: needs either 'hub' or the from-scratch keys; missing {', '.join(missing)}")
+            if spec["tokenizer"] not in config["tokenizers"]:
+                raise ConfigError(f"config error at {where}.tokenizer: unknown tokenizer family '{spec['tokenizer']}' (known: {sorted(config['tokenizers'])})")
+            heads = spec["num_attention_heads"]
+            if spec["hidden_size"] % heads:
+                raise ConfigError(f"config error at {where}.hidden_size: {spec['hidden_size']} is not divisible by num_attention_heads={heads}")
+            if heads % spec.get("num_key_value_heads", heads):
+                raise ConfigError(f"config error at {where}.num_key_value_heads: must divide num_attention_heads={heads}")
+    for role in ("targets", "drafts"):
+        for i, name in enumerate(config[role]):
+            if name not in models:
+                raise ConfigError(f"config error at {role}.{i}: unknown model '{name}' (known: {sorted(models)})")
+    if config["prune"]["structure"] == "2:4" and any(s != 50 for s in config["sparsities"]):
+        raise ConfigError("config error at prune.structure: 2:4 sparsity is exactly 50%, but sparsities is " f"{config['sparsities']}")
+    if config["data"]["corpus"] == "hub" and not config["data"]["hub"]:
+        raise ConfigError("config error at data.hub: data.corpus is 'hub' but no hub dataset is named")
+    for name, spec in config["data"]["eval_sets"].items():
+        if spec["source"] == "hub" and not spec.get("dataset"):
+            raise ConfigError(f"config error at data.eval_sets.{name}.dataset: source 'hub' needs a dataset id")
+
+
+def load(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    return validate(config)

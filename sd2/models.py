@@ -1,0 +1,70 @@
+"""Model registry: real checkpoints by hub id or path, or from-scratch transformers models."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ARCH_CONFIG = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gpt_neox": "gpt_neox"}
+
+
+def scratch_config(spec: dict, tokenizer):
+    """A transformers config for a from-scratch model of the given sizes and tokenizer."""
+    arch = spec["arch"]
+    sizes = dict(
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        max_position_embeddings=spec.get("max_position_embeddings", 1024),
+        tie_word_embeddings=spec.get("tie_word_embeddings", True),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch != "gpt_neox":
+        sizes["num_key_value_heads"] = spec.get("num_key_value_heads", spec["num_attention_heads"])
+    return AutoConfig.for_model(ARCH_CONFIG[arch], **sizes)
+
+
+def build_model(spec: dict, tokenizer, seed: int):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(scratch_config(spec, tokenizer), dtype=torch.float32)
+
+
+def _check_exists(name_or_path: str) -> None:
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model path {name_or_path} does not exist")
+
+
+def load_model(name_or_path, trust_remote_code: bool = False, dtype=torch.float32):
+    name_or_path = str(name_or_path)
+    _check_exists(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path, trust_remote_code: bool = False):
+    name_or_path = str(name_or_path)
+    _check_exists(name_or_path)
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def count_parameters(model, include_embeddings: bool = True) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if not include_embeddings:
+        total -= model.get_input_embeddings().weight.numel()
+    return total
+
+
+PROBE = "def f(x):\n    return x ** 2  # ünïcode\n"
+
+
+def same_tokenizer(a, b) -> bool:
+    """Interchangeable tokenizers: the same vocabulary and the same ids for a probe text."""
+    return a.get_vocab() == b.get_vocab() and a(PROBE)["input_ids"] == b(PROBE)["input_ids"]

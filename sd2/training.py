@@ -1,0 +1,104 @@
+"""One training loop for pretraining and fine-tuning: AdamW, warm-up + cosine, validation, CSV log."""
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy; label -100 marks positions that are not trained on."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, batches, loss_fn) -> float:
+    model.eval()
+    losses = [loss_fn(model, b).item() for b in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(
+    model,
+    batches,
+    val_batches: list,
+    *,
+    steps: int,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    eval_every: int,
+    run=None,
+    loss_fn=causal_lm_loss,
+    after_step=None,
+    desc: str = "train",
+    grad_clip: float = 1.0,
+) -> list[dict]:
+    """Train `model` for `steps` batches drawn from the iterator `batches`.
+
+    `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
+    pruning masks). Returns one row per evaluation: step, tokens, train and
+    validation loss, learning rate, seconds (write it with `write_csv`).
+    """
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
+    history, tokens, start, recent = [], 0, time.time(), []
+    model.train()
+
+    def record(step):
+        row = {
+            "step": step,
+            "tokens": tokens,
+            "train_loss": sum(recent) / len(recent) if recent else float("nan"),
+            "val_loss": evaluate(model, val_batches, loss_fn),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.time() - start, 2),
+        }
+        history.append(row)
+        recent.clear()
+        if run is not None:
+            run.log(row, step=step)
+        return row
+
+    record(0)
+    bar = tqdm(range(1, steps + 1), desc=desc, unit="step", mininterval=5)
+    for step in bar:
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, steps, lr, warmup_steps)
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step(model)
+        tokens += int((batch["labels"] != -100).sum())
+        recent.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            row = record(step)
+            bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
+    model.eval()
+    return history
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

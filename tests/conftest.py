@@ -1,0 +1,68 @@
+"""Shared fixtures: real tokenizers trained on a slice of the stdlib, tiny random models saved to disk."""
+
+import os
+
+import pytest
+import torch
+
+from sd2.data import stdlib_files, stdlib_root
+from sd2.models import build_model
+from sd2.tokenization import train_tokenizer
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(2)
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def stdlib_texts():
+    files = stdlib_files()[:60]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory, stdlib_texts):
+    out = tmp_path_factory.mktemp("tok_byte")
+    train_tokenizer("byte_bpe", 512, stdlib_texts, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer_dir(tmp_path_factory, stdlib_texts):
+    out = tmp_path_factory.mktemp("tok_meta")
+    train_tokenizer("metaspace_bpe", 400, stdlib_texts, out)
+    return out
+
+
+def _save_model(path, arch, tokenizer_dir, seed, **sizes):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_model({"arch": arch, **TINY, **sizes}, tok, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, byte_tokenizer_dir):
+    """A tiny random Llama with the byte-level tokenizer."""
+    return _save_model(tmp_path_factory.mktemp("tiny_llama"), "llama", byte_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_draft_dir(tmp_path_factory, byte_tokenizer_dir):
+    """A smaller tiny random Llama, same tokenizer as tiny_llama_dir (a same-family draft)."""
+    return _save_model(tmp_path_factory.mktemp("tiny_llama_draft"), "llama", byte_tokenizer_dir, seed=1, hidden_size=16, num_hidden_layers=1, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, meta_tokenizer_dir):
+    """A tiny random Qwen2 with the metaspace tokenizer (a different-tokenizer target)."""
+    return _save_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2", meta_tokenizer_dir, seed=2)
+
+
+@pytest.fixture(scope="session")
+def stdlib_root_dir():
+    return stdlib_root()
