@@ -35,11 +35,14 @@ def is_validation(module: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def read_stdlib(seed: int, validation_fraction: float, root: Path | None = None) -> DatasetDict:
+def read_stdlib(seed: int, validation_fraction: float, max_files: int | None = None, root: Path | None = None) -> DatasetDict:
     """The stdlib corpus split by module, so validation modules are unseen in training."""
     root = root or stdlib_root()
+    files = stdlib_files(root)
+    if max_files is not None and max_files < len(files):
+        files = [files[i * len(files) // max_files] for i in range(max_files)]
     rows = {"train": [], "validation": []}
-    for path in stdlib_files(root):
+    for path in files:
         rel = path.relative_to(root).as_posix()
         raw = path.read_bytes()
         text = raw.decode("utf-8", errors="replace")
@@ -122,7 +125,7 @@ def manifest(corpus: DatasetDict, finetune: Dataset, evals: dict, removed: list[
 def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict, out_manifest) -> dict:
     """Build and save every dataset; returns the manifest."""
     if data_cfg["corpus"] == "stdlib":
-        corpus = read_stdlib(seed, data_cfg["validation_fraction"])
+        corpus = read_stdlib(seed, data_cfg["validation_fraction"], data_cfg["max_files"])
     else:
         hub = data_cfg["hub"]
         rows = _hub_rows(hub, {"text": hub["text_field"]})

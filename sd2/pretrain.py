@@ -54,6 +54,7 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
         warmup_steps=train_cfg["warmup_steps"],
         weight_decay=train_cfg["weight_decay"],
         eval_every=train_cfg["eval_every"],
+        bf16=train_cfg["bf16"],
         run=run,
         desc=f"pretrain {name}",
     )

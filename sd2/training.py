@@ -44,6 +44,7 @@ def train(
     after_step=None,
     desc: str = "train",
     grad_clip: float = 1.0,
+    bf16: bool = False,
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
@@ -80,7 +81,9 @@ def train(
         batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, steps, lr, warmup_steps)
-        loss = loss_fn(model, batch)
+        # bf16 autocast: ~1.5x faster on CPUs with avx512_bf16; weights and optimizer stay fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

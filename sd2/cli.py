@@ -1,0 +1,252 @@
+"""`python -m sd2 <step> ...`: one subcommand per Snakemake rule, every value explicit."""
+
+import argparse
+import json
+import os
+import sys
+
+STEPS = {}
+
+
+def step(name, help):
+    """Register a subcommand. Called with `p` it declares its arguments; with `a`, it runs."""
+
+    def wrap(fn):
+        STEPS[name] = (help, fn)
+        return fn
+
+    return wrap
+
+
+def _json(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]}")
+
+
+def _common(p, tracked=False):
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if tracked:
+        p.add_argument("--wandb", type=_json, default={"mode": "disabled"}, help="W&B settings as JSON: mode, project, entity, dir, group")
+        p.add_argument("--run-name", default=None, help="W&B run name")
+        p.add_argument("--labels", type=_json, default={}, help="wildcards as JSON, logged as the W&B config")
+
+
+def _run(args, job_type):
+    from sd2.tracking import start_run
+
+    cfg = args.wandb
+    return start_run(cfg, cfg.get("dir", "work/wandb"), cfg.get("group", "sd2"), job_type, args.run_name or job_type, args.labels)
+
+
+@step("prepare-data", "build the corpus, fine-tuning prompts and eval sets")
+def prepare_data(p=None, a=None):
+    if p:
+        p.add_argument("--data", type=_json, required=True, help="the config's data section as JSON")
+        p.add_argument("--corpus", required=True)
+        p.add_argument("--finetune", required=True)
+        p.add_argument("--eval", nargs="+", required=True, metavar="NAME=DIR", help="output dir of each eval set")
+        p.add_argument("--manifest", required=True)
+        return
+    from sd2 import data
+
+    outs = dict(item.split("=", 1) for item in a.eval)
+    info = data.prepare(a.data, a.seed, a.corpus, a.finetune, outs, a.manifest)
+    print(json.dumps({k: v for k, v in info.items() if k != "provenance"}, indent=2))
+
+
+@step("train-tokenizer", "train a tokenizer family on the training corpus")
+def train_tokenizer(p=None, a=None):
+    if p:
+        p.add_argument("--corpus", required=True)
+        p.add_argument("--kind", required=True)
+        p.add_argument("--vocab-size", type=int, required=True)
+        p.add_argument("--out", required=True)
+        return
+    from datasets import load_from_disk
+
+    from sd2.checkpoint import atomic_path
+    from sd2.tokenization import train_tokenizer
+
+    texts = load_from_disk(a.corpus)["train"]["text"]
+    with atomic_path(a.out) as tmp:
+        tok = train_tokenizer(a.kind, a.vocab_size, texts, tmp)
+    print(f"{a.kind}: {len(tok)} tokens -> {a.out}")
+
+
+@step("pretrain", "train a from-scratch model (causal-LM loss)")
+def pretrain(p=None, a=None):
+    if p:
+        p.add_argument("--name", required=True)
+        p.add_argument("--spec", type=_json, required=True, help="the model's registry entry as JSON")
+        p.add_argument("--tokenizer", required=True)
+        p.add_argument("--corpus", required=True)
+        p.add_argument("--out", required=True)
+        _common(p, tracked=True)
+        return
+    from sd2.pretrain import pretrain
+
+    run = _run(a, "pretrain")
+    pretrain(a.name, a.spec, a.tokenizer, a.corpus, a.out, seed=a.seed, run=run)
+    run.finish()
+
+
+@step("model-report", "quality of pretrained models: loss, bits/byte, greedy completions")
+def model_report(p=None, a=None):
+    if p:
+        p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
+        p.add_argument("--roles", type=_json, default={}, help="model name -> target|draft, as JSON")
+        p.add_argument("--corpus", required=True)
+        p.add_argument("--prompts", required=True, help="eval set whose prompts are continued")
+        p.add_argument("--table", required=True)
+        p.add_argument("--examples", required=True)
+        return
+    from sd2.quality import report
+
+    table = report(dict(m.split("=", 1) for m in a.models), a.roles, a.corpus, a.prompts, a.table, a.examples)
+    print(table.to_string(index=False))
+
+
+@step("self-distill", "the target answers every fine-tuning prompt")
+def self_distill(p=None, a=None):
+    if p:
+        p.add_argument("--target", required=True, help="checkpoint dir or hub id")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--prompts", required=True)
+        p.add_argument("--settings", type=_json, required=True, help="the config's distill section as JSON")
+        p.add_argument("--out", required=True)
+        return
+    from sd2.distill import self_distill
+
+    self_distill(a.target, a.prompts, a.out, **a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
+
+
+@step("prune", "one-shot pruning of the decoder linear layers")
+def prune(p=None, a=None):
+    if p:
+        p.add_argument("--model", required=True)
+        p.add_argument("--calibration", required=True, help="dataset with prompt and response columns")
+        p.add_argument("--sparsity", type=int, required=True, help="percent in [0, 100)")
+        p.add_argument("--settings", type=_json, required=True, help="the config's prune section as JSON")
+        p.add_argument("--out", required=True)
+        return
+    from sd2.prune import prune
+
+    summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, **a.settings, seed=a.seed)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+@step("layer-prune", "drop decoder layers to match a sparse draft's MACs")
+def layer_prune(p=None, a=None):
+    if p:
+        p.add_argument("--model", required=True)
+        p.add_argument("--sparsity", type=int, required=True)
+        p.add_argument("--drop", type=_json, default=None, help="layer indices to drop as JSON (null = automatic)")
+        p.add_argument("--out", required=True)
+        return
+    from sd2.layer_prune import layer_prune
+
+    print(json.dumps(layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop), indent=2, default=str))
+
+
+@step("finetune", "fine-tune a draft with its pruning masks held fixed")
+def finetune(p=None, a=None):
+    if p:
+        p.add_argument("--init", required=True, help="draft checkpoint to start from")
+        p.add_argument("--data", required=True, help="dataset with prompt and response columns")
+        p.add_argument("--teacher", default=None, help="target checkpoint (for the kl and tvdpp losses)")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--settings", type=_json, required=True, help="the config's finetune section as JSON")
+        p.add_argument("--out", required=True)
+        _common(p, tracked=True)
+        return
+    from sd2.finetune import finetune
+
+    run = _run(a, "finetune")
+    finetune(a.init, a.data, a.out, settings=a.settings, seed=a.seed, teacher_dir=a.teacher, run=run)
+    run.finish()
+
+
+@step("measure", "speculative decoding: MAL, acceptance, MACs, tokens/s, lossless check")
+def measure(p=None, a=None):
+    if p:
+        p.add_argument("--target", required=True)
+        p.add_argument("--draft", required=True)
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--eval-set", required=True)
+        p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
+        p.add_argument("--out", required=True)
+        _common(p, tracked=True)
+        return
+    from sd2.speculative import measure
+
+    run = _run(a, "measure")
+    measure(a.target, a.draft, a.eval_set, a.out, settings=a.settings, labels=a.labels, seed=a.seed, run=run, trust_remote_code=a.trust_remote_code)
+    run.finish()
+
+
+@step("macs", "per-token MACs of a model (checkpoint dir, config.json or offline hub id)")
+def macs(p=None, a=None):
+    if p:
+        p.add_argument("model")
+        p.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in percent for every decoder linear")
+        return
+    from sd2.macs import cli
+
+    print(json.dumps(cli(a.model, a.sparsity), indent=2))
+
+
+@step("collect", "gather measurement records and training curves into tables")
+def collect(p=None, a=None):
+    if p:
+        p.add_argument("--records", nargs="*", default=[])
+        p.add_argument("--curves", type=_json, default=[], help="list of {stage, model, ..., path} as JSON")
+        p.add_argument("--measurements", required=True)
+        p.add_argument("--training", required=True)
+        return
+    from sd2.results import collect_measurements, collect_training
+
+    print(f"{len(collect_measurements(a.records, a.measurements))} measurement rows -> {a.measurements}")
+    print(f"{len(collect_training(a.curves, a.training))} training rows -> {a.training}")
+
+
+@step("figures", "draw every figure from the tables alone")
+def figures(p=None, a=None):
+    if p:
+        p.add_argument("--tables", required=True)
+        p.add_argument("--out", required=True)
+        return
+    from sd2.plots import make_figures
+
+    for path in make_figures(a.tables, a.out):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sd2", description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.")
+    sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
+    for name, (help, fn) in STEPS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        fn(p=p)
+        if not any(a.dest == "seed" for a in p._actions):
+            _common(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        args.func(a=args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sd2 {args.step}: error: {e}")

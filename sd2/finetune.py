@@ -1,0 +1,240 @@
+"""Rule finetune: fine-tune a (possibly pruned) draft on prompt/response data, masks held fixed.
+
+Losses (settings["loss"]):
+- ce: cross-entropy on the response tokens (the paper's SD² fine-tuning);
+- kl: forward KL(p_target || q_draft) over the whole vocabulary, per response position;
+- tvdpp: TVD++ (Goel et al. 2024, arXiv 2403.00858), total-variation distance trained
+  with a policy-gradient estimator whose reward is normalised by its batch statistics.
+kl and tvdpp need the target's logits, so the draft and target must share a tokenizer.
+
+Validation loss is always the held-out cross-entropy of the responses, whatever the
+training loss, so curves of different losses can be compared.
+"""
+
+import math
+
+import torch
+from datasets import load_from_disk
+
+from sd2 import training
+from sd2.checkpoint import save_checkpoint
+from sd2.models import load_model, load_tokenizer, same_tokenizer
+from sd2.provenance import provenance
+from sd2.prune import decoder_linears
+
+LOSSES = ("ce", "kl", "tvdpp")
+# Not in the config schema (yet): read from settings when present.
+DEFAULT_WARMUP_FRACTION = 0.05
+DEFAULT_WEIGHT_DECAY = 0.0
+
+
+# ---- losses: pure functions on aligned logits (position t predicts token t + 1) ----
+
+
+def kl_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p || q), p = softmax(teacher), q = softmax(draft), mean over positions where mask is true."""
+    log_p = teacher_logits.float().log_softmax(-1)
+    log_q = draft_logits.float().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    mask = mask.float()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def tvdpp_loss(
+    draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """TVD++ surrogate loss: its gradient estimates (a positive multiple of) the gradient of TV(p, q).
+
+    grad TV(p, q) = -1/2 E_{x~q}[sign(p(x) - q(x)) grad log q(x)], a policy gradient with
+    reward r(x) = sign(p(x) - q(x)). TVD++ replaces r by (r - mean) / std over the batch's
+    positions (variance reduction). `tokens` are the x of every position; by default one is
+    sampled from q per position, which makes the estimator the policy gradient above.
+    Identical p and q give r = 0 everywhere, hence a zero loss and gradient.
+    """
+    log_q = draft_logits.float().log_softmax(-1)
+    if tokens is None:
+        tokens = torch.distributions.Categorical(logits=log_q.detach()).sample()
+    log_q_x = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        # Both sides through the same log_softmax, so equal logits give exactly r = 0.
+        log_p_x = teacher_logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        reward = torch.sign(log_p_x - log_q_x)
+        r = reward[mask.bool()]
+        advantage = (reward - r.mean()) / (r.std(unbiased=False) + eps)
+    mask = mask.float()
+    return -(advantage * log_q_x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distillation_loss_fn(kind: str, teacher):
+    """A training.train loss_fn: kl / tvdpp against `teacher` when training, CE when evaluating."""
+
+    def loss_fn(model, batch):
+        if kind == "ce" or not model.training:
+            return training.causal_lm_loss(model, batch)
+        draft_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Models of one family may pad their vocabularies to different sizes; the extra
+        # ids are never produced by the tokenizer.
+        vocab = min(draft_logits.shape[-1], teacher_logits.shape[-1])
+        draft_logits, teacher_logits = draft_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab]
+        mask = batch["labels"][:, 1:] != -100
+        if kind == "kl":
+            return kl_loss(draft_logits, teacher_logits, mask)
+        return tvdpp_loss(draft_logits, teacher_logits, mask)
+
+    return loss_fn
+
+
+# ---- fixed sparsity masks ----
+
+
+def sparsity_masks(model) -> dict[str, torch.Tensor]:
+    """mask = (weight != 0) for every decoder linear that has zeros; dense layers get none."""
+    return {n: m.weight.detach() != 0 for n, m in decoder_linears(model).items() if bool((m.weight == 0).any())}
+
+
+def hold_masks(model, masks: dict[str, torch.Tensor]):
+    """Keep pruned weights at zero; returns the after_step hook for training.train.
+
+    Masking the gradient keeps AdamW's moments of pruned weights at zero and leaves them
+    out of the clipping norm; re-applying the mask after each step guarantees exact zeros.
+    """
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.register_hook(lambda grad, mask=mask: grad * mask)
+
+    @torch.no_grad()
+    def apply(model_):
+        for name, mask in masks.items():
+            modules[name].weight.mul_(mask)
+
+    apply(model)
+    return apply
+
+
+def zero_counts(model) -> dict[str, int]:
+    return {n: int((m.weight == 0).sum()) for n, m in decoder_linears(model).items()}
+
+
+def check_masks(model, masks: dict[str, torch.Tensor], before: dict[str, int]) -> None:
+    after = zero_counts(model)
+    for name, module in decoder_linears(model).items():
+        if name in masks and bool((module.weight[~masks[name]] != 0).any()):
+            raise RuntimeError(f"layer {name}: a pruned weight became non-zero during fine-tuning")
+        if after[name] != before[name]:
+            raise RuntimeError(f"layer {name}: {before[name]} zeros before fine-tuning, {after[name]} after")
+
+
+# ---- data ----
+
+
+def encode(tokenizer, prompt: str, response: str, seq_len: int) -> dict:
+    """Token ids of prompt + response + end-of-text; labels only on the response and end-of-text."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # A long prompt keeps its end (what the response continues) and leaves room for the response.
+    prompt_ids = prompt_ids[-(seq_len // 2) :]
+    ids = (prompt_ids + response_ids)[:seq_len]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:seq_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right padding; padded positions are masked out of attention and the loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int):
+    """Endless batches, a new seeded permutation every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+
+
+def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices; at least one of each."""
+    if n < 2:
+        raise ValueError(f"fine-tuning needs at least 2 examples (1 for validation), got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# ---- the rule ----
+
+
+def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_dir=None, run=None) -> list[dict]:
+    """Fine-tune `init_dir` on `data_dir` (prompt, response) with its pruning masks fixed; save to out_dir."""
+    kind = settings["loss"]
+    if kind not in LOSSES:
+        raise ValueError(f"unknown fine-tuning loss {kind!r} (known: {', '.join(LOSSES)})")
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(init_dir)
+    model = load_model(init_dir)
+
+    teacher = None
+    if kind != "ce":
+        if teacher_dir is None:
+            raise ValueError(f"loss '{kind}' needs the target's logits: pass teacher_dir")
+        if not same_tokenizer(tokenizer, load_tokenizer(teacher_dir)):
+            raise ValueError(
+                f"loss '{kind}' compares token distributions, so the draft ({init_dir}) and the target "
+                f"({teacher_dir}) must share a tokenizer; they do not. Use loss 'ce' across tokenizer families."
+            )
+        teacher = load_model(teacher_dir)
+
+    data = load_from_disk(str(data_dir))
+    examples = [encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
+    train_idx, val_idx = split(len(examples), settings["validation_fraction"], seed)
+    train_set, val_set = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    bs, pad = settings["batch_size"], tokenizer.pad_token_id
+    steps = max(1, math.ceil(settings["epochs"] * len(train_set) / bs))
+    if settings.get("max_steps"):
+        steps = min(steps, settings["max_steps"])
+    val_batches = [collate(val_set[i : i + bs], pad) for i in range(0, len(val_set), bs)]
+
+    masks = sparsity_masks(model)
+    zeros_before = zero_counts(model)
+    sparsity_before = {n: zeros_before[n] / m.weight.numel() for n, m in decoder_linears(model).items()}
+    print(f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, {len(masks)} masked layers")
+    history = training.train(
+        model,
+        shuffled_batches(train_set, bs, pad, seed),
+        val_batches,
+        steps=steps,
+        lr=settings["lr"],
+        warmup_steps=settings.get("warmup_steps", max(1, round(DEFAULT_WARMUP_FRACTION * steps))),
+        weight_decay=settings.get("weight_decay", DEFAULT_WEIGHT_DECAY),
+        eval_every=settings["eval_every"],
+        run=run,
+        loss_fn=distillation_loss_fn(kind, teacher),
+        after_step=hold_masks(model, masks),
+        desc=f"finetune {kind}",
+    )
+    check_masks(model, masks, zeros_before)
+    sparsity_after = {n: z / decoder_linears(model)[n].weight.numel() for n, z in zero_counts(model).items()}
+
+    info = provenance(seed=seed, init=str(init_dir), data=str(data_dir), teacher=None if teacher_dir is None else str(teacher_dir), finetune=settings)
+    info.update(
+        steps=steps,
+        train_examples=len(train_set),
+        validation_examples=len(val_set),
+        validation_loss="cross-entropy of the held-out responses (whatever the training loss)",
+        sparsity_before=sparsity_before,
+        sparsity_after=sparsity_after,
+        final=history[-1],
+    )
+    save_checkpoint(model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, history)})
+    return history

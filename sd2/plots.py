@@ -1,0 +1,361 @@
+"""Rule `figures`: `results/tables/*.csv` -> `results/figures/{stem}.png|pdf`.
+
+Reads only the aggregated tables, so every figure regenerates in seconds from cached
+results; never imports torch or transformers. Figures are built on matplotlib's Agg
+canvas without pyplot: no global figure state, nothing to close, safe in a notebook.
+
+Each `plot_*` function takes DataFrames and returns a Figure (the notebook calls them
+too); `make_figures` writes them all under deterministic names. Unless said otherwise a
+figure shows greedy decoding (temperature 0) at one k (the smallest measured) and puts
+each eval set in its own row of panels rather than averaging over them.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from sd2.checkpoint import atomic_path
+from sd2.results import METHOD_ORDER, method_rank
+
+MAL_LABEL = "MAL τ (tokens per verification step)"
+MACS_LABEL = "draft MACs per token (linear layers)"
+SPARSITY_LABEL = "sparsity of decoder linears (%)"
+PANEL_SIZE = (4.0, 3.0)  # inches per panel
+
+# One colour per method in every figure.
+METHOD_COLORS = dict(zip(METHOD_ORDER, ("#7f7f7f", "#1f77b4", "#bcbd22", "#9467bd", "#ff7f0e", "#d62728")))
+MARKERS = "os^Dv<>p*h"
+LINESTYLES = ("-", "--", ":", "-.")
+
+CAPTIONS = {
+    "mal_vs_sparsity": "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, greedy decoding; dense drafts are the dotted reference lines.",
+    "mal_vs_macs": "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the Pareto front (the best MAL reachable at or below each cost).",
+    "improvement_factor": "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; above 1 speculative decoding beats autoregressive decoding in MACs.",
+    "acceptance_by_position": "Share of verification steps in which the drafted token at each position was accepted, greedy decoding, one line per draft.",
+    "tokenizer_comparison": "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (Universal Assisted Generation), greedy decoding.",
+    "speedup": "Measured CPU wall-clock speed-up of speculative decoding over autoregressive decoding of the target (tokens/s ratio, batch size 1), greedy decoding.",
+    "loss_curves": "Loss curves: pretraining of the from-scratch models (against tokens) and fine-tuning of each draft (against steps); solid validation, dashed training loss.",
+}
+FIGURES = tuple(CAPTIONS)
+
+
+# ---------------------------------------------------------------- table helpers
+
+
+def load_tables(tables_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """measurements.csv and training.csv of `tables_dir`."""
+    tables_dir = Path(tables_dir)
+    return pd.read_csv(tables_dir / "measurements.csv"), pd.read_csv(tables_dir / "training.csv")
+
+
+def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> pd.DataFrame:
+    """Rows at one temperature and one k (default: the smallest k measured at that temperature)."""
+    df = measurements[measurements["temperature"] == temperature]
+    if k is None and len(df):
+        k = int(df["k"].min())
+    return df[df["k"] == k]
+
+
+def slice_title(what: str, df: pd.DataFrame, temperature: float) -> str:
+    k = f", k = {int(df['k'].iloc[0])}" if len(df) else ""
+    return f"{what} (temperature {temperature:g}{k})"
+
+
+def variant_label(method: str, sparsity) -> str:
+    """'dense', 'dense_sd', or 'sd2 s50': a draft-making method at a sparsity level."""
+    return method if method in ("dense", "dense_sd") else f"{method} s{int(sparsity)}"
+
+
+def variant_order(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Unique (keys..., method, sparsity) combinations in table order (methods by METHOD_ORDER)."""
+    combos = df[keys + ["method", "sparsity"]].drop_duplicates()
+    combos = combos.assign(_rank=combos["method"].map(method_rank))
+    return combos.sort_values(keys + ["_rank", "method", "sparsity"]).drop(columns="_rank")
+
+
+def pareto_front(points: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
+    """Points that no other point beats: strictly higher `value` than every cheaper point."""
+    ordered = points.sort_values([cost, value], ascending=[True, False])
+    best, keep = float("-inf"), []
+    for idx, v in ordered[value].items():
+        if v > best:
+            keep.append(idx)
+            best = v
+    return ordered.loc[keep]
+
+
+# ---------------------------------------------------------------- figure helpers
+
+
+def new_figure(n_rows: int, n_cols: int, title: str, sharey: bool = True):
+    # At least 10 inches wide so that the title and the legend fit beside one panel.
+    fig = Figure(figsize=(max(10.0, PANEL_SIZE[0] * n_cols + 2.0), PANEL_SIZE[1] * n_rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey=sharey)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def empty_figure(title: str, message: str = "no data in the tables") -> Figure:
+    fig, axes = new_figure(1, 1, title)
+    axes[0, 0].text(0.5, 0.5, message, ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[0, 0].set_axis_off()
+    return fig
+
+
+def figure_legend(fig: Figure, axes) -> None:
+    """One legend for the whole figure, labels deduplicated across panels."""
+    seen = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize="small")
+
+
+def color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#17becf")
+
+
+def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
+    """One bar per draft variant (draft model, method, sparsity), coloured by method."""
+    combos = variant_order(df, ["draft"])
+    for x, c in enumerate(combos.itertuples(index=False)):
+        rows = df[(df["draft"] == c.draft) & (df["method"] == c.method) & (df["sparsity"] == c.sparsity)]
+        ax.bar(x, rows[value].mean(), color=color(c.method), label=c.method)
+    # The draft's name only matters when a panel holds more than one draft model.
+    several = combos["draft"].nunique() > 1
+    labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity) for c in combos.itertuples()]
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: target x draft. One line per method across sparsity levels."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("MAL of each draft-making method against sparsity", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, pairs = sorted(df["eval_set"].unique()), sorted(set(zip(df["target"], df["draft"])))
+    fig, axes = new_figure(len(eval_sets), len(pairs), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, (target, draft) in enumerate(pairs):
+            ax = axes[i, j]
+            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target) & (df["draft"] == draft)]
+            for method in sorted(panel["method"].unique(), key=method_rank):
+                rows = panel[panel["method"] == method].sort_values("sparsity")
+                if method in ("dense", "dense_sd"):
+                    # Dense drafts exist only at 0%: a reference level for the sparse ones.
+                    ax.axhline(rows["mal"].mean(), color=color(method), linestyle=":", linewidth=1)
+                ax.plot(rows["sparsity"], rows["mal"], marker="o", color=color(method), label=method)
+            ax.set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
+            ax.set_xlabel(SPARSITY_LABEL)
+            ax.set_ylabel(MAL_LABEL if j == 0 else "")
+            ax.grid(alpha=0.3)
+    figure_legend(fig, axes)
+    return fig
+
+
+def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: targets. Every draft variant as a point; the Pareto front as a step line."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("MAL against draft cost: which drafts are Pareto-optimal", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
+    drafts = sorted(df["draft"].unique())
+    fig, axes = new_figure(len(eval_sets), len(targets), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, target in enumerate(targets):
+            ax = axes[i, j]
+            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target)]
+            for method in sorted(panel["method"].unique(), key=method_rank):
+                for d, draft in enumerate(drafts):
+                    rows = panel[(panel["method"] == method) & (panel["draft"] == draft)]
+                    if len(rows):
+                        ax.scatter(rows["draft_macs_per_token"], rows["mal"], color=color(method), marker=MARKERS[d % len(MARKERS)], label=method, zorder=3)
+            front = pareto_front(panel, "draft_macs_per_token", "mal")
+            ax.step(front["draft_macs_per_token"], front["mal"], where="post", color="0.5", linewidth=1.5, label="Pareto front", zorder=2)
+            ax.xaxis.set_major_formatter(EngFormatter())
+            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
+            ax.set_xlabel(MACS_LABEL)
+            ax.set_ylabel(MAL_LABEL if j == 0 else "")
+            ax.grid(alpha=0.3)
+    figure_legend(fig, axes)
+    if len(drafts) > 1:
+        fig.text(0.99, 0.01, "markers: " + ", ".join(f"{MARKERS[d % len(MARKERS)]} {name}" for d, name in enumerate(drafts)), ha="right", fontsize="small")
+    return fig
+
+
+def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: targets. One bar per draft variant (the paper's headline figure)."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("Theoretical improvement factor MAL / (1 + k·c) of each draft", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
+    fig, axes = new_figure(len(eval_sets), len(targets), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, target in enumerate(targets):
+            ax = axes[i, j]
+            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], "improvement_factor")
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
+            ax.set_ylabel("improvement factor (×, from MACs)" if j == 0 else "")
+            ax.grid(axis="y", alpha=0.3)
+    figure_legend(fig, axes)
+    return fig
+
+
+def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: target x draft. One line per draft variant over positions 1..k."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("Acceptance of the draft token at each drafted position", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, pairs = sorted(df["eval_set"].unique()), sorted(set(zip(df["target"], df["draft"])))
+    # Colour tells the method, line style the sparsity level (solid = the lowest).
+    styles = {s: LINESTYLES[n % len(LINESTYLES)] for n, s in enumerate(sorted(set(df["sparsity"]) - {0}))} | {0: "-"}
+    fig, axes = new_figure(len(eval_sets), len(pairs), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, (target, draft) in enumerate(pairs):
+            ax = axes[i, j]
+            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target) & (df["draft"] == draft)]
+            for row in variant_order(panel, []).itertuples(index=False):
+                record = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].iloc[0]
+                rates = json.loads(record["acceptance_by_position"])
+                ax.plot(range(1, len(rates) + 1), rates, styles[row.sparsity], marker="o", color=color(row.method), label=variant_label(row.method, row.sparsity))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
+            ax.set_xlabel("draft position (1 = first drafted token)")
+            ax.set_ylabel("share of steps accepting this position" if j == 0 else "")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+    figure_legend(fig, axes)
+    return fig
+
+
+def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: drafts. Grouped bars: each draft variant with each target, hatched when the tokenizers differ."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("Same-tokenizer target vs different-tokenizer (UAG) target: MAL", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, drafts = sorted(df["eval_set"].unique()), sorted(df["draft"].unique())
+    targets = df[["target", "same_tokenizer"]].drop_duplicates().sort_values(["same_tokenizer", "target"], ascending=[False, True])
+    width = 0.8 / max(1, len(targets))
+    fig, axes = new_figure(len(eval_sets), len(drafts), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, draft in enumerate(drafts):
+            ax = axes[i, j]
+            panel = df[(df["eval_set"] == eval_set) & (df["draft"] == draft)]
+            combos = variant_order(panel, [])
+            for t, target in enumerate(targets.itertuples(index=False)):
+                tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, UAG"
+                for x, combo in enumerate(combos.itertuples(index=False)):
+                    rows = panel[(panel["target"] == target.target) & (panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)]
+                    if len(rows):
+                        ax.bar(x + (t - (len(targets) - 1) / 2) * width, rows["mal"].mean(), width, color=f"C{t}",
+                               hatch=None if target.same_tokenizer else "//", edgecolor="white", label=f"{target.target} ({tok})")
+            ax.set_xticks(range(len(combos)), [variant_label(c.method, c.sparsity) for c in combos.itertuples()], rotation=60, ha="right", fontsize="small")
+            ax.set_title(f"{eval_set}: draft {draft}", fontsize="medium")
+            ax.set_ylabel(MAL_LABEL if j == 0 else "")
+            ax.grid(axis="y", alpha=0.3)
+    figure_legend(fig, axes)
+    return fig
+
+
+def plot_speedup(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: targets. Measured tokens/s ratio over autoregressive decoding per draft variant."""
+    df = main_slice(measurements, temperature, k)
+    title = slice_title("CPU wall-clock speed-up of speculative over autoregressive decoding", df, temperature)
+    if df.empty:
+        return empty_figure(title)
+    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
+    fig, axes = new_figure(len(eval_sets), len(targets), title)
+    for i, eval_set in enumerate(eval_sets):
+        for j, target in enumerate(targets):
+            ax = axes[i, j]
+            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], "speedup")
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
+            ax.set_ylabel("speed-up over autoregressive (×)" if j == 0 else "")
+            ax.grid(axis="y", alpha=0.3)
+    figure_legend(fig, axes)
+    return fig
+
+
+def plot_loss_curves(training: pd.DataFrame) -> Figure:
+    """First panel: pretraining against tokens. Then one panel per (data, draft): fine-tuning against steps."""
+    title = "Training and fine-tuning loss curves (solid: validation, dashed: training)"
+    if training.empty:
+        return empty_figure(title)
+    pre = training[training["stage"] == "pretrain"]
+    tune = training[training["stage"] == "finetune"].assign(data=lambda d: d["target"].fillna("original"))
+    groups = sorted(set(zip(tune["data"], tune["draft"])))
+    # Colour tells the method, the marker the sparsity level (dashes are taken by training loss).
+    marks = {s: MARKERS[n % len(MARKERS)] for n, s in enumerate(sorted(set(tune["sparsity"].dropna()) - {0}))}
+    fig, axes = new_figure(1, 1 + len(groups), title, sharey=False)
+    ax = axes[0, 0]
+    for n, (model, curve) in enumerate(pre.groupby("model", sort=True)):
+        ax.plot(curve["tokens"], curve["val_loss"], color=f"C{n}", label=f"pretrain {model}")
+        ax.plot(curve["tokens"], curve["train_loss"], "--", color=f"C{n}")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_title("pretraining", fontsize="medium")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.legend(fontsize="small")
+    for j, (data, draft) in enumerate(groups, start=1):
+        ax = axes[0, j]
+        panel = tune[(tune["data"] == data) & (tune["draft"] == draft)]
+        for row in variant_order(panel, []).itertuples(index=False):
+            curve = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].sort_values("step")
+            ax.plot(curve["step"], curve["val_loss"], color=color(row.method), label=variant_label(row.method, row.sparsity), marker=marks.get(row.sparsity), markersize=4)
+            ax.plot(curve["step"], curve["train_loss"], "--", color=color(row.method), alpha=0.6)
+        ax.set_title(f"fine-tuning {draft} on {data} data", fontsize="medium")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss on responses (nats per token)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0, 0].grid(alpha=0.3)
+    return fig
+
+
+PLOTS = {
+    "mal_vs_sparsity": plot_mal_vs_sparsity,
+    "mal_vs_macs": plot_mal_vs_macs,
+    "improvement_factor": plot_improvement_factor,
+    "acceptance_by_position": plot_acceptance_by_position,
+    "tokenizer_comparison": plot_tokenizer_comparison,
+    "speedup": plot_speedup,
+}
+
+
+def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
+    """PNG and PDF, each written atomically; no creation date, so reruns give identical PDFs."""
+    # Lay out once and freeze it: both files share the layout, which is the slow part.
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    paths = []
+    for ext, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        path = Path(out_dir) / f"{stem}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def make_figures(tables_dir, out_dir) -> list[Path]:
+    """Every figure of FIGURES as out_dir/{stem}.png and .pdf; returns the paths in FIGURES order."""
+    measurements, training = load_tables(tables_dir)
+    paths = []
+    for stem in FIGURES:
+        fig = plot_loss_curves(training) if stem == "loss_curves" else PLOTS[stem](measurements)
+        paths += save_figure(fig, out_dir, stem)
+    return paths

@@ -1,0 +1,236 @@
+"""Rule prune: one-shot pruning of the decoder linear layers (SparseGPT / Wanda / magnitude).
+
+Only the nn.Linear layers inside the decoder blocks are pruned (q, k, v, o, gate, up,
+down for Llama-like models); embeddings and lm_head stay dense, as in the paper.
+SparseGPT and Wanda run through llm-compressor's `oneshot()`; 'magnitude' needs nothing.
+Every pruned layer ends with exactly round(sparsity * numel) zeros (2:4: exactly two of
+every four consecutive inputs), checked before saving.
+"""
+
+import time
+
+import torch
+from datasets import Dataset, load_from_disk
+
+from sd2.checkpoint import save_checkpoint
+from sd2.models import load_model, load_tokenizer
+from sd2.provenance import provenance
+
+PRUNERS = ("sparsegpt", "wanda", "magnitude")
+STRUCTURES = ("unstructured", "2:4")
+
+
+def decoder_layers(model):
+    """The decoder blocks (model.model.layers for Llama/Qwen/Mistral, gpt_neox.layers for NeoX)."""
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected base_model.layers)")
+    return layers
+
+
+def decoder_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside a decoder block, by its full module name."""
+    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in inside}
+
+
+def n_zeros(sparsity: float, numel: int) -> int:
+    """How many zeros a layer of `numel` weights has at `sparsity` (a fraction)."""
+    return round(sparsity * numel)
+
+
+def layer_sparsity(model) -> dict[str, float]:
+    return {n: (m.weight == 0).sum().item() / m.weight.numel() for n, m in decoder_linears(model).items()}
+
+
+# ---- the maths: small pure functions on one weight matrix ----
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where a weight is kept: the round(sparsity * numel) smallest |w| are dropped."""
+    k = n_zeros(sparsity, weight.numel())
+    order = weight.abs().flatten().argsort(stable=True)
+    keep = torch.ones(weight.numel(), dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.view_as(weight)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M mask: in every group of m consecutive inputs of a row, the n smallest |w| are dropped."""
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} sparsity needs in_features divisible by {m}, got {cols}")
+    groups = weight.abs().reshape(rows, cols // m, m)
+    drop = groups.argsort(dim=-1, stable=True)[..., :n]
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+    return keep.reshape(rows, cols)
+
+
+def is_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """At least n zeros in every group of m consecutive inputs."""
+    rows, cols = weight.shape
+    if cols % m:
+        return False
+    zeros = (weight == 0).reshape(rows, cols // m, m).sum(-1)
+    return bool((zeros >= n).all())
+
+
+def exact_sparsity(pruned: torch.Tensor, original: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, int]:
+    """Adjust a pruner's result to exactly round(sparsity * numel) zeros.
+
+    Too few zeros (Wanda rounds down per row): the smallest |w| of the result are zeroed.
+    Too many (SparseGPT's per-block threshold `<=` prunes one extra weight per 128-column
+    block): the pruned weights with the largest original |w| get their original value back.
+    Returns the new weight and the change in zeros (+ added, - restored).
+    """
+    k = n_zeros(sparsity, pruned.numel())
+    flat, orig = pruned.flatten().clone(), original.flatten()
+    zero = flat == 0
+    extra = int(zero.sum()) - k
+    if extra < 0:
+        magnitude = flat.abs().masked_fill(zero, float("inf"))
+        flat[magnitude.argsort(stable=True)[:-extra]] = 0
+    elif extra > 0:
+        restorable = zero & (orig != 0)
+        if int(restorable.sum()) < extra:
+            raise ValueError(f"cannot restore {extra} weights: too few non-zero originals")
+        candidates = orig.abs().masked_fill(~restorable, -1.0)
+        idx = candidates.argsort(descending=True, stable=True)[:extra]
+        flat[idx] = orig[idx]
+    return flat.view_as(pruned), -extra
+
+
+def check_sparsity(model, sparsity: float, structure: str) -> dict[str, float]:
+    """Raise naming the first layer whose sparsity is not the requested one; else return all."""
+    measured = {}
+    for name, module in decoder_linears(model).items():
+        w = module.weight
+        zeros, numel = int((w == 0).sum()), w.numel()
+        if zeros != n_zeros(sparsity, numel):
+            raise RuntimeError(
+                f"layer {name}: sparsity {zeros / numel:.6f} ({zeros} zeros of {numel}), "
+                f"requested {sparsity:.4f} ({n_zeros(sparsity, numel)} zeros)"
+            )
+        if structure == "2:4" and not is_nm(w):
+            raise RuntimeError(f"layer {name}: not 2:4 sparse (some group of 4 inputs keeps more than 2 weights)")
+        measured[name] = zeros / numel
+    return measured
+
+
+# ---- plumbing ----
+
+
+def calibration_set(calibration_dir, tokenizer, n: int, seq_len: int, seed: int) -> Dataset:
+    """n rows of prompt + response, chosen with `seed`, tokenized and truncated to seq_len."""
+    ds = load_from_disk(str(calibration_dir))
+    ds = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
+    texts = [p + r for p, r in zip(ds["prompt"], ds["response"])]
+    enc = tokenizer(texts, truncation=True, max_length=seq_len)
+    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def _llmcompressor_prune(model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int):
+    """Run oneshot() on a fresh copy of the model; return the pruned decoder weights."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    model = load_model(model_dir)  # oneshot wraps save_pretrained and adds hooks: use a throwaway copy
+    block = type(decoder_layers(model)[0]).__name__
+    modifier_cls = SparseGPTModifier if pruner == "sparsegpt" else WandaPruningModifier
+    modifier = modifier_cls(
+        sparsity=sparsity,
+        mask_structure="2:4" if structure == "2:4" else "0:0",
+        targets=[block],  # prunable layers inside decoder blocks only: lm_head and embeddings stay dense
+    )
+    oneshot(
+        model=model,
+        recipe=modifier,
+        dataset=calib,
+        processor=tokenizer,
+        num_calibration_samples=len(calib),
+        max_seq_length=seq_len,
+        shuffle_calibration_samples=False,  # the sample was already drawn with the seed
+        batch_size=1,
+    )
+    return {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
+
+
+def prune(
+    model_dir,
+    calibration_dir,
+    out_dir,
+    *,
+    sparsity: int,
+    pruner: str,
+    structure: str,
+    calibration_samples: int,
+    calibration_seq_len: int,
+    seed: int,
+) -> dict:
+    """Prune every decoder linear of `model_dir` to `sparsity` percent and save to `out_dir`.
+
+    Returns the summary also stored in provenance.json: measured per-layer sparsity and
+    how many weights the exactness fix moved per layer.
+    """
+    if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 0 <= sparsity < 100:
+        raise ValueError(f"sparsity must be an integer percent in [0, 100), got {sparsity!r}")
+    if pruner not in PRUNERS:
+        raise ValueError(f"unknown pruner {pruner!r} (known: {', '.join(PRUNERS)})")
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r} (known: {', '.join(STRUCTURES)})")
+    if structure == "2:4" and sparsity != 50:
+        raise ValueError(f"2:4 structure is exactly 50% sparsity, got {sparsity}")
+    fraction = sparsity / 100
+    torch.manual_seed(seed)
+    start = time.time()
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    linears = decoder_linears(model)
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+
+    if sparsity == 0:
+        pruned = original
+    elif pruner == "magnitude":
+        mask = nm_mask if structure == "2:4" else (lambda w: magnitude_mask(w, fraction))
+        pruned = {n: w * mask(w) for n, w in original.items()}
+    else:
+        calib = calibration_set(calibration_dir, tokenizer, calibration_samples, calibration_seq_len, seed)
+        pruned = _llmcompressor_prune(model_dir, tokenizer, calib, pruner, fraction, structure, calibration_seq_len)
+
+    fixed = {}
+    with torch.no_grad():
+        for name, module in linears.items():
+            weight = pruned[name]
+            if structure == "unstructured":
+                weight, moved = exact_sparsity(weight, original[name], fraction)
+                if moved:
+                    fixed[name] = moved
+            module.weight.copy_(weight)
+    if fixed:
+        print(f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); fixed by moving {fixed} weights")
+
+    measured = check_sparsity(model, fraction, structure)
+    total = sum(m.weight.numel() for m in linears.values())
+    summary = {
+        "sparsity": sparsity,
+        "pruner": pruner,
+        "structure": structure,
+        "decoder_linear_sparsity": sum(s * linears[n].weight.numel() for n, s in measured.items()) / total,
+        "layer_sparsity": measured,
+        "exactness_fix": fixed,
+        "seconds": round(time.time() - start, 2),
+    }
+    info = provenance(
+        seed=seed,
+        model=str(model_dir),
+        calibration=str(calibration_dir),
+        sparsity=sparsity,
+        pruner=pruner,
+        structure=structure,
+        calibration_samples=calibration_samples,
+        calibration_seq_len=calibration_seq_len,
+    )
+    info.update(summary)
+    save_checkpoint(model, tokenizer, out_dir, info)
+    return summary

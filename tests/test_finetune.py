@@ -1,0 +1,120 @@
+import csv
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sd2.finetune import finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_loss
+from sd2.models import load_model
+from sd2.prune import decoder_linears, prune
+
+SETTINGS = dict(loss="ce", epochs=10, max_steps=40, batch_size=8, seq_len=64, lr=1e-2, validation_fraction=0.2, eval_every=20)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, stdlib_texts):
+    rows = []
+    for t in stdlib_texts[:20]:
+        for start in (0, 400):
+            rows.append({"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]})
+    out = tmp_path_factory.mktemp("sd_data")
+    Dataset.from_list(rows).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, data_dir):
+    out = tmp_path_factory.mktemp("pruned") / "s50"
+    prune(tiny_llama_draft_dir, data_dir, out, sparsity=50, pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32, seed=0)
+    return out
+
+
+def tv(p_logits, q_logits):
+    return 0.5 * (p_logits.softmax(-1) - q_logits.softmax(-1)).abs().sum(-1).mean()
+
+
+def test_masks_unchanged_by_an_optimizer_step(pruned_dir):
+    model = load_model(pruned_dir).train()
+    masks = sparsity_masks(model)
+    assert len(masks) == 7  # every decoder linear of the one-layer draft
+    after_step = hold_masks(model, masks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 500, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    after_step(model)
+    for name, module in decoder_linears(model).items():
+        assert torch.equal(module.weight != 0, masks[name]), name
+
+
+def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, data_dir, tmp_path):
+    out = tmp_path / "ft"
+    history = finetune(pruned_dir, data_dir, out, settings=SETTINGS, seed=0)
+    assert [h["step"] for h in history] == [0, 20, 40]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
+    before, after = load_model(pruned_dir), load_model(out)
+    for (name, b), a in zip(decoder_linears(before).items(), decoder_linears(after).values()):
+        assert torch.equal(b.weight != 0, a.weight != 0), name
+        assert int((a.weight == 0).sum()) == round(0.5 * a.weight.numel())
+        assert not torch.equal(b.weight, a.weight)  # it did train
+    info = json.loads((out / "provenance.json").read_text())
+    assert info["sparsity_before"] == info["sparsity_after"] and info["settings"]["finetune"] == SETTINGS
+    rows = list(csv.DictReader(open(out / "training.csv")))
+    assert len(rows) == len(history) and "val_loss" in rows[0]
+
+
+@pytest.mark.parametrize("loss", ["kl", "tvdpp"])
+def test_distillation_losses_run_with_a_same_tokenizer_teacher(pruned_dir, data_dir, tiny_llama_dir, tmp_path, loss):
+    settings = {**SETTINGS, "loss": loss, "max_steps": 4, "eval_every": 4}
+    history = finetune(pruned_dir, data_dir, tmp_path / loss, settings=settings, seed=0, teacher_dir=tiny_llama_dir)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history[1:])
+
+
+def test_kl_needs_the_same_tokenizer(pruned_dir, data_dir, tiny_qwen_dir, tmp_path):
+    with pytest.raises(ValueError, match="share a tokenizer"):
+        finetune(pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "kl"}, seed=0, teacher_dir=tiny_qwen_dir)
+    with pytest.raises(ValueError, match="teacher_dir"):
+        finetune(pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "tvdpp"}, seed=0)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("loss_fn", [kl_loss, tvdpp_loss])
+def test_loss_is_flat_for_identical_distributions(loss_fn):
+    logits = torch.randn(4, 16, 10, requires_grad=True)
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    loss = loss_fn(logits, logits.detach().clone(), mask)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and logits.grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("loss_fn", [kl_loss, tvdpp_loss])
+def test_gradient_moves_q_toward_p(loss_fn):
+    torch.manual_seed(0)
+    p_logits = torch.randn(10).expand(4096, 10)
+    q_logits = torch.randn(10, requires_grad=True)
+    mask = torch.ones(4096, dtype=torch.bool)
+    mask[::7] = False  # masked positions do not count
+    loss_fn(q_logits.expand(4096, 10), p_logits, mask).backward()
+    with torch.no_grad():
+        stepped = q_logits - 0.1 * q_logits.grad / q_logits.grad.norm()
+    assert tv(p_logits[0], stepped) < tv(p_logits[0], q_logits.detach())
+
+
+def test_masked_positions_do_not_contribute():
+    p, q = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, :3] = True
+    other = q.clone()
+    other[~mask] = torch.randn_like(other[~mask])
+    assert torch.allclose(kl_loss(q, p, mask), kl_loss(other, p, mask))
+
+
+def test_tvdpp_gradient_estimates_the_tv_gradient():
+    torch.manual_seed(1)
+    p_logits = torch.randn(10).expand(4096, 10)
+    q_logits = torch.randn(10, requires_grad=True)
+    tvdpp_loss(q_logits.expand(4096, 10), p_logits, torch.ones(4096, dtype=torch.bool)).backward()
+    exact = q_logits.detach().clone().requires_grad_()
+    tv(p_logits[0], exact).backward()
+    assert torch.nn.functional.cosine_similarity(q_logits.grad, exact.grad, dim=0) > 0.9

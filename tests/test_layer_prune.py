@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sd2.layer_prune import default_drop, layer_prune
+from sd2.macs import linear_macs, model_macs
+from sd2.models import build_model, load_model, load_tokenizer
+
+SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _deep_model(path, arch, tokenizer_dir, layers):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    build_model({"arch": arch, **SIZES, "num_hidden_layers": layers}, tok, seed=3).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deep_llama_dir(tmp_path_factory, byte_tokenizer_dir):
+    return _deep_model(tmp_path_factory.mktemp("deep_llama"), "llama", byte_tokenizer_dir, 6)
+
+
+def _generates_with_cache(model_dir):
+    """Greedy output with the KV cache equals the output without: every layer reads its own cache slot."""
+    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    enc = tok("def f(x):\n    return", return_tensors="pt")
+    outs = [model.generate(**enc, max_new_tokens=10, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id) for c in (True, False)]
+    assert outs[0].shape[1] == enc["input_ids"].shape[1] + 10
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("sparsity,kept", [(30, 5), (50, 3), (70, 2)])
+def test_macs_hit_the_aim(deep_llama_dir, tmp_path, sparsity, kept):
+    summary = layer_prune(deep_llama_dir, tmp_path / "lp", sparsity=sparsity)
+    model = load_model(tmp_path / "lp")
+    assert model.config.num_hidden_layers == len(model.model.layers) == kept
+    assert summary["kept_layers"][0] == 0 and summary["kept_layers"][-1] == 5
+    aim = linear_macs(load_model(deep_llama_dir).config, sparsity / 100)["macs_per_token"]
+    achieved = model_macs(model)["macs_per_token"]
+    layer = summary["layer_macs"]
+    assert achieved == summary["achieved_macs_per_token"] == linear_macs(model.config)["macs_per_token"]
+    if kept > 2:  # at 70% even two layers are above the aim; first and last stay regardless
+        assert aim <= achieved < aim + layer
+    info = json.loads((tmp_path / "lp" / "provenance.json").read_text())
+    assert info["dropped_layers"] == summary["dropped_layers"] and info["target_macs_per_token"] == aim
+    _generates_with_cache(tmp_path / "lp")
+
+
+def test_kept_layers_keep_their_weights(deep_llama_dir, tmp_path):
+    summary = layer_prune(deep_llama_dir, tmp_path / "lp", sparsity=50, drop=[2, 3, 4])
+    assert summary["kept_layers"] == [0, 1, 5]
+    before, after = load_model(deep_llama_dir), load_model(tmp_path / "lp")
+    for new, old in enumerate([0, 1, 5]):
+        assert torch.equal(after.model.layers[new].mlp.up_proj.weight, before.model.layers[old].mlp.up_proj.weight)
+        assert after.model.layers[new].self_attn.layer_idx == new
+
+
+def test_explicit_drop_on_qwen(tmp_path, meta_tokenizer_dir):
+    src = _deep_model(tmp_path / "qwen", "qwen2", meta_tokenizer_dir, 4)
+    summary = layer_prune(src, tmp_path / "lp", sparsity=50, drop=[1])
+    model = load_model(tmp_path / "lp")
+    assert summary["kept_layers"] == [0, 2, 3] and len(model.config.layer_types) == 3
+    _generates_with_cache(tmp_path / "lp")
+    with pytest.raises(ValueError, match="distinct"):
+        layer_prune(src, tmp_path / "bad", sparsity=50, drop=[4])
+
+
+def test_default_drop_is_interior_and_centred():
+    assert default_drop(16, 8) == [1, 3, 5, 7, 8, 10, 12, 14]
+    assert default_drop(5, 1) == [2]
+    assert default_drop(6, 4) == [1, 2, 3, 4]
+    assert default_drop(6, 0) == []
+    with pytest.raises(ValueError):
+        default_drop(4, 3)

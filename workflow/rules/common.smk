@@ -1,0 +1,105 @@
+import json
+import shlex
+import sys
+
+from sd2.config import validate
+
+# Fills defaults in place; an unknown key, wrong type or bad value stops here, before any job.
+validate(config)
+
+W = config["workdir"]
+R = config["results_dir"]
+MODELS = config["models"]
+SCRATCH = [name for name, spec in MODELS.items() if "hub" not in spec]
+SD2 = f"{shlex.quote(sys.executable)} -m sd2"
+SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
+TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
+NAME = r"[A-Za-z0-9_.-]+"
+
+
+wildcard_constraints:
+    target=NAME,
+    draft=NAME,
+    data=NAME,
+    eval_set=NAME,
+    sparsity=r"\d+",
+
+
+def as_arg(value):
+    """A config value as one shell word of JSON."""
+    return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+def model_path(name):
+    """Local checkpoint of a from-scratch model, or the hub id / path of a real one."""
+    return f"{W}/models/{name}" if name in SCRATCH else MODELS[name]["hub"]
+
+
+def model_input(name):
+    """What a job that loads `name` depends on (nothing to build for a hub model)."""
+    return [f"{W}/models/{name}"] if name in SCRATCH else []
+
+
+def trust(name):
+    return "--trust-remote-code" if MODELS[name].get("trust_remote_code") else ""
+
+
+def data_path(data):
+    """Fine-tuning data: a target's self-distilled answers, or the original responses."""
+    return f"{W}/data/finetune" if data == "original" else f"{W}/distill/{data}"
+
+
+def draft_path(target, draft, method, sparsity):
+    """The checkpoint a (target, draft, method, sparsity) measurement uses."""
+    if method == "dense":
+        return model_path(draft)
+    if method == "sparse_oneshot":
+        return f"{W}/pruned/{target}/{draft}/s{sparsity}"
+    data = "original" if method == "sparse_sft" else target
+    return f"{W}/drafts/{data}/{draft}/{method}-s{sparsity}"
+
+
+def draft_variants():
+    """(method, sparsity) pairs of the sweep: dense methods at 0, the others at every level."""
+    for method in config["methods"]:
+        if method in SPARSE_METHODS:
+            yield from ((method, s) for s in config["sparsities"])
+        else:
+            yield method, 0
+
+
+def record_paths():
+    return [
+        f"{R}/records/{e}/{t}/{d}/{m}-s{s}.json"
+        for e in config["data"]["eval_sets"]
+        for t in config["targets"]
+        for d in config["drafts"]
+        if d != t
+        for m, s in draft_variants()
+    ]
+
+
+def tuned_drafts():
+    """Every fine-tuned draft checkpoint of the sweep, labelled for the training table."""
+    seen = {}
+    for t in config["targets"]:
+        for d in config["drafts"]:
+            for m, s in draft_variants():
+                if m in TUNED_METHODS:
+                    path = draft_path(t, d, m, s)
+                    seen[path] = {"stage": "finetune", "model": d, "target": "original" if m == "sparse_sft" else t, "draft": d, "method": m, "sparsity": s}
+    return seen
+
+
+def model_resources(threads=None):
+    res = config["resources"]
+    return dict(mem_mb=res["mem_mb"], runtime=res["runtime_min"], gpu=res["gpu"])
+
+
+def wandb_arg(job):
+    return as_arg({**config["wandb"], "dir": f"{W}/wandb", "group": config["run_name"]})
+
+
+def all_targets():
+    quality = [f"{R}/tables/models.csv"] if SCRATCH else []
+    return [f"{R}/data/manifest.json", *quality, *figure_paths()]

@@ -1,0 +1,30 @@
+rule prepare_data:
+    output:
+        corpus=directory(f"{W}/data/corpus"),
+        finetune=directory(f"{W}/data/finetune"),
+        evals=[directory(f"{W}/data/eval/{e}") for e in config["data"]["eval_sets"]],
+        manifest=f"{R}/data/manifest.json",
+    params:
+        data=as_arg(config["data"]),
+        evals=" ".join(f"{e}={W}/data/eval/{e}" for e in config["data"]["eval_sets"]),
+        seed=config["seed"],
+    log:
+        "logs/prepare_data.log",
+    shell:
+        "{SD2} prepare-data --data {params.data} --corpus {output.corpus} --finetune {output.finetune}"
+        " --eval {params.evals} --manifest {output.manifest} --seed {params.seed} > {log} 2>&1"
+
+
+rule train_tokenizer:
+    input:
+        corpus=f"{W}/data/corpus",
+    output:
+        directory(f"{W}/tokenizers/{{family}}"),
+    params:
+        kind=lambda w: config["tokenizers"][w.family]["kind"],
+        vocab=lambda w: config["tokenizers"][w.family]["vocab_size"],
+    log:
+        "logs/train_tokenizer/{family}.log",
+    shell:
+        "{SD2} train-tokenizer --corpus {input.corpus} --kind {params.kind} --vocab-size {params.vocab}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,107 @@
+rule self_distill:
+    input:
+        target=lambda w: model_input(w.target),
+        prompts=f"{W}/data/finetune",
+    output:
+        directory(f"{W}/distill/{{target}}"),
+    params:
+        model=lambda w: model_path(w.target),
+        trust=lambda w: trust(w.target),
+        settings=as_arg(config["distill"]),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/self_distill/{target}.log",
+    benchmark:
+        "logs/benchmarks/self_distill/{target}.tsv"
+    shell:
+        "{SD2} self-distill --target {params.model} {params.trust} --prompts {input.prompts} --out {output}"
+        " --settings {params.settings} --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
+rule prune:
+    input:
+        draft=lambda w: model_input(w.draft),
+        calibration=lambda w: data_path(w.data),
+    output:
+        directory(f"{W}/pruned/{{data}}/{{draft}}/s{{sparsity}}"),
+    params:
+        model=lambda w: model_path(w.draft),
+        settings=as_arg(config["prune"]),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/prune/{data}/{draft}/s{sparsity}.log",
+    benchmark:
+        "logs/benchmarks/prune/{data}/{draft}/s{sparsity}.tsv"
+    shell:
+        "{SD2} prune --model {params.model} --calibration {input.calibration} --sparsity {wildcards.sparsity}"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
+rule layer_prune:
+    input:
+        draft=lambda w: model_input(w.draft),
+    output:
+        directory(f"{W}/layer_pruned/{{draft}}/s{{sparsity}}"),
+    params:
+        model=lambda w: model_path(w.draft),
+        drop=lambda w: as_arg((config["layer_prune"]["drop"] or {}).get(w.sparsity)),
+    log:
+        "logs/layer_prune/{draft}/s{sparsity}.log",
+    shell:
+        "{SD2} layer-prune --model {params.model} --sparsity {wildcards.sparsity} --drop {params.drop}"
+        " --out {output} > {log} 2>&1"
+
+
+def finetune_init(w):
+    if w.method == "dense_sd":
+        return model_input(w.draft)
+    if w.method == "layer_pruned":
+        return [f"{W}/layer_pruned/{w.draft}/s{w.sparsity}"]
+    return [f"{W}/pruned/{w.data}/{w.draft}/s{w.sparsity}"]
+
+
+def finetune_init_path(w):
+    return finetune_init(w)[0] if finetune_init(w) else model_path(w.draft)
+
+
+def teacher(w):
+    """Distillation losses other than cross-entropy need the target's logits."""
+    if config["finetune"]["loss"] == "ce" or w.data == "original":
+        return ""
+    return f"--teacher {model_path(w.data)} {trust(w.data)}"
+
+
+rule finetune:
+    input:
+        init=finetune_init,
+        data=lambda w: data_path(w.data),
+        teacher=lambda w: model_input(w.data) if teacher(w) else [],
+    output:
+        directory(f"{W}/drafts/{{data}}/{{draft}}/{{method}}-s{{sparsity}}"),
+    wildcard_constraints:
+        method="|".join(TUNED_METHODS),
+    params:
+        init=finetune_init_path,
+        teacher=teacher,
+        settings=as_arg(config["finetune"]),
+        wandb=wandb_arg("finetune"),
+        labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/finetune/{data}/{draft}/{method}-s{sparsity}.log",
+    benchmark:
+        "logs/benchmarks/finetune/{data}/{draft}/{method}-s{sparsity}.tsv"
+    shell:
+        "{SD2} finetune --init {params.init} --data {input.data} {params.teacher} --out {output}"
+        " --settings {params.settings} --seed {params.seed} --threads {threads} --wandb {params.wandb}"
+        " --run-name finetune-{wildcards.data}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
+        " --labels {params.labels} > {log} 2>&1"

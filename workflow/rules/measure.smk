@@ -1,0 +1,29 @@
+rule measure:
+    input:
+        target=lambda w: model_input(w.target),
+        draft=lambda w: [] if w.method == "dense" and w.draft not in SCRATCH else [draft_path(w.target, w.draft, w.method, w.sparsity)],
+        eval_set=f"{W}/data/eval/{{eval_set}}",
+    output:
+        f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
+    params:
+        target=lambda w: model_path(w.target),
+        draft=lambda w: draft_path(w.target, w.draft, w.method, w.sparsity),
+        trust="--trust-remote-code" if any(m.get("trust_remote_code") for m in MODELS.values()) else "",
+        settings=as_arg(config["measure"]),
+        labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity), "eval_set": w.eval_set}),
+        wandb=wandb_arg("measure"),
+        seed=config["seed"],
+    # One thread: two measurement jobs share the 2-core default machine.
+    threads: 1
+    resources:
+        **model_resources(),
+    log:
+        "logs/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.log",
+    benchmark:
+        "logs/benchmarks/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.tsv"
+    shell:
+        "{SD2} measure --target {params.target} --draft {params.draft} {params.trust} --eval-set {input.eval_set}"
+        " --settings {params.settings} --labels {params.labels} --out {output} --seed {params.seed}"
+        " --threads {threads} --wandb {params.wandb}"
+        " --run-name measure-{wildcards.eval_set}-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
+        " > {log} 2>&1"

@@ -1,0 +1,47 @@
+rule pretrain:
+    input:
+        corpus=f"{W}/data/corpus",
+        tokenizer=lambda w: f"{W}/tokenizers/{MODELS[w.model]['tokenizer']}",
+    output:
+        directory(f"{W}/models/{{model}}"),
+    wildcard_constraints:
+        model="|".join(SCRATCH) or "^$",
+    params:
+        spec=lambda w: as_arg(MODELS[w.model]),
+        wandb=wandb_arg("pretrain"),
+        labels=lambda w: as_arg({"model": w.model}),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/pretrain/{model}.log",
+    benchmark:
+        "logs/benchmarks/pretrain/{model}.tsv"
+    shell:
+        "{SD2} pretrain --name {wildcards.model} --spec {params.spec} --tokenizer {input.tokenizer}"
+        " --corpus {input.corpus} --out {output} --seed {params.seed} --threads {threads}"
+        " --wandb {params.wandb} --run-name pretrain-{wildcards.model} --labels {params.labels} > {log} 2>&1"
+
+
+rule model_report:
+    input:
+        models=[f"{W}/models/{m}" for m in SCRATCH],
+        corpus=f"{W}/data/corpus",
+        humaneval=f"{W}/data/eval/{next(iter(config['data']['eval_sets']))}",
+    output:
+        table=report(f"{R}/tables/models.csv", category="Models", caption="../report/models.rst"),
+        examples=f"{R}/models.md",
+    params:
+        models=" ".join(f"{m}={W}/models/{m}" for m in SCRATCH),
+        roles=as_arg({m: ("target" if m in config["targets"] else "draft") for m in SCRATCH}),
+        seed=config["seed"],
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
+    log:
+        "logs/model_report.log",
+    shell:
+        "{SD2} model-report --models {params.models} --roles {params.roles} --corpus {input.corpus}"
+        " --prompts {input.humaneval} --table {output.table} --examples {output.examples}"
+        " --seed {params.seed} --threads {threads} > {log} 2>&1"
