@@ -37,7 +37,7 @@ def _strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[dict]:
     """Answer `prompts` in one left-padded batch; returns response text and token counts."""
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     out = model.generate(
         **enc,
@@ -77,7 +77,7 @@ def self_distill(
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    model = load_model(target_dir, trust_remote_code)
+    model = load_model(target_dir, trust_remote_code).to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
 
     texts = prompts["prompt"]

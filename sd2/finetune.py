@@ -154,13 +154,14 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
-def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int):
+def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, device="cpu"):
     """Endless batches, a new seeded permutation every epoch."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=gen).tolist()
         for i in range(0, len(order), batch_size):
-            yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+            batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+            yield {k: v.to(device) for k, v in batch.items()}
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -181,8 +182,9 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     if kind not in LOSSES:
         raise ValueError(f"unknown fine-tuning loss {kind!r} (known: {', '.join(LOSSES)})")
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(init_dir)
-    model = load_model(init_dir)
+    model = load_model(init_dir).to(device)
 
     teacher = None
     if kind != "ce":
@@ -193,7 +195,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
                 f"loss '{kind}' compares token distributions, so the draft ({init_dir}) and the target "
                 f"({teacher_dir}) must share a tokenizer; they do not. Use loss 'ce' across tokenizer families."
             )
-        teacher = load_model(teacher_dir)
+        teacher = load_model(teacher_dir).to(device)
 
     data = load_from_disk(str(data_dir))
     examples = [encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
@@ -203,7 +205,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     steps = max(1, math.ceil(settings["epochs"] * len(train_set) / bs))
     if settings.get("max_steps"):
         steps = min(steps, settings["max_steps"])
-    val_batches = [collate(val_set[i : i + bs], pad) for i in range(0, len(val_set), bs)]
+    val_batches = [{k: v.to(device) for k, v in collate(val_set[i : i + bs], pad).items()} for i in range(0, len(val_set), bs)]
 
     masks = sparsity_masks(model)
     zeros_before = zero_counts(model)
@@ -211,7 +213,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     print(f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, {len(masks)} masked layers")
     history = training.train(
         model,
-        shuffled_batches(train_set, bs, pad, seed),
+        shuffled_batches(train_set, bs, pad, seed, device),
         val_batches,
         steps=steps,
         lr=settings["lr"],

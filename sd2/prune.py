@@ -208,7 +208,8 @@ def prune(
                     fixed[name] = moved
             module.weight.copy_(weight)
     if fixed:
-        print(f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); fixed by moving {fixed} weights")
+        moved = sum(abs(v) for v in fixed.values())
+        print(f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); fixed by moving {moved} weight(s) (provenance: exactness_fix)")
 
     measured = check_sparsity(model, fraction, structure)
     total = sum(m.weight.numel() for m in linears.values())

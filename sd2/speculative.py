@@ -153,6 +153,24 @@ def register_unpruned_translator(target, draft, target_tok, draft_tok) -> None:
     )
 
 
+def load_checkpoint(name_or_path, trust_remote_code: bool = False, device: str | None = None):
+    """(model, tokenizer) on `device` (default: cuda when available, else cpu), in float32."""
+    from sd2.models import load_model, load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(name_or_path, trust_remote_code=trust_remote_code).to(device)
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _timed(fn, device):
+    """(result, seconds); waits for queued GPU work so the clock covers all of it."""
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
 def ar_generate(target, input_ids, gen_kwargs: dict) -> torch.Tensor:
     """New tokens of the target alone."""
     with torch.no_grad():
@@ -236,18 +254,16 @@ def run_setting(target, draft, target_tok, draft_tok, prompts: list[dict], *, k:
     gen_kwargs = decoding_kwargs(temperature, max_new_tokens, target_tok.pad_token_id, ignore_eos)
     generations = []
     timing = {"ar_seconds": 0.0, "sd_seconds": 0.0, "ar_tokens": 0, "sd_tokens": 0}
-    for index, row in enumerate(tqdm(prompts, desc=desc or f"k={k} T={temperature}", leave=False)):
-        input_ids = target_tok(row["prompt"], return_tensors="pt")["input_ids"]
+    for index, row in enumerate(tqdm(prompts, desc=desc or f"k={k} T={temperature}")):
+        input_ids = target_tok(row["prompt"], return_tensors="pt")["input_ids"].to(target.device)
         if input_ids.shape[1] == 0:
             raise ValueError(f"prompt id {row['id']!r} is empty after tokenization")
         torch.manual_seed(seed + index)
-        start = time.perf_counter()
-        ar_tokens = ar_generate(target, input_ids, gen_kwargs)
-        ar_seconds = time.perf_counter() - start
+        ar_tokens, ar_seconds = _timed(lambda: ar_generate(target, input_ids, gen_kwargs), target.device)
         torch.manual_seed(seed + index)
-        start = time.perf_counter()
-        sd_tokens, steps = sd_generate(target, draft, input_ids, gen_kwargs, tokenizers)
-        sd_seconds = time.perf_counter() - start
+        (sd_tokens, steps), sd_seconds = _timed(
+            lambda: sd_generate(target, draft, input_ids, gen_kwargs, tokenizers), target.device
+        )
         if temperature == 0 and not torch.equal(ar_tokens, sd_tokens):
             raise AssertionError(
                 f"speculative greedy output differs from the target's greedy output for prompt id {row['id']!r} "
@@ -277,16 +293,18 @@ def run_setting(target, draft, target_tok, draft_tok, prompts: list[dict], *, k:
 
 
 def measure(target_dir, draft_dir, eval_dir, out_path, *, settings: dict, labels: dict, seed: int, run=None,
-            trust_remote_code: bool = False) -> dict:
-    """One record per (k, temperature) in settings; written as one JSON file at out_path."""
+            trust_remote_code: bool = False, device: str | None = None) -> dict:
+    """One record per (k, temperature) in settings; written as one JSON file at out_path.
+
+    Optional settings beyond k/temperatures/max_new_tokens/n_prompts/warmup_prompts:
+    `ignore_eos` (default False) forces every generation to max_new_tokens.
+    """
     from sd2.macs import model_macs
-    from sd2.models import load_model, load_tokenizer, same_tokenizer
+    from sd2.models import same_tokenizer
     from sd2.provenance import provenance, write_json
 
-    target = load_model(target_dir, trust_remote_code=trust_remote_code)
-    draft = load_model(draft_dir, trust_remote_code=trust_remote_code)
-    target_tok = load_tokenizer(target_dir, trust_remote_code=trust_remote_code)
-    draft_tok = load_tokenizer(draft_dir, trust_remote_code=trust_remote_code)
+    target, target_tok = load_checkpoint(target_dir, trust_remote_code, device)
+    draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device)
     prompts = load_prompts(eval_dir, settings.get("n_prompts"))
     target_macs = model_macs(target)["macs_per_token"]
     draft_macs = model_macs(draft)["macs_per_token"]
@@ -309,6 +327,7 @@ def measure(target_dir, draft_dir, eval_dir, out_path, *, settings: dict, labels
                 "macs_ratio": cost_ratio,
                 "improvement_factor": mal / (1 + k * cost_ratio) if mal is not None else None,
                 "same_tokenizer": shared,
+                "device": str(target.device),
                 "provenance": provenance(seed=seed, settings=settings, k=k, temperature=temperature),
             }
             records.append(record)

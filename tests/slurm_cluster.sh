@@ -68,8 +68,10 @@ SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# no cgroups / systemd in a container
-ProctrackType=${SD2_SLURM_PROCTRACK:-proctrack/linuxproc}
+# no cgroups / systemd in a container. proctrack/pgid, not linuxproc: a cancelled jobstep
+# Snakemake can hang on SIGTERM after its parent shell died; reparented to init, linuxproc
+# no longer finds it (seen once in three runs), while the process group still holds it.
+ProctrackType=${SD2_SLURM_PROCTRACK:-proctrack/pgid}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
@@ -144,7 +146,10 @@ stop_pidfile() {  # name pidfile
 
 stop() {
     # cancel what is left so that no slurmstepd outlives the cluster
-    if pid_alive "$STATE/slurmctld.pid"; then scancel --full --quiet --state=RUNNING,PENDING 2>/dev/null || true; fi
+    if pid_alive "$STATE/slurmctld.pid" && [[ -n $(squeue -h -t PD,R,CG,S -o %i 2>/dev/null) ]]; then
+        scancel --quiet $(squeue -h -t PD,R,CG,S -o %i) 2>/dev/null || true
+        for _ in $(seq 30); do [[ -z $(squeue -h -t PD,R,CG,S -o %i 2>/dev/null) ]] && break; sleep 0.5; done
+    fi
     stop_pidfile slurmd "$STATE/slurmd.pid"
     stop_pidfile slurmctld "$STATE/slurmctld.pid"
     stop_pidfile munged "$MUNGE_PID"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sd2.layer_prune import default_drop, layer_prune
+from sd2.layer_prune import default_drop, layer_prune, remove_layers
 from sd2.macs import linear_macs, model_macs
 from sd2.models import build_model, load_model, load_tokenizer
 
@@ -23,11 +23,12 @@ def deep_llama_dir(tmp_path_factory, byte_tokenizer_dir):
     return _deep_model(tmp_path_factory.mktemp("deep_llama"), "llama", byte_tokenizer_dir, 6)
 
 
-def _generates_with_cache(model_dir):
+def _generates_with_cache(model_dir, model=None):
     """Greedy output with the KV cache equals the output without: every layer reads its own cache slot."""
-    tok, model = load_tokenizer(model_dir), load_model(model_dir)
+    tok, model = load_tokenizer(model_dir), model or load_model(model_dir)
     enc = tok("def f(x):\n    return", return_tensors="pt")
-    outs = [model.generate(**enc, max_new_tokens=10, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id) for c in (True, False)]
+    with torch.no_grad():
+        outs = [model.generate(**enc, max_new_tokens=10, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id) for c in (True, False)]
     assert outs[0].shape[1] == enc["input_ids"].shape[1] + 10
     assert torch.equal(outs[0], outs[1])
 
@@ -56,6 +57,11 @@ def test_kept_layers_keep_their_weights(deep_llama_dir, tmp_path):
     for new, old in enumerate([0, 1, 5]):
         assert torch.equal(after.model.layers[new].mlp.up_proj.weight, before.model.layers[old].mlp.up_proj.weight)
         assert after.model.layers[new].self_attn.layer_idx == new
+    # The in-memory model (not only a reloaded one) has a consistent cache layout.
+    in_memory = load_model(deep_llama_dir)
+    remove_layers(in_memory, [2, 3, 4])
+    assert [layer.self_attn.layer_idx for layer in in_memory.model.layers] == [0, 1, 2]
+    _generates_with_cache(deep_llama_dir, in_memory)
 
 
 def test_explicit_drop_on_qwen(tmp_path, meta_tokenizer_dir):

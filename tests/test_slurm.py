@@ -195,7 +195,33 @@ def cancel_one_model_job(root: Path, proc) -> dict:
     pytest.fail("the workflow ended before a model job could be cancelled")
 
 
-def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, tmp_path):
+def kill_leftovers(root: Path):
+    """SIGKILL, by pid, every process still running in or on `root` (this test's copies):
+    a jobstep that outlived its cancelled job, or the local run after a failure."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(root)) or str(root) in cmd:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                print(f"killed leftover process {proc.name}: {cmd[:200]!r}")
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+    yield tmp_path.resolve()
+    kill_leftovers(tmp_path.resolve())
+
+
+def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs):
+    tmp_path = workdirs
     t_start = time.time()
     env = venv_env()
     if not (REPO / CONFIG).exists() or not (REPO / "workflow" / "Snakefile").exists():

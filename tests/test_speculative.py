@@ -28,6 +28,15 @@ SETTINGS = {"k": [3], "temperatures": [0.0], "max_new_tokens": 16, "n_prompts": 
 LABELS = {"target": "tiny", "draft": "tiny", "method": "dense", "sparsity": 0, "eval_set": "toy"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on 2 shared cores: a second thread only adds contention (10x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
@@ -80,20 +89,38 @@ def test_identical_draft_greedy_measure(tmp_path, tiny_llama_dir, eval_dir):
     assert logged and logged[0]["mal"] == 4.0
 
 
+def _reinit_layers(model, std: float, seed: int):
+    """A random model whose layers matter: at init scale a tied random model just repeats its last token."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, std)
+    return model
+
+
 def test_perturbed_draft_partial_acceptance(tiny_llama_dir):
-    target = load_model(tiny_llama_dir)
+    target = _reinit_layers(load_model(tiny_llama_dir), std=0.2, seed=0)
     tok = load_tokenizer(tiny_llama_dir)
     draft = copy.deepcopy(target)
     torch.manual_seed(5)
     with torch.no_grad():
-        for weight in draft.model.layers.parameters():
-            weight.add_(0.03 * torch.randn_like(weight))
+        for module in draft.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(0.02 * torch.randn_like(module.weight))  # 10% of the weights' scale
     # greedy: run_setting raises if the output differs from the target's own greedy output
-    record = sp.run_setting(target, draft, tok, tok, PROMPTS[:2], k=3, temperature=0.0, max_new_tokens=16, seed=0,
-                            warmup_prompts=1, ignore_eos=True)
+    record = sp.run_setting(target, draft, tok, tok, PROMPTS[:2], k=3, temperature=0.0, max_new_tokens=16,
+                            seed=0, warmup_prompts=1, ignore_eos=True)
     check_consistent(record, 3)
-    assert 1.0 < record["mal"] < 4.0
+    assert 1.0 < record["mal"] < 4.0, record["accepted_length_histogram"]
+    assert 0.0 < record["acceptance_rate"] < 1.0
     assert record["lossless_checked"] == 2
+    # sampled: near-uniform random distributions accept almost everything, so only consistency is checked here;
+    # the distribution test below covers acceptance and rejection under sampling
+    record = sp.run_setting(target, draft, tok, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=16,
+                            seed=0, warmup_prompts=1, ignore_eos=True)
+    check_consistent(record, 3)
+    assert record["lossless_checked"] == 0
 
 
 def test_lossless_mismatch_names_prompt(monkeypatch, tiny_llama_dir):
@@ -178,12 +205,12 @@ def _chi2(counts, probs):
 
 def test_speculative_sampling_matches_target_distribution():
     """First generated token over 400 seeds vs the target's exact distribution p (not the draft's q)."""
-    target, draft = _tiny_vocab_model(0, 30.0), _tiny_vocab_model(1, 30.0)
+    target, draft = _tiny_vocab_model(0, 15.0), _tiny_vocab_model(1, 15.0)
     prompt = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         p = target(prompt).logits[0, -1].softmax(-1)
         q = draft(prompt).logits[0, -1].softmax(-1)
-    assert 0.5 * (p - q).abs().sum() > 0.25  # the draft really differs, so rejections happen
+    assert 0.5 * (p - q).abs().sum() > 0.3  # the draft really differs, so rejections happen
     sp.pin_draft(draft, 1)
     gen_kwargs = sp.decoding_kwargs(1.0, max_new_tokens=2, pad_token_id=0)
     n = 400

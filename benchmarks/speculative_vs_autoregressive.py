@@ -1,0 +1,65 @@
+"""Wall-clock of speculative decoding vs the target alone, for one target and several drafts.
+
+Each draft is measured with sd2.speculative.run_setting, which runs the target alone and
+the target + draft on the same prompts interleaved per prompt, so both see the same
+machine state. Example:
+
+    python benchmarks/speculative_vs_autoregressive.py --target work/models/target \\
+        --drafts work/models/draft work/drafts/target/draft/sd2-s50 --eval work/data/eval/humaneval
+"""
+
+import argparse
+import json
+
+import torch
+
+from sd2.speculative import load_checkpoint, load_prompts, run_setting
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="target checkpoint dir or hub id")
+    parser.add_argument("--drafts", required=True, nargs="+", help="draft checkpoint dirs or hub ids")
+    parser.add_argument("--eval", required=True, help="eval set saved with datasets.save_to_disk (columns id, prompt)")
+    parser.add_argument("--k", type=int, default=5, help="draft tokens per verification step")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--n-prompts", type=int, default=10)
+    parser.add_argument("--warmup-prompts", type=int, default=1, help="run but not timed")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per draft instead of a table")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, target_tok = load_checkpoint(args.target, device=args.device)
+    prompts = load_prompts(args.eval, args.n_prompts)
+    header = f"{'draft':<50} {'MAL':>6} {'AR tok/s':>9} {'SD tok/s':>9} {'speedup':>8} {'SD/AR wall':>10}"
+    if not args.json:
+        print(f"target {args.target}, {len(prompts)} prompts, k={args.k}, T={args.temperature}, device {target.device}")
+        print(header)
+    for draft_dir in args.drafts:
+        draft, draft_tok = load_checkpoint(draft_dir, device=args.device)
+        result = run_setting(
+            target, draft, target_tok, draft_tok, prompts, k=args.k, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, warmup_prompts=args.warmup_prompts,
+            ignore_eos=args.ignore_eos, desc=str(draft_dir),
+        )
+        wall_ratio = result["sd_seconds"] / result["ar_seconds"] if result["ar_seconds"] else None
+        if args.json:
+            print(json.dumps({"draft": str(draft_dir), "sd_over_ar_wall_clock": wall_ratio, **result}))
+        else:
+            fmt = lambda x, spec: format(x, spec) if x is not None else "n/a"  # noqa: E731
+            print(f"{str(draft_dir):<50} {fmt(result['mal'], '6.2f')} {fmt(result['ar_tokens_per_s'], '9.1f')} "
+                  f"{fmt(result['sd_tokens_per_s'], '9.1f')} {fmt(result['speedup'], '7.2f')}x {fmt(wall_ratio, '10.2f')}")
+        del draft
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The schema rejects bad configs before any job runs, with a message naming the key."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sd2.config import ConfigError, load, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def test_config():
+    return yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "paper.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load(ROOT / "config" / name)
+    assert cfg["targets"] and cfg["drafts"]
+
+
+def test_defaults_are_filled(test_config):
+    cfg = validate(test_config)
+    assert cfg["prune"]["pruner"] == "sparsegpt"
+    assert cfg["models"]["tiny-llama"]["train"]["lr"] == 0.003
+    assert cfg["finetune"]["loss"] == "ce"
+
+
+BAD = [
+    (lambda c: c.update(typo_key=1), "<top level>", "typo_key"),
+    (lambda c: c["measure"].update(kk=[5]), "measure", "kk"),
+    (lambda c: c["models"]["tiny-llama"].update(hidden_sise=8), "models.tiny-llama", "hidden_sise"),
+    (lambda c: c.update(sparsities=[50, 100]), "sparsities.1", "100"),
+    (lambda c: c.update(sparsities=[-5]), "sparsities.0", "-5"),
+    (lambda c: c["models"]["tiny-llama"].update(hidden_size="big"), "models.tiny-llama.hidden_size", "big"),
+    (lambda c: c["wandb"].update(mode="loud"), "wandb.mode", "loud"),
+    (lambda c: c.update(methods=["sd2", "magic"]), "methods.1", "magic"),
+    (lambda c: c.update(targets=["nope"]), "targets.0", "nope"),
+    (lambda c: c["models"]["tiny-llama"].update(tokenizer="klingon"), "models.tiny-llama.tokenizer", "klingon"),
+    (lambda c: c["models"]["tiny-draft"].update(hub="org/model"), "models.tiny-draft", "hub model"),
+    (lambda c: c.update(sparsities=[50, 70], prune={"structure": "2:4"}), "prune.structure", "2:4"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,word", BAD)
+def test_bad_configs_name_the_key(test_config, mutate, key, word):
+    cfg = copy.deepcopy(test_config)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert f"config error at {key}" in str(err.value)
+    assert word in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_snakemake_stops_before_any_job(tmp_path, test_config):
+    bad = copy.deepcopy(test_config)
+    bad["finetune"]["learning_rate"] = 1e-4
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "-d", str(tmp_path / "wd")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "config error at finetune" in proc.stdout + proc.stderr
+    assert "learning_rate" in proc.stdout + proc.stderr
+    assert not (tmp_path / "wd" / "work").exists()
