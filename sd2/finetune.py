@@ -24,8 +24,6 @@ from sd2.prune import decoder_linears
 
 LOSSES = ("ce", "kl", "tvdpp")
 # Not in the config schema (yet): read from settings when present.
-DEFAULT_WARMUP_FRACTION = 0.05
-DEFAULT_WEIGHT_DECAY = 0.0
 
 
 # ---- losses: pure functions on aligned logits (position t predicts token t + 1) ----
@@ -217,8 +215,8 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         val_batches,
         steps=steps,
         lr=settings["lr"],
-        warmup_steps=settings.get("warmup_steps", max(1, round(DEFAULT_WARMUP_FRACTION * steps))),
-        weight_decay=settings.get("weight_decay", DEFAULT_WEIGHT_DECAY),
+        warmup_steps=min(settings["warmup_steps"], steps - 1),
+        weight_decay=settings["weight_decay"],
         eval_every=settings["eval_every"],
         run=run,
         loss_fn=distillation_loss_fn(kind, teacher),

@@ -68,7 +68,8 @@ def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int) -> tuple[flo
 
 def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examples_path, *, n_prompts=32, max_new_tokens=96, n_val_docs=40) -> pd.DataFrame:
     val_texts = load_from_disk(str(corpus_dir))["validation"]["text"][:n_val_docs]
-    prompts = load_from_disk(str(prompts_dir)).select(range(n_prompts))
+    prompts = load_from_disk(str(prompts_dir))
+    prompts = prompts.select(range(min(n_prompts, len(prompts))))
     rows, examples = [], ["# Greedy continuations of HumanEval prompts\n"]
     for name, path in models.items():
         model, tok = load_model(path), load_tokenizer(path)

@@ -316,7 +316,7 @@ def measure(target_dir, draft_dir, eval_dir, out_path, *, settings: dict, labels
             result = run_setting(
                 target, draft, target_tok, draft_tok, prompts,
                 k=k, temperature=temperature, max_new_tokens=settings["max_new_tokens"], seed=seed,
-                warmup_prompts=settings.get("warmup_prompts", 1), ignore_eos=settings.get("ignore_eos", False),
+                warmup_prompts=settings["warmup_prompts"], ignore_eos=settings["ignore_eos"],
             )
             mal = result["mal"]
             record = {

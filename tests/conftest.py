@@ -66,3 +66,31 @@ def tiny_qwen_dir(tmp_path_factory, meta_tokenizer_dir):
 @pytest.fixture(scope="session")
 def stdlib_root_dir():
     return stdlib_root()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def snakemake_cmd(workdir, *args, configfile="config/test.yaml"):
+    """A Snakemake command on the repository's workflow, writing everything under `workdir`."""
+    import sys
+
+    return [
+        "timeout", "-k", "10", "1200", sys.executable, "-m", "snakemake",
+        "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir),
+        "--configfile", str(REPO / configfile), *args,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real local run of config/test.yaml (every rule of the sweep); returns its directory."""
+    import subprocess
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    env = {**os.environ, "WANDB_MODE": "disabled", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    proc = subprocess.run(snakemake_cmd(workdir, "--cores", "2"), capture_output=True, text=True, env=env)
+    if proc.returncode:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        pytest.fail(f"snakemake failed:\n{proc.stderr[-5000:]}\n{logs[-20000:]}")
+    return workdir

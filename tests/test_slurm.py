@@ -79,14 +79,17 @@ def snakemake(root: Path, *args, env=None, check=True, popen=False):
 
 
 def copy_tree(dest: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files of the working tree (no results, no venv)."""
+    """Tracked and untracked-but-not-ignored files of the working tree, without the test
+    config's workdir and results_dir (committed results must not count as done)."""
+    cfg = yaml.safe_load((REPO / CONFIG).read_text()) or {}
+    skip = tuple(f"{cfg.get(key, default).strip('/')}/" for key, default in (("workdir", "work"), ("results_dir", "results")))
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, check=True, capture_output=True, text=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = REPO / rel
-        if src.is_file():
+        if src.is_file() and not rel.startswith(skip):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     return dest
@@ -220,17 +223,35 @@ def workdirs(tmp_path):
     kill_leftovers(tmp_path.resolve())
 
 
-def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs):
+def local_reference(request, tmp_path: Path, env: dict):
+    """The local run of the same config to compare with: the session's `tiny_run` where
+    conftest provides it (shared with test_workflow.py), else a run of our own, started in
+    the background now. Returns a function that waits for it and gives its directory."""
+    try:
+        root = request.getfixturevalue("tiny_run")
+        return lambda: Path(root).resolve()
+    except pytest.FixtureLookupError:
+        pass
+    root = copy_tree(tmp_path / "local").resolve()
+    proc, log = snakemake(root, "--cores", "2", env=env, popen=True)
+
+    def wait():
+        rc = proc.wait(timeout=RUN_TIMEOUT)
+        assert rc == 0, f"local run failed:\n{log.read_text()[-6000:]}"
+        return root
+
+    return wait
+
+
+def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs, request):
     tmp_path = workdirs
     t_start = time.time()
     env = venv_env()
     if not (REPO / CONFIG).exists() or not (REPO / "workflow" / "Snakefile").exists():
         pytest.fail(f"{CONFIG} or workflow/Snakefile missing")
     slurm_root = copy_tree(tmp_path / "slurm").resolve()
-    local_root = copy_tree(tmp_path / "local").resolve()
-
-    # The reference: a local run, in the background while the cluster works (2 cores each).
-    local_proc, local_log = snakemake(local_root, "--cores", "2", env=env, popen=True)
+    local_run = local_reference(request, tmp_path, env)
+    t_local = time.time() - t_start
 
     expected = dry_run_jobs(slurm_root)
     on_cluster = [j for j in expected if not j["local"]]
@@ -286,8 +307,7 @@ def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs):
     assert sent == {j["rule"] for j in on_cluster}, (sent, on_cluster)
 
     # Same tables as a local run, timing columns aside.
-    rc = local_proc.wait(timeout=RUN_TIMEOUT)
-    assert rc == 0, f"local run failed:\n{local_log.read_text()[-6000:]}"
+    local_root = local_run()
     results_dir = (yaml.safe_load((slurm_root / CONFIG).read_text()) or {}).get("results_dir", "results")
     tables = sorted(p.relative_to(local_root) for p in (local_root / results_dir).rglob("tables/*.csv"))
     assert tables, f"the local run wrote no tables under {results_dir}"
@@ -298,6 +318,7 @@ def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs):
         pd.testing.assert_frame_equal(a, b, obj=str(rel))
     print(
         f"slurm test: {len(on_cluster)} cluster jobs, {len(expected) - len(on_cluster)} local; "
+        f"local reference {t_local:.0f} s (0 if it runs alongside); "
         f"phase 1 (cancel {killed['rule']}) {t_phase1:.0f} s, phase 2 {t_phase2:.0f} s, "
         f"total {time.time() - t_start:.0f} s"
     )

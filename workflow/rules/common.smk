@@ -10,7 +10,7 @@ validate(config)
 W = config["workdir"]
 R = config["results_dir"]
 MODELS = config["models"]
-SCRATCH = [name for name, spec in MODELS.items() if "hub" not in spec]
+SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec)
 SD2 = f"{shlex.quote(sys.executable)} -m sd2"
 SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]

@@ -50,7 +50,8 @@ rule layer_prune:
         directory(f"{W}/layer_pruned/{{draft}}/s{{sparsity}}"),
     params:
         model=lambda w: model_path(w.draft),
-        drop=lambda w: as_arg((config["layer_prune"]["drop"] or {}).get(w.sparsity)),
+        # YAML may key the levels as numbers or strings.
+        drop=lambda w: as_arg({str(k): v for k, v in (config["layer_prune"]["drop"] or {}).items()}.get(w.sparsity)),
     log:
         "logs/layer_prune/{draft}/s{sparsity}.log",
     shell:

@@ -1,0 +1,95 @@
+"""A real Snakemake run of the tiny config: every rule, outputs, caching, targeted reruns."""
+
+import json
+import subprocess
+
+import pandas as pd
+import yaml
+
+from conftest import REPO, snakemake_cmd
+
+
+def dry_run(workdir, configfile="config/test.yaml", *args):
+    proc = subprocess.run(snakemake_cmd(workdir, "-n", "--quiet", "rules", *args, configfile=configfile), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def job_counts(text):
+    """Parse Snakemake's 'Job stats' table into {rule: count}."""
+    counts, in_table = {}, False
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+        elif in_table and not parts:
+            break
+    counts.pop("total", None)
+    return counts
+
+
+def test_all_outputs(tiny_run):
+    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    records = sorted((tiny_run / "results" / "records").rglob("*.json"))
+    # 2 targets x 1 draft x (dense, dense_sd + 4 sparse methods x 1 level) x 1 eval set
+    assert len(records) == 12
+    table = pd.read_csv(tiny_run / "results" / "tables" / "measurements.csv")
+    assert len(table) == 12 * len(cfg["measure"]["temperatures"])
+    assert set(table["method"]) == set(cfg["methods"])
+    assert set(table["sparsity"]) == {0, 50}
+    assert table["mal"].between(1, cfg["measure"]["k"][0] + 1).all()
+    greedy = table[table["temperature"] == 0]
+    assert (greedy["lossless_checked"] == cfg["measure"]["n_prompts"]).all()
+    assert set(table["same_tokenizer"]) == {True, False}
+    sparse = table[table["sparsity"] == 50]
+    assert (sparse["draft_macs_per_token"] < table[table["method"] == "dense"]["draft_macs_per_token"].max()).all()
+    for name in ("mal_vs_sparsity", "mal_vs_macs", "loss_curves"):
+        assert (tiny_run / "results" / "figures" / f"{name}.png").stat().st_size > 1000
+    models = pd.read_csv(tiny_run / "results" / "tables" / "models.csv")
+    assert set(models["model"]) == set(cfg["models"])
+    training = pd.read_csv(tiny_run / "results" / "tables" / "training.csv")
+    assert set(training["stage"]) == {"pretrain", "finetune"}
+    record = json.loads(records[0].read_text())
+    assert "Mean Accepted Length" in json.dumps(record["definitions"])
+    assert record["records"][0]["provenance"]["seed"] == 0
+
+
+def test_second_run_schedules_nothing(tiny_run):
+    assert "Nothing to be done" in dry_run(tiny_run)
+
+
+def test_changing_one_sparsity_reruns_only_its_jobs(tiny_run, tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    cfg["sparsities"] = [60]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        snakemake_cmd(tiny_run, "-n", configfile=changed), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    # Only the new level: prune (2 targets + original data), layer_prune, finetune (sd2 x2,
+    # layer_pruned x2, sparse_sft), measure (4 sparse methods x 2 targets); then tables.
+    assert counts == {"prune": 3, "layer_prune": 1, "finetune": 5, "measure": 8, "collect": 1, "figures": 1, "all": 1}, counts
+
+
+def test_figures_from_tables_alone(tiny_run, tmp_path):
+    """`make figures`: with only the tables present, the figures job is the only job."""
+    tables = tmp_path / "results" / "tables"
+    tables.mkdir(parents=True)
+    for name in ("measurements.csv", "training.csv"):
+        (tables / name).write_bytes((tiny_run / "results" / "tables" / name).read_bytes())
+    proc = subprocess.run(
+        snakemake_cmd(tmp_path, "figures", "--allowed-rules", "figures", "--cores", "1"),
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results" / "figures" / "speedup.pdf").exists()
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_run_builds_every_shipped_config(tmp_path):
+    for name, expect in [("config/config.yaml", 80), ("config/paper.yaml", 252), ("config/test.yaml", 12)]:
+        assert job_counts(dry_run(tmp_path / name.replace("/", "_"), name))["measure"] == expect
