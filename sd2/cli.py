@@ -205,11 +205,16 @@ def collect(p=None, a=None):
         p.add_argument("--curves", type=_json, default=[], help="list of {stage, model, ..., path} as JSON")
         p.add_argument("--measurements", required=True)
         p.add_argument("--training", required=True)
+        p.add_argument("--summary", required=True, help="markdown summary tables")
         return
-    from sd2.results import collect_measurements, collect_training
+    from sd2.checkpoint import atomic_path
+    from sd2.results import collect_measurements, collect_training, summary_markdown
 
-    print(f"{len(collect_measurements(a.records, a.measurements))} measurement rows -> {a.measurements}")
+    measurements = collect_measurements(a.records, a.measurements)
+    print(f"{len(measurements)} measurement rows -> {a.measurements}")
     print(f"{len(collect_training(a.curves, a.training))} training rows -> {a.training}")
+    with atomic_path(a.summary) as tmp:
+        tmp.write_text(summary_markdown(measurements))
 
 
 @step("figures", "draw every figure from the tables alone")

@@ -220,3 +220,15 @@ def markdown_table(df: pd.DataFrame) -> str:
     rule = "| " + " | ".join("---" for _ in df.columns) + " |"
     body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([header, rule, *body]) + "\n"
+
+
+def summary_markdown(measurements: pd.DataFrame) -> str:
+    """The README's result tables, as produced by the run: per-draft summary and the paper's comparisons."""
+    parts = []
+    for temperature in sorted(measurements["temperature"].unique()):
+        mode = "greedy" if temperature == 0 else f"sampling, T={temperature:g}"
+        parts.append(f"### Per draft ({mode})\n\n{markdown_table(summary_table(measurements, temperature))}")
+        cols = ["target", "draft", "sparsity", "eval_set", "k", "sd2_mal", "layer_pruned_mal", "dense_sd_mal",
+                "mal_ratio_vs_layer_pruned", "macs_reduction_pct", "mal_change_pct"]
+        parts.append(f"### SD² vs layer-pruned and dense_sd ({mode})\n\n{markdown_table(headline(measurements, temperature)[cols])}")
+    return "\n".join(parts)

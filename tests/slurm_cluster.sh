@@ -9,7 +9,7 @@
 #
 # Both start and stop are idempotent. Needs root (it installs packages, starts daemons and
 # writes /etc/slurm/slurm.conf, where sbatch/squeue look for it). A slurm.conf this script
-# did not write is never overwritten: start refuses instead.
+# did not write is never overwritten: start refuses instead (exit status 3).
 #
 # No slurmdbd: AccountingStorageType=accounting_storage/none, so `sacct` does not work and
 # the profile polls with `squeue` (MinJobAge=300 keeps finished jobs visible to squeue for
@@ -45,7 +45,8 @@ install_packages() {
 
 write_conf() {
     if [[ -e $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
-        die "$CONF exists and was not written by this script; refusing to touch a real cluster"
+        log "$CONF exists and was not written by this script; refusing to touch a real cluster"
+        exit 3
     fi
     local host node
     host=$(hostname -s)

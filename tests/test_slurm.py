@@ -46,9 +46,13 @@ TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_tim
 RUN_TIMEOUT = 900
 
 
-def skip_loudly(reason: str):
+def skip_loudly(request, reason: str):
+    """Skip, saying why on the terminal (past pytest's capture), in the warnings summary
+    (shown by default) and as the skip reason (shown with -rs)."""
     msg = f"SLURM TEST SKIPPED: {reason}"
-    print(f"\n*** {msg} ***", file=sys.__stderr__, flush=True)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\n*** {msg} ***", flush=True)
     warnings.warn(msg)
     pytest.skip(msg)
 
@@ -147,22 +151,24 @@ def normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster():
+def slurm_cluster(request):
     if os.geteuid() != 0:
-        skip_loudly("needs root to install and start a single-node Slurm (tests/slurm_cluster.sh)")
+        skip_loudly(request, "needs root to install and start a single-node Slurm (tests/slurm_cluster.sh)")
     if shutil.which("timeout") is None:
-        skip_loudly("needs coreutils `timeout`")
+        skip_loudly(request, "needs coreutils `timeout`")
     STATE.parent.mkdir(parents=True, exist_ok=True)
     lock = open(STATE.parent / "sd2-slurm-test.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)  # one test at a time on this machine's cluster
     try:
         inst = subprocess.run([str(CLUSTER), "install"], capture_output=True, text=True, timeout=600)
         if inst.returncode != 0:
-            skip_loudly(f"Slurm could not be installed: {inst.stderr.strip()[-500:]}")
+            skip_loudly(request, f"Slurm could not be installed: {inst.stderr.strip()[-500:]}")
         was_running = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
         t0 = time.time()
         start = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
         print(f"slurm cluster start: {time.time() - t0:.1f} s ({start.stderr.strip()})")
+        if start.returncode == 3:
+            skip_loudly(request, f"a Slurm configuration this test did not write exists: {start.stderr.strip()}")
         try:
             assert start.returncode == 0, f"slurm_cluster.sh start failed:\n{start.stderr}"
             yield STATE

@@ -18,13 +18,14 @@ rule collect:
     output:
         measurements=f"{R}/tables/measurements.csv",
         training=f"{R}/tables/training.csv",
+        summary=f"{R}/tables/summary.md",
     params:
         curves=lambda w: as_arg([{**labels, "path": f"{path}/training.csv"} for path, labels in training_curves().items()]),
     log:
         "logs/collect.log",
     shell:
         "{SD2} collect --records {input.records} --curves {params.curves}"
-        " --measurements {output.measurements} --training {output.training} > {log} 2>&1"
+        " --measurements {output.measurements} --training {output.training} --summary {output.summary} > {log} 2>&1"
 
 
 rule figures:

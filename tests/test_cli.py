@@ -1,0 +1,53 @@
+"""`python -m sd2`: every rule has a step, and bad input is a one-line error naming it."""
+
+import json
+import subprocess
+import sys
+
+STEPS = ["prepare-data", "train-tokenizer", "pretrain", "model-report", "self-distill", "prune", "layer-prune",
+         "finetune", "measure", "macs", "collect", "figures"]
+
+
+def sd2(*args):
+    return subprocess.run([sys.executable, "-m", "sd2", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_step():
+    out = sd2("--help").stdout
+    for step in STEPS:
+        assert step in out
+
+
+def test_missing_model_path_is_named(tmp_path):
+    proc = sd2("macs", str(tmp_path / "no-such-model"))
+    assert proc.returncode != 0
+    assert "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sparsity_out_of_range(tiny_llama_dir):
+    proc = sd2("macs", str(tiny_llama_dir), "--sparsity", "100")
+    assert proc.returncode != 0 and "[0, 100)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_macs_of_a_checkpoint(tiny_llama_dir):
+    proc = sd2("macs", str(tiny_llama_dir), "--sparsity", "50")
+    out = json.loads(proc.stdout)
+    assert out["macs_per_token"] < out["dense_macs_per_token"]
+
+
+def test_bad_json_argument(tmp_path):
+    proc = sd2("prune", "--model", "x", "--calibration", "y", "--sparsity", "50", "--settings", "{oops", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+def test_tokenizer_mismatch_for_kl_is_a_clear_error(tiny_llama_draft_dir, tiny_qwen_dir, tmp_path):
+    from datasets import Dataset
+
+    data = tmp_path / "data"
+    Dataset.from_list([{"prompt": "def f():\n", "response": "    return 1\n"}] * 4).save_to_disk(str(data))
+    settings = {"loss": "kl", "epochs": 1, "max_steps": 1, "batch_size": 2, "seq_len": 32, "lr": 1e-3,
+                "validation_fraction": 0.5, "eval_every": 1, "warmup_steps": 0, "weight_decay": 0.0}
+    proc = sd2("finetune", "--init", str(tiny_llama_draft_dir), "--data", str(data), "--teacher", str(tiny_qwen_dir),
+               "--settings", json.dumps(settings), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "tokenizer" in proc.stderr.lower() and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
