@@ -18,9 +18,10 @@ from sd2.speculative import load_checkpoint, load_prompts, run_setting
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="target checkpoint dir or hub id")
-    parser.add_argument("--drafts", required=True, nargs="+", help="draft checkpoint dirs or hub ids")
-    parser.add_argument("--eval", required=True, help="eval set saved with datasets.save_to_disk (columns id, prompt)")
+    # Defaults: the demo models that `make run` leaves under work/.
+    parser.add_argument("--target", default="work/models/llama-target", help="target checkpoint dir or hub id")
+    parser.add_argument("--drafts", nargs="+", default=["work/models/llama-draft-s", "work/models/llama-draft-m"], help="draft checkpoint dirs or hub ids")
+    parser.add_argument("--eval", default="work/data/eval/humaneval", help="eval set saved with datasets.save_to_disk (columns id, prompt)")
     parser.add_argument("--k", type=int, default=5, help="draft tokens per verification step")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -193,10 +193,10 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
     return fig
 
 
-def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
-    """Rows: eval sets. Columns: targets. One bar per draft variant (the paper's headline figure)."""
+def bars_per_target(measurements: pd.DataFrame, value: str, title: str, ylabel: str, temperature: float, k: int | None) -> Figure:
+    """Rows: eval sets. Columns: targets. One bar of `value` per draft variant, a dashed line at 1."""
     df = main_slice(measurements, temperature, k)
-    title = slice_title("Theoretical improvement factor MAL / (1 + k·c) of each draft", df, temperature)
+    title = slice_title(title, df, temperature)
     if df.empty:
         return empty_figure(title)
     eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
@@ -204,13 +204,19 @@ def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0
     for i, eval_set in enumerate(eval_sets):
         for j, target in enumerate(targets):
             ax = axes[i, j]
-            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], "improvement_factor")
+            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], value)
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
             ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
-            ax.set_ylabel("improvement factor (×, from MACs)" if j == 0 else "")
+            ax.set_ylabel(ylabel if j == 0 else "")
             ax.grid(axis="y", alpha=0.3)
     figure_legend(fig, axes)
     return fig
+
+
+def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """The paper's headline figure: theoretical improvement factor per draft variant."""
+    return bars_per_target(measurements, "improvement_factor", "Theoretical improvement factor MAL / (1 + k·c) of each draft",
+                           "improvement factor (×, from MACs)", temperature, k)
 
 
 def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -272,23 +278,9 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
 
 
 def plot_speedup(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
-    """Rows: eval sets. Columns: targets. Measured tokens/s ratio over autoregressive decoding per draft variant."""
-    df = main_slice(measurements, temperature, k)
-    title = slice_title("CPU wall-clock speed-up of speculative over autoregressive decoding", df, temperature)
-    if df.empty:
-        return empty_figure(title)
-    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
-    fig, axes = new_figure(len(eval_sets), len(targets), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, target in enumerate(targets):
-            ax = axes[i, j]
-            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], "speedup")
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
-            ax.set_ylabel("speed-up over autoregressive (×)" if j == 0 else "")
-            ax.grid(axis="y", alpha=0.3)
-    figure_legend(fig, axes)
-    return fig
+    """Measured tokens/s ratio over autoregressive decoding per draft variant."""
+    return bars_per_target(measurements, "speedup", "CPU wall-clock speed-up of speculative over autoregressive decoding",
+                           "speed-up over autoregressive (×)", temperature, k)
 
 
 def plot_loss_curves(training: pd.DataFrame) -> Figure:
