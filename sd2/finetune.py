@@ -23,7 +23,6 @@ from sd2.provenance import provenance
 from sd2.prune import decoder_linears
 
 LOSSES = ("ce", "kl", "tvdpp")
-# Not in the config schema (yet): read from settings when present.
 
 
 # ---- losses: pure functions on aligned logits (position t predicts token t + 1) ----

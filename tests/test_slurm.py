@@ -125,6 +125,14 @@ def jobcomp(workdir: Path) -> dict[str, dict]:
     return records
 
 
+def slurm_request(rec: dict) -> tuple:
+    """(time limit in minutes, CPUs, memory in MB, GPUs) of a jobcomp record."""
+    tres = dict(kv.split("=", 1) for kv in rec.get("Tres", "").split(",") if "=" in kv)
+    m = re.fullmatch(r"([\d.]+)([KMGT]?)", tres.get("mem", "0M"))
+    mem = float(m[1]) * {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024**2}[m[2]]
+    return rec.get("TimeLimit"), int(tres.get("cpu", 0)), round(mem), int(tres.get("gres/gpu", 0))
+
+
 def slurm_job_logs(root: Path) -> dict[str, dict]:
     """The plugin's per-job logs, logs/slurm/rule_<rule>/<wildcards>/<slurm job id>.log,
     with the rule and outputs that the jobstep inside the Slurm job reports."""
@@ -133,10 +141,12 @@ def slurm_job_logs(root: Path) -> dict[str, dict]:
         text = path.read_text(errors="replace")
         rule = re.search(r"^(?:local)?rule (\w+):$", text, re.M)
         output = re.search(r"^\s+output: (.*)$", text, re.M)
+        rule_log = re.search(r"^\s+log: (.*)$", text, re.M)
         logs[path.stem] = {
             "dir_rule": path.relative_to(root / "logs" / "slurm").parts[0].removeprefix("rule_"),
             "rule": rule and rule[1],
             "output": tuple(sorted(o.strip() for o in output[1].split(", "))) if output else (),
+            "log": [o.strip() for o in rule_log[1].split(", ")] if rule_log else [],
             # the jobstep that srun starts inside the allocation prints `localrule <rule>:`
             # right before it runs the rule's command
             "started": re.search(r"^localrule \w+:$", text, re.M) is not None,
@@ -191,17 +201,20 @@ def squeue(root: Path) -> list[dict]:
 
 
 def cancel_one_model_job(root: Path, proc) -> dict:
-    """scancel the first model job whose sd2 step has started; return its squeue line."""
+    """scancel the first model job caught mid-way through its `python -m sd2` step (its rule
+    log has begun: the step is computing); return its squeue line."""
     deadline = time.time() + RUN_TIMEOUT
     while proc.poll() is None and time.time() < deadline:
         logs = slurm_job_logs(root)
         for job in squeue(root):
-            if job["state"] == "RUNNING" and logs.get(job["id"], {}).get("started"):
-                time.sleep(1)  # mid-way through `python -m sd2 ...`
+            log = logs.get(job["id"], {})
+            if job["state"] != "RUNNING" or not log.get("started"):
+                continue
+            if any((root / p).exists() and (root / p).stat().st_size > 0 for p in log["log"]) or not log["log"]:
                 subprocess.run(["scancel", job["id"]], check=True)
                 return job
-        time.sleep(0.3)
-    pytest.fail("the workflow ended before a model job could be cancelled")
+        time.sleep(0.2)
+    pytest.fail("the workflow ended before a model job could be cancelled mid-way")
 
 
 def kill_leftovers(root: Path):
@@ -302,6 +315,11 @@ def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs, request
     assert not missing, f"cluster jobs with no COMPLETED Slurm job: {missing}"
     n_completed = sum(rec["JobState"] == "COMPLETED" for rec in comp.values())
     assert n_completed == len(on_cluster), f"{n_completed} Slurm jobs completed for {len(on_cluster)} cluster jobs"
+    # each asked Slurm for the config's resources (runtime_min -> -t, threads -> CPUs, mem_mb -> --mem, gpu -> --gpus)
+    res = {"gpu": 0, "threads": 2, "mem_mb": 8000, "runtime_min": 120, **(yaml.safe_load((slurm_root / CONFIG).read_text()).get("resources") or {})}
+    wanted = (str(res["runtime_min"]), res["threads"], res["mem_mb"], res["gpu"])
+    wrong = {f"{logs[i]['rule']} (Slurm job {i})": slurm_request(rec) for i, rec in comp.items() if i in logs and slurm_request(rec) != wanted}
+    assert not wrong, f"jobs that did not ask Slurm for the config's resources {wanted} (minutes, CPUs, MB, GPUs): {wrong}"
     assert all(log["dir_rule"] == log["rule"] for log in logs.values())
     assert not {log["rule"] for log in logs.values()} & LOCAL_RULES
     # and Snakemake itself ran exactly the local rules on this host (`localrule` in its log)

@@ -52,6 +52,9 @@ rule layer_prune:
         model=lambda w: model_path(w.draft),
         # YAML may key the levels as numbers or strings.
         drop=lambda w: as_arg({str(k): v for k, v in (config["layer_prune"]["drop"] or {}).items()}.get(w.sparsity)),
+    threads: config["resources"]["threads"]
+    resources:
+        **model_resources(),
     log:
         "logs/layer_prune/{draft}/s{sparsity}.log",
     shell:
