@@ -1,4 +1,4 @@
-FIGURES = ["mal_vs_sparsity", "mal_vs_macs", "improvement_factor", "acceptance_by_position", "tokenizer_comparison", "speedup", "loss_curves"]
+from sd2.plots import FIGURES
 
 
 def figure_paths():
