@@ -1,10 +1,12 @@
 """Model registry: real checkpoints by hub id or path, or from-scratch transformers models."""
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 ARCH_CONFIG = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gpt_neox": "gpt_neox"}
 
 
@@ -49,7 +51,13 @@ def load_model(name_or_path, trust_remote_code: bool = False, dtype=torch.float3
 def load_tokenizer(name_or_path, trust_remote_code: bool = False):
     name_or_path = str(name_or_path)
     _check_exists(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    saved = Path(name_or_path) / "tokenizer_config.json"
+    if saved.exists() and json.loads(saved.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS:
+        # A tokenizer trained here: AutoTokenizer would pick the model type's class instead
+        # (Qwen2Tokenizer for a qwen2 checkpoint) and rebuild a different pipeline around the vocab.
+        tok = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

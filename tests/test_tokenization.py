@@ -35,3 +35,13 @@ def test_unknown_kind(tmp_path):
 
     with pytest.raises(ValueError, match="unknown tokenizer kind 'wordpiece'"):
         train_tokenizer("wordpiece", 300, ["a"], tmp_path)
+
+
+def test_checkpoint_keeps_its_tokenizer(tiny_qwen_dir, meta_tokenizer_dir):
+    """A qwen2 checkpoint with a tokenizer trained here must not be loaded as Qwen2Tokenizer."""
+    from sd2.models import load_tokenizer
+
+    text = SAMPLES[0] + SAMPLES[2]
+    original, saved = AutoTokenizer.from_pretrained(meta_tokenizer_dir), load_tokenizer(tiny_qwen_dir)
+    assert saved(text)["input_ids"] == original(text)["input_ids"]
+    assert saved.decode(saved(text)["input_ids"]) == text
