@@ -18,7 +18,8 @@ from datasets import load_from_disk
 from sd2.checkpoint import atomic_path
 from sd2.models import count_parameters, load_model, load_tokenizer
 
-WORD = re.compile(r"\w+|[^\w\s]")
+# Newlines count as words, so a completion of blank lines is a loop, not "no 4-grams".
+WORD = re.compile(r"\w+|[^\w\s]|\n")
 
 
 def distinct_4gram_share(text: str) -> float:
