@@ -77,8 +77,9 @@ def snakemake_cmd(workdir, *args, configfile="config/test.yaml"):
 
     return [
         "timeout", "-k", "10", "1200", sys.executable, "-m", "snakemake",
-        "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir),
-        "--configfile", str(REPO / configfile), *args,
+        "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
+        # Last: --configfile takes several values and would swallow a target after it.
+        "--configfile", str(REPO / configfile),
     ]
 
 
