@@ -93,3 +93,11 @@ def test_figures_from_tables_alone(tiny_run, tmp_path):
 def test_dry_run_builds_every_shipped_config(tmp_path):
     for name, expect in [("config/config.yaml", 80), ("config/paper.yaml", 252), ("config/test.yaml", 12)]:
         assert job_counts(dry_run(tmp_path / name.replace("/", "_"), name))["measure"] == expect
+
+
+def test_report(tiny_run, tmp_path):
+    """`snakemake --report`: a self-contained HTML report with the figures and captions."""
+    report = tmp_path / "report.html"
+    proc = subprocess.run(snakemake_cmd(tiny_run, "--report", str(report)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report.stat().st_size > 100_000
