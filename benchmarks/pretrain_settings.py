@@ -41,7 +41,7 @@ def main():
         model = build_model(spec, tok, 0)
         start = time.time()
         history = training.train(model, random_windows(train_stream, 32, 128, 0), val, steps=args.steps, lr=lr,
-                                 warmup_steps=20, weight_decay=0.1, eval_every=50, bf16=True, desc=variant)
+                                 warmup_steps=20, weight_decay=0.1, eval_every=50, desc=variant)
         print(json.dumps({"hidden": hidden, "params": count_parameters(model), "lr": lr, "seconds": round(time.time() - start),
                           "val_loss": [round(r["val_loss"], 3) for r in history]}), flush=True)
 

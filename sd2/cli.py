@@ -229,6 +229,35 @@ def figures(p=None, a=None):
         print(path)
 
 
+@step("estimate-run-time", "probe this machine's training speed and estimate the sweep's wall time")
+def estimate_run_time(p=None, a=None):
+    if p:
+        p.add_argument("--config", required=True, help="workflow config file")
+        p.add_argument("--previous", default=None, help="run-time record of an earlier run (scaled if the config matches)")
+        p.add_argument("--out", required=True, help="where the estimate goes (JSON)")
+        return
+    from sd2 import config, sweep_time
+    from sd2.provenance import write_json
+
+    previous = json.loads(open(a.previous).read()) if a.previous and os.path.exists(a.previous) else None
+    found = sweep_time.estimate(config.load(a.config), previous)
+    write_json(a.out, found)
+    print(sweep_time.describe(found), flush=True)
+
+
+@step("record-run-time", "write the run-time record of a sweep that built everything from nothing")
+def record_run_time(p=None, a=None):
+    if p:
+        p.add_argument("--seconds", type=int, required=True, help="wall time of the sweep")
+        p.add_argument("--estimate", required=True, help="the estimate-run-time output of this run")
+        p.add_argument("--out", required=True)
+        return
+    from sd2 import sweep_time
+
+    rec = sweep_time.record(a.seconds, json.loads(open(a.estimate).read()), a.out)
+    print(f"sweep: {rec['seconds']} s on {rec['machine']['cpu']}, {rec['machine']['cores']} cores -> {a.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sd2", description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.")
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)

@@ -221,6 +221,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         loss_fn=distillation_loss_fn(kind, teacher),
         after_step=hold_masks(model, masks),
         desc=f"finetune {kind}",
+        bf16=settings["bf16"],
     )
     check_masks(model, masks, zeros_before)
     sparsity_after = {n: z / decoder_linears(model)[n].weight.numel() for n, z in zero_counts(model).items()}
@@ -234,6 +235,9 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         sparsity_before=sparsity_before,
         sparsity_after=sparsity_after,
         final=history[-1],
+        precision=history[-1]["precision"],
+        tokens_per_s=training.throughput(history),
+        threads=torch.get_num_threads(),
     )
     save_checkpoint(model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, history)})
     return history

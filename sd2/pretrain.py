@@ -59,6 +59,6 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
         desc=f"pretrain {name}",
     )
     info = provenance(seed=seed, model=name, spec=spec, parameters=params, corpus_tokens=len(train_stream))
-    info["final"] = history[-1]
+    info.update(final=history[-1], precision=history[-1]["precision"], tokens_per_s=training.throughput(history), threads=torch.get_num_threads())
     save_checkpoint(model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, history)})
     return history

@@ -45,7 +45,7 @@ MEASUREMENT_COLUMNS = KEYS + [
     "versions",
     "record_file",
 ]
-CURVE_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "seconds"]
+CURVE_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "seconds", "train_seconds", "tokens_per_s", "precision"]
 CURVE_LABELS = ["stage", "model", "target", "draft", "method", "sparsity"]
 TRAINING_COLUMNS = CURVE_LABELS + CURVE_COLUMNS
 

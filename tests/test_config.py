@@ -29,6 +29,7 @@ def test_defaults_are_filled(test_config):
     assert cfg["prune"]["pruner"] == "sparsegpt"
     assert cfg["models"]["tiny-llama"]["train"]["lr"] == 0.003
     assert cfg["finetune"]["loss"] == "ce"
+    assert cfg["models"]["tiny-llama"]["train"]["bf16"] == "auto" and cfg["finetune"]["bf16"] == "auto"
 
 
 BAD = [
@@ -44,6 +45,8 @@ BAD = [
     (lambda c: c["models"]["tiny-llama"].update(tokenizer="klingon"), "models.tiny-llama.tokenizer", "klingon"),
     (lambda c: c["models"]["tiny-draft"].update(hub="org/model"), "models.tiny-draft", "hub model"),
     (lambda c: c.update(sparsities=[50, 70], prune={"structure": "2:4"}), "prune.structure", "2:4"),
+    (lambda c: c["models"]["tiny-llama"]["train"].update(bf16="yes"), "models.tiny-llama.train.bf16", "yes"),
+    (lambda c: c["finetune"].update(bf16="fp16"), "finetune.bf16", "fp16"),
 ]
 
 

@@ -9,7 +9,7 @@ from sd2.finetune import finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_lo
 from sd2.models import load_model
 from sd2.prune import decoder_linears, prune
 
-SETTINGS = dict(loss="ce", epochs=10, max_steps=40, batch_size=8, seq_len=64, lr=1e-2, validation_fraction=0.2, eval_every=20, warmup_steps=2, weight_decay=0.0)
+SETTINGS = dict(loss="ce", epochs=10, max_steps=40, batch_size=8, seq_len=64, lr=1e-2, validation_fraction=0.2, eval_every=20, warmup_steps=2, weight_decay=0.0, bf16="auto")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ SPEC = {
     "arch": "llama", "tokenizer": "code", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
     "train": {"tokens": 64 * 8 * 64, "batch_size": 8, "seq_len": 64, "lr": 0.01, "warmup_steps": 5,
-              "weight_decay": 0.1, "eval_every": 16, "eval_batches": 2, "bf16": True},
+              "weight_decay": 0.1, "eval_every": 16, "eval_batches": 2, "bf16": "auto"},
 }
 
 

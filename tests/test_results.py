@@ -71,7 +71,7 @@ def write_synthetic_records(root, targets=tuple(TARGETS), drafts=("d_small",), v
 
 def write_training_log(path, n=4, start=5.0):
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"step": 10 * i, "tokens": 1000 * i, "train_loss": start - 0.5 * i, "val_loss": start - 0.4 * i, "lr": 1e-3, "seconds": float(i)} for i in range(n)]
+    rows = [{"step": 10 * i, "tokens": 1000 * i, "train_loss": start - 0.5 * i, "val_loss": start - 0.4 * i, "lr": 1e-3, "seconds": float(i), "train_seconds": 0.9 * i, "tokens_per_s": 1111.1 if i else float("nan"), "precision": "fp32"} for i in range(n)]
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 

@@ -1,0 +1,134 @@
+"""How long the sweep takes here: a throughput probe before `make run`, the run time after it.
+
+The probe times a few training steps of every from-scratch model, in the precision its
+pretraining will use, and multiplies by the steps its budget asks for. The rest of the
+sweep (distillation, pruning, fine-tuning, measurement) is estimated by scaling the last
+recorded run of the same config by the ratio of the two machines' probe times.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sd2.models import build_model, count_parameters
+from sd2.precision import native_bf16, precision_name, resolve_bf16
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of the validated config (defaults filled), to tell whether a record applies."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "native_bf16": native_bf16("cpu"), "torch_threads": torch.get_num_threads()}
+
+
+class _Vocabulary:
+    """Stands in for a tokenizer where only the vocabulary size matters (random token ids)."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+def step_seconds(spec: dict, vocab_size: int, bf16: bool, steps: int = 2, seed: int = 0) -> float:
+    """Seconds per pretraining step (forward, backward, AdamW) of `spec`, after one warm-up step."""
+    train = spec["train"]
+    model = build_model(spec, _Vocabulary(vocab_size), seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab_size, (train["batch_size"], train["seq_len"]), generator=torch.Generator().manual_seed(seed))
+    times = []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - tick)
+    return sum(times[1:]) / steps
+
+
+def probe(config: dict) -> dict:
+    """Per from-scratch model: parameters, precision, seconds per step, and its pretraining estimate."""
+    models = {}
+    for name, spec in config["models"].items():
+        if "hub" in spec:
+            continue
+        train = spec["train"]
+        bf16, _ = resolve_bf16(train["bf16"], "cpu")
+        vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
+        seconds = step_seconds(spec, vocab, bf16)
+        steps = max(1, train["tokens"] // (train["batch_size"] * train["seq_len"]))
+        models[name] = {
+            "parameters": count_parameters(build_model(spec, _Vocabulary(vocab), 0)),
+            "precision": precision_name(bf16),
+            "step_seconds": round(seconds, 3),
+            "tokens_per_s": round(train["batch_size"] * train["seq_len"] / seconds, 1),
+            "steps": steps,
+            "pretrain_seconds": round(steps * seconds),
+        }
+    return {"machine": machine(), "models": models, "pretrain_seconds": sum(m["pretrain_seconds"] for m in models.values())}
+
+
+def estimate(config: dict, previous: dict | None) -> dict:
+    """The probe, plus a whole-sweep estimate where a recorded run of the same config exists."""
+    found = probe(config)
+    found["config_digest"] = config_digest(config)
+    found["sweep_seconds"] = None
+    if previous and previous.get("config_digest") == found["config_digest"] and previous["probe"]["pretrain_seconds"]:
+        speed = found["pretrain_seconds"] / previous["probe"]["pretrain_seconds"]
+        found["sweep_seconds"] = round(previous["seconds"] * speed)
+        found["scaled_from"] = {"seconds": previous["seconds"], "cpu": previous["machine"]["cpu"], "slowdown": round(speed, 2)}
+    return found
+
+
+def describe(found: dict) -> str:
+    lines = [f"Throughput probe on {found['machine']['cpu']} ({found['machine']['cores']} cores, "
+             f"native bf16: {'yes' if found['machine']['native_bf16'] else 'no'}):"]
+    for name, m in found["models"].items():
+        lines.append(f"  {name}: {m['parameters'] / 1e6:.2f}M parameters, {m['precision']}, {m['tokens_per_s']:,.0f} tokens/s"
+                     f" -> pretraining ~{m['pretrain_seconds'] / 60:.0f} min ({m['steps']} steps)")
+    lines.append(f"Pretraining alone: ~{found['pretrain_seconds'] / 60:.0f} min.")
+    if found["sweep_seconds"] is not None:
+        ref = found["scaled_from"]
+        lines.append(f"Whole sweep: ~{found['sweep_seconds'] / 60:.0f} min (the recorded run of this config took "
+                     f"{ref['seconds'] / 60:.0f} min on {ref['cpu']}; this machine probes {ref['slowdown']}x its time).")
+    else:
+        lines.append("Whole sweep: not estimated (no recorded run of this config to scale from).")
+    return "\n".join(lines)
+
+
+def record(seconds: int, found: dict, out) -> dict:
+    """The run-time record of a `make run` that built everything from nothing."""
+    from sd2.provenance import provenance, write_json
+
+    rec = {
+        "seconds": seconds,
+        "machine": found["machine"],
+        "config_digest": found["config_digest"],
+        "probe": {k: found[k] for k in ("models", "pretrain_seconds")},
+        "estimated_seconds": found["sweep_seconds"],
+        "provenance": provenance(),
+    }
+    write_json(out, rec)
+    return rec

@@ -1,0 +1,97 @@
+"""bf16 autocast only where the device runs it natively; training records its precision and speed."""
+
+import json
+
+import pytest
+import torch
+
+from sd2 import precision, sweep_time, training
+from sd2.config import load
+from sd2.models import load_model
+from conftest import REPO
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Set what the capability check reports."""
+
+    def set_native(value):
+        monkeypatch.setattr(precision, "native_bf16", lambda device_type: value)
+
+    return set_native
+
+
+@pytest.mark.parametrize("has_bf16,expected", [(False, False), (True, True)])
+def test_auto_follows_the_hardware(native, has_bf16, expected):
+    native(has_bf16)
+    use, why = precision.resolve_bf16("auto", "cpu")
+    assert use is expected
+    assert ("fp32" if not expected else "bf16") in why and ("has no" in why) == (not has_bf16)
+
+
+def test_true_is_honoured_with_a_warning_where_emulated(native):
+    native(False)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert precision.resolve_bf16(True, "cpu")[0] is True
+    assert precision.resolve_bf16(False, "cpu")[0] is False
+
+
+def test_true_where_native_does_not_warn(native, recwarn):
+    native(True)
+    assert precision.resolve_bf16(True, "cpu")[0] is True
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_bad_setting_is_an_error():
+    with pytest.raises(ValueError, match="'fp16'"):
+        precision.resolve_bf16("fp16", "cpu")
+
+
+def test_real_capability_check_answers():
+    assert isinstance(precision.native_bf16("cpu"), bool)
+
+
+def _batches(vocab, n=4):
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, vocab, (n, 32), generator=gen)
+        yield {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("has_bf16,name", [(False, "fp32"), (True, "bf16-autocast")])
+def test_training_log_records_precision_and_speed(native, tiny_llama_dir, has_bf16, name):
+    native(has_bf16)
+    model = load_model(tiny_llama_dir)
+    vocab = model.config.vocab_size
+    val = [next(_batches(vocab))]
+    history = training.train(model, _batches(vocab), val, steps=4, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=2)
+    assert [r["precision"] for r in history] == [name] * 3
+    assert history[0]["tokens_per_s"] != history[0]["tokens_per_s"]  # nothing trained before step 0
+    assert all(r["tokens_per_s"] > 0 for r in history[1:])
+    assert history[-1]["tokens"] == 4 * 4 * 32 and 0 < history[-1]["train_seconds"] <= history[-1]["seconds"]
+    assert training.throughput(history) == pytest.approx(history[-1]["tokens"] / history[-1]["train_seconds"], rel=1e-2)
+
+
+def test_estimate_then_record_then_scaled_estimate(tmp_path, native):
+    native(False)
+    cfg = load(REPO / "config" / "test.yaml")
+    first = sweep_time.estimate(cfg, previous=None)
+    assert set(first["models"]) == {"tiny-llama", "tiny-qwen", "tiny-draft"}
+    llama = first["models"]["tiny-llama"]
+    assert llama["precision"] == "fp32" and llama["steps"] == 40000 // (8 * 64) and llama["step_seconds"] > 0
+    assert first["sweep_seconds"] is None and "not estimated" in sweep_time.describe(first)
+
+    rec = sweep_time.record(600, first, tmp_path / "run_time.json")
+    on_disk = json.loads((tmp_path / "run_time.json").read_text())
+    assert on_disk["seconds"] == 600 and on_disk["machine"]["cpu"] and on_disk["machine"]["cores"] >= 1
+    assert on_disk["provenance"]["versions"]["torch"] and rec["config_digest"] == first["config_digest"]
+
+    second = sweep_time.estimate(cfg, previous=on_disk)
+    slowdown = second["pretrain_seconds"] / first["pretrain_seconds"] if first["pretrain_seconds"] else None
+    assert second["scaled_from"]["seconds"] == 600
+    if slowdown:
+        assert second["sweep_seconds"] == round(600 * slowdown)
+    assert "Whole sweep: ~" in sweep_time.describe(second)
+
+    other = {**cfg, "seed": 1}
+    assert sweep_time.estimate(other, previous=on_disk)["sweep_seconds"] is None
