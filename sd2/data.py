@@ -92,6 +92,13 @@ def humaneval_prompts() -> list[dict]:
     return [{"id": p["task_id"], "prompt": p["prompt"]} for p in problems]
 
 
+def _unique_prompts(rows: list[dict]) -> list[dict]:
+    """First occurrence of each prompt text: the stdlib repeats some functions across modules,
+    and a prompt measured twice would count as two independent samples in a confidence interval."""
+    seen = set()
+    return [r for r in rows if not (r["prompt"] in seen or seen.add(r["prompt"]))]
+
+
 def _sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     """A deterministic subset that keeps the input order."""
     if n is None or len(rows) <= n:
@@ -141,7 +148,7 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
             rows = [{"id": r["id"], "prompt": r["prompt"]} for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])]
         else:
             rows = _hub_rows({"config": None, **spec}, {"prompt": spec["prompt_field"]})
-        evals[name] = Dataset.from_list(_sample(rows, spec["n"], seed))
+        evals[name] = Dataset.from_list(_sample(_unique_prompts(rows), spec["n"], seed))
 
     # No evaluation prompt may be seen in training: drop any training file containing one.
     eval_texts = [p for ds in evals.values() for p in ds["prompt"]]
