@@ -169,21 +169,35 @@ def finetune(p=None, a=None):
     run.finish()
 
 
-@step("measure", "speculative decoding: MAL, acceptance, MACs, tokens/s, lossless check")
+@step("target-outputs", "the target's greedy continuation of every eval prompt (shared by all drafts), and its batch-1 speed")
+def target_outputs(p=None, a=None):
+    if p:
+        p.add_argument("--target", required=True, help="checkpoint dir or hub id")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--eval-set", required=True)
+        p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
+        p.add_argument("--out", required=True, help="JSON file")
+        return
+    from sd2.continuations import target_outputs
+
+    target_outputs(a.target, a.eval_set, a.out, settings=a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
+
+
+@step("measure", "acceptance of a draft: exact greedy MAL for every k, sampled and cross-tokenizer runs, CIs, MACs, tokens/s")
 def measure(p=None, a=None):
     if p:
         p.add_argument("--target", required=True)
         p.add_argument("--draft", required=True)
         p.add_argument("--trust-remote-code", action="store_true")
-        p.add_argument("--eval-set", required=True)
+        p.add_argument("--target-outputs", required=True, help="the target_outputs JSON of this target and eval set")
         p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
         p.add_argument("--out", required=True)
         _common(p, tracked=True)
         return
-    from sd2.speculative import measure
+    from sd2.measure import measure
 
     run = _run(a, "measure")
-    measure(a.target, a.draft, a.eval_set, a.out, settings=a.settings, labels=a.labels, seed=a.seed, run=run, trust_remote_code=a.trust_remote_code)
+    measure(a.target, a.draft, a.target_outputs, a.out, settings=a.settings, labels=a.labels, seed=a.seed, run=run, trust_remote_code=a.trust_remote_code)
     run.finish()
 
 
@@ -205,16 +219,19 @@ def collect(p=None, a=None):
         p.add_argument("--curves", type=_json, default=[], help="list of {stage, model, ..., path} as JSON")
         p.add_argument("--measurements", required=True)
         p.add_argument("--training", required=True)
+        p.add_argument("--comparisons", required=True, help="SD² against its baselines, paired CIs")
         p.add_argument("--summary", required=True, help="markdown summary tables")
         return
     from sd2.checkpoint import atomic_path
-    from sd2.results import collect_measurements, collect_training, summary_markdown
+    from sd2.results import collect_comparisons, collect_measurements, collect_training, summary_markdown
 
     measurements = collect_measurements(a.records, a.measurements)
     print(f"{len(measurements)} measurement rows -> {a.measurements}")
+    compared = collect_comparisons(a.records, a.comparisons)
+    print(f"{len(compared)} comparison rows -> {a.comparisons}")
     print(f"{len(collect_training(a.curves, a.training))} training rows -> {a.training}")
     with atomic_path(a.summary) as tmp:
-        tmp.write_text(summary_markdown(measurements))
+        tmp.write_text(summary_markdown(measurements, compared))
 
 
 @step("figures", "draw every figure from the tables alone")

@@ -35,7 +35,7 @@ def _strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[dict]:
-    """Answer `prompts` in one left-padded batch; returns response text and token counts."""
+    """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
@@ -56,7 +56,8 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
         end = next((j for j, t in enumerate(new_ids) if t in eos), None)
         finished = end is not None
         new_ids = new_ids[: end + 1] if finished else new_ids
-        rows.append({"response": decode_response(tokenizer, prompt_ids, new_ids), "new_tokens": len(new_ids), "finished": finished})
+        rows.append({"response": decode_response(tokenizer, prompt_ids, new_ids), "new_tokens": len(new_ids), "finished": finished,
+                     "prompt_ids": prompt_ids, "new_ids": new_ids})
     return rows
 
 

@@ -30,11 +30,11 @@ def provenance(seed: int | None = None, **settings) -> dict:
     }
 
 
-def write_json(path, obj) -> None:
-    """Write JSON atomically: a killed job never leaves a half-written record."""
+def write_json(path, obj, indent: int | None = 2) -> None:
+    """Write JSON atomically: a killed job never leaves a half-written record (indent None: compact)."""
     from sd2.checkpoint import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            json.dump(obj, f, indent=indent, sort_keys=False, default=str)
             f.write("\n")

@@ -19,8 +19,10 @@ from sd2.checkpoint import atomic_path
 METHOD_ORDER = ("dense", "dense_sd", "sparse_oneshot", "sparse_sft", "layer_pruned", "sd2")
 DENSE_METHODS = ("dense", "dense_sd")
 
-KEYS = ["target", "draft", "method", "sparsity", "eval_set", "k", "temperature"]
+KEYS = ["target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k"]
 MEASUREMENT_COLUMNS = KEYS + [
+    "headline_k",
+    "best_k",
     "n_prompts",
     "n_steps",
     "truncated_steps",
@@ -28,19 +30,30 @@ MEASUREMENT_COLUMNS = KEYS + [
     "drafted_tokens",
     "accepted_draft_tokens",
     "mal",
+    "mal_ci_low",
+    "mal_ci_high",
     "acceptance_rate",
     "acceptance_by_position",
     "accepted_length_histogram",
+    "alpha",
+    "alpha_ci_low",
+    "alpha_ci_high",
     "draft_macs_per_token",
     "target_macs_per_token",
     "macs_ratio",
     "macs_reduction",
     "improvement_factor",
+    "improvement_factor_ci_low",
+    "improvement_factor_ci_high",
     "ar_tokens_per_s",
     "sd_tokens_per_s",
     "speedup",
     "same_tokenizer",
-    "lossless_checked",
+    "decoding_path",
+    "checked_prompts",
+    "checked_steps",
+    "draft_near_ties",
+    "target_near_ties",
     "seed",
     "versions",
     "record_file",
@@ -56,7 +69,7 @@ def method_rank(method: str) -> int:
 
 
 def sort_measurements(df: pd.DataFrame) -> pd.DataFrame:
-    """Deterministic order: target, draft, method (METHOD_ORDER), sparsity, eval set, k, temperature."""
+    """Deterministic order: target, draft, method (METHOD_ORDER), sparsity, eval set, temperature, estimator, k."""
     keys = [c for c in KEYS if c in df.columns]
     # The rank orders known methods; the name after it orders unknown ones alphabetically.
     by = [c for key in keys for c in (["_rank", "method"] if key == "method" else [key])]
@@ -85,6 +98,8 @@ def record_row(record: dict, record_file: str) -> dict:
     for col in ("acceptance_by_position", "accepted_length_histogram"):
         row[col] = json.dumps(record.get(col))
     prov = record.get("provenance") or {}
+    # The k values the config reports (measure.k); the walk's other k values fill the MAL-vs-k curves.
+    row["headline_k"] = record["k"] in (prov.get("settings") or {}).get("k", [record["k"]])
     row["seed"] = prov.get("seed")
     row["versions"] = versions_string(prov.get("versions"))
     row["record_file"] = str(record_file)
@@ -114,11 +129,7 @@ def collect_measurements(record_paths: list, out_csv) -> pd.DataFrame:
     Fails on two records with the same (target, draft, method, sparsity, eval set, k,
     temperature): averaging or picking one silently would hide a workflow bug.
     """
-    rows = []
-    for path in sorted(str(p) for p in record_paths):
-        with open(path) as f:
-            doc = json.load(f)
-        rows += [record_row(r, path) for r in doc["records"]]
+    rows = [record_row(r, path) for r, _, path in read_records(record_paths)]
     df = pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)
     if len(df):
         df = add_macs_reduction(df)
@@ -157,51 +168,116 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
 
 
 def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.DataFrame:
-    """One row per target x draft x method x sparsity x k at one temperature (greedy by default).
+    """One row per target x draft x method x sparsity x reported k at one temperature, measured estimators only.
 
-    Columns: mal_<eval_set> for each eval set, then the mean over eval sets of acceptance
-    rate, improvement factor and speed-up, and the draft's MACs per token and MACs reduction.
+    Columns: the estimator; per eval set its MAL with the 95% CI and the number of prompts;
+    then the mean over eval sets of acceptance rate, improvement factor and speed-up, and
+    the draft's MACs per token and MACs reduction.
     """
-    at_t = measurements[measurements["temperature"] == temperature]
-    group = ["target", "draft", "method", "sparsity", "k"]
-    mal = at_t.pivot_table(index=group, columns="eval_set", values="mal", aggfunc="mean")
-    mal.columns = [f"mal_{c}" for c in mal.columns]
+    at_t = measurements[(measurements["temperature"] == temperature) & (measurements["estimator"] != "tvd_estimate")
+                        & measurements["headline_k"].astype(bool)]
+    group = ["target", "draft", "method", "sparsity", "k", "estimator"]
+    parts = []
+    for value, name in (("mal", "mal"), ("mal_ci_low", "ci_low"), ("mal_ci_high", "ci_high"), ("n_prompts", "n")):
+        wide = at_t.pivot_table(index=group, columns="eval_set", values=value, aggfunc="first")
+        wide.columns = [f"{name}_{c}" if name != "mal" else f"mal_{c}" for c in wide.columns]
+        parts.append(wide)
+    if not len(at_t):
+        return pd.DataFrame(columns=group)
+    wide = pd.concat(parts, axis=1)
+    evals = sorted(at_t["eval_set"].unique())
+    wide = wide[[f"{n}_{e}" for e in evals for n in ("mal", "ci_low", "ci_high", "n")]]
     means = at_t.groupby(group)[["acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"]].mean()
-    out = mal.join(means).reset_index()
-    return sort_measurements(out) if len(out) else out
+    return sort_measurements(wide.join(means).reset_index())
 
 
-def _pick(df: pd.DataFrame, method: str, sparsity: int | None, cols: list[str]) -> pd.DataFrame:
-    """MAL and MACs of one method, indexed by the comparison keys."""
-    sel = df[df["method"] == method]
-    if sparsity is not None:
-        sel = sel[sel["sparsity"] == sparsity]
-    keys = ["target", "draft", "eval_set", "k", "temperature"] + (["sparsity"] if sparsity is None else [])
-    return sel.set_index(keys)[cols]
+COMPARISON_KEYS = ["target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"]
+COMPARISON_COLUMNS = COMPARISON_KEYS + [
+    "n_prompts",
+    "sd2_mal", "sd2_mal_ci_low", "sd2_mal_ci_high",
+    "layer_pruned_mal", "layer_pruned_mal_ci_low", "layer_pruned_mal_ci_high",
+    "dense_sd_mal", "dense_sd_mal_ci_low", "dense_sd_mal_ci_high",
+    "mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant",
+    "macs_reduction_pct",
+    "mal_change_pct", "change_ci_low", "change_ci_high", "change_significant",
+]
 
 
-def headline(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.DataFrame:
-    """The paper's comparisons, per target, draft, sparsity, eval set and k.
+def read_records(record_paths) -> list[tuple[dict, list, str]]:
+    """(record, the file's prompt ids, file) for every record of every file, in sorted file order."""
+    out = []
+    for path in sorted(str(p) for p in record_paths):
+        with open(path) as f:
+            doc = json.load(f)
+        out += [(r, doc.get("prompt_ids"), path) for r in doc["records"]]
+    return out
 
-    - mal_ratio_vs_layer_pruned = MAL(sd2) / MAL(layer_pruned at the same sparsity level,
-      i.e. layers dropped to match that sparse draft's MACs); the paper reports 1.59.
+
+def _paired(a: dict, ids_a, b: dict, ids_b) -> tuple[float, float, float]:
+    """MAL(a) / MAL(b) with a paired bootstrap CI over the prompts both measured; NaN if they differ."""
+    from sd2.stats import paired_ratio_ci
+
+    pa, pb = a.get("per_prompt"), b.get("per_prompt")
+    n = a.get("n_prompts")
+    if not pa or not pb or n != b.get("n_prompts") or ids_a is None or ids_a[:n] != (ids_b or [])[:n]:
+        return float("nan"), float("nan"), float("nan")
+    settings = (a.get("provenance") or {}).get("settings") or {}
+    return paired_ratio_ci(pa["accepted_tokens"], pa["steps"], pb["accepted_tokens"], pb["steps"],
+                           n_boot=settings.get("bootstrap", 2000), seed=(a.get("provenance") or {}).get("seed") or 0)
+
+
+def comparisons(record_paths) -> pd.DataFrame:
+    """The paper's comparisons with paired 95% bootstrap CIs, per target, draft, sparsity, eval set,
+    temperature, estimator and reported k (the tvd_estimate has no per-prompt steps and is left out).
+
+    - mal_ratio_vs_layer_pruned = MAL(sd2) / MAL(layer_pruned at the same sparsity level, i.e.
+      layers dropped to match that sparse draft's MACs); the paper reports 1.59.
     - macs_reduction_pct = 100 * (1 - MACs(sd2) / MACs(dense_sd)); the paper reports 43.87.
     - mal_change_pct = 100 * (MAL(sd2) / MAL(dense_sd) - 1); the paper reports -8.36.
-    Missing counterparts give NaN.
+    Both MAL comparisons resample the same prompts on both sides; *_significant says whether
+    the 95% interval excludes no difference. Missing counterparts give NaN.
     """
-    at_t = measurements[measurements["temperature"] == temperature]
-    cols = ["mal", "draft_macs_per_token"]
-    sd2 = _pick(at_t, "sd2", None, cols).add_prefix("sd2_")
-    layer = _pick(at_t, "layer_pruned", None, cols).add_prefix("layer_pruned_")
-    dense_sd = _pick(at_t, "dense_sd", 0, cols).add_prefix("dense_sd_")
-    out = sd2.join(layer, how="left").reset_index()
-    out = out.merge(dense_sd.reset_index(), on=["target", "draft", "eval_set", "k", "temperature"], how="left")
-    out["mal_ratio_vs_layer_pruned"] = out["sd2_mal"] / out["layer_pruned_mal"]
-    out["macs_reduction_pct"] = 100.0 * (1.0 - out["sd2_draft_macs_per_token"] / out["dense_sd_draft_macs_per_token"])
-    out["mal_change_pct"] = 100.0 * (out["sd2_mal"] / out["dense_sd_mal"] - 1.0)
-    first = ["target", "draft", "sparsity", "eval_set", "k", "temperature"]
-    out = out[first + [c for c in out.columns if c not in first]]
-    return out.sort_values(first, kind="mergesort").reset_index(drop=True)
+    from sd2.stats import excludes
+
+    index = {}
+    for record, ids, _ in read_records(record_paths):
+        settings = (record.get("provenance") or {}).get("settings") or {}
+        if record.get("estimator") == "tvd_estimate" or record["k"] not in settings.get("k", [record["k"]]):
+            continue
+        index[tuple(record[c] for c in ("target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k"))] = (record, ids)
+    rows = []
+    for (target, draft, method, sparsity, eval_set, temperature, estimator, k), (sd2, ids) in index.items():
+        if method != "sd2":
+            continue
+        row = {"target": target, "draft": draft, "sparsity": sparsity, "eval_set": eval_set, "temperature": temperature,
+               "estimator": estimator, "k": k, "n_prompts": sd2.get("n_prompts")}
+        others = {"sd2": (sd2, ids)}
+        for base, level in (("layer_pruned", sparsity), ("dense_sd", 0)):
+            found = index.get((target, draft, base, level, eval_set, temperature, estimator, k))
+            if found:
+                others[base] = found
+        for name in ("sd2", "layer_pruned", "dense_sd"):
+            rec = others.get(name, ({}, None))[0]
+            for col in ("mal", "mal_ci_low", "mal_ci_high"):
+                row[f"{name}_{col}"] = rec.get(col, float("nan"))
+        nan3 = (float("nan"),) * 3
+        ratio = _paired(sd2, ids, *others["layer_pruned"]) if "layer_pruned" in others else nan3
+        change = _paired(sd2, ids, *others["dense_sd"]) if "dense_sd" in others else nan3
+        row.update(mal_ratio_vs_layer_pruned=ratio[0], ratio_ci_low=ratio[1], ratio_ci_high=ratio[2],
+                   ratio_significant=excludes(ratio[1], ratio[2], 1.0))
+        dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
+        row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
+        row.update(mal_change_pct=100.0 * (change[0] - 1), change_ci_low=100.0 * (change[1] - 1), change_ci_high=100.0 * (change[2] - 1),
+                   change_significant=excludes(change[1], change[2], 1.0))
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    return df.sort_values(COMPARISON_KEYS, kind="mergesort").reset_index(drop=True) if len(df) else df
+
+
+def collect_comparisons(record_paths, out_csv) -> pd.DataFrame:
+    df = comparisons(record_paths)
+    write_table(df, out_csv)
+    return df
 
 
 def _cell(value) -> str:
@@ -222,13 +298,34 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body]) + "\n"
 
 
-def summary_markdown(measurements: pd.DataFrame) -> str:
-    """The README's result tables, as produced by the run: per-draft summary and the paper's comparisons."""
+def with_ci(value, low, high) -> str:
+    """'1.37 [1.33, 1.41]' (or '–' for a missing value)."""
+    if value != value:
+        return "–"
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]" if low == low else f"{value:.2f}"
+
+
+def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
+    """The README's result tables, as produced by the run: per-draft MAL with CIs, and the paper's comparisons."""
     parts = []
     for temperature in sorted(measurements["temperature"].unique()):
         mode = "greedy" if temperature == 0 else f"sampling, T={temperature:g}"
-        parts.append(f"### Per draft ({mode})\n\n{markdown_table(summary_table(measurements, temperature))}")
-        cols = ["target", "draft", "sparsity", "eval_set", "k", "sd2_mal", "layer_pruned_mal", "dense_sd_mal",
-                "mal_ratio_vs_layer_pruned", "macs_reduction_pct", "mal_change_pct"]
-        parts.append(f"### SD² vs layer-pruned and dense_sd ({mode})\n\n{markdown_table(headline(measurements, temperature)[cols])}")
+        table = summary_table(measurements, temperature)
+        evals = [c[len("mal_"):] for c in table.columns if c.startswith("mal_")]
+        shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
+        for e in evals:
+            shown[f"MAL {e} [95% CI]"] = [with_ci(*v) for v in zip(table[f"mal_{e}"], table[f"ci_low_{e}"], table[f"ci_high_{e}"])]
+            shown[f"n {e}"] = table[f"n_{e}"].astype("Int64")
+        for col in ("acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"):
+            shown[col] = table[col]
+        parts.append(f"### Per draft ({mode})\n\n{markdown_table(shown)}")
+        cmp_t = compared[compared["temperature"] == temperature]
+        if len(cmp_t):
+            view = cmp_t[["target", "draft", "sparsity", "eval_set", "k", "estimator", "n_prompts"]].copy()
+            view["SD² / layer-pruned MAL [95% CI]"] = [with_ci(*v) for v in zip(cmp_t["mal_ratio_vs_layer_pruned"], cmp_t["ratio_ci_low"], cmp_t["ratio_ci_high"])]
+            view["significant (ratio)"] = cmp_t["ratio_significant"].map({True: "yes", False: "no"})
+            view["MACs change vs dense_sd %"] = -cmp_t["macs_reduction_pct"]
+            view["MAL change vs dense_sd % [95% CI]"] = [with_ci(*v) for v in zip(cmp_t["mal_change_pct"], cmp_t["change_ci_low"], cmp_t["change_ci_high"])]
+            view["significant (change)"] = cmp_t["change_significant"].map({True: "yes", False: "no"})
+            parts.append(f"### SD² vs layer-pruned and dense_sd ({mode}; paired bootstrap over prompts)\n\n{markdown_table(view)}")
     return "\n".join(parts)

@@ -1,6 +1,7 @@
-"""Rule `measure`: Mean Accepted Length, acceptance, lossless check and tokens/s of a draft-target pair.
+"""transformers' assisted generation as a measuring instrument (batch size 1), not a copy of its loop.
 
-The engine is transformers' assisted generation (batch size 1), not a copy of its loop.
+sd2.measure uses it where the teacher-forced walk does not apply (sampling, different
+tokenizers) and to cross-check the walk step by step.
 Two small observers read what it does:
 - `StepStreamer` (a BaseStreamer): `generate()` puts the prompt once, then
   `_assisted_decoding` puts `valid_tokens` once per verification step, i.e. the
@@ -17,35 +18,6 @@ import time
 
 import torch
 from transformers.generation.streamers import BaseStreamer
-
-DEFINITIONS = {
-    "mal": "Mean Accepted Length (tau, block efficiency): mean number of target tokens committed per target "
-    "verification step, including the target's bonus/correction token (= mean(n_matches) + 1), range 1..k+1 "
-    "for a same-tokenizer pair. The last step of every generation (the one that ends it by max_new_tokens "
-    "or EOS) is excluded from MAL and counted in truncated_steps; mal * n_steps == accepted_tokens.",
-    "acceptance_rate": "accepted draft tokens / drafted tokens over the counted steps (Leviathan et al. 2023 "
-    "acceptance rule; greedy decoding accepts while the draft token equals the target's argmax).",
-    "acceptance_by_position": "share of counted steps in which draft position i (0-based) was accepted.",
-    "accepted_length_histogram": "number of counted steps that committed 1, 2, ... tokens (index 0 = 1 token).",
-    "different_tokenizers": "for a draft with a different tokenizer (Universal Assisted Generation), drafted "
-    "tokens, positions, MAL and the histogram are counted in TARGET tokens: the draft's k tokens are "
-    "re-tokenized for the target, so in greedy mode a step may propose more (or fewer) than k target tokens "
-    "and the position/histogram lists are then longer than k / k+1.",
-    "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
-    "from the non-zero weights of the checkpoint (sd2.macs.model_macs); embedding lookups cost 0; "
-    "attention-score MACs grow with context and are not included (see `python -m sd2 macs`).",
-    "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
-    "per token (Leviathan's wall-time formula with the cost ratio taken from MACs).",
-    "tokens_per_s": "new tokens / wall-clock seconds of generate(), batch size 1, same prompts and token count "
-    "for the target alone (ar) and with the draft (sd); the first warmup_prompts prompts are run but not "
-    "timed; speedup = sd_tokens_per_s / ar_tokens_per_s.",
-    "lossless_checked": "number of prompts whose greedy speculative output was checked to equal the target's "
-    "own greedy output token for token (0 for sampled decoding).",
-    "sampling": "temperature 0 is greedy; temperature T > 0 is pure sampling (top_k=0, top_p=1) at T, "
-    "seeded with torch.manual_seed(seed + prompt index) before each generate().",
-    "prompts": "the eval prompt is tokenized as raw text by the target tokenizer (no chat template).",
-}
-
 
 class StepStreamer(BaseStreamer):
     """Tokens committed per verification step; the first put() is the prompt and is skipped."""
@@ -96,17 +68,14 @@ def pin_draft(draft, k: int) -> None:
     draft.generation_config.assistant_confidence_threshold = 0.0
 
 
-def decoding_kwargs(temperature: float, max_new_tokens: int, pad_token_id, ignore_eos: bool = False) -> dict:
+def decoding_kwargs(temperature: float, max_new_tokens: int, pad_token_id) -> dict:
     """generate() keywords shared by the target alone and the speculative run."""
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
     if temperature == 0:
         kwargs.update(do_sample=False)
     else:
-        # Override whatever top-k/top-p a checkpoint ships: we measure pure sampling at T.
-        kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-    if ignore_eos:
-        # Fixed-length generations: random tiny models otherwise stop early at EOS.
-        kwargs.update(min_new_tokens=max_new_tokens)
+        # Override whatever top-k/top-p/repetition penalty a checkpoint ships: we measure pure sampling at T.
+        kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0, repetition_penalty=1.0)
     return kwargs
 
 
@@ -241,98 +210,25 @@ def load_prompts(eval_dir, n_prompts: int | None) -> list[dict]:
     return rows if n_prompts is None else rows[:n_prompts]
 
 
-def run_setting(target, draft, target_tok, draft_tok, prompts: list[dict], *, k: int, temperature: float,
-                max_new_tokens: int, seed: int, warmup_prompts: int, ignore_eos: bool = False, desc: str = "") -> dict:
-    """Target alone and target + draft on the same prompts, interleaved per prompt so both see the same machine state."""
-    from tqdm import tqdm
+def assisted_runs(target, draft, target_tok, draft_tok, prompts: list[list[int]], *, k: int, temperature: float,
+                  max_new_tokens: int, seed: int, desc: str = "") -> list[dict]:
+    """transformers assisted generation of each prompt (target token ids), batch size 1.
+
+    Per prompt: the new tokens, the per-step (committed, drafted) counts and the wall
+    seconds. Sampling is seeded with seed + prompt index before each generate().
+    """
+    from tqdm.auto import tqdm
 
     path = decoding_path(target, draft, target_tok, draft_tok)
     tokenizers = (target_tok, draft_tok) if path == "uag" else None
     if path == "uag" and temperature > 0:
         register_unpruned_translator(target, draft, target_tok, draft_tok)
     pin_draft(draft, k)
-    gen_kwargs = decoding_kwargs(temperature, max_new_tokens, target_tok.pad_token_id, ignore_eos)
-    generations = []
-    timing = {"ar_seconds": 0.0, "sd_seconds": 0.0, "ar_tokens": 0, "sd_tokens": 0}
-    for index, row in enumerate(tqdm(prompts, desc=desc or f"k={k} T={temperature}")):
-        input_ids = target_tok(row["prompt"], return_tensors="pt")["input_ids"].to(target.device)
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"prompt id {row['id']!r} is empty after tokenization")
+    gen_kwargs = decoding_kwargs(temperature, max_new_tokens, target_tok.pad_token_id)
+    runs = []
+    for index, prompt_ids in enumerate(tqdm(prompts, desc=desc or f"assisted k={k} T={temperature:g}", mininterval=5)):
+        input_ids = torch.tensor([prompt_ids], device=target.device)
         torch.manual_seed(seed + index)
-        ar_tokens, ar_seconds = _timed(lambda: ar_generate(target, input_ids, gen_kwargs), target.device)
-        torch.manual_seed(seed + index)
-        (sd_tokens, steps), sd_seconds = _timed(
-            lambda: sd_generate(target, draft, input_ids, gen_kwargs, tokenizers), target.device
-        )
-        if temperature == 0 and not torch.equal(ar_tokens, sd_tokens):
-            raise AssertionError(
-                f"speculative greedy output differs from the target's greedy output for prompt id {row['id']!r} "
-                f"(k={k}): {sd_tokens.tolist()} vs {ar_tokens.tolist()}"
-            )
-        generations.append(steps)
-        if index >= warmup_prompts:
-            timing["ar_seconds"] += ar_seconds
-            timing["sd_seconds"] += sd_seconds
-            timing["ar_tokens"] += ar_tokens.numel()
-            timing["sd_tokens"] += sd_tokens.numel()
-    ar_rate = timing["ar_tokens"] / timing["ar_seconds"] if timing["ar_seconds"] else None
-    sd_rate = timing["sd_tokens"] / timing["sd_seconds"] if timing["sd_seconds"] else None
-    return {
-        "k": k,
-        "temperature": temperature,
-        "n_prompts": len(prompts),
-        "timed_prompts": max(0, len(prompts) - warmup_prompts),
-        **step_stats(generations, k),
-        "ar_tokens_per_s": ar_rate,
-        "sd_tokens_per_s": sd_rate,
-        "speedup": sd_rate / ar_rate if ar_rate and sd_rate else None,
-        **timing,
-        "decoding_path": path,
-        "lossless_checked": len(prompts) if temperature == 0 else 0,
-    }
-
-
-def measure(target_dir, draft_dir, eval_dir, out_path, *, settings: dict, labels: dict, seed: int, run=None,
-            trust_remote_code: bool = False, device: str | None = None) -> dict:
-    """One record per (k, temperature) in settings; written as one JSON file at out_path.
-
-    Optional settings beyond k/temperatures/max_new_tokens/n_prompts/warmup_prompts:
-    `ignore_eos` (default False) forces every generation to max_new_tokens.
-    """
-    from sd2.macs import model_macs
-    from sd2.models import same_tokenizer
-    from sd2.provenance import provenance, write_json
-
-    target, target_tok = load_checkpoint(target_dir, trust_remote_code, device)
-    draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device)
-    prompts = load_prompts(eval_dir, settings.get("n_prompts"))
-    target_macs = model_macs(target)["macs_per_token"]
-    draft_macs = model_macs(draft)["macs_per_token"]
-    cost_ratio = draft_macs / target_macs
-    shared = same_tokenizer(target_tok, draft_tok)
-    records = []
-    for temperature in settings["temperatures"]:
-        for k in settings["k"]:
-            result = run_setting(
-                target, draft, target_tok, draft_tok, prompts,
-                k=k, temperature=temperature, max_new_tokens=settings["max_new_tokens"], seed=seed,
-                warmup_prompts=settings["warmup_prompts"], ignore_eos=settings["ignore_eos"],
-            )
-            mal = result["mal"]
-            record = {
-                **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
-                **result,
-                "draft_macs_per_token": draft_macs,
-                "target_macs_per_token": target_macs,
-                "macs_ratio": cost_ratio,
-                "improvement_factor": mal / (1 + k * cost_ratio) if mal is not None else None,
-                "same_tokenizer": shared,
-                "device": str(target.device),
-                "provenance": provenance(seed=seed, settings=settings, k=k, temperature=temperature),
-            }
-            records.append(record)
-            if run is not None:
-                run.log({key: value for key, value in record.items() if isinstance(value, (int, float)) and not isinstance(value, bool)})
-    output = {"definitions": DEFINITIONS, "records": records}
-    write_json(out_path, output)
-    return output
+        (tokens, steps), seconds = _timed(lambda: sd_generate(target, draft, input_ids, gen_kwargs, tokenizers), target.device)
+        runs.append({"tokens": tokens.tolist(), "steps": steps, "seconds": seconds})
+    return runs

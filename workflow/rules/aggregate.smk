@@ -18,6 +18,7 @@ rule collect:
     output:
         measurements=f"{R}/tables/measurements.csv",
         training=f"{R}/tables/training.csv",
+        comparisons=f"{R}/tables/comparisons.csv",
         summary=f"{R}/tables/summary.md",
     params:
         curves=lambda w: as_arg([{**labels, "path": f"{path}/training.csv"} for path, labels in training_curves().items()]),
@@ -25,12 +26,14 @@ rule collect:
         "logs/collect.log",
     shell:
         "{SD2} collect --records {input.records} --curves {params.curves}"
-        " --measurements {output.measurements} --training {output.training} --summary {output.summary} > {log} 2>&1"
+        " --measurements {output.measurements} --training {output.training} --comparisons {output.comparisons}"
+        " --summary {output.summary} > {log} 2>&1"
 
 
 rule figures:
     input:
         measurements=f"{R}/tables/measurements.csv",
+        comparisons=f"{R}/tables/comparisons.csv",
         training=f"{R}/tables/training.csv",
     output:
         [report(f"{R}/figures/{name}.png", category="Figures", caption=f"../report/{name}.rst") for name in FIGURES],

@@ -15,6 +15,7 @@ SD2 = f"{shlex.quote(sys.executable)} -m sd2"
 SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
 NAME = r"[A-Za-z0-9_.-]+"
+TARGET_OUTPUT_SETTINGS = ("max_new_tokens", "n_prompts", "n_check", "warmup_prompts", "batch_size")
 
 
 wildcard_constraints:

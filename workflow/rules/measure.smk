@@ -1,8 +1,33 @@
+rule target_outputs:
+    input:
+        target=lambda w: model_input(w.target),
+        eval_set=f"{W}/data/eval/{{eval_set}}",
+    output:
+        f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
+    params:
+        target=lambda w: model_path(w.target),
+        trust=lambda w: trust(w.target),
+        # Only what the continuations depend on: changing n_assisted must not regenerate them.
+        settings=as_arg({key: config["measure"][key] for key in TARGET_OUTPUT_SETTINGS}),
+        seed=config["seed"],
+    # One thread: the batch-1 timing shares the 2-core default machine with another job.
+    threads: 1
+    resources:
+        **model_resources(),
+    log:
+        "logs/target_outputs/{target}/{eval_set}.log",
+    benchmark:
+        "logs/benchmarks/target_outputs/{target}/{eval_set}.tsv"
+    shell:
+        "{SD2} target-outputs --target {params.target} {params.trust} --eval-set {input.eval_set}"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
 rule measure:
     input:
         target=lambda w: model_input(w.target),
         draft=lambda w: [] if w.method == "dense" and w.draft not in SCRATCH else [draft_path(w.target, w.draft, w.method, w.sparsity)],
-        eval_set=f"{W}/data/eval/{{eval_set}}",
+        outputs=f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
     output:
         f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
     params:
@@ -22,7 +47,7 @@ rule measure:
     benchmark:
         "logs/benchmarks/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.tsv"
     shell:
-        "{SD2} measure --target {params.target} --draft {params.draft} {params.trust} --eval-set {input.eval_set}"
+        "{SD2} measure --target {params.target} --draft {params.draft} {params.trust} --target-outputs {input.outputs}"
         " --settings {params.settings} --labels {params.labels} --out {output} --seed {params.seed}"
         " --threads {threads} --wandb {params.wandb}"
         " --run-name measure-{wildcards.eval_set}-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"

@@ -1,0 +1,238 @@
+"""Rule measure: acceptance of one draft against one target on one eval set, with 95% CIs.
+
+Three estimators, each named in its records:
+- `teacher_forced_walk` (greedy, shared tokenizer): exact MAL for every k = 1..k_max on
+  every prompt from one draft forward pass over the target's cached greedy
+  continuations (sd2.acceptance). Cross-checked in the same job against transformers'
+  assisted generation on the first n_check prompts, step by step.
+- `assisted_generation`: transformers' assisted generation, batch size 1, on the first
+  n_assisted prompts: sampling (T > 0) and different-tokenizer pairs (UAG), where the
+  walk does not apply.
+- `tvd_estimate` (T > 0, shared tokenizer): alpha = mean over positions of
+  sum_x min(p, q) along the target's greedy continuations, and the i.i.d. estimate
+  (1 - alpha^(k+1)) / (1 - alpha). An estimate, labelled as one.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from sd2 import acceptance, continuations
+from sd2.speculative import assisted_runs, decoding_path, load_checkpoint, step_stats
+from sd2.stats import ratio_ci
+
+# A teacher-forced pass and incremental decoding use different kernels: where the top two
+# logits are closer than this, their argmaxes may legitimately differ (GUIDE section 7).
+NEAR_TIE = 1e-4
+
+DEFINITIONS = {
+    "mal": "Mean Accepted Length (tau, block efficiency): mean number of target tokens committed per target "
+    "verification step, including the target's bonus/correction token (= mean(n_matches) + 1), range 1..k+1 "
+    "for a same-tokenizer pair. The last step of every generation (the one that ends it by max_new_tokens "
+    "or EOS) is excluded and counted in truncated_steps; mal * n_steps == accepted_tokens.",
+    "mal_ci": "mal_ci_low/high: 95% percentile bootstrap interval over prompts (prompts resampled with "
+    "replacement, each prompt's steps kept together; `bootstrap` resamples, fixed seed).",
+    "estimator": "teacher_forced_walk: exact greedy acceptance from one teacher-forced draft pass over the "
+    "target's greedy continuation (verified against assisted generation on checked_prompts); "
+    "assisted_generation: transformers' assisted generation, batch size 1; tvd_estimate: alpha = mean over "
+    "positions of sum_x min(p, q) along the target's greedy continuation, MAL estimated as "
+    "(1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance assumed.",
+    "acceptance_rate": "accepted draft tokens / drafted tokens over the counted steps. drafted = min(k, "
+    "max_new_tokens - t - 1) per step (transformers' cap near max_new_tokens); for the walk a draft that would "
+    "stop early at its own end-of-text after a rejected token still counts as drafting the full proposal.",
+    "acceptance_by_position": "share of counted steps in which draft position i (0-based) was accepted.",
+    "accepted_length_histogram": "number of counted steps that committed 1, 2, ... tokens (index 0 = 1 token).",
+    "different_tokenizers": "for a draft with a different tokenizer (Universal Assisted Generation), drafted "
+    "tokens, positions, MAL and the histogram are counted in TARGET tokens.",
+    "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
+    "from the non-zero weights of the checkpoint (sd2.macs.model_macs); embedding lookups cost 0; "
+    "attention-score MACs grow with context and are not included (see `python -m sd2 macs`).",
+    "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
+    "per token; its CI is the MAL CI scaled the same way. best_k marks the k with the largest improvement "
+    "factor for this draft, estimator and temperature.",
+    "tokens_per_s": "greedy, batch size 1, the first n_check prompts but the first warmup_prompts: "
+    "ar = the target alone (timed once per target and eval set by the target_outputs job), sd = assisted "
+    "generation with this draft; speedup = sd_tokens_per_s / ar_tokens_per_s.",
+    "checks": "checked_prompts/checked_steps: prompts and verification steps where assisted generation's "
+    "committed counts equal the walk's (greedy), or its output equals the target's cached greedy continuation "
+    "(different tokenizers). draft_near_ties/target_near_ties: prompts left out of that check because the "
+    "first disagreement sits where the draft's/target's top two logits differ by less than 1e-4.",
+    "sampling": "temperature T > 0 is pure sampling (top_k=0, top_p=1, no repetition penalty) at T, seeded "
+    "with torch.manual_seed(seed + prompt index) before each generate().",
+    "prompts": "the eval prompt is tokenized as raw text by the target tokenizer (no chat template).",
+}
+
+
+def per_prompt(generations: list[list[tuple[int, int]]]) -> dict:
+    """Committed tokens and counted steps per prompt (the final step of each excluded, as in MAL)."""
+    return {"accepted_tokens": [sum(c for c, _ in steps[:-1]) for steps in generations],
+            "steps": [len(steps[:-1]) for steps in generations]}
+
+
+def summarize(generations: list, k: int, cost_ratio: float, n_boot: int, seed: int) -> dict:
+    """MAL with its CI, acceptance statistics and improvement factor from per-prompt step lists."""
+    stats = step_stats(generations, k)
+    prompts = per_prompt(generations)
+    _, low, high = ratio_ci(prompts["accepted_tokens"], prompts["steps"], n_boot=n_boot, seed=seed)
+    scale = 1 / (1 + k * cost_ratio)
+    mal = stats["mal"]
+    return {
+        "n_prompts": len(generations),
+        **stats,
+        "mal_ci_low": low,
+        "mal_ci_high": high,
+        "improvement_factor": None if mal is None else mal * scale,
+        "improvement_factor_ci_low": low * scale,
+        "improvement_factor_ci_high": high * scale,
+        "per_prompt": prompts,
+    }
+
+
+@torch.no_grad()
+def top2_gap(model, prompt_ids: list[int], continuation: list[int], position: int) -> float:
+    """The model's top-1 minus top-2 logit for continuation token `position`, teacher-forced."""
+    ids = torch.tensor([prompt_ids + continuation[:position]], device=model.device)
+    top = model(input_ids=ids).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def _first_difference(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def check_output(target, item: dict, tokens: list[int], k: int) -> bool:
+    """True if assisted generation committed the cached continuation; False for a target near-tie; else raise."""
+    cached = item["continuation_ids"]
+    if tokens == cached:
+        return True
+    pos = _first_difference(tokens, cached)
+    if pos < min(len(tokens), len(cached)) and top2_gap(target, item["prompt_ids"], cached, pos) < NEAR_TIE:
+        return False
+    raise AssertionError(
+        f"speculative greedy output differs from the target's cached greedy continuation for prompt id {item['id']!r} "
+        f"(k={k}) at new token {pos}: {tokens[pos:pos + 8]} vs {cached[pos:pos + 8]}"
+    )
+
+
+def check_steps(item: dict, real: list[tuple[int, int]], walked: list[tuple[int, int]], gaps: list[float], k: int) -> bool:
+    """True if the per-step committed counts agree; False for a draft near-tie; else raise naming prompt and step."""
+    got, want = [c for c, _ in real], [c for c, _ in walked]
+    if got == want:
+        return True
+    step = _first_difference(got, want)
+    start = sum(want[:step])
+    span = gaps[start : start + max(got[step] if step < len(got) else 1, want[step] if step < len(want) else 1)]
+    if span and min(span) < NEAR_TIE:
+        return False
+    raise AssertionError(
+        f"prompt id {item['id']!r}, k={k}: assisted generation and the teacher-forced walk disagree at verification "
+        f"step {step} (new token {start}): assisted generation committed {got[step:step + 3]}, the walk {want[step:step + 3]}"
+    )
+
+
+def _speed(runs: list[dict], warmup: int) -> float | None:
+    timed = runs[warmup:]
+    seconds = sum(r["seconds"] for r in timed)
+    return sum(len(r["tokens"]) for r in timed) / seconds if seconds else None
+
+
+def measure(target_dir, draft_dir, outputs_path, out_path, *, settings: dict, labels: dict, seed: int, run=None,
+            trust_remote_code: bool = False, device: str | None = None) -> dict:
+    """Every record of one (target, draft, eval set) as one JSON file at out_path."""
+    from sd2.macs import model_macs
+    from sd2.provenance import provenance, write_json
+
+    cached = continuations.load(outputs_path)
+    items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
+    if cached["max_new_tokens"] != settings["max_new_tokens"]:
+        raise ValueError(f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, the settings ask for {settings['max_new_tokens']}")
+    target, target_tok = load_checkpoint(target_dir, trust_remote_code, device)
+    draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device)
+    path = decoding_path(target, draft, target_tok, draft_tok)
+    target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
+    cost_ratio = draft_macs / target_macs
+    n_boot, n_check, warmup, max_new = settings["bootstrap"], settings["n_check"], settings["warmup_prompts"], settings["max_new_tokens"]
+    ar_speed = cached["timing"]["ar_tokens_per_s"]
+    pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
+    base = {
+        **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
+        "draft_macs_per_token": draft_macs, "target_macs_per_token": target_macs, "macs_ratio": cost_ratio,
+        "same_tokenizer": path == "assisted", "decoding_path": path, "device": str(target.device),
+    }
+    records = []
+
+    def add(temperature, k, estimator, result, **extra):
+        record = {**base, "temperature": temperature, "k": k, "estimator": estimator, **result, **extra,
+                  "provenance": provenance(seed=seed, settings=settings, k=k, temperature=temperature, estimator=estimator)}
+        records.append(record)
+        if run is not None:
+            run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def assisted(k, temperature, n):
+        return assisted_runs(target, draft, target_tok, draft_tok, [it["prompt_ids"] for it in items[:n]], k=k,
+                             temperature=temperature, max_new_tokens=max_new, seed=seed)
+
+    for temperature in settings["temperatures"]:
+        if temperature == 0 and path == "assisted":
+            bar = tqdm(total=len(pairs), desc="teacher-forced draft pass", mininterval=5)
+            forced = acceptance.teacher_forced_matches(draft, pairs, pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"], progress=bar)
+            bar.close()
+            walks = {k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, items)]
+                     for k in range(1, settings["k_max"] + 1)}
+            checks = {}
+            for k in settings["k"]:
+                runs = assisted(k, 0.0, n_check)
+                outputs_ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
+                steps_ok = [ok and check_steps(it, r["steps"], walks[k][i], forced[i]["gap"], k)
+                            for i, (ok, it, r) in enumerate(zip(outputs_ok, items, runs))]
+                sd_speed = _speed(runs, warmup)
+                checks[k] = {
+                    "checked_prompts": sum(steps_ok),
+                    "checked_steps": sum(len(r["steps"]) for ok, r in zip(steps_ok, runs) if ok),
+                    "target_near_ties": outputs_ok.count(False),
+                    "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
+                    "ar_tokens_per_s": ar_speed, "sd_tokens_per_s": sd_speed,
+                    "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
+                }
+            for k, generations in walks.items():
+                add(0.0, k, "teacher_forced_walk", summarize(generations, k, cost_ratio, n_boot, seed), **checks.get(k, {}))
+            continue
+        n = max(settings["n_assisted"], n_check) if temperature == 0 else settings["n_assisted"]
+        for k in settings["k"]:
+            runs = assisted(k, temperature, n)
+            extra = {}
+            if temperature == 0:
+                ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
+                sd_speed = _speed(runs[:n_check], warmup)
+                extra = {"checked_prompts": sum(ok), "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
+                         "target_near_ties": ok.count(False), "ar_tokens_per_s": ar_speed, "sd_tokens_per_s": sd_speed,
+                         "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None}
+            add(temperature, k, "assisted_generation", summarize([r["steps"] for r in runs], k, cost_ratio, n_boot, seed), **extra)
+        if path == "assisted" and settings["n_tvd"]:
+            sums = acceptance.overlap(target, draft, pairs[: settings["n_tvd"]], temperature=temperature,
+                                      pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"])
+            alpha, low, high = ratio_ci([s for s, _ in sums], [n for _, n in sums], n_boot=n_boot, seed=seed)
+            for k in range(1, settings["k_max"] + 1):
+                mal = acceptance.iid_mal(alpha, k)
+                lo, hi = acceptance.iid_mal(low, k), acceptance.iid_mal(high, k)
+                scale = 1 / (1 + k * cost_ratio)
+                add(temperature, k, "tvd_estimate", {
+                    "n_prompts": len(sums), "mal": mal, "mal_ci_low": lo, "mal_ci_high": hi, "alpha": alpha,
+                    "alpha_ci_low": low, "alpha_ci_high": high, "improvement_factor": mal * scale,
+                    "improvement_factor_ci_low": lo * scale, "improvement_factor_ci_high": hi * scale,
+                })
+    mark_best_k(records)
+    output = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": records}
+    write_json(out_path, output, indent=None)
+    return output
+
+
+def mark_best_k(records: list[dict]) -> None:
+    """best_k = True on the k with the largest improvement factor per (temperature, estimator)."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["temperature"], r["estimator"]), []).append(r)
+    for group in groups.values():
+        scored = [r for r in group if r.get("improvement_factor") is not None]
+        best = max(scored, key=lambda r: r["improvement_factor"], default=None)
+        for r in group:
+            r["best_k"] = r is best

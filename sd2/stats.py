@@ -1,0 +1,66 @@
+"""Bootstrap confidence intervals over prompts (no torch: the tables use them too).
+
+MAL is a ratio of sums, committed tokens over verification steps, so prompts are the
+independent units: resampling them with replacement keeps each prompt's steps together.
+Paired comparisons resample the same prompts for both drafts, which cancels the
+prompt-to-prompt variation both share (an easy prompt is easy for every draft).
+"""
+
+import numpy as np
+
+LEVEL = 0.95
+
+
+def bootstrap_indices(n_items: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_items) indices drawn with replacement; a fixed seed gives fixed intervals."""
+    return np.random.default_rng(seed).integers(0, n_items, size=(n_boot, n_items))
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if not len(samples):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(num, dtype=float) / np.asarray(den, dtype=float)
+
+
+def ratio_ci(num, den, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+    """(sum(num) / sum(den), low, high): percentile bootstrap interval over items.
+
+    For MAL: num = committed tokens per prompt, den = counted steps per prompt.
+    """
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    if len(num) != len(den):
+        raise ValueError(f"num and den differ in length: {len(num)} vs {len(den)}")
+    if not len(num) or den.sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = bootstrap_indices(len(num), n_boot, seed)
+    return float(num.sum() / den.sum()), *_interval(_ratio(num[idx].sum(1), den[idx].sum(1)), level)
+
+
+def paired_ratio_ci(num_a, den_a, num_b, den_b, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+    """(R_a / R_b, low, high) with R = sum(num) / sum(den), both sides resampled on the same items.
+
+    The items must be aligned (item i of a and of b is the same prompt).
+    """
+    arrays = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    if len({len(x) for x in arrays}) != 1:
+        raise ValueError(f"paired samples differ in length: {[len(x) for x in arrays]}")
+    num_a, den_a, num_b, den_b = arrays
+    if not len(num_a) or den_a.sum() == 0 or den_b.sum() == 0 or num_b.sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = bootstrap_indices(len(num_a), n_boot, seed)
+    boot = _ratio(_ratio(num_a[idx].sum(1), den_a[idx].sum(1)), _ratio(num_b[idx].sum(1), den_b[idx].sum(1)))
+    estimate = (num_a.sum() / den_a.sum()) / (num_b.sum() / den_b.sum())
+    return float(estimate), *_interval(boot, level)
+
+
+def excludes(low: float, high: float, value: float) -> bool:
+    """Whether the interval [low, high] lies entirely on one side of `value` (significant at its level)."""
+    return bool(np.isfinite(low) and np.isfinite(high) and (low > value or high < value))

@@ -1,0 +1,214 @@
+"""The teacher-forced walk against transformers' assisted generation, and the measure rule end to end.
+
+Tiny random models with their layers re-initialised at a larger scale (at init scale a
+tied random model just repeats its last token), a draft that is a perturbed copy of the
+target (partial acceptance), real tokenizers.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sd2 import acceptance, continuations
+from sd2 import measure as ms
+from sd2 import speculative as sp
+from sd2.distill import generate_batch
+from sd2.models import load_model, load_tokenizer
+
+PROMPTS = ["def add(a, b):\n    return", "for i in range(10):\n    print(", "import os\n\nclass Path:\n    def", "x = [1, 2", "while True:\n"]
+N = 16
+SETTINGS = {"k_max": 6, "k": [3], "temperatures": [0.0, 1.0], "max_new_tokens": N, "n_prompts": None, "n_check": 3,
+            "n_assisted": 2, "n_tvd": 4, "bootstrap": 1000, "warmup_prompts": 1, "batch_size": 4}
+LABELS = {"target": "t", "draft": "d", "method": "sd2", "sparsity": 50, "eval_set": "toy"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on 2 shared cores: a second thread only adds contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rescaled(model, std, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, std)
+    return model
+
+
+def _perturbed(model, scale, seed):
+    draft = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in draft.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(scale * torch.randn_like(module.weight))
+    return draft
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama_dir, tmp_path_factory):
+    """(target dir, draft dir, tokenizer): a trained-looking random target and a perturbed copy, saved."""
+    tok = load_tokenizer(tiny_llama_dir)
+    target = _rescaled(load_model(tiny_llama_dir), 0.2, 0)
+    draft = _perturbed(target, 0.02, 5)
+    root = tmp_path_factory.mktemp("pair")
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "target", root / "draft", tok
+
+
+def _walk_and_real(target, draft, tok, k, eos_ended_prompts=()):
+    rows = generate_batch(target, tok, PROMPTS, max_new_tokens=N, temperature=0.0)
+    items = [(r["prompt_ids"], r["new_ids"]) for r in rows]
+    forced = acceptance.teacher_forced_matches(draft, items, pad_id=tok.pad_token_id, batch_size=2)
+    runs = sp.assisted_runs(target, draft, tok, tok, [p for p, _ in items], k=k, temperature=0.0, max_new_tokens=N, seed=0)
+    walks = [acceptance.walk(f["matches"], k, N, r["finished"]) for f, r in zip(forced, rows)]
+    return rows, runs, walks
+
+
+def test_walk_by_hand():
+    m = [True, True, False, True, True, True, False, True]
+    assert acceptance.match_runs(m) == [2, 1, 0, 3, 2, 1, 0, 1]
+    # k = 2, plenty of budget: t=0 accepts 2 -> commits 3; t=3 accepts 2 -> 3; t=6 accepts 0 -> 1; t=7 accepts 1 -> final 1 (budget)
+    assert acceptance.walk(m, 2, max_new_tokens=100, ended_by_eos=False) == [(3, 2), (3, 2), (1, 2), (2, 2)]
+    # max_new_tokens = len(y) = 8: the last steps propose only what fits, t=7 proposes 0 and commits 1
+    assert acceptance.walk(m, 2, max_new_tokens=8, ended_by_eos=False) == [(3, 2), (3, 2), (1, 1), (1, 0)]
+    # y ends with EOS and the draft matches it: it proposes up to the EOS, the target commits the EOS itself
+    assert acceptance.walk([True, True, True], 5, max_new_tokens=100, ended_by_eos=True) == [(3, 3)]
+    assert acceptance.walk([True] * 7, 3, max_new_tokens=100, ended_by_eos=True) == [(4, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_walk_equals_assisted_generation_step_by_step(pair, k):
+    target_dir, draft_dir, tok = pair
+    target, draft = load_model(target_dir), load_model(draft_dir)
+    rows, runs, walks = _walk_and_real(target, draft, tok, k)
+    assert all(r["new_tokens"] == N for r in rows)  # truncated by max_new_tokens
+    accepted = []
+    for row, run, walked in zip(rows, runs, walks):
+        assert run["tokens"] == row["new_ids"]  # lossless
+        assert run["steps"] == walked
+        accepted += [c - 1 for c, _ in walked[:-1]]
+    assert 0 < sum(accepted) < k * len(accepted)  # partial acceptance: the comparison has something to compare
+
+
+def test_walk_equals_assisted_generation_with_eos_inside(pair):
+    target_dir, draft_dir, tok = pair
+    target, draft = load_model(target_dir), load_model(draft_dir)
+    first = generate_batch(target, tok, PROMPTS[:1], max_new_tokens=N, temperature=0.0)[0]["new_ids"]
+    for model in (target, draft):
+        model.generation_config.eos_token_id = first[7]  # a token the target emits: generation ends there
+    for k in (2, 5):
+        rows, runs, walks = _walk_and_real(target, draft, tok, k)
+        assert rows[0]["finished"] and rows[0]["new_tokens"] <= 8
+        for row, run, walked in zip(rows, runs, walks):
+            assert run["tokens"] == row["new_ids"]
+            assert [c for c, _ in run["steps"]] == [c for c, _ in walked]
+            assert run["steps"][:-1] == walked[:-1]
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    Dataset.from_list([{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def outputs(pair, eval_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("outputs") / "outputs.json"
+    continuations.target_outputs(pair[0], eval_dir, path, settings=SETTINGS, seed=0)
+    return path
+
+
+def test_target_outputs_file(outputs, pair):
+    data = json.loads(outputs.read_text())
+    assert [i["id"] for i in data["items"]] == [f"p{i}" for i in range(len(PROMPTS))]
+    tok = pair[2]
+    for item, prompt in zip(data["items"], PROMPTS):
+        assert item["prompt_ids"] == tok(prompt)["input_ids"]
+        assert len(item["continuation_ids"]) == N and not item["ended_by_eos"]
+    timing = data["timing"]
+    assert timing["timed_prompts"] == SETTINGS["n_check"] - SETTINGS["warmup_prompts"] and timing["ar_tokens_per_s"] > 0
+    assert timing["batch1_differs"] == []  # batched left-padded greedy = batch-1 greedy here
+    assert data["provenance"]["seed"] == 0
+
+
+def test_measure_same_tokenizer(tmp_path, pair, outputs):
+    out = tmp_path / "record.json"
+    result = ms.measure(pair[0], pair[1], outputs, out, settings=SETTINGS, labels=LABELS, seed=0)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    by = {(r["temperature"], r["estimator"], r["k"]): r for r in result["records"]}
+    walk = [by[(0.0, "teacher_forced_walk", k)] for k in range(1, 7)]
+    for k, r in enumerate(walk, start=1):
+        assert r["n_prompts"] == len(PROMPTS) and r["mal"] * r["n_steps"] == pytest.approx(r["accepted_tokens"])
+        assert r["mal_ci_low"] <= r["mal"] <= r["mal_ci_high"] and 1 <= r["mal"] <= k + 1
+        assert sum(r["per_prompt"]["accepted_tokens"]) == r["accepted_tokens"] and sum(r["per_prompt"]["steps"]) == r["n_steps"]
+        assert r["improvement_factor"] == pytest.approx(r["mal"] / (1 + k * r["macs_ratio"]))
+    checked = by[(0.0, "teacher_forced_walk", 3)]
+    assert checked["checked_prompts"] == SETTINGS["n_check"] and checked["checked_steps"] > 0
+    assert checked["draft_near_ties"] == 0 and checked["target_near_ties"] == 0
+    assert checked["speedup"] == pytest.approx(checked["sd_tokens_per_s"] / checked["ar_tokens_per_s"])
+    assert sum(r["best_k"] for r in walk) == 1
+    sampled = by[(1.0, "assisted_generation", 3)]
+    assert sampled["n_prompts"] == SETTINGS["n_assisted"] and sampled["mal"] >= 1
+    tvd = [by[(1.0, "tvd_estimate", k)] for k in range(1, 7)]
+    assert 0 < tvd[0]["alpha"] <= 1 and tvd[0]["alpha_ci_low"] <= tvd[0]["alpha"] <= tvd[0]["alpha_ci_high"]
+    assert tvd[0]["mal"] == pytest.approx(1 + tvd[0]["alpha"])
+    assert [r["mal"] for r in tvd] == sorted(r["mal"] for r in tvd)
+    assert result["prompt_ids"] == [f"p{i}" for i in range(len(PROMPTS))]
+
+
+def test_identical_draft_accepts_everything(tmp_path, pair, outputs):
+    settings = {**SETTINGS, "temperatures": [0.0]}
+    result = ms.measure(pair[0], pair[0], outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0)
+    for r in result["records"]:
+        assert r["mal"] == r["k"] + 1 and r["acceptance_rate"] == 1.0, r["k"]
+        assert r["accepted_length_histogram"][-1] == r["n_steps"]
+
+
+def test_cross_check_disagreement_names_prompt_and_step(tmp_path, pair, outputs, monkeypatch):
+    real = acceptance.walk
+
+    def off_by_one(matches, k, max_new_tokens, ended_by_eos):
+        steps = real(matches, k, max_new_tokens, ended_by_eos)
+        return [(steps[0][0] + 1, steps[0][1])] + steps[1:] if steps[0][0] <= k else steps
+
+    monkeypatch.setattr(acceptance, "walk", off_by_one)
+    with pytest.raises(AssertionError, match=r"prompt id 'p0', k=3: .* step 0"):
+        ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings={**SETTINGS, "temperatures": [0.0]}, labels=LABELS, seed=0)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_near_tie_is_counted_not_fatal(pair):
+    item = {"id": "x"}
+    walked = [(2, 3), (1, 3)]
+    assert ms.check_steps(item, walked, walked, [1.0, 1.0, 1.0], 3)
+    assert not ms.check_steps(item, [(1, 3), (2, 3)], walked, [1e-6, 1.0, 1.0], 3)
+    with pytest.raises(AssertionError, match="step 0"):
+        ms.check_steps(item, [(1, 3), (2, 3)], walked, [0.5, 1.0, 1.0], 3)
+
+
+def test_measure_different_tokenizers(tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir):
+    outputs = tmp_path / "outputs.json"
+    continuations.target_outputs(tiny_qwen_dir, eval_dir, outputs, settings=SETTINGS, seed=0)
+    result = ms.measure(tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=SETTINGS, labels=LABELS, seed=0)
+    estimators = {(r["temperature"], r["estimator"]) for r in result["records"]}
+    assert estimators == {(0.0, "assisted_generation"), (1.0, "assisted_generation")}
+    greedy = next(r for r in result["records"] if r["temperature"] == 0)
+    assert greedy["decoding_path"] == "uag" and not greedy["same_tokenizer"]
+    assert greedy["n_prompts"] == max(SETTINGS["n_assisted"], SETTINGS["n_check"]) and greedy["checked_prompts"] == greedy["n_prompts"]
+
+
+def test_mismatched_continuation_length_is_an_error(tmp_path, pair, outputs):
+    with pytest.raises(ValueError, match="continuations of 16 tokens"):
+        ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings={**SETTINGS, "max_new_tokens": 32}, labels=LABELS, seed=0)
