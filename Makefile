@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test figures report dry-run benchmark clean
+.PHONY: install run test figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -32,6 +32,7 @@ run: $(STAMP)
 	fi; \
 	start=$$(date +%s); \
 	snakemake --cores 2 --configfile $(CONFIG) || exit 1; \
+	$(BIN)/python -m sd2 job-times logs/benchmarks --out results/tables/job_times.csv; \
 	if [ $$fresh = 1 ]; then \
 		$(BIN)/python -m sd2 record-run-time --seconds $$(( $$(date +%s) - start )) --estimate logs/run_estimate.json --out results/run_time.json; \
 	fi
@@ -42,6 +43,10 @@ test: $(STAMP)
 # Every figure from the committed tables alone: no model job is considered.
 figures: $(STAMP)
 	snakemake figures --allowed-rules figures --cores 1 --force
+
+# The README's result blocks (between <!-- generated:... --> markers) from the committed tables.
+readme: $(STAMP)
+	$(BIN)/python -m sd2 readme
 
 report: $(STAMP)
 	snakemake --report results/report.html --configfile config/config.yaml

@@ -1,8 +1,7 @@
 """Wall-clock of speculative decoding vs the target alone, for one target and several drafts.
 
-Each draft is measured with sd2.speculative.run_setting, which runs the target alone and
-the target + draft on the same prompts interleaved per prompt, so both see the same
-machine state. Example:
+The target alone and the target + draft run on the same prompts interleaved per prompt,
+so both see the same machine state. Example:
 
     python benchmarks/speculative_vs_autoregressive.py --target work/models/target \\
         --drafts work/models/draft work/drafts/target/draft/sd2-s50 --eval work/data/eval/humaneval
@@ -10,10 +9,37 @@ machine state. Example:
 
 import argparse
 import json
+import time
 
 import torch
 
-from sd2.speculative import load_checkpoint, load_prompts, run_setting
+from sd2.speculative import ar_generate, assisted_runs, decoding_kwargs, load_checkpoint, load_prompts, step_stats
+
+
+def run_setting(target, draft, target_tok, draft_tok, prompts, *, k, temperature, max_new_tokens, seed, warmup_prompts, desc):
+    """Target alone, then target + draft, prompt by prompt; tokens/s over the prompts after the warm-up ones."""
+    gen_kwargs = decoding_kwargs(temperature, max_new_tokens, target_tok.pad_token_id)
+    ar = {"seconds": 0.0, "tokens": 0}
+    sd = {"seconds": 0.0, "tokens": 0}
+    generations = []
+    for index, row in enumerate(prompts):
+        ids = target_tok(row["prompt"])["input_ids"]
+        torch.manual_seed(seed + index)
+        start = time.perf_counter()
+        tokens = ar_generate(target, torch.tensor([ids], device=target.device), gen_kwargs)
+        ar_seconds = time.perf_counter() - start
+        (run,) = assisted_runs(target, draft, target_tok, draft_tok, [ids], k=k, temperature=temperature,
+                               max_new_tokens=max_new_tokens, seed=seed + index, desc=desc)
+        generations.append(run["steps"])
+        if index >= warmup_prompts:
+            ar["seconds"] += ar_seconds
+            ar["tokens"] += tokens.numel()
+            sd["seconds"] += run["seconds"]
+            sd["tokens"] += len(run["tokens"])
+    ar_rate = ar["tokens"] / ar["seconds"] if ar["seconds"] else None
+    sd_rate = sd["tokens"] / sd["seconds"] if sd["seconds"] else None
+    return {"mal": step_stats(generations, k)["mal"], "ar_tokens_per_s": ar_rate, "sd_tokens_per_s": sd_rate,
+            "speedup": sd_rate / ar_rate if ar_rate and sd_rate else None, "ar_seconds": ar["seconds"], "sd_seconds": sd["seconds"]}
 
 
 def parse_args(argv=None):
@@ -27,7 +53,6 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--warmup-prompts", type=int, default=1, help="run but not timed")
-    parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -49,8 +74,7 @@ def main(argv=None):
         draft, draft_tok = load_checkpoint(draft_dir, device=args.device)
         result = run_setting(
             target, draft, target_tok, draft_tok, prompts, k=args.k, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, warmup_prompts=args.warmup_prompts,
-            ignore_eos=args.ignore_eos, desc=str(draft_dir),
+            max_new_tokens=args.max_new_tokens, seed=args.seed, warmup_prompts=args.warmup_prompts, desc=str(draft_dir),
         )
         wall_ratio = result["sd_seconds"] / result["ar_seconds"] if result["ar_seconds"] else None
         if args.json:

@@ -275,6 +275,31 @@ def record_run_time(p=None, a=None):
     print(f"sweep: {rec['seconds']} s on {rec['machine']['cpu']}, {rec['machine']['cores']} cores -> {a.out}")
 
 
+@step("job-times", "per-job wall time and memory from Snakemake's benchmark files, as a table")
+def job_times(p=None, a=None):
+    if p:
+        p.add_argument("benchmarks", help="the benchmark directory (logs/benchmarks)")
+        p.add_argument("--out", required=True, help="CSV: rule, job, seconds, max_rss_mb")
+        return
+    from sd2.results import write_table
+    from sd2.sweep_time import job_times
+
+    table = job_times(a.benchmarks)
+    write_table(table, a.out)
+    print(table.groupby("rule")["seconds"].agg(["count", "sum", "mean"]).round(1).to_string())
+
+
+@step("readme", "rewrite the README's generated result blocks from the tables")
+def readme(p=None, a=None):
+    if p:
+        p.add_argument("--readme", default="README.md")
+        p.add_argument("--results", default="results")
+        return
+    from sd2.readme import update
+
+    print(f"{a.readme}: regenerated {', '.join(update(a.readme, a.results))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sd2", description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.")
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)

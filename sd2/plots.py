@@ -6,13 +6,16 @@ canvas without pyplot: no global figure state, nothing to close, safe in a noteb
 
 Each `plot_*` function takes DataFrames and returns a Figure (the notebook calls them
 too); `make_figures` writes them all under deterministic names. Unless said otherwise a
-figure shows greedy decoding (temperature 0) at one k (the smallest measured) and puts
-each eval set in its own row of panels rather than averaging over them.
+figure shows greedy decoding (temperature 0) at one reported k (the smallest of the
+config's measure.k), measured rows only (never the tvd_estimate), and puts each eval set
+in its own row of panels rather than averaging over them. MAL figures carry the 95%
+bootstrap CIs of the table as error bars.
 """
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -22,9 +25,12 @@ from sd2.checkpoint import atomic_path
 from sd2.results import METHOD_ORDER, method_rank
 
 MAL_LABEL = "MAL τ (tokens per verification step)"
+IMPROVEMENT_LABEL = "improvement factor (×, from MACs)"
 MACS_LABEL = "draft MACs per token (linear layers)"
 SPARSITY_LABEL = "sparsity of decoder linears (%)"
 PANEL_SIZE = (4.0, 3.0)  # inches per panel
+MAX_K_COLUMNS = 4  # mal_vs_k shows one eval set only when all of them would need more columns
+CI_NOTE = "error bars: 95% bootstrap CI over prompts."
 
 # One colour per method in every figure.
 METHOD_COLORS = dict(zip(METHOD_ORDER, ("#7f7f7f", "#1f77b4", "#bcbd22", "#9467bd", "#ff7f0e", "#d62728")))
@@ -32,11 +38,12 @@ MARKERS = "os^Dv<>p*h"
 LINESTYLES = ("-", "--", ":", "-.")
 
 CAPTIONS = {
-    "mal_vs_sparsity": "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, greedy decoding; dense drafts are the dotted reference lines.",
-    "mal_vs_macs": "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the Pareto front (the best MAL reachable at or below each cost).",
-    "improvement_factor": "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; above 1 speculative decoding beats autoregressive decoding in MACs.",
+    "mal_vs_sparsity": "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, greedy decoding; dense drafts are the dotted reference lines; " + CI_NOTE,
+    "mal_vs_macs": "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the Pareto front (the best MAL reachable at or below each cost); " + CI_NOTE,
+    "improvement_factor": "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; above 1 speculative decoding beats autoregressive decoding in MACs; " + CI_NOTE,
+    "mal_vs_k": "MAL (top) and theoretical improvement factor (bottom) against the number of drafted tokens k, greedy decoding measured by the teacher-forced walk (same-tokenizer pairs), one line per draft; stars mark the k with the largest improvement factor; shaded bands: 95% bootstrap CI over prompts.",
     "acceptance_by_position": "Share of verification steps in which the drafted token at each position was accepted, greedy decoding, one line per draft.",
-    "tokenizer_comparison": "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (Universal Assisted Generation), greedy decoding.",
+    "tokenizer_comparison": "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (Universal Assisted Generation), greedy decoding; " + CI_NOTE,
     "speedup": "Measured CPU wall-clock speed-up of speculative decoding over autoregressive decoding of the target (tokens/s ratio, batch size 1), greedy decoding.",
     "loss_curves": "Loss curves: pretraining of the from-scratch models (against tokens) and fine-tuning of each draft (against steps); solid validation, dashed training loss.",
 }
@@ -53,8 +60,14 @@ def load_tables(tables_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> pd.DataFrame:
-    """Rows at one temperature and one k (default: the smallest k measured at that temperature)."""
-    df = measurements[measurements["temperature"] == temperature]
+    """Measured rows at one temperature and one reported k (default: the smallest reported k).
+
+    The walk's other k values belong to the MAL-vs-k figure only, and the tvd_estimate is
+    a model of acceptance, not a measurement.
+    """
+    # eq(True): a column with empty cells is read back as objects, where astype(bool) makes NaN True.
+    df = measurements[(measurements["temperature"] == temperature) & (measurements["estimator"] != "tvd_estimate")
+                      & measurements["headline_k"].eq(True)]
     if k is None and len(df):
         k = int(df["k"].min())
     return df[df["k"] == k]
@@ -68,6 +81,24 @@ def slice_title(what: str, df: pd.DataFrame, temperature: float) -> str:
 def variant_label(method: str, sparsity) -> str:
     """'dense', 'dense_sd', or 'sd2 s50': a draft-making method at a sparsity level."""
     return method if method in ("dense", "dense_sd") else f"{method} s{int(sparsity)}"
+
+
+def ci_yerr(rows: pd.DataFrame, value: str) -> np.ndarray | None:
+    """Error-bar lengths below and above `value` from its 95% CI columns; None where the table has none (speed-up).
+
+    A missing interval gives NaN lengths, which matplotlib leaves undrawn.
+    """
+    low, high = f"{value}_ci_low", f"{value}_ci_high"
+    if low not in rows:
+        return None
+    # A percentile interval may miss its point estimate on a degenerate sample; errorbar rejects negative lengths.
+    return np.vstack([(rows[value] - rows[low]).clip(lower=0), (rows[high] - rows[value]).clip(lower=0)])
+
+
+def sparsity_styles(df: pd.DataFrame) -> dict:
+    """Line style per sparsity level, solid for dense and the lowest sparse level (colour tells the method)."""
+    sparse = sorted(set(df["sparsity"]) - {0})
+    return {s: LINESTYLES[n % len(LINESTYLES)] for n, s in enumerate(sparse)} | {0: "-"}
 
 
 def variant_order(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -121,12 +152,17 @@ def color(method: str) -> str:
     return METHOD_COLORS.get(method, "#17becf")
 
 
+def mean_row(rows: pd.DataFrame) -> pd.DataFrame:
+    """The numeric columns' means as a one-row frame: one bar, with its error bar, for several rows."""
+    return rows.mean(numeric_only=True).to_frame().T
+
+
 def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
-    """One bar per draft variant (draft model, method, sparsity), coloured by method."""
+    """One bar per draft variant (draft model, method, sparsity), coloured by method, with its CI when the table has one."""
     combos = variant_order(df, ["draft"])
     for x, c in enumerate(combos.itertuples(index=False)):
-        rows = df[(df["draft"] == c.draft) & (df["method"] == c.method) & (df["sparsity"] == c.sparsity)]
-        ax.bar(x, rows[value].mean(), color=color(c.method), label=c.method)
+        point = mean_row(df[(df["draft"] == c.draft) & (df["method"] == c.method) & (df["sparsity"] == c.sparsity)])
+        ax.bar(x, point[value], yerr=ci_yerr(point, value), capsize=3, color=color(c.method), label=c.method)
     # The draft's name only matters when a panel holds more than one draft model.
     several = combos["draft"].nunique() > 1
     labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity) for c in combos.itertuples()]
@@ -153,7 +189,9 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
                 if method in ("dense", "dense_sd"):
                     # Dense drafts exist only at 0%: a reference level for the sparse ones.
                     ax.axhline(rows["mal"].mean(), color=color(method), linestyle=":", linewidth=1)
-                ax.plot(rows["sparsity"], rows["mal"], marker="o", color=color(method), label=method)
+                # Methods share sparsity levels: a small sideways shift per method keeps their error bars apart.
+                shift = (method_rank(method) - (len(METHOD_ORDER) - 1) / 2) * 0.8
+                ax.errorbar(rows["sparsity"] + shift, rows["mal"], yerr=ci_yerr(rows, "mal"), marker="o", capsize=3, color=color(method), label=method)
             ax.set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
             ax.set_xlabel(SPARSITY_LABEL)
             ax.set_ylabel(MAL_LABEL if j == 0 else "")
@@ -179,7 +217,8 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
                 for d, draft in enumerate(drafts):
                     rows = panel[(panel["method"] == method) & (panel["draft"] == draft)]
                     if len(rows):
-                        ax.scatter(rows["draft_macs_per_token"], rows["mal"], color=color(method), marker=MARKERS[d % len(MARKERS)], label=method, zorder=3)
+                        ax.errorbar(rows["draft_macs_per_token"], rows["mal"], yerr=ci_yerr(rows, "mal"), fmt=MARKERS[d % len(MARKERS)],
+                                    capsize=3, color=color(method), label=method, zorder=3)
             front = pareto_front(panel, "draft_macs_per_token", "mal")
             ax.step(front["draft_macs_per_token"], front["mal"], where="post", color="0.5", linewidth=1.5, label="Pareto front", zorder=2)
             ax.xaxis.set_major_formatter(EngFormatter())
@@ -216,7 +255,47 @@ def bars_per_target(measurements: pd.DataFrame, value: str, title: str, ylabel: 
 def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
     """The paper's headline figure: theoretical improvement factor per draft variant."""
     return bars_per_target(measurements, "improvement_factor", "Theoretical improvement factor MAL / (1 + k·c) of each draft",
-                           "improvement factor (×, from MACs)", temperature, k)
+                           IMPROVEMENT_LABEL, temperature, k)
+
+
+def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
+    """`value` against k, one line per draft variant with its CI as a band, a star at the variant's best k."""
+    for combo in variant_order(panel, []).itertuples(index=False):
+        rows = panel[(panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)].sort_values("k")
+        c = color(combo.method)
+        ax.plot(rows["k"], rows[value], styles[combo.sparsity], marker=".", color=c, label=variant_label(combo.method, combo.sparsity))
+        ax.fill_between(rows["k"], rows[f"{value}_ci_low"], rows[f"{value}_ci_high"], color=c, alpha=0.12, linewidth=0)
+        best = rows[rows["best_k"].eq(True)]
+        ax.plot(best["k"], best[value], "*", markersize=12, color=c, markeredgecolor="black", zorder=3)
+    # One neutral legend entry for the stars, after the variants, whatever their colours.
+    ax.plot([], [], "*", markersize=12, color="white", markeredgecolor="black", label="best k (largest improvement factor)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def plot_mal_vs_k(measurements: pd.DataFrame) -> Figure:
+    """Rows: MAL, improvement factor. Columns: eval set x target x draft. Greedy walk rows, every k."""
+    df = measurements[(measurements["temperature"] == 0) & (measurements["estimator"] == "teacher_forced_walk")]
+    scope = "greedy, teacher-forced walk"
+    if df.empty:
+        return empty_figure(f"MAL and improvement factor against k ({scope})", "no teacher-forced walk rows (greedy decoding of same-tokenizer pairs)")
+    columns = sorted(set(zip(df["eval_set"], df["target"], df["draft"])))
+    if len(columns) > MAX_K_COLUMNS:
+        first = columns[0][0]
+        columns = [c for c in columns if c[0] == first]
+        scope += f", eval set {first} only"
+    styles = sparsity_styles(df)
+    fig, axes = new_figure(2, len(columns), f"MAL and improvement factor against k ({scope})", sharey="row")
+    for j, (eval_set, target, draft) in enumerate(columns):
+        panel = df[(df["eval_set"] == eval_set) & (df["target"] == target) & (df["draft"] == draft)]
+        for i, (value, ylabel) in enumerate((("mal", MAL_LABEL), ("improvement_factor", IMPROVEMENT_LABEL))):
+            k_panel(axes[i, j], panel, value, styles)
+            axes[i, j].set_ylabel(ylabel if j == 0 else "")
+        axes[0, j].set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
+        axes[1, j].axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        axes[1, j].set_xlabel("k (draft tokens per verification step)")
+    figure_legend(fig, axes)
+    return fig
 
 
 def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -226,8 +305,7 @@ def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float =
     if df.empty:
         return empty_figure(title)
     eval_sets, pairs = sorted(df["eval_set"].unique()), sorted(set(zip(df["target"], df["draft"])))
-    # Colour tells the method, line style the sparsity level (solid = the lowest).
-    styles = {s: LINESTYLES[n % len(LINESTYLES)] for n, s in enumerate(sorted(set(df["sparsity"]) - {0}))} | {0: "-"}
+    styles = sparsity_styles(df)
     fig, axes = new_figure(len(eval_sets), len(pairs), title)
     for i, eval_set in enumerate(eval_sets):
         for j, (target, draft) in enumerate(pairs):
@@ -267,7 +345,8 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
                 for x, combo in enumerate(combos.itertuples(index=False)):
                     rows = panel[(panel["target"] == target.target) & (panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)]
                     if len(rows):
-                        ax.bar(x + (t - (len(targets) - 1) / 2) * width, rows["mal"].mean(), width, color=f"C{t}",
+                        point = mean_row(rows)
+                        ax.bar(x + (t - (len(targets) - 1) / 2) * width, point["mal"], width, yerr=ci_yerr(point, "mal"), capsize=2, color=f"C{t}",
                                hatch=None if target.same_tokenizer else "//", edgecolor="white", label=f"{target.target} ({tok})")
             ax.set_xticks(range(len(combos)), [variant_label(c.method, c.sparsity) for c in combos.itertuples()], rotation=60, ha="right", fontsize="small")
             ax.set_title(f"{eval_set}: draft {draft}", fontsize="medium")
@@ -323,6 +402,7 @@ PLOTS = {
     "mal_vs_sparsity": plot_mal_vs_sparsity,
     "mal_vs_macs": plot_mal_vs_macs,
     "improvement_factor": plot_improvement_factor,
+    "mal_vs_k": plot_mal_vs_k,
     "acceptance_by_position": plot_acceptance_by_position,
     "tokenizer_comparison": plot_tokenizer_comparison,
     "speedup": plot_speedup,

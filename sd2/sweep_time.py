@@ -132,3 +132,17 @@ def record(seconds: int, found: dict, out) -> dict:
     }
     write_json(out, rec)
     return rec
+
+
+def job_times(benchmark_dir) -> "pd.DataFrame":
+    """One row per job from Snakemake's benchmark files: rule, job (its wildcards' path), wall seconds, peak RSS."""
+    import pandas as pd
+
+    rows = []
+    root = Path(benchmark_dir)
+    for tsv in sorted(root.rglob("*.tsv")):
+        table = pd.read_csv(tsv, sep="\t")
+        rel = tsv.relative_to(root).with_suffix("")
+        rows.append({"rule": rel.parts[0], "job": "/".join(rel.parts[1:]), "seconds": float(table["s"].iloc[-1]),
+                     "max_rss_mb": float(table["max_rss"].iloc[-1]) if "max_rss" in table else float("nan")})
+    return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])

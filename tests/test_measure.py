@@ -212,3 +212,13 @@ def test_measure_different_tokenizers(tmp_path, tiny_qwen_dir, tiny_llama_draft_
 def test_mismatched_continuation_length_is_an_error(tmp_path, pair, outputs):
     with pytest.raises(ValueError, match="continuations of 16 tokens"):
         ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings={**SETTINGS, "max_new_tokens": 32}, labels=LABELS, seed=0)
+
+
+def test_output_that_is_not_the_cached_continuation_names_the_prompt(pair, outputs):
+    item = json.loads(outputs.read_text())["items"][1]
+    target = load_model(pair[0])
+    assert ms.check_output(target, item, item["continuation_ids"], 3)
+    wrong = list(item["continuation_ids"])
+    wrong[4] = (wrong[4] + 1) % 100
+    with pytest.raises(AssertionError, match=r"prompt id 'p1' \(k=3\) at new token 4"):
+        ms.check_output(target, item, wrong, 3)

@@ -5,11 +5,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.container import ErrorbarContainer
 
-from sd2.plots import CAPTIONS, FIGURES, load_tables, make_figures, pareto_front, plot_mal_vs_sparsity, save_figure
-from test_results import write_synthetic_tables
+from sd2.plots import (
+    CAPTIONS,
+    CI_NOTE,
+    FIGURES,
+    MAX_K_COLUMNS,
+    PLOTS,
+    load_tables,
+    main_slice,
+    make_figures,
+    pareto_front,
+    plot_improvement_factor,
+    plot_mal_vs_k,
+    plot_mal_vs_macs,
+    plot_mal_vs_sparsity,
+    plot_tokenizer_comparison,
+    save_figure,
+    variant_label,
+)
+from test_results import K, K_MAX, VARIANTS, write_synthetic_tables
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
@@ -20,6 +39,23 @@ def tables_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("plots")
     write_synthetic_tables(root)
     return root / "tables"
+
+
+@pytest.fixture(scope="module")
+def measurements(tables_dir):
+    return load_tables(tables_dir)[0]
+
+
+def is_empty_figure(fig, message: str) -> bool:
+    """The one-panel placeholder that empty_figure draws, with `message` in it."""
+    (ax,) = fig.axes
+    return not ax.axison and any(message in t.get_text() for t in ax.texts)
+
+
+def errorbar_spans(ax) -> list[tuple[float, float]]:
+    """(low, high) of every error bar drawn on `ax`, sorted."""
+    segments = [seg for c in ax.containers if isinstance(c, ErrorbarContainer) for seg in c.lines[2][0].get_segments()]
+    return sorted((seg[0][1], seg[1][1]) for seg in segments)
 
 
 def test_make_figures_writes_every_figure_without_torch(tables_dir, tmp_path):
@@ -59,7 +95,10 @@ def test_empty_tables_still_give_every_figure(tmp_path):
 
 
 def test_captions_cover_every_figure_and_report_file():
-    assert set(CAPTIONS) == set(FIGURES)
+    assert set(CAPTIONS) == set(FIGURES) == set(PLOTS) | {"loss_curves"}
+    assert FIGURES.index("mal_vs_k") == FIGURES.index("improvement_factor") + 1
+    for stem in ("mal_vs_sparsity", "mal_vs_macs", "improvement_factor", "tokenizer_comparison"):
+        assert CAPTIONS[stem].endswith(CI_NOTE)
     for stem, caption in CAPTIONS.items():
         rst = (REPO / "workflow" / "report" / f"{stem}.rst").read_text()
         assert rst.startswith(caption)  # the report and the README say the same thing
@@ -70,3 +109,80 @@ def test_pareto_front():
     points = pd.DataFrame({"macs": [1, 2, 2, 3, 4, 5], "mal": [1.5, 1.4, 2.0, 1.9, 2.5, 2.5]})
     front = pareto_front(points, "macs", "mal")
     assert front["macs"].tolist() == [1, 2, 4] and front["mal"].tolist() == [1.5, 2.0, 2.5]
+
+
+def test_main_slice_keeps_measured_rows_at_the_reported_k(measurements):
+    greedy = main_slice(measurements)
+    assert set(greedy["k"]) == {K} and greedy["headline_k"].all()
+    assert set(greedy["estimator"]) == {"teacher_forced_walk", "assisted_generation"}
+    assert len(greedy) == len(greedy.drop_duplicates(["target", "draft", "method", "sparsity", "eval_set"]))
+    sampled = main_slice(measurements, temperature=1.0)
+    assert set(sampled["estimator"]) == {"assisted_generation"}  # the tvd_estimate is not a measurement
+    assert main_slice(measurements, k=1).empty  # the walk measures k = 1, but the config does not report it
+
+
+def test_main_slice_reads_empty_headline_cells_as_not_reported(measurements, tmp_path):
+    """A CSV column with empty cells comes back as objects, where bool(NaN) is True."""
+    m = measurements.astype({"headline_k": object})
+    m.loc[m["k"] != K, "headline_k"] = None
+    m.to_csv(tmp_path / "m.csv", index=False)
+    assert set(main_slice(pd.read_csv(tmp_path / "m.csv"))["k"]) == {K}
+
+
+def test_figures_leave_the_tvd_estimate_out(measurements):
+    tvd = measurements[measurements["estimator"] == "tvd_estimate"]
+    assert len(tvd)
+    assert is_empty_figure(plot_mal_vs_sparsity(tvd, temperature=1.0), "no data")
+    assert is_empty_figure(plot_mal_vs_k(tvd), "no teacher-forced walk rows")
+
+
+@pytest.mark.parametrize("plot, value, targets", [
+    (plot_mal_vs_sparsity, "mal", ["t_llama"]),
+    (plot_mal_vs_macs, "mal", ["t_llama"]),
+    (plot_improvement_factor, "improvement_factor", ["t_llama"]),
+    (plot_tokenizer_comparison, "mal", ["t_llama", "t_qwen"]),
+])
+def test_error_bars_are_the_95_percent_cis(measurements, plot, value, targets):
+    """The first panel (eval set humaneval) carries one error bar per draft variant and target, spanning its CI."""
+    fig = plot(measurements)
+    rows = main_slice(measurements)
+    rows = rows[(rows["eval_set"] == "humaneval") & rows["target"].isin(targets)]
+    expected = sorted(zip(rows[f"{value}_ci_low"], rows[f"{value}_ci_high"]))
+    assert len(expected) == len(VARIANTS) * len(targets)
+    assert np.allclose(errorbar_spans(fig.axes[0]), expected)
+    assert all(errorbar_spans(ax) for ax in fig.axes)
+
+
+def test_mal_vs_k_lines_bands_and_best_k(measurements):
+    fig = plot_mal_vs_k(measurements)
+    assert len(fig.axes) == 2 * 2  # MAL and improvement factor x two eval sets of the one walk pair t_llama, d_small
+    top, bottom = fig.axes[0], fig.axes[2]
+    assert top.get_title() == "humaneval: d_small → t_llama"
+    assert "improvement factor" in bottom.get_ylabel()
+    walk = measurements[(measurements["estimator"] == "teacher_forced_walk") & (measurements["eval_set"] == "humaneval")]
+    for ax, value in ((top, "mal"), (bottom, "improvement_factor")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for method, sparsity in VARIANTS:
+            rows = walk[(walk["method"] == method) & (walk["sparsity"] == sparsity)].sort_values("k")
+            line = lines[variant_label(method, sparsity)]
+            assert list(line.get_xdata()) == list(range(1, K_MAX + 1))
+            assert np.allclose(line.get_ydata(), rows[value])
+        stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+        assert len(stars) == len(VARIANTS) and all(list(star.get_xdata()) == [K] for star in stars)
+        assert len(ax.collections) == len(VARIANTS)  # one CI band per draft variant
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[-1].startswith("best k") and legend.count(legend[-1]) == 1
+
+
+def test_mal_vs_k_keeps_one_eval_set_when_columns_would_crowd(measurements):
+    walk = measurements[measurements["estimator"] == "teacher_forced_walk"]
+    many = pd.concat([walk.assign(eval_set=f"set{i}") for i in range(MAX_K_COLUMNS + 1)])
+    fig = plot_mal_vs_k(many)
+    assert len(fig.axes) == 2
+    assert "eval set set0 only" in fig.get_suptitle()
+    few = plot_mal_vs_k(pd.concat([walk.assign(eval_set=f"set{i}") for i in range(MAX_K_COLUMNS)]))
+    assert len(few.axes) == 2 * MAX_K_COLUMNS and "only" not in few.get_suptitle()
+
+
+def test_mal_vs_k_without_walk_rows(measurements):
+    assert is_empty_figure(plot_mal_vs_k(measurements[measurements["estimator"] != "teacher_forced_walk"]), "no teacher-forced walk rows")

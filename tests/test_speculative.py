@@ -1,18 +1,16 @@
-"""Speculative decoding measurements on tiny random models.
+"""transformers' assisted generation as sd2 drives it, on tiny random models.
 
-Random tiny models stop at EOS at random points, so these runs set `ignore_eos`
-(min_new_tokens = max_new_tokens): every generation has the same length and every
-step count below is deterministic. Lengths are short (12-16 new tokens) because a
-transformers assisted-generation step costs tens of milliseconds on 2 shared cores.
+Step counting, the different-tokenizer path (greedy and sampling, including a draft
+vocabulary that is a subset of the target's) and a chi-square test that speculative
+sampling reproduces the target's distribution. The walk is compared with it in
+test_measure.py. Lengths are short (12 new tokens) because an assisted-generation
+step costs tens of milliseconds on 2 shared cores.
 """
 
-import copy
-import json
 import types
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from sd2 import speculative as sp
@@ -24,8 +22,6 @@ PROMPTS = [
     {"id": "loop", "prompt": "for i in range(10):\n    print("},
     {"id": "cls", "prompt": "import os\n\nclass Path:\n    def"},
 ]
-SETTINGS = {"k": [3], "temperatures": [0.0], "max_new_tokens": 16, "n_prompts": 2, "warmup_prompts": 1, "ignore_eos": True}
-LABELS = {"target": "tiny", "draft": "tiny", "method": "dense", "sparsity": 0, "eval_set": "toy"}
 
 
 @pytest.fixture(autouse=True)
@@ -37,24 +33,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def eval_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    Dataset.from_list(PROMPTS).save_to_disk(str(out))
-    return out
+def check_consistent(runs, k, prompts):
+    """Per-step counts add up to the new tokens; every step commits 1..k+1 target tokens (same tokenizer)."""
+    assert len(runs) == len(prompts)
+    for run in runs:
+        assert sum(c for c, _ in run["steps"]) == len(run["tokens"])
+        assert all(1 <= c for c, _ in run["steps"]) and run["seconds"] > 0
 
 
-def check_consistent(record, k):
-    assert record["mal"] * record["n_steps"] == pytest.approx(record["accepted_tokens"])
-    assert sum(record["accepted_length_histogram"]) == record["n_steps"]
-    assert len(record["accepted_length_histogram"]) >= k + 1
-    assert len(record["acceptance_by_position"]) >= k
-    assert record["truncated_steps"] == record["n_prompts"]
-    assert 1 <= record["mal"]
-    assert record["accepted_draft_tokens"] == record["accepted_tokens"] - record["n_steps"]
-    # position i accepted implies position i-1 accepted
-    shares = record["acceptance_by_position"]
-    assert all(a >= b for a, b in zip(shares, shares[1:]))
+def _ids(tok, prompts):
+    return [tok(p["prompt"])["input_ids"] for p in prompts]
 
 
 def test_step_stats_by_hand():
@@ -68,85 +56,17 @@ def test_step_stats_by_hand():
     assert got["acceptance_by_position"] == [3 / 4, 2 / 4, 1 / 4]
 
 
-def test_identical_draft_greedy_measure(tmp_path, tiny_llama_dir, eval_dir):
-    logged = []
-    run = types.SimpleNamespace(log=logged.append)
-    out = tmp_path / "record.json"
-    result = sp.measure(tiny_llama_dir, tiny_llama_dir, eval_dir, out, settings=SETTINGS, labels=LABELS, seed=0, run=run)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
-    assert "mal" in result["definitions"] and "improvement_factor" in result["definitions"]
-    (record,) = result["records"]
-    check_consistent(record, 3)
-    # every counted (non-final) step commits all k draft tokens plus the bonus token
-    assert record["mal"] == 4.0 and record["acceptance_rate"] == 1.0
-    assert record["accepted_length_histogram"] == [0, 0, 0, record["n_steps"]]
-    assert record["n_steps"] == 2 * 3  # 16 tokens = 3 full steps of 4 + a final step of 4, per prompt
-    assert record["lossless_checked"] == 2 and record["same_tokenizer"] and record["decoding_path"] == "assisted"
-    assert record["improvement_factor"] == pytest.approx(4.0 / (1 + 3 * 1.0))
-    assert record["draft_macs_per_token"] == record["target_macs_per_token"]
-    assert record["speedup"] == pytest.approx(record["sd_tokens_per_s"] / record["ar_tokens_per_s"])
-    assert record["provenance"]["seed"] == 0 and record["method"] == "dense"
-    assert logged and logged[0]["mal"] == 4.0
-
-
-def _reinit_layers(model, std: float, seed: int):
-    """A random model whose layers matter: at init scale a tied random model just repeats its last token."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, std)
-    return model
-
-
-def test_perturbed_draft_partial_acceptance(tiny_llama_dir):
-    target = _reinit_layers(load_model(tiny_llama_dir), std=0.2, seed=0)
-    tok = load_tokenizer(tiny_llama_dir)
-    draft = copy.deepcopy(target)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for module in draft.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.add_(0.02 * torch.randn_like(module.weight))  # 10% of the weights' scale
-    # greedy: run_setting raises if the output differs from the target's own greedy output
-    record = sp.run_setting(target, draft, tok, tok, PROMPTS[:2], k=3, temperature=0.0, max_new_tokens=16,
-                            seed=0, warmup_prompts=1, ignore_eos=True)
-    check_consistent(record, 3)
-    assert 1.0 < record["mal"] < 4.0, record["accepted_length_histogram"]
-    assert 0.0 < record["acceptance_rate"] < 1.0
-    assert record["lossless_checked"] == 2
-    # sampled: near-uniform random distributions accept almost everything, so only consistency is checked here;
-    # the distribution test below covers acceptance and rejection under sampling
-    record = sp.run_setting(target, draft, tok, tok, PROMPTS[:2], k=3, temperature=1.0, max_new_tokens=16,
-                            seed=0, warmup_prompts=1, ignore_eos=True)
-    check_consistent(record, 3)
-    assert record["lossless_checked"] == 0
-
-
-def test_lossless_mismatch_names_prompt(monkeypatch, tiny_llama_dir):
-    target = load_model(tiny_llama_dir)
-    tok = load_tokenizer(tiny_llama_dir)
-    real = sp.sd_generate
-
-    def corrupted(*args, **kwargs):
-        tokens, steps = real(*args, **kwargs)
-        return (tokens + 1) % 100, steps
-
-    monkeypatch.setattr(sp, "sd_generate", corrupted)
-    with pytest.raises(AssertionError, match="'loop'"):
-        sp.run_setting(target, target, tok, tok, PROMPTS[1:2], k=2, temperature=0.0, max_new_tokens=4, seed=0,
-                       warmup_prompts=0, ignore_eos=True)
-
-
 def test_different_tokenizers_greedy_and_sampling(tiny_qwen_dir, tiny_llama_draft_dir):
     target, draft = load_model(tiny_qwen_dir), load_model(tiny_llama_draft_dir)
     target_tok, draft_tok = load_tokenizer(tiny_qwen_dir), load_tokenizer(tiny_llama_draft_dir)
+    assert sp.decoding_path(target, draft, target_tok, draft_tok) == "uag"
+    with torch.no_grad():
+        greedy = [target.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist() for ids in _ids(target_tok, PROMPTS[:2])]
     for temperature in (0.0, 1.0):
-        record = sp.run_setting(target, draft, target_tok, draft_tok, PROMPTS[:2], k=3, temperature=temperature,
-                                max_new_tokens=12, seed=0, warmup_prompts=1, ignore_eos=True)
-        check_consistent(record, 3)
-        assert record["decoding_path"] == "uag"
-        assert record["lossless_checked"] == (2 if temperature == 0 else 0)
+        runs = sp.assisted_runs(target, draft, target_tok, draft_tok, _ids(target_tok, PROMPTS[:2]), k=3, temperature=temperature, max_new_tokens=12, seed=0)
+        check_consistent(runs, 3, PROMPTS[:2])
+        if temperature == 0:
+            assert [r["tokens"] for r in runs] == greedy  # lossless across tokenizers
     # sampling across tokenizers must not have replaced the draft's lm_head (transformers' default does)
     assert isinstance(draft.get_output_embeddings(), torch.nn.Linear)
     assert draft.get_output_embeddings().weight.shape[0] == draft.config.vocab_size
@@ -160,10 +80,10 @@ def test_sampling_when_draft_vocab_is_subset(tmp_path, stdlib_texts, tiny_llama_
     draft = build_model({"arch": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                          "num_attention_heads": 2}, small, seed=3)
     draft_tok = AutoTokenizer.from_pretrained(tmp_path / "tok300")
-    record = sp.run_setting(load_model(tiny_llama_dir), draft.eval(), target_tok, draft_tok, PROMPTS[:1], k=3,
-                            temperature=1.0, max_new_tokens=12, seed=0, warmup_prompts=0, ignore_eos=True)
-    check_consistent(record, 3)
-    assert record["decoding_path"] == "uag"
+    target = load_model(tiny_llama_dir)
+    assert sp.decoding_path(target, draft.eval(), target_tok, draft_tok) == "uag"
+    runs = sp.assisted_runs(target, draft, target_tok, draft_tok, _ids(target_tok, PROMPTS[:1]), k=3, temperature=1.0, max_new_tokens=12, seed=0)
+    check_consistent(runs, 3, PROMPTS[:1])
 
 
 def test_equal_vocab_different_tokenizers_refused(byte_tokenizer_dir, meta_tokenizer_dir):

@@ -36,13 +36,23 @@ def test_all_outputs(tiny_run):
     # 2 targets x 1 draft x (dense, dense_sd + 4 sparse methods x 1 level) x 1 eval set
     assert len(records) == 12
     table = pd.read_csv(tiny_run / "results" / "tables" / "measurements.csv")
-    assert len(table) == 12 * len(cfg["measure"]["temperatures"])
+    measure = cfg["measure"]
+    # per draft variant: same tokenizer, walk k=1..k_max + sampled assisted + tvd k=1..k_max; across tokenizers, assisted greedy + sampled
+    assert len(table) == 6 * (2 * measure["k_max"] + 1) + 6 * 2
     assert set(table["method"]) == set(cfg["methods"])
     assert set(table["sparsity"]) == {0, 50}
-    assert table["mal"].between(1, cfg["measure"]["k"][0] + 1).all()
-    greedy = table[table["temperature"] == 0]
-    assert (greedy["lossless_checked"] == cfg["measure"]["n_prompts"]).all()
+    assert (table["mal"] <= table["k"] + 1).all() and (table["mal"] >= 1).all()
+    walk = table[table["estimator"] == "teacher_forced_walk"]
+    assert set(walk["k"]) == set(range(1, measure["k_max"] + 1)) and (walk["target"] == "tiny-llama").all()
+    checked = walk[walk["headline_k"]]
+    assert (checked["checked_prompts"] + checked["draft_near_ties"] + checked["target_near_ties"] == measure["n_check"]).all()
+    assert (checked["checked_steps"] > 0).all() and checked["speedup"].notna().all()
+    assert (table["mal_ci_low"] <= table["mal"]).all() and (table["mal"] <= table["mal_ci_high"]).all()
     assert set(table["same_tokenizer"]) == {True, False}
+    outputs = sorted((tiny_run / "work" / "target_outputs").rglob("*.json"))
+    assert len(outputs) == 2  # one per target and eval set, shared by every draft
+    comparisons = pd.read_csv(tiny_run / "results" / "tables" / "comparisons.csv")
+    assert len(comparisons) == 2 * 2 and comparisons["mal_ratio_vs_layer_pruned"].notna().all()
     sparse = table[table["sparsity"] == 50]
     assert (sparse["draft_macs_per_token"] < table[table["method"] == "dense"]["draft_macs_per_token"].max()).all()
     for name in ("mal_vs_sparsity", "mal_vs_macs", "loss_curves"):
@@ -79,7 +89,7 @@ def test_figures_from_tables_alone(tiny_run, tmp_path):
     """`make figures`: with only the tables present, the figures job is the only job."""
     tables = tmp_path / "results" / "tables"
     tables.mkdir(parents=True)
-    for name in ("measurements.csv", "training.csv"):
+    for name in ("measurements.csv", "comparisons.csv", "training.csv"):
         (tables / name).write_bytes((tiny_run / "results" / "tables" / name).read_bytes())
     proc = subprocess.run(
         snakemake_cmd(tmp_path, "figures", "--allowed-rules", "figures", "--cores", "1"),

@@ -1,0 +1,106 @@
+"""`make readme`: the README's result blocks, generated from the committed tables.
+
+Every number the README shows about the default run sits between a pair of markers,
+<!-- generated:NAME --> and <!-- /generated:NAME -->, and is rewritten from
+results/ by this module; text outside the markers is left alone. No torch here.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from sd2.results import markdown_table, summary_markdown
+
+
+def run_time(results: Path) -> str:
+    path = results / "run_time.json"
+    if not path.exists():
+        return "No recorded run from nothing yet (`make clean && make run` writes `results/run_time.json`)."
+    rec = json.loads(path.read_text())
+    machine = rec["machine"]
+    models = ", ".join(f"{name} {m['tokens_per_s']:,.0f} tokens/s ({m['precision']})" for name, m in rec["probe"]["models"].items())
+    return (f"`make run` from nothing: **{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** on {machine['cpu']}, "
+            f"{machine['cores']} cores, native bf16: {'yes' if machine['native_bf16'] else 'no'} "
+            f"({rec['provenance']['created'][:10]}, `results/run_time.json`). "
+            f"The throughput probe before it: {models}.")
+
+
+def models(results: Path) -> str:
+    table = pd.read_csv(results / "tables" / "models.csv")
+    return markdown_table(table)
+
+
+def per_draft(results: Path) -> str:
+    measurements = pd.read_csv(results / "tables" / "measurements.csv")
+    compared = pd.read_csv(results / "tables" / "comparisons.csv")
+    return summary_markdown(measurements, compared)
+
+
+def _share(df: pd.DataFrame, column: str) -> str:
+    return f"{int(df[column].sum())} of {len(df)}"
+
+
+def significance(results: Path) -> str:
+    """What the paired comparisons say, in sentences, greedy decoding."""
+    compared = pd.read_csv(results / "tables" / "comparisons.csv")
+    greedy = compared[compared["temperature"] == 0]
+    if not len(greedy):
+        return "No comparisons in the tables."
+    ratio, change = greedy.dropna(subset=["ratio_ci_low"]), greedy.dropna(subset=["change_ci_low"])
+    up = ratio[ratio["ratio_ci_low"] > 1]
+    down = ratio[ratio["ratio_ci_high"] < 1]
+    lines = [
+        f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
+        f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
+        f"ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to {ratio['mal_ratio_vs_layer_pruned'].max():.2f}; "
+        f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, not significant in {len(ratio) - len(up) - len(down)}.",
+        f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% to {-change['macs_reduction_pct'].min():.1f}%, "
+        f"MAL change {change['mal_change_pct'].min():+.1f}% to {change['mal_change_pct'].max():+.1f}%; "
+        f"significant in {_share(change, 'change_significant')} cells.",
+    ]
+    for name, df in (("ratio", ratio), ("change", change)):
+        quiet = df[~df[f"{name}_significant"]]
+        if len(quiet):
+            where = "; ".join(f"{r.target}/{r.draft} s{r.sparsity} {r.eval_set}" for r in quiet.itertuples())
+            lines.append(f"  Not significant ({'vs layer-pruned' if name == 'ratio' else 'vs dense_sd'}): {where}.")
+    return "\n".join(lines)
+
+
+def measure_time(results: Path) -> str:
+    """Measuring part of the sweep before (assisted generation on 6 prompts) and after (this code), same machine."""
+    tables = results / "tables"
+    if not (tables / "job_times.csv").exists():
+        return "No job times recorded (`python -m sd2 job-times logs/benchmarks --out results/tables/job_times.csv`)."
+    now = pd.read_csv(tables / "job_times.csv")
+    parts = []
+    for label, df in (("before", pd.read_csv(tables / "job_times_before.csv") if (tables / "job_times_before.csv").exists() else None), ("now", now)):
+        if df is None:
+            continue
+        measuring = df[df["rule"].isin(["measure", "target_outputs"])]
+        per_rule = ", ".join(f"{rule} {len(g)} jobs, {g['seconds'].sum():,.0f} s (mean {g['seconds'].mean():.1f} s)"
+                             for rule, g in measuring.groupby("rule"))
+        parts.append(f"- {label}: {measuring['seconds'].sum():,.0f} job-seconds in all: {per_rule}.")
+    return "\n".join(parts)
+
+
+BLOCKS = {"run_time": run_time, "models": models, "per_draft": per_draft, "significance": significance, "measure_time": measure_time}
+
+
+def update(readme_path, results_dir) -> list[str]:
+    """Rewrite every generated block of the README in place; returns the names of the blocks found."""
+    readme, results = Path(readme_path), Path(results_dir)
+    text = readme.read_text()
+    found = []
+    for name, render in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- generated:{name} -->\n)(?:.*?\n)?(<!-- /generated:{name} -->)", re.S)
+        if pattern.search(text):
+            body = render(results).strip()
+            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+            found.append(name)
+    unknown = set(re.findall(r"<!-- generated:(\w+) -->", text)) - set(BLOCKS)
+    if unknown:
+        raise ValueError(f"{readme}: unknown generated block(s) {sorted(unknown)} (known: {sorted(BLOCKS)})")
+    readme.write_text(text)
+    return found
