@@ -72,6 +72,9 @@ def _check_references(config: dict) -> None:
                 raise ConfigError(f"config error at {role}.{i}: unknown model '{name}' (known: {sorted(models)})")
     if config["prune"]["structure"] == "2:4" and any(s != 50 for s in config["sparsities"]):
         raise ConfigError("config error at prune.structure: 2:4 sparsity is exactly 50%, but sparsities is " f"{config['sparsities']}")
+    measure = config["measure"]
+    if max(measure["k"]) > measure["k_max"]:
+        raise ConfigError(f"config error at measure.k: {max(measure['k'])} is more than measure.k_max={measure['k_max']} (the walk covers k = 1..k_max)")
     if config["data"]["corpus"] == "hub" and not config["data"]["hub"]:
         raise ConfigError("config error at data.hub: data.corpus is 'hub' but no hub dataset is named")
     for name, spec in config["data"]["eval_sets"].items():

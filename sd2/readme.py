@@ -85,7 +85,17 @@ def measure_time(results: Path) -> str:
     return "\n".join(parts)
 
 
-BLOCKS = {"run_time": run_time, "models": models, "per_draft": per_draft, "significance": significance, "measure_time": measure_time}
+def precision(results: Path) -> str:
+    path = results / "tables" / "precision.csv"
+    if not path.exists():
+        return "Not measured yet (`python benchmarks/precision.py --out results/tables/precision.csv`)."
+    r = pd.read_csv(path).iloc[0]
+    return (f"{r['model']}, batch {r['batch']}, {r['threads']} threads on {r['cpu']} (native bf16: {'yes' if r['native_bf16'] else 'no'}): "
+            f"fp32 **{r['fp32_tokens_per_s']:,.0f} tokens/s**, bf16 autocast **{r['bf16_tokens_per_s']:,.0f} tokens/s** "
+            f"(bf16 / fp32 = {r['bf16_over_fp32']:.3f}; `benchmarks/precision.py`, `results/tables/precision.csv`).")
+
+
+BLOCKS = {"run_time": run_time, "precision": precision, "models": models, "per_draft": per_draft, "significance": significance, "measure_time": measure_time}
 
 
 def update(readme_path, results_dir) -> list[str]:

@@ -91,14 +91,15 @@ def probe(config: dict) -> dict:
 
 
 def estimate(config: dict, previous: dict | None) -> dict:
-    """The probe, plus a whole-sweep estimate where a recorded run of the same config exists."""
+    """The probe, plus a whole-sweep estimate scaled from a recorded run (flagged when its config differs)."""
     found = probe(config)
     found["config_digest"] = config_digest(config)
     found["sweep_seconds"] = None
-    if previous and previous.get("config_digest") == found["config_digest"] and previous["probe"]["pretrain_seconds"]:
+    if previous and previous["probe"]["pretrain_seconds"]:
         speed = found["pretrain_seconds"] / previous["probe"]["pretrain_seconds"]
         found["sweep_seconds"] = round(previous["seconds"] * speed)
-        found["scaled_from"] = {"seconds": previous["seconds"], "cpu": previous["machine"]["cpu"], "slowdown": round(speed, 2)}
+        found["scaled_from"] = {"seconds": previous["seconds"], "cpu": previous["machine"]["cpu"], "slowdown": round(speed, 2),
+                                "same_config": previous.get("config_digest") == found["config_digest"]}
     return found
 
 
@@ -111,10 +112,11 @@ def describe(found: dict) -> str:
     lines.append(f"Pretraining alone: ~{found['pretrain_seconds'] / 60:.0f} min.")
     if found["sweep_seconds"] is not None:
         ref = found["scaled_from"]
-        lines.append(f"Whole sweep: ~{found['sweep_seconds'] / 60:.0f} min (the recorded run of this config took "
+        which = "this config" if ref["same_config"] else "another config (this one has changed since: a rough guide only)"
+        lines.append(f"Whole sweep: ~{found['sweep_seconds'] / 60:.0f} min (the recorded run of {which} took "
                      f"{ref['seconds'] / 60:.0f} min on {ref['cpu']}; this machine probes {ref['slowdown']}x its time).")
     else:
-        lines.append("Whole sweep: not estimated (no recorded run of this config to scale from).")
+        lines.append("Whole sweep: not estimated (no recorded run to scale from).")
     return "\n".join(lines)
 
 

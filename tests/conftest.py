@@ -15,6 +15,15 @@ torch.set_num_threads(2)
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on 2 shared cores: a second thread only adds contention (10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def stdlib_texts():
     files = stdlib_files()[:60]

@@ -47,6 +47,8 @@ BAD = [
     (lambda c: c.update(sparsities=[50, 70], prune={"structure": "2:4"}), "prune.structure", "2:4"),
     (lambda c: c["models"]["tiny-llama"]["train"].update(bf16="yes"), "models.tiny-llama.train.bf16", "yes"),
     (lambda c: c["finetune"].update(bf16="fp16"), "finetune.bf16", "fp16"),
+    (lambda c: c["measure"].update(k=[3, 9], k_max=8), "measure.k", "k_max"),
+    (lambda c: c["measure"].update(bootstrap=100), "measure.bootstrap", "100"),
 ]
 
 

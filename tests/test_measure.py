@@ -25,13 +25,7 @@ SETTINGS = {"k_max": 6, "k": [3], "temperatures": [0.0, 1.0], "max_new_tokens": 
 LABELS = {"target": "t", "draft": "d", "method": "sd2", "sparsity": 50, "eval_set": "toy"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on 2 shared cores: a second thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rescaled(model, std, seed):

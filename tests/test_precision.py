@@ -93,5 +93,6 @@ def test_estimate_then_record_then_scaled_estimate(tmp_path, native):
         assert second["sweep_seconds"] == round(600 * slowdown)
     assert "Whole sweep: ~" in sweep_time.describe(second)
 
-    other = {**cfg, "seed": 1}
-    assert sweep_time.estimate(other, previous=on_disk)["sweep_seconds"] is None
+    assert second["scaled_from"]["same_config"]
+    other = sweep_time.estimate({**cfg, "seed": 1}, previous=on_disk)
+    assert not other["scaled_from"]["same_config"] and "rough guide" in sweep_time.describe(other)
