@@ -15,27 +15,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# The default sweep on 2 cores. Without work/ (a fresh clone) the committed results came
-# from another machine's models: Snakemake would keep them, so they are removed first
-# (`git checkout results/` restores them) and everything is rebuilt. The wall time goes to
-# results/run_time.json only from such a run from nothing.
+# The default sweep on 2 cores (sd2.sweep_time.run_sweep): a fresh clone rebuilds results/
+# from nothing and records its wall time in results/run_time.json; see the README.
 CONFIG := config/config.yaml
 run: $(STAMP)
-	@mkdir -p logs; \
-	fresh=$$([ -d work ] && echo 0 || echo 1); \
-	$(BIN)/python -m sd2 estimate-run-time --config $(CONFIG) --previous results/run_time.json --out logs/run_estimate.json --threads 2 || exit 1; \
-	if [ $$fresh = 1 ]; then \
-		echo "make run: no work/ here, so results/ is not from this machine's models: rebuilding it from nothing"; \
-		snakemake --delete-all-output --cores 1 --quiet all --configfile $(CONFIG) || exit 1; \
-	else \
-		echo "make run: work/ exists: running only what is out of date (the run time is recorded only by a run from nothing; make clean first for one)"; \
-	fi; \
-	start=$$(date +%s); \
-	snakemake --cores 2 --configfile $(CONFIG) || exit 1; \
-	$(BIN)/python -m sd2 job-times logs/benchmarks --out results/tables/job_times.csv; \
-	if [ $$fresh = 1 ]; then \
-		$(BIN)/python -m sd2 record-run-time --seconds $$(( $$(date +%s) - start )) --estimate logs/run_estimate.json --out results/run_time.json; \
-	fi
+	$(BIN)/python -m sd2 sweep --config $(CONFIG) --cores 2 --threads 2
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -262,17 +262,15 @@ def estimate_run_time(p=None, a=None):
     print(sweep_time.describe(found), flush=True)
 
 
-@step("record-run-time", "write the run-time record of a sweep that built everything from nothing")
-def record_run_time(p=None, a=None):
+@step("sweep", "make run: probe, start from nothing on a fresh clone, run Snakemake, record the run time")
+def sweep(p=None, a=None):
     if p:
-        p.add_argument("--seconds", type=int, required=True, help="wall time of the sweep")
-        p.add_argument("--estimate", required=True, help="the estimate-run-time output of this run")
-        p.add_argument("--out", required=True)
+        p.add_argument("--config", required=True, help="workflow config file")
+        p.add_argument("--cores", type=int, default=2)
         return
-    from sd2 import sweep_time
+    from sd2.sweep_time import run_sweep
 
-    rec = sweep_time.record(a.seconds, json.loads(open(a.estimate).read()), a.out)
-    print(f"sweep: {rec['seconds']} s on {rec['machine']['cpu']}, {rec['machine']['cores']} cores -> {a.out}")
+    sys.exit(run_sweep(a.config, cores=a.cores))
 
 
 @step("job-times", "per-job wall time and memory from Snakemake's benchmark files, as a table")

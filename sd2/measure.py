@@ -162,7 +162,7 @@ def measure(target_dir, draft_dir, outputs_path, out_path, *, settings: dict, la
 
     def add(temperature, k, estimator, result, **extra):
         record = {**base, "temperature": temperature, "k": k, "estimator": estimator, **result, **extra,
-                  "provenance": provenance(seed=seed, settings=settings, k=k, temperature=temperature, estimator=estimator)}
+                  "provenance": provenance(seed=seed, **settings)}
         records.append(record)
         if run is not None:
             run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -120,12 +120,13 @@ def describe(found: dict) -> str:
     return "\n".join(lines)
 
 
-def record(seconds: int, found: dict, out) -> dict:
-    """The run-time record of a `make run` that built everything from nothing."""
+def record(seconds: int, found: dict, out, invocations: int = 1) -> dict:
+    """The run-time record of a `make run` that built everything from nothing (over `invocations` if it was resumed)."""
     from sd2.provenance import provenance, write_json
 
     rec = {
         "seconds": seconds,
+        "invocations": invocations,
         "machine": found["machine"],
         "config_digest": found["config_digest"],
         "probe": {k: found[k] for k in ("models", "pretrain_seconds")},
@@ -148,3 +149,63 @@ def job_times(benchmark_dir) -> "pd.DataFrame":
         rows.append({"rule": rel.parts[0], "job": "/".join(rel.parts[1:]), "seconds": float(table["s"].iloc[-1]),
                      "max_rss_mb": float(table["max_rss"].iloc[-1]) if "max_rss" in table else float("nan")})
     return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
+
+
+def run_sweep(config_path, *, cores: int) -> int:
+    """`make run`: probe, start from nothing where work/ is missing, run Snakemake, record the time.
+
+    Without work/ (a fresh clone) the committed results came from another machine's
+    models and Snakemake would keep them (they are newer than their missing inputs), so
+    the sweep's outputs are deleted first and everything is rebuilt. Such a run from
+    nothing leaves a marker in work/ that adds up the wall time of every invocation
+    until the sweep completes (a killed run resumes), and only then writes the run-time
+    record. Returns Snakemake's exit status.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from sd2.config import load
+    from sd2.provenance import write_json
+    from sd2.results import write_table
+
+    config = load(config_path)
+    work, results = Path(config["workdir"]), Path(config["results_dir"])
+    record_path = results / "run_time.json"
+    previous = json.loads(record_path.read_text()) if record_path.exists() else None
+    found = estimate(config, previous)
+    print(describe(found), flush=True)
+    marker = work / ".run-from-nothing.json"
+    base = [sys.executable, "-m", "snakemake", "--configfile", str(config_path)]
+    if not work.exists():
+        print(f"make run: no {work}/ here, so {results}/ is not from this machine's models: rebuilding it from nothing", flush=True)
+        subprocess.run([*base, "--delete-all-output", "--cores", "1", "--quiet", "all"], check=True)
+        work.mkdir(parents=True)
+        write_json(marker, {"seconds": 0, "invocations": 0, "estimate": found})
+    elif marker.exists():
+        print(f"make run: resuming a run from nothing ({marker}); its wall time keeps adding up", flush=True)
+    else:
+        print(f"make run: {work}/ exists: running what is out of date (only a run from nothing records its time; make clean first)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    start, status = time.monotonic(), 1
+    try:
+        status = subprocess.run([*base, "--cores", str(cores)]).returncode
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if marker.exists():
+            state = json.loads(marker.read_text())
+            state["seconds"] += round(time.monotonic() - start)
+            state["invocations"] += 1
+            write_json(marker, state)
+    if status == 0:
+        write_table(job_times("logs/benchmarks"), results / "tables" / "job_times.csv")
+        if marker.exists():
+            state = json.loads(marker.read_text())
+            rec = record(state["seconds"], state["estimate"], record_path, invocations=state["invocations"])
+            marker.unlink()
+            print(f"make run: {rec['seconds']} s on {rec['machine']['cpu']} ({state['invocations']} invocation(s)) -> {record_path}")
+    return status

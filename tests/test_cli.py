@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 STEPS = ["prepare-data", "train-tokenizer", "pretrain", "model-report", "self-distill", "prune", "layer-prune",
-         "finetune", "target-outputs", "measure", "macs", "collect", "figures", "estimate-run-time", "record-run-time", "job-times", "readme"]
+         "finetune", "target-outputs", "measure", "macs", "collect", "figures", "estimate-run-time", "sweep", "job-times", "readme"]
 
 
 def sd2(*args):

@@ -17,6 +17,7 @@ from sd2 import measure as ms
 from sd2 import speculative as sp
 from sd2.distill import generate_batch
 from sd2.models import load_model, load_tokenizer
+from sd2.results import collect_measurements
 
 PROMPTS = ["def add(a, b):\n    return", "for i in range(10):\n    print(", "import os\n\nclass Path:\n    def", "x = [1, 2", "while True:\n"]
 N = 16
@@ -160,6 +161,9 @@ def test_measure_same_tokenizer(tmp_path, pair, outputs):
     assert tvd[0]["mal"] == pytest.approx(1 + tvd[0]["alpha"])
     assert [r["mal"] for r in tvd] == sorted(r["mal"] for r in tvd)
     assert result["prompt_ids"] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert checked["provenance"]["settings"] == SETTINGS and checked["provenance"]["seed"] == 0
+    table = collect_measurements([out], tmp_path / "m.csv")  # what the collect rule makes of it
+    assert list(table.loc[table["headline_k"], "k"].unique()) == [3] and len(table) == len(result["records"])
 
 
 def test_identical_draft_accepts_everything(tmp_path, pair, outputs):

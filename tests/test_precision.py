@@ -96,3 +96,34 @@ def test_estimate_then_record_then_scaled_estimate(tmp_path, native):
     assert second["scaled_from"]["same_config"]
     other = sweep_time.estimate({**cfg, "seed": 1}, previous=on_disk)
     assert not other["scaled_from"]["same_config"] and "rough guide" in sweep_time.describe(other)
+
+
+def test_make_run_from_nothing_resumed_then_recorded(tmp_path, monkeypatch):
+    """A fresh clone: outputs deleted first; a killed run keeps adding up its time; the completed one records it."""
+    cfg = {"workdir": str(tmp_path / "work"), "results_dir": str(tmp_path / "results")}
+    calls = []
+    outcomes = iter([0, 1, 0])  # delete-all-output, a run that dies, the resumed run
+
+    def fake_run(cmd, check=False):
+        calls.append(cmd)
+        return type("Done", (), {"returncode": next(outcomes)})()
+
+    monkeypatch.setattr("sd2.config.load", lambda path: cfg)
+    monkeypatch.setattr(sweep_time, "estimate", lambda config, previous: {"machine": sweep_time.machine(), "config_digest": "x",
+                                                                          "models": {}, "pretrain_seconds": 0, "sweep_seconds": None})
+    monkeypatch.setattr("subprocess.run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    assert sweep_time.run_sweep("config.yaml", cores=2) == 1
+    assert "--delete-all-output" in calls[0] and calls[1][-2:] == ["--cores", "2"]
+    marker = json.loads((tmp_path / "work" / ".run-from-nothing.json").read_text())
+    assert marker["invocations"] == 1 and not (tmp_path / "results" / "run_time.json").exists()
+    assert sweep_time.run_sweep("config.yaml", cores=2) == 0
+    assert len(calls) == 3 and "--delete-all-output" not in calls[2]  # resumed, nothing deleted
+    rec = json.loads((tmp_path / "results" / "run_time.json").read_text())
+    assert rec["invocations"] == 2 and rec["seconds"] >= 0 and rec["machine"]["cpu"]
+    assert not (tmp_path / "work" / ".run-from-nothing.json").exists()
+    # a third run in a finished tree is incremental: no record rewritten
+    outcomes = iter([0])
+    (tmp_path / "results" / "run_time.json").write_text("{}")
+    assert sweep_time.run_sweep("config.yaml", cores=2) == 0
+    assert (tmp_path / "results" / "run_time.json").read_text() == "{}"
