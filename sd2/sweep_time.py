@@ -205,7 +205,9 @@ def run_sweep(config_path, *, cores: int) -> int:
         write_table(job_times("logs/benchmarks"), results / "tables" / "job_times.csv")
         if marker.exists():
             state = json.loads(marker.read_text())
-            rec = record(state["seconds"], state["estimate"], record_path, invocations=state["invocations"])
+            # The first invocation's probe; the config is the one that completed the sweep.
+            rec = record(state["seconds"], {**state["estimate"], "config_digest": found["config_digest"]}, record_path,
+                         invocations=state["invocations"])
             marker.unlink()
             print(f"make run: {rec['seconds']} s on {rec['machine']['cpu']} ({state['invocations']} invocation(s)) -> {record_path}")
     return status
