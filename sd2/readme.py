@@ -69,20 +69,26 @@ def significance(results: Path) -> str:
 
 
 def measure_time(results: Path) -> str:
-    """Measuring part of the sweep before (assisted generation on 6 prompts) and after (this code), same machine."""
+    """Measuring part of the sweep now, and the previous measurement timed on a sample of the same cells."""
     tables = results / "tables"
     if not (tables / "job_times.csv").exists():
-        return "No job times recorded (`python -m sd2 job-times logs/benchmarks --out results/tables/job_times.csv`)."
+        return "No job times recorded (`make run` writes `results/tables/job_times.csv`)."
     now = pd.read_csv(tables / "job_times.csv")
-    parts = []
-    for label, df in (("before", pd.read_csv(tables / "job_times_before.csv") if (tables / "job_times_before.csv").exists() else None), ("now", now)):
-        if df is None:
-            continue
-        measuring = df[df["rule"].isin(["measure", "target_outputs"])]
-        per_rule = ", ".join(f"{rule} {len(g)} jobs, {g['seconds'].sum():,.0f} s (mean {g['seconds'].mean():.1f} s)"
-                             for rule, g in measuring.groupby("rule"))
-        parts.append(f"- {label}: {measuring['seconds'].sum():,.0f} job-seconds in all: {per_rule}.")
-    return "\n".join(parts)
+    measure, outputs = now[now["rule"] == "measure"], now[now["rule"] == "target_outputs"]
+    total = measure["seconds"].sum() + outputs["seconds"].sum()
+    lines = [f"- now: {total:,.0f} job-seconds: {len(measure)} `measure` jobs, {measure['seconds'].sum():,.0f} s "
+             f"(mean {measure['seconds'].mean():.1f} s, max {measure['seconds'].max():.1f} s), and {len(outputs)} `target_outputs` "
+             f"jobs, {outputs['seconds'].sum():,.0f} s (`results/tables/job_times.csv`)."]
+    before_path = tables / "job_times_before.csv"
+    if before_path.exists():
+        before = pd.read_csv(before_path)
+        before = before[before["rule"] == "measure"]
+        estimate = before["seconds"].mean() * len(measure)
+        lines.append(f"- before: the previous `measure` (assisted generation only, 6 prompts x 40 tokens, k = 5) took "
+                     f"{before['seconds'].mean():.1f} s per job on {len(before)} of these cells, same machine and models, "
+                     f"two jobs at a time as in the sweep: about {estimate:,.0f} job-seconds for {len(measure)} jobs "
+                     f"(`results/tables/job_times_before.csv`); now / before = {total / estimate:.2f}.")
+    return "\n".join(lines)
 
 
 def precision(results: Path) -> str:

@@ -36,9 +36,10 @@ def results(tmp_path):
     (tmp_path / "run_time.json").write_text(json.dumps({
         "seconds": 3600, "machine": {"cpu": "Test CPU", "cores": 2, "native_bf16": False},
         "probe": {"models": {"t": {"tokens_per_s": 1800.0, "precision": "fp32"}}}, "provenance": {"created": "2026-11-25T20:00:00"}}))
-    rows = [{"rule": "measure", "job": f"j{i}", "seconds": 10.0, "max_rss_mb": 1.0} for i in range(3)]
+    rows = [{"rule": "measure", "job": f"j{i}", "seconds": 10.0, "max_rss_mb": 1.0} for i in range(4)]
+    rows.append({"rule": "target_outputs", "job": "t", "seconds": 5.0, "max_rss_mb": 1.0})
     pd.DataFrame(rows).to_csv(tmp_path / "tables" / "job_times.csv", index=False)
-    pd.DataFrame([{**r, "seconds": 20.0} for r in rows]).to_csv(tmp_path / "tables" / "job_times_before.csv", index=False)
+    pd.DataFrame([{**r, "seconds": 20.0} for r in rows[:2]]).to_csv(tmp_path / "tables" / "job_times_before.csv", index=False)
     return tmp_path
 
 
@@ -52,7 +53,8 @@ def test_blocks_regenerated_from_tables(tmp_path, results):
     compared = pd.read_csv(results / "tables" / "comparisons.csv")
     greedy = compared[compared["temperature"] == 0]
     assert f"ratio {greedy['mal_ratio_vs_layer_pruned'].min():.2f} to {greedy['mal_ratio_vs_layer_pruned'].max():.2f}" in text
-    assert "- before: 60 job-seconds" in text and "- now: 30 job-seconds" in text
+    assert "- now: 45 job-seconds: 4 `measure` jobs, 40 s" in text and "1 `target_outputs`" in text
+    assert "20.0 s per job on 2 of these cells" in text and "about 80 job-seconds for 4 jobs" in text and "now / before = 0.56" in text
     assert "MAL humaneval [95% CI]" in text and "\nold\n" not in text
     once = readme.read_text()
     update(readme, results)
