@@ -87,7 +87,9 @@ def measure_time(results: Path) -> str:
         lines.append(f"- before: the previous `measure` (assisted generation only, 6 prompts x 40 tokens, k = 5) took "
                      f"{before['seconds'].mean():.1f} s per job on {len(before)} of these cells, same machine and models, "
                      f"two jobs at a time as in the sweep: about {estimate:,.0f} job-seconds for {len(measure)} jobs "
-                     f"(`results/tables/job_times_before.csv`); now / before = {total / estimate:.2f}.")
+                     f"(`results/tables/job_times_before.csv`); now / before = {total / estimate:.2f}, and "
+                     f"{measure['seconds'].mean() / before['seconds'].mean():.2f}x per `measure` job alone (the "
+                     f"`target_outputs` jobs are shared by every draft of a target and eval set).")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def test_blocks_regenerated_from_tables(tmp_path, results):
     greedy = compared[compared["temperature"] == 0]
     assert f"ratio {greedy['mal_ratio_vs_layer_pruned'].min():.2f} to {greedy['mal_ratio_vs_layer_pruned'].max():.2f}" in text
     assert "- now: 45 job-seconds: 4 `measure` jobs, 40 s" in text and "1 `target_outputs`" in text
-    assert "20.0 s per job on 2 of these cells" in text and "about 80 job-seconds for 4 jobs" in text and "now / before = 0.56" in text
+    assert "20.0 s per job on 2 of these cells" in text and "about 80 job-seconds for 4 jobs" in text and "now / before = 0.56" in text and "0.50x per `measure` job" in text
     assert "MAL humaneval [95% CI]" in text and "\nold\n" not in text
     once = readme.read_text()
     update(readme, results)
