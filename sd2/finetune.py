@@ -123,53 +123,6 @@ def check_masks(model, masks: dict[str, torch.Tensor], before: dict[str, int]) -
             raise RuntimeError(f"layer {name}: {before[name]} zeros before fine-tuning, {after[name]} after")
 
 
-# ---- data ----
-
-
-def encode(tokenizer, prompt: str, response: str, seq_len: int) -> dict:
-    """Token ids of prompt + response + end-of-text; labels only on the response and end-of-text."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    # A long prompt keeps its end (what the response continues) and leaves room for the response.
-    prompt_ids = prompt_ids[-(seq_len // 2) :]
-    ids = (prompt_ids + response_ids)[:seq_len]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:seq_len]
-    return {"input_ids": ids, "labels": labels}
-
-
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right padding; padded positions are masked out of attention and the loss."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-
-def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, device="cpu"):
-    """Endless batches, a new seeded permutation every epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(examples), generator=gen).tolist()
-        for i in range(0, len(order), batch_size):
-            batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
-            yield {k: v.to(device) for k, v in batch.items()}
-
-
-def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) indices; at least one of each."""
-    if n < 2:
-        raise ValueError(f"fine-tuning needs at least 2 examples (1 for validation), got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(n - 1, max(1, round(fraction * n)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
 # ---- the rule ----
 
 
@@ -195,14 +148,14 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         teacher = load_model(teacher_dir).to(device)
 
     data = load_from_disk(str(data_dir))
-    examples = [encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
-    train_idx, val_idx = split(len(examples), settings["validation_fraction"], seed)
+    examples = [training.encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
+    train_idx, val_idx = training.split(len(examples), settings["validation_fraction"], seed)
     train_set, val_set = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
     bs, pad = settings["batch_size"], tokenizer.pad_token_id
     steps = max(1, math.ceil(settings["epochs"] * len(train_set) / bs))
     if settings.get("max_steps"):
         steps = min(steps, settings["max_steps"])
-    val_batches = [{k: v.to(device) for k, v in collate(val_set[i : i + bs], pad).items()} for i in range(0, len(val_set), bs)]
+    val_batches = [{k: v.to(device) for k, v in training.collate(val_set[i : i + bs], pad).items()} for i in range(0, len(val_set), bs)]
 
     masks = sparsity_masks(model)
     zeros_before = zero_counts(model)
@@ -210,7 +163,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     print(f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, {len(masks)} masked layers")
     history = training.train(
         model,
-        shuffled_batches(train_set, bs, pad, seed, device),
+        training.shuffled_batches(train_set, bs, pad, seed, device),
         val_batches,
         steps=steps,
         lr=settings["lr"],

@@ -1,8 +1,11 @@
 """Rule model_report: is each pretrained model good enough to measure drafts against?
 
 Reports parameters, training tokens, validation loss, bits per byte (comparable across
-tokenizers), and on greedy continuations of HumanEval prompts: the share of distinct
-word 4-grams (low = loops) and how many completions, cut at their last full line, parse.
+tokenizers), and on greedy continuations of the first evaluation set's prompts (HumanEval in
+the default run): the share of distinct word 4-grams (low = loops), how many completions
+write the prompt's function body (an indented first line, not a new top-level statement),
+and how many write a body and parse (a completion cut by the token limit is cut at its last
+full line first).
 """
 
 import ast
@@ -29,24 +32,41 @@ def distinct_4gram_share(text: str) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def parses(prompt: str, completion: str) -> bool:
-    """Does prompt + completion, cut at the completion's last full line, parse as Python?"""
-    cut = completion[: completion.rfind("\n") + 1] if "\n" in completion else ""
+def writes_body(completion: str) -> bool:
+    """Is the completion's first non-blank line indented, i.e. the body of the prompt's function?"""
+    first = next((line for line in completion.splitlines() if line.strip()), "")
+    return first[:1] in (" ", "\t")
+
+
+def parses(prompt: str, completion: str, ended: bool = False) -> bool:
+    """Does the completion write a body, and does prompt + completion parse as Python?
+
+    A completion the token limit cut (`ended` False) is cut at its last full line first.
+    A blank or body-less completion does not count: prompt + nothing parses as a function
+    whose body is its docstring.
+    """
+    if not ended:
+        completion = completion[: completion.rfind("\n") + 1] if "\n" in completion else ""
+    if not writes_body(completion):
+        return False
     try:
-        ast.parse(prompt + cut)
+        ast.parse(prompt + completion)
         return True
     except (SyntaxError, ValueError):
         return False
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[tuple[str, bool]]:
+    """(completion, ended by end-of-text) per prompt."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = gen[:, enc["input_ids"].shape[1] :]
+        ended = (new == tokenizer.eos_token_id).any(-1).tolist()
+        out += zip(tokenizer.batch_decode(new, skip_special_tokens=True), ended)
     return out
 
 
@@ -67,17 +87,17 @@ def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int) -> tuple[flo
     return nll / tokens, nll / math.log(2) / n_bytes
 
 
-def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examples_path, *, n_prompts=32, max_new_tokens=96, n_val_docs=40) -> pd.DataFrame:
+def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examples_path, *, n_prompts=64, max_new_tokens=128, n_val_docs=40) -> pd.DataFrame:
     val_texts = load_from_disk(str(corpus_dir))["validation"]["text"][:n_val_docs]
     prompts = load_from_disk(str(prompts_dir))
     prompts = prompts.select(range(min(n_prompts, len(prompts))))
-    rows, examples = [], ["# Greedy continuations of HumanEval prompts\n"]
+    rows, examples = [], [f"# Greedy continuations of {Path(prompts_dir).name} prompts\n"]
     for name, path in models.items():
         model, tok = load_model(path), load_tokenizer(path)
         prov = json.loads((Path(path) / "provenance.json").read_text())
         seq_len = prov["settings"]["spec"]["train"]["seq_len"]
         loss, bpb = bits_per_byte(model, tok, val_texts, seq_len)
-        completions = greedy_completions(model, tok, prompts["prompt"], max_new_tokens)
+        completions, ended = zip(*greedy_completions(model, tok, prompts["prompt"], max_new_tokens))
         rows.append(
             {
                 "model": name,
@@ -86,10 +106,15 @@ def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examp
                 "parameters": count_parameters(model),
                 "vocab_size": len(tok),
                 "train_tokens": prov["final"]["tokens"],
+                "instruct_tokens": (prov.get("instruct_final") or {}).get("tokens", 0),
+                "train_seconds": round(prov["final"]["seconds"] + (prov.get("instruct_final") or {}).get("seconds", 0)),
+                "precision": prov.get("precision", ""),
                 "val_loss": round(loss, 4),
                 "val_bits_per_byte": round(bpb, 4),
                 "distinct_4gram_share": round(sum(map(distinct_4gram_share, completions)) / len(completions), 4),
-                "parse_rate": round(sum(parses(p, c) for p, c in zip(prompts["prompt"], completions)) / len(completions), 4),
+                "body_rate": round(sum(map(writes_body, completions)) / len(completions), 4),
+                "parse_rate": round(sum(parses(p, c, e) for p, c, e in zip(prompts["prompt"], completions, ended)) / len(completions), 4),
+                "eos_rate": round(sum(ended) / len(completions), 4),
                 "n_prompts": len(completions),
                 "max_new_tokens": max_new_tokens,
             }

@@ -154,13 +154,14 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
         missing = set(CURVE_COLUMNS) - set(log.columns)
         if missing:
             raise ValueError(f"{curve['path']}: missing columns {sorted(missing)}")
-        labels = {c: curve.get(c) for c in CURVE_LABELS}
-        frames.append(log[CURVE_COLUMNS].assign(**labels)[TRAINING_COLUMNS])
+        # A from-scratch model's file names its own stages (pretrain, then instruct).
+        labels = {c: curve.get(c) for c in CURVE_LABELS if not (c == "stage" and "stage" in log.columns)}
+        frames.append(log.assign(**labels)[TRAINING_COLUMNS])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
     if len(df):
         # Pretraining before fine-tuning; within a stage, by labels then step.
-        order = {"pretrain": 0, "finetune": 1}
-        df = df.assign(_stage=df["stage"].map(order).fillna(2), _rank=df["method"].map(lambda m: method_rank(m) if isinstance(m, str) else -1))
+        order = {"pretrain": 0, "instruct": 1, "finetune": 2}
+        df = df.assign(_stage=df["stage"].map(order).fillna(3), _rank=df["method"].map(lambda m: method_rank(m) if isinstance(m, str) else -1))
         by = ["_stage", "model", "target", "draft", "_rank", "method", "sparsity", "step"]
         df = df.sort_values(by, kind="mergesort", na_position="first").drop(columns=["_stage", "_rank"]).reset_index(drop=True)
     write_table(df, out_csv)

@@ -47,11 +47,13 @@ def train(
     desc: str = "train",
     grad_clip: float = 1.0,
     bf16="auto",
+    log_step_offset: int = 0,
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
     `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
-    pruning masks). `bf16` is "auto", True or False (see sd2.precision). Returns one row
+    pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
+the same W&B run passes `log_step_offset` (W&B drops steps that go back). Returns one row
     per evaluation: step, trained tokens, train and validation loss, learning rate,
     wall seconds, seconds spent in training steps, training tokens/s since the previous
     row (evaluation excluded) and the precision (write it with `write_csv`).
@@ -85,7 +87,7 @@ def train(
         recent.clear()
         window.update(tokens=0, seconds=0.0)
         if run is not None:
-            run.log(row, step=step)
+            run.log(row, step=step + log_step_offset)
         return row
 
     record(0)
@@ -130,3 +132,50 @@ def write_csv(path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+# ---- prompt/response data (supervised stages: instruct tuning, fine-tuning) ----
+
+
+def encode(tokenizer, prompt: str, response: str, seq_len: int) -> dict:
+    """Token ids of prompt + response + end-of-text; labels only on the response and end-of-text."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # A long prompt keeps its end (what the response continues) and leaves room for the response.
+    prompt_ids = prompt_ids[-(seq_len // 2) :]
+    ids = (prompt_ids + response_ids)[:seq_len]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:seq_len]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right padding; padded positions are masked out of attention and the loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, device="cpu"):
+    """Endless batches, a new seeded permutation every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+
+def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices; at least one of each."""
+    if n < 2:
+        raise ValueError(f"fine-tuning needs at least 2 examples (1 for validation), got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
