@@ -8,7 +8,8 @@ Both paths measure the same draft against the same target's greedy continuations
   shared among the drafts of one target (the file records it).
 
     python benchmarks/measurement_throughput.py                       # the default run's files
-    python benchmarks/measurement_throughput.py --draft work/drafts/llama-target/llama-draft-m/sd2-s50 --assisted-prompts 8
+    python benchmarks/measurement_throughput.py \\
+        --draft work/drafts/llama-target/llama-draft-m/sd2-s50 --assisted-prompts 8
 """
 
 import argparse
@@ -17,19 +18,27 @@ import time
 import torch
 
 from sd2 import acceptance, continuations
-from sd2.speculative import assisted_runs, load_checkpoint
+from sd2.models import load_checkpoint
+from sd2.speculative import assisted_runs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="work/models/llama-target")
     parser.add_argument("--draft", default="work/models/llama-draft-m")
-    parser.add_argument("--outputs", default="work/target_outputs/llama-target/humaneval.json", help="target_outputs JSON of the target")
+    parser.add_argument(
+        "--outputs", default="work/target_outputs/llama-target/humaneval.json", help="target_outputs JSON of the target"
+    )
     parser.add_argument("--k", type=int, default=5, help="draft tokens per step of the assisted-generation runs")
     parser.add_argument("--k-max", type=int, default=8, help="the walk covers k = 1..k_max")
     parser.add_argument("--assisted-prompts", type=int, default=4)
     parser.add_argument("--walk-prompts", type=int, default=None, help="default: every prompt of the file")
-    parser.add_argument("--drafts-per-target", type=int, default=20, help="drafts sharing one continuations file (the default sweep: 20)")
+    parser.add_argument(
+        "--drafts-per-target",
+        type=int,
+        default=20,
+        help="drafts sharing one continuations file (the default sweep: 20)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="the measure rule runs 1-thread jobs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -40,8 +49,17 @@ def main():
     max_new = cached["max_new_tokens"]
 
     start = time.perf_counter()
-    runs = assisted_runs(target, draft, tok, tok, [it["prompt_ids"] for it in items[: args.assisted_prompts]], k=args.k,
-                         temperature=0.0, max_new_tokens=max_new, seed=0)
+    runs = assisted_runs(
+        target,
+        draft,
+        tok,
+        tok,
+        [it["prompt_ids"] for it in items[: args.assisted_prompts]],
+        k=args.k,
+        temperature=0.0,
+        max_new_tokens=max_new,
+        seed=0,
+    )
     assisted_s = time.perf_counter() - start
     assisted_tokens = sum(len(r["tokens"]) for r in runs)
 
@@ -58,11 +76,23 @@ def main():
     rate_walk = walk_tokens / walk_s
     rate_walk_shared = walk_tokens / (walk_s + shared_s)
     print(f"target {args.target}, draft {args.draft}, {args.threads} thread(s), {max_new} new tokens per prompt")
-    print(f"  assisted generation, k={args.k}:       {assisted_tokens:7d} tokens in {assisted_s:7.1f} s = {rate_assisted:9,.0f} tokens/s (one k)")
-    print(f"  walk, k=1..{args.k_max}:                   {walk_tokens:7d} tokens in {walk_s:7.1f} s = {rate_walk:9,.0f} tokens/s (every k)")
-    print(f"  walk + 1/{args.drafts_per_target} of the continuations: {walk_tokens:7d} tokens in {walk_s + shared_s:7.1f} s = {rate_walk_shared:9,.0f} tokens/s")
-    print(f"  walk / assisted throughput: {rate_walk / rate_assisted:.1f}x (with the shared continuations: {rate_walk_shared / rate_assisted:.1f}x), "
-          f"for {args.k_max} k values instead of 1")
+    print(
+        f"  assisted generation, k={args.k}:       {assisted_tokens:7d} tokens in {assisted_s:7.1f} s "
+        f"= {rate_assisted:9,.0f} tokens/s (one k)"
+    )
+    print(
+        f"  walk, k=1..{args.k_max}:                   {walk_tokens:7d} tokens in {walk_s:7.1f} s "
+        f"= {rate_walk:9,.0f} tokens/s (every k)"
+    )
+    print(
+        f"  walk + 1/{args.drafts_per_target} of the continuations: {walk_tokens:7d} tokens "
+        f"in {walk_s + shared_s:7.1f} s = {rate_walk_shared:9,.0f} tokens/s"
+    )
+    print(
+        f"  walk / assisted throughput: {rate_walk / rate_assisted:.1f}x "
+        f"(with the shared continuations: {rate_walk_shared / rate_assisted:.1f}x), "
+        f"for {args.k_max} k values instead of 1"
+    )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,39 @@ def main():
     for variant in args.variants:
         hidden, inter, lr = variant.split(":")
         hidden, inter, lr = int(hidden), int(inter), float(lr)
-        spec = dict(arch="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=6,
-                    num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64)
+        spec = dict(
+            arch="llama",
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=6,
+            num_attention_heads=hidden // 32,
+            num_key_value_heads=hidden // 64,
+        )
         model = build_model(spec, tok, 0)
         start = time.time()
-        history = training.train(model, random_windows(train_stream, 32, 128, 0), val, steps=args.steps, lr=lr,
-                                 warmup_steps=20, weight_decay=0.1, eval_every=50, desc=variant)
-        print(json.dumps({"hidden": hidden, "params": count_parameters(model), "lr": lr, "seconds": round(time.time() - start),
-                          "val_loss": [round(r["val_loss"], 3) for r in history]}), flush=True)
+        history = training.train(
+            model,
+            random_windows(train_stream, 32, 128, 0),
+            val,
+            steps=args.steps,
+            lr=lr,
+            warmup_steps=20,
+            weight_decay=0.1,
+            eval_every=50,
+            desc=variant,
+        )
+        print(
+            json.dumps(
+                {
+                    "hidden": hidden,
+                    "params": count_parameters(model),
+                    "lr": lr,
+                    "seconds": round(time.time() - start),
+                    "val_loss": [round(r["val_loss"], 3) for r in history],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def _continuation_logits(model, batch: list[tuple[list[int], list[int]]], pad_id
 
 
 @torch.no_grad()
-def teacher_forced_matches(draft, items: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 16, progress=None) -> list[dict]:
+def teacher_forced_matches(
+    draft, items: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 16, progress=None
+) -> list[dict]:
     """For each (prompt_ids, continuation_ids): match flags and the draft's top-2 logit gap per position.
 
     The gap tells a genuine disagreement from a floating-point near-tie when the walk is
@@ -92,7 +94,9 @@ def teacher_forced_matches(draft, items: list[tuple[list[int], list[int]]], *, p
 
 
 @torch.no_grad()
-def overlap(target, draft, items: list[tuple[list[int], list[int]]], *, temperature: float, pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
+def overlap(
+    target, draft, items: list[tuple[list[int], list[int]]], *, temperature: float, pad_id: int, batch_size: int = 16
+) -> list[tuple[float, int]]:
     """Per item: (sum over positions of sum_x min(p, q), positions), p and q at `temperature`.
 
     Both models must share the tokenizer (the same ids for prompt and continuation).
@@ -100,7 +104,9 @@ def overlap(target, draft, items: list[tuple[list[int], list[int]]], *, temperat
     out: list[tuple[float, int] | None] = [None] * len(items)
     for idx in _batches(items, batch_size):
         batch = [items[i] for i in idx]
-        for i, p_logits, q_logits in zip(idx, _continuation_logits(target, batch, pad_id), _continuation_logits(draft, batch, pad_id)):
+        for i, p_logits, q_logits in zip(
+            idx, _continuation_logits(target, batch, pad_id), _continuation_logits(draft, batch, pad_id)
+        ):
             p = torch.softmax(p_logits / temperature, -1)
             q = torch.softmax(q_logits / temperature, -1)
             out[i] = (float(torch.minimum(p, q).sum()), int(p.shape[0]))

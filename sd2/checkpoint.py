@@ -1,6 +1,7 @@
 """Atomic writes: outputs appear under their final name only once complete."""
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -31,8 +32,6 @@ def atomic_path(path):
 
 def save_checkpoint(model, tokenizer, path, provenance: dict, extra_files: dict | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer + provenance.json, atomically."""
-    from sd2.provenance import write_json
-
     with atomic_path(path) as tmp:
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
@@ -40,3 +39,11 @@ def save_checkpoint(model, tokenizer, path, provenance: dict, extra_files: dict 
         write_json(tmp / "provenance.json", provenance)
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
+
+
+def write_json(path, obj, indent: int | None = 2) -> None:
+    """Write JSON atomically: a killed job never leaves a half-written record (indent None: compact)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=False, default=str)
+            f.write("\n")

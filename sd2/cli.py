@@ -22,14 +22,19 @@ def _json(text):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]}")
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]}") from e
 
 
 def _common(p, tracked=False):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     if tracked:
-        p.add_argument("--wandb", type=_json, default={"mode": "disabled"}, help="W&B settings as JSON: mode, project, entity, dir, group")
+        p.add_argument(
+            "--wandb",
+            type=_json,
+            default={"mode": "disabled"},
+            help="W&B settings as JSON: mode, project, entity, dir, group",
+        )
         p.add_argument("--run-name", default=None, help="W&B run name")
         p.add_argument("--labels", type=_json, default={}, help="wildcards as JSON, logged as the W&B config")
 
@@ -38,7 +43,9 @@ def _run(args, job_type):
     from sd2.tracking import start_run
 
     cfg = args.wandb
-    return start_run(cfg, cfg.get("dir", "work/wandb"), cfg.get("group", "sd2"), job_type, args.run_name or job_type, args.labels)
+    return start_run(
+        cfg, cfg.get("dir", "work/wandb"), cfg.get("group", "sd2"), job_type, args.run_name or job_type, args.labels
+    )
 
 
 @step("prepare-data", "build the corpus, fine-tuning prompts and eval sets")
@@ -103,7 +110,7 @@ def model_report(p=None, a=None):
         p.add_argument("--table", required=True)
         p.add_argument("--examples", required=True)
         return
-    from sd2.quality import report
+    from sd2.model_report import report
 
     table = report(dict(m.split("=", 1) for m in a.models), a.roles, a.corpus, a.prompts, a.table, a.examples)
     print(table.to_string(index=False))
@@ -169,7 +176,10 @@ def finetune(p=None, a=None):
     run.finish()
 
 
-@step("target-outputs", "the target's greedy continuation of every eval prompt (shared by all drafts), and its batch-1 speed")
+@step(
+    "target-outputs",
+    "the target's greedy continuation of every eval prompt (shared by all drafts), and its batch-1 speed",
+)
 def target_outputs(p=None, a=None):
     if p:
         p.add_argument("--target", required=True, help="checkpoint dir or hub id")
@@ -183,7 +193,10 @@ def target_outputs(p=None, a=None):
     target_outputs(a.target, a.eval_set, a.out, settings=a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
 
 
-@step("measure", "acceptance of a draft: exact greedy MAL for every k, sampled and cross-tokenizer runs, CIs, MACs, tokens/s")
+@step(
+    "measure",
+    "acceptance of a draft: exact greedy MAL for every k, sampled and cross-tokenizer runs, CIs, MACs, tokens/s",
+)
 def measure(p=None, a=None):
     if p:
         p.add_argument("--target", required=True)
@@ -197,7 +210,17 @@ def measure(p=None, a=None):
     from sd2.measure import measure
 
     run = _run(a, "measure")
-    measure(a.target, a.draft, a.target_outputs, a.out, settings=a.settings, labels=a.labels, seed=a.seed, run=run, trust_remote_code=a.trust_remote_code)
+    measure(
+        a.target,
+        a.draft,
+        a.target_outputs,
+        a.out,
+        settings=a.settings,
+        labels=a.labels,
+        seed=a.seed,
+        run=run,
+        trust_remote_code=a.trust_remote_code,
+    )
     run.finish()
 
 
@@ -205,7 +228,9 @@ def measure(p=None, a=None):
 def macs(p=None, a=None):
     if p:
         p.add_argument("model")
-        p.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in percent for every decoder linear")
+        p.add_argument(
+            "--sparsity", type=float, default=None, help="unstructured sparsity in percent for every decoder linear"
+        )
         return
     from sd2.macs import cli
 
@@ -250,11 +275,13 @@ def figures(p=None, a=None):
 def estimate_run_time(p=None, a=None):
     if p:
         p.add_argument("--config", required=True, help="workflow config file")
-        p.add_argument("--previous", default=None, help="run-time record of an earlier run (scaled if the config matches)")
+        p.add_argument(
+            "--previous", default=None, help="run-time record of an earlier run (scaled if the config matches)"
+        )
         p.add_argument("--out", required=True, help="where the estimate goes (JSON)")
         return
     from sd2 import config, sweep_time
-    from sd2.provenance import write_json
+    from sd2.checkpoint import write_json
 
     previous = json.loads(open(a.previous).read()) if a.previous and os.path.exists(a.previous) else None
     found = sweep_time.estimate(config.load(a.config), previous)
@@ -299,7 +326,10 @@ def readme(p=None, a=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sd2", description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sd2",
+        description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.",
+    )
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
     for name, (help, fn) in STEPS.items():
         p = sub.add_parser(name, help=help, description=help)

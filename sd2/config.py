@@ -1,11 +1,11 @@
-"""Load and validate the workflow configuration against workflow/schemas/config.schema.yaml."""
+"""Load and validate the workflow configuration against the package's config.schema.yaml."""
 
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 SCRATCH_KEYS = ("arch", "tokenizer", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -54,27 +54,45 @@ def _check_references(config: dict) -> None:
         if "hub" in spec:
             extra = [k for k in SCRATCH_KEYS if k in spec]
             if extra:
-                raise ConfigError(f"config error at {where}: a hub model takes no from-scratch keys ({', '.join(extra)})")
+                raise ConfigError(
+                    f"config error at {where}: a hub model takes no from-scratch keys ({', '.join(extra)})"
+                )
         else:
             missing = [k for k in SCRATCH_KEYS if k not in spec]
             if missing:
-                raise ConfigError(f"config error at {where}: needs either 'hub' or the from-scratch keys; missing {', '.join(missing)}")
+                raise ConfigError(
+                    f"config error at {where}: needs either 'hub' or the from-scratch keys; "
+                    f"missing {', '.join(missing)}"
+                )
             if spec["tokenizer"] not in config["tokenizers"]:
-                raise ConfigError(f"config error at {where}.tokenizer: unknown tokenizer family '{spec['tokenizer']}' (known: {sorted(config['tokenizers'])})")
+                raise ConfigError(
+                    f"config error at {where}.tokenizer: unknown tokenizer family '{spec['tokenizer']}' "
+                    f"(known: {sorted(config['tokenizers'])})"
+                )
             heads = spec["num_attention_heads"]
             if spec["hidden_size"] % heads:
-                raise ConfigError(f"config error at {where}.hidden_size: {spec['hidden_size']} is not divisible by num_attention_heads={heads}")
+                raise ConfigError(
+                    f"config error at {where}.hidden_size: {spec['hidden_size']} is not divisible by "
+                    f"num_attention_heads={heads}"
+                )
             if heads % spec.get("num_key_value_heads", heads):
-                raise ConfigError(f"config error at {where}.num_key_value_heads: must divide num_attention_heads={heads}")
+                raise ConfigError(
+                    f"config error at {where}.num_key_value_heads: must divide num_attention_heads={heads}"
+                )
     for role in ("targets", "drafts"):
         for i, name in enumerate(config[role]):
             if name not in models:
                 raise ConfigError(f"config error at {role}.{i}: unknown model '{name}' (known: {sorted(models)})")
     if config["prune"]["structure"] == "2:4" and any(s != 50 for s in config["sparsities"]):
-        raise ConfigError("config error at prune.structure: 2:4 sparsity is exactly 50%, but sparsities is " f"{config['sparsities']}")
+        raise ConfigError(
+            f"config error at prune.structure: 2:4 sparsity is exactly 50%, but sparsities is {config['sparsities']}"
+        )
     measure = config["measure"]
     if max(measure["k"]) > measure["k_max"]:
-        raise ConfigError(f"config error at measure.k: {max(measure['k'])} is more than measure.k_max={measure['k_max']} (the walk covers k = 1..k_max)")
+        raise ConfigError(
+            f"config error at measure.k: {max(measure['k'])} is more than measure.k_max={measure['k_max']} "
+            "(the walk covers k = 1..k_max)"
+        )
     if config["data"]["corpus"] == "hub" and not config["data"]["hub"]:
         raise ConfigError("config error at data.hub: data.corpus is 'hub' but no hub dataset is named")
     for name, spec in config["data"]["eval_sets"].items():

@@ -12,9 +12,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from sd2.checkpoint import write_json
 from sd2.distill import generate_batch
-from sd2.models import load_model, load_tokenizer
-from sd2.provenance import provenance, write_json
+from sd2.models import default_device, load_model, load_tokenizer
+from sd2.provenance import provenance
 from sd2.speculative import ar_generate, decoding_kwargs, load_prompts
 
 
@@ -24,16 +25,25 @@ def generate_all(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, 
     items: list[dict | None] = [None] * len(prompts)
     for b in tqdm(range(0, len(order), batch_size), desc="target continuations", unit="batch", mininterval=5):
         idx = order[b : b + batch_size]
-        rows = generate_batch(model, tokenizer, [prompts[i]["prompt"] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0)
+        rows = generate_batch(
+            model, tokenizer, [prompts[i]["prompt"] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0
+        )
         for i, row in zip(idx, rows):
             if not row["prompt_ids"]:
                 raise ValueError(f"prompt id {prompts[i]['id']!r} is empty after tokenization")
-            items[i] = {"id": prompts[i]["id"], "prompt_ids": row["prompt_ids"], "continuation_ids": row["new_ids"],
-                        "text": row["response"], "ended_by_eos": row["finished"]}
+            items[i] = {
+                "id": prompts[i]["id"],
+                "prompt_ids": row["prompt_ids"],
+                "continuation_ids": row["new_ids"],
+                "text": row["response"],
+                "ended_by_eos": row["finished"],
+            }
     return items
 
 
-def time_target_alone(model, tokenizer, items: list[dict], *, n_timed: int, warmup_prompts: int, max_new_tokens: int) -> dict:
+def time_target_alone(
+    model, tokenizer, items: list[dict], *, n_timed: int, warmup_prompts: int, max_new_tokens: int
+) -> dict:
     """Target-alone greedy decoding, batch size 1, on the first n_timed prompts (the first warmup_prompts untimed).
 
     Also counts prompts whose batch-1 output differs from the batched one (left padding
@@ -52,35 +62,62 @@ def time_target_alone(model, tokenizer, items: list[dict], *, n_timed: int, warm
             differ.append(item["id"])
         if index >= warmup_prompts:
             seconds, tokens = seconds + elapsed, tokens + new.numel()
-    return {"timed_prompts": max(0, min(n_timed, len(items)) - warmup_prompts), "ar_tokens": tokens, "ar_seconds": round(seconds, 4),
-            "ar_tokens_per_s": tokens / seconds if seconds else None, "batch1_differs": differ}
+    return {
+        "timed_prompts": max(0, min(n_timed, len(items)) - warmup_prompts),
+        "ar_tokens": tokens,
+        "ar_seconds": round(seconds, 4),
+        "ar_tokens_per_s": tokens / seconds if seconds else None,
+        "batch1_differs": differ,
+    }
 
 
-def target_outputs(target_dir, eval_dir, out_path, *, settings: dict, seed: int, trust_remote_code: bool = False) -> dict:
+def target_outputs(
+    target_dir, eval_dir, out_path, *, settings: dict, seed: int, trust_remote_code: bool = False
+) -> dict:
     """Write {items: [{id, prompt_ids, continuation_ids, text, ended_by_eos}], timing, provenance} as JSON."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    model = load_model(target_dir, trust_remote_code).to(device)
+    model = load_model(target_dir, trust_remote_code, device=default_device())
     torch.manual_seed(seed)
     prompts = load_prompts(eval_dir, settings["n_prompts"])
     start = time.time()
-    items = generate_all(model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
+    items = generate_all(
+        model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"]
+    )
     seconds = time.time() - start
-    timing = time_target_alone(model, tokenizer, items, n_timed=settings["n_check"], warmup_prompts=settings["warmup_prompts"],
-                               max_new_tokens=settings["max_new_tokens"])
+    timing = time_target_alone(
+        model,
+        tokenizer,
+        items,
+        n_timed=settings["n_check"],
+        warmup_prompts=settings["warmup_prompts"],
+        max_new_tokens=settings["max_new_tokens"],
+    )
     new_tokens = sum(len(i["continuation_ids"]) for i in items)
     out = {
         "target": str(target_dir),
         "eval_set": str(eval_dir),
         "max_new_tokens": settings["max_new_tokens"],
-        "stats": {"prompts": len(items), "new_tokens": new_tokens, "ended_by_eos": sum(i["ended_by_eos"] for i in items),
-                  "generation_seconds": round(seconds, 2), "batched_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)},
+        "stats": {
+            "prompts": len(items),
+            "new_tokens": new_tokens,
+            "ended_by_eos": sum(i["ended_by_eos"] for i in items),
+            "generation_seconds": round(seconds, 2),
+            "batched_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+        },
         "timing": timing,
         "provenance": provenance(seed=seed, settings=settings, decoding="greedy", padding="left"),
         "items": items,
     }
     write_json(out_path, out, indent=None)
-    print(json.dumps({**out["stats"], **{k: v for k, v in timing.items() if k != "batch1_differs"}, "batch1_differs": len(timing["batch1_differs"])}))
+    print(
+        json.dumps(
+            {
+                **out["stats"],
+                **{k: v for k, v in timing.items() if k != "batch1_differs"},
+                "batch1_differs": len(timing["batch1_differs"]),
+            }
+        )
+    )
     return out
 
 

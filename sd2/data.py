@@ -11,8 +11,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
-from sd2.checkpoint import atomic_path
-from sd2.provenance import provenance, write_json
+from sd2.checkpoint import atomic_path, write_json
+from sd2.provenance import provenance
 
 
 def stdlib_root() -> Path:
@@ -35,7 +35,9 @@ def is_validation(module: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def read_stdlib(seed: int, validation_fraction: float, max_files: int | None = None, root: Path | None = None) -> DatasetDict:
+def read_stdlib(
+    seed: int, validation_fraction: float, max_files: int | None = None, root: Path | None = None
+) -> DatasetDict:
     """The stdlib corpus split by module, so validation modules are unseen in training."""
     root = root or stdlib_root()
     files = stdlib_files(root)
@@ -145,7 +147,10 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
         if spec["source"] == "humaneval":
             rows = humaneval_prompts()
         elif spec["source"] == "stdlib_heldout":
-            rows = [{"id": r["id"], "prompt": r["prompt"]} for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])]
+            rows = [
+                {"id": r["id"], "prompt": r["prompt"]}
+                for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])
+            ]
         else:
             rows = _hub_rows({"config": None, **spec}, {"prompt": spec["prompt_field"]})
         evals[name] = Dataset.from_list(_sample(_unique_prompts(rows), spec["n"], seed))

@@ -11,9 +11,9 @@ import torch
 from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 
-from sd2.checkpoint import atomic_path
-from sd2.models import load_model, load_tokenizer
-from sd2.provenance import provenance, write_json
+from sd2.checkpoint import atomic_path, write_json
+from sd2.models import default_device, load_model, load_tokenizer
+from sd2.provenance import provenance
 
 
 def decode_response(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -38,7 +38,9 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    )
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -56,8 +58,15 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
         end = next((j for j, t in enumerate(new_ids) if t in eos), None)
         finished = end is not None
         new_ids = new_ids[: end + 1] if finished else new_ids
-        rows.append({"response": decode_response(tokenizer, prompt_ids, new_ids), "new_tokens": len(new_ids), "finished": finished,
-                     "prompt_ids": prompt_ids, "new_ids": new_ids})
+        rows.append(
+            {
+                "response": decode_response(tokenizer, prompt_ids, new_ids),
+                "new_tokens": len(new_ids),
+                "finished": finished,
+                "prompt_ids": prompt_ids,
+                "new_ids": new_ids,
+            }
+        )
     return rows
 
 
@@ -78,7 +87,7 @@ def self_distill(
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    model = load_model(target_dir, trust_remote_code).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(target_dir, trust_remote_code, device=default_device())
     torch.manual_seed(seed)
 
     texts = prompts["prompt"]
@@ -89,7 +98,12 @@ def self_distill(
     start = time.time()
     for b in tqdm(range(0, len(order), batch_size), desc="self-distill", unit="batch", mininterval=5):
         idx = order[b : b + batch_size]
-        for i, row in zip(idx, generate_batch(model, tokenizer, [texts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature)):
+        for i, row in zip(
+            idx,
+            generate_batch(
+                model, tokenizer, [texts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature
+            ),
+        ):
             answers[i] = row
     seconds = time.time() - start
 

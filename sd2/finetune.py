@@ -18,9 +18,8 @@ from datasets import load_from_disk
 
 from sd2 import training
 from sd2.checkpoint import save_checkpoint
-from sd2.models import load_model, load_tokenizer, same_tokenizer
+from sd2.models import decoder_linears, default_device, load_model, load_tokenizer, same_tokenizer
 from sd2.provenance import provenance
-from sd2.prune import decoder_linears
 
 LOSSES = ("ce", "kl", "tvdpp")
 
@@ -38,7 +37,11 @@ def kl_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torc
 
 
 def tvdpp_loss(
-    draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None, eps: float = 1e-8
+    draft_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    eps: float = 1e-8,
 ) -> torch.Tensor:
     """TVD++ surrogate loss: its gradient estimates (a positive multiple of) the gradient of TV(p, q).
 
@@ -132,9 +135,9 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     if kind not in LOSSES:
         raise ValueError(f"unknown fine-tuning loss {kind!r} (known: {', '.join(LOSSES)})")
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     tokenizer = load_tokenizer(init_dir)
-    model = load_model(init_dir).to(device)
+    model = load_model(init_dir, device=device)
 
     teacher = None
     if kind != "ce":
@@ -145,7 +148,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
                 f"loss '{kind}' compares token distributions, so the draft ({init_dir}) and the target "
                 f"({teacher_dir}) must share a tokenizer; they do not. Use loss 'ce' across tokenizer families."
             )
-        teacher = load_model(teacher_dir).to(device)
+        teacher = load_model(teacher_dir, device=device)
 
     data = load_from_disk(str(data_dir))
     examples = [training.encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
@@ -155,12 +158,18 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     steps = max(1, math.ceil(settings["epochs"] * len(train_set) / bs))
     if settings.get("max_steps"):
         steps = min(steps, settings["max_steps"])
-    val_batches = [{k: v.to(device) for k, v in training.collate(val_set[i : i + bs], pad).items()} for i in range(0, len(val_set), bs)]
+    val_batches = [
+        {k: v.to(device) for k, v in training.collate(val_set[i : i + bs], pad).items()}
+        for i in range(0, len(val_set), bs)
+    ]
 
     masks = sparsity_masks(model)
     zeros_before = zero_counts(model)
     sparsity_before = {n: zeros_before[n] / m.weight.numel() for n, m in decoder_linears(model).items()}
-    print(f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, {len(masks)} masked layers")
+    print(
+        f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, "
+        f"{len(masks)} masked layers"
+    )
     history = training.train(
         model,
         training.shuffled_batches(train_set, bs, pad, seed, device),
@@ -179,7 +188,13 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     check_masks(model, masks, zeros_before)
     sparsity_after = {n: z / decoder_linears(model)[n].weight.numel() for n, z in zero_counts(model).items()}
 
-    info = provenance(seed=seed, init=str(init_dir), data=str(data_dir), teacher=None if teacher_dir is None else str(teacher_dir), finetune=settings)
+    info = provenance(
+        seed=seed,
+        init=str(init_dir),
+        data=str(data_dir),
+        teacher=None if teacher_dir is None else str(teacher_dir),
+        finetune=settings,
+    )
     info.update(
         steps=steps,
         train_examples=len(train_set),
@@ -192,5 +207,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         tokens_per_s=training.throughput(history),
         threads=torch.get_num_threads(),
     )
-    save_checkpoint(model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, history)})
+    save_checkpoint(
+        model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, history)}
+    )
     return history

@@ -13,9 +13,8 @@ import torch
 
 from sd2.checkpoint import save_checkpoint
 from sd2.macs import linear_macs, model_macs
-from sd2.models import load_model, load_tokenizer
+from sd2.models import decoder_layers, load_model, load_tokenizer
 from sd2.provenance import provenance
-from sd2.prune import decoder_layers
 
 
 def layers_to_keep(config, sparsity: int) -> int:

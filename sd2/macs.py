@@ -9,7 +9,10 @@ MACs (QK^T and AV) grow with the context and are reported apart.
 import json
 from pathlib import Path
 
-from transformers import AutoConfig, PretrainedConfig
+import torch
+from transformers import AutoConfig
+
+from sd2.models import load_model
 
 # Architectures whose MLP is gated (gate, up, down) versus plain (up, down).
 # Only architectures whose config names and nn.Linear layout were checked; others fail loudly.
@@ -36,8 +39,16 @@ def _sizes(config) -> dict:
         mlp_mats = 3
     else:
         raise ValueError(f"linear_macs: unknown architecture '{model_type}' (known: {sorted(GATED_MLP | PLAIN_MLP)})")
-    return dict(hidden=hidden, heads=heads, head_dim=head_dim, kv_heads=kv_heads, intermediate=intermediate,
-                mlp_mats=mlp_mats, layers=config.num_hidden_layers, vocab=config.vocab_size)
+    return dict(
+        hidden=hidden,
+        heads=heads,
+        head_dim=head_dim,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        mlp_mats=mlp_mats,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+    )
 
 
 def _summary(decoder_dense: int, decoder_actual: int, lm_head: int, layers: int) -> dict:
@@ -79,8 +90,6 @@ def model_macs(model) -> dict:
     Every nn.Linear except the output embedding is a decoder linear. A tied lm_head is a
     dense vocab x hidden matmul even though its weight is the (dense) embedding table.
     """
-    import torch
-
     lm_head_module = model.get_output_embeddings()
     decoder_dense = decoder_actual = 0
     for module in model.modules():
@@ -143,8 +152,6 @@ def cli(model: str, sparsity_percent: float | None) -> dict:
         raise ValueError(f"--sparsity must be a percent in [0, 100), got {sparsity_percent}")
     path = Path(str(model)).expanduser()
     if sparsity_percent is None and path.is_dir() and _has_weights(path):
-        from sd2.models import load_model
-
         result = model_macs(load_model(path))
         result["counted"] = "non-zero weights"
     else:

@@ -17,7 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sd2 import acceptance, continuations
-from sd2.speculative import assisted_runs, decoding_path, load_checkpoint, step_stats
+from sd2.checkpoint import write_json
+from sd2.macs import model_macs
+from sd2.models import load_checkpoint
+from sd2.provenance import provenance
+from sd2.speculative import assisted_runs, decoding_path, step_stats
 from sd2.stats import ratio_ci
 
 # A teacher-forced pass and incremental decoding use different kernels: where the top two
@@ -64,8 +68,10 @@ DEFINITIONS = {
 
 def per_prompt(generations: list[list[tuple[int, int]]]) -> dict:
     """Committed tokens and counted steps per prompt (the final step of each excluded, as in MAL)."""
-    return {"accepted_tokens": [sum(c for c, _ in steps[:-1]) for steps in generations],
-            "steps": [len(steps[:-1]) for steps in generations]}
+    return {
+        "accepted_tokens": [sum(c for c, _ in steps[:-1]) for steps in generations],
+        "steps": [len(steps[:-1]) for steps in generations],
+    }
 
 
 def summarize(generations: list, k: int, cost_ratio: float, n_boot: int, seed: int) -> dict:
@@ -109,11 +115,13 @@ def check_output(target, item: dict, tokens: list[int], k: int) -> bool:
         return False
     raise AssertionError(
         f"speculative greedy output differs from the target's cached greedy continuation for prompt id {item['id']!r} "
-        f"(k={k}) at new token {pos}: {tokens[pos:pos + 8]} vs {cached[pos:pos + 8]}"
+        f"(k={k}) at new token {pos}: {tokens[pos : pos + 8]} vs {cached[pos : pos + 8]}"
     )
 
 
-def check_steps(item: dict, real: list[tuple[int, int]], walked: list[tuple[int, int]], gaps: list[float], k: int) -> bool:
+def check_steps(
+    item: dict, real: list[tuple[int, int]], walked: list[tuple[int, int]], gaps: list[float], k: int
+) -> bool:
     """True if the per-step committed counts agree; False for a draft near-tie; else raise naming prompt and step."""
     got, want = [c for c, _ in real], [c for c, _ in walked]
     if got == want:
@@ -125,7 +133,8 @@ def check_steps(item: dict, real: list[tuple[int, int]], walked: list[tuple[int,
         return False
     raise AssertionError(
         f"prompt id {item['id']!r}, k={k}: assisted generation and the teacher-forced walk disagree at verification "
-        f"step {step} (new token {start}): assisted generation committed {got[step:step + 3]}, the walk {want[step:step + 3]}"
+        f"step {step} (new token {start}): assisted generation committed {got[step : step + 3]}, "
+        f"the walk {want[step : step + 3]}"
     )
 
 
@@ -135,66 +144,115 @@ def _speed(runs: list[dict], warmup: int) -> float | None:
     return sum(len(r["tokens"]) for r in timed) / seconds if seconds else None
 
 
-def measure(target_dir, draft_dir, outputs_path, out_path, *, settings: dict, labels: dict, seed: int, run=None,
-            trust_remote_code: bool = False, device: str | None = None) -> dict:
+def measure(
+    target_dir,
+    draft_dir,
+    outputs_path,
+    out_path,
+    *,
+    settings: dict,
+    labels: dict,
+    seed: int,
+    run=None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> dict:
     """Every record of one (target, draft, eval set) as one JSON file at out_path."""
-    from sd2.macs import model_macs
-    from sd2.provenance import provenance, write_json
-
     cached = continuations.load(outputs_path)
     items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
     if cached["max_new_tokens"] != settings["max_new_tokens"]:
-        raise ValueError(f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, the settings ask for {settings['max_new_tokens']}")
+        raise ValueError(
+            f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
+            f"the settings ask for {settings['max_new_tokens']}"
+        )
     target, target_tok = load_checkpoint(target_dir, trust_remote_code, device)
     draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device)
     path = decoding_path(target, draft, target_tok, draft_tok)
     target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
     cost_ratio = draft_macs / target_macs
-    n_boot, n_check, warmup, max_new = settings["bootstrap"], settings["n_check"], settings["warmup_prompts"], settings["max_new_tokens"]
+    n_boot, n_check, warmup, max_new = (
+        settings["bootstrap"],
+        settings["n_check"],
+        settings["warmup_prompts"],
+        settings["max_new_tokens"],
+    )
     ar_speed = cached["timing"]["ar_tokens_per_s"]
     pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
     base = {
         **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
-        "draft_macs_per_token": draft_macs, "target_macs_per_token": target_macs, "macs_ratio": cost_ratio,
-        "same_tokenizer": path == "assisted", "decoding_path": path, "device": str(target.device),
+        "draft_macs_per_token": draft_macs,
+        "target_macs_per_token": target_macs,
+        "macs_ratio": cost_ratio,
+        "same_tokenizer": path == "assisted",
+        "decoding_path": path,
+        "device": str(target.device),
     }
     records = []
 
     def add(temperature, k, estimator, result, **extra):
-        record = {**base, "temperature": temperature, "k": k, "estimator": estimator, **result, **extra,
-                  "provenance": provenance(seed=seed, **settings)}
+        record = {
+            **base,
+            "temperature": temperature,
+            "k": k,
+            "estimator": estimator,
+            **result,
+            **extra,
+            "provenance": provenance(seed=seed, **settings),
+        }
         records.append(record)
         if run is not None:
             run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def assisted(k, temperature, n):
-        return assisted_runs(target, draft, target_tok, draft_tok, [it["prompt_ids"] for it in items[:n]], k=k,
-                             temperature=temperature, max_new_tokens=max_new, seed=seed)
+        return assisted_runs(
+            target,
+            draft,
+            target_tok,
+            draft_tok,
+            [it["prompt_ids"] for it in items[:n]],
+            k=k,
+            temperature=temperature,
+            max_new_tokens=max_new,
+            seed=seed,
+        )
 
     for temperature in settings["temperatures"]:
         if temperature == 0 and path == "assisted":
             bar = tqdm(total=len(pairs), desc="teacher-forced draft pass", mininterval=5)
-            forced = acceptance.teacher_forced_matches(draft, pairs, pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"], progress=bar)
+            forced = acceptance.teacher_forced_matches(
+                draft, pairs, pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"], progress=bar
+            )
             bar.close()
-            walks = {k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, items)]
-                     for k in range(1, settings["k_max"] + 1)}
+            walks = {
+                k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, items)]
+                for k in range(1, settings["k_max"] + 1)
+            }
             checks = {}
             for k in settings["k"]:
                 runs = assisted(k, 0.0, n_check)
                 outputs_ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
-                steps_ok = [ok and check_steps(it, r["steps"], walks[k][i], forced[i]["gap"], k)
-                            for i, (ok, it, r) in enumerate(zip(outputs_ok, items, runs))]
+                steps_ok = [
+                    ok and check_steps(it, r["steps"], walks[k][i], forced[i]["gap"], k)
+                    for i, (ok, it, r) in enumerate(zip(outputs_ok, items, runs))
+                ]
                 sd_speed = _speed(runs, warmup)
                 checks[k] = {
                     "checked_prompts": sum(steps_ok),
                     "checked_steps": sum(len(r["steps"]) for ok, r in zip(steps_ok, runs) if ok),
                     "target_near_ties": outputs_ok.count(False),
                     "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
-                    "ar_tokens_per_s": ar_speed, "sd_tokens_per_s": sd_speed,
+                    "ar_tokens_per_s": ar_speed,
+                    "sd_tokens_per_s": sd_speed,
                     "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
                 }
             for k, generations in walks.items():
-                add(0.0, k, "teacher_forced_walk", summarize(generations, k, cost_ratio, n_boot, seed), **checks.get(k, {}))
+                add(
+                    0.0,
+                    k,
+                    "teacher_forced_walk",
+                    summarize(generations, k, cost_ratio, n_boot, seed),
+                    **checks.get(k, {}),
+                )
             continue
         n = max(settings["n_assisted"], n_check) if temperature == 0 else settings["n_assisted"]
         for k in settings["k"]:
@@ -203,23 +261,52 @@ def measure(target_dir, draft_dir, outputs_path, out_path, *, settings: dict, la
             if temperature == 0:
                 ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
                 sd_speed = _speed(runs[:n_check], warmup)
-                extra = {"checked_prompts": sum(ok), "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
-                         "target_near_ties": ok.count(False), "ar_tokens_per_s": ar_speed, "sd_tokens_per_s": sd_speed,
-                         "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None}
-            add(temperature, k, "assisted_generation", summarize([r["steps"] for r in runs], k, cost_ratio, n_boot, seed), **extra)
+                extra = {
+                    "checked_prompts": sum(ok),
+                    "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
+                    "target_near_ties": ok.count(False),
+                    "ar_tokens_per_s": ar_speed,
+                    "sd_tokens_per_s": sd_speed,
+                    "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
+                }
+            add(
+                temperature,
+                k,
+                "assisted_generation",
+                summarize([r["steps"] for r in runs], k, cost_ratio, n_boot, seed),
+                **extra,
+            )
         if path == "assisted" and settings["n_tvd"]:
-            sums = acceptance.overlap(target, draft, pairs[: settings["n_tvd"]], temperature=temperature,
-                                      pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"])
+            sums = acceptance.overlap(
+                target,
+                draft,
+                pairs[: settings["n_tvd"]],
+                temperature=temperature,
+                pad_id=target_tok.pad_token_id,
+                batch_size=settings["batch_size"],
+            )
             alpha, low, high = ratio_ci([s for s, _ in sums], [n for _, n in sums], n_boot=n_boot, seed=seed)
             for k in range(1, settings["k_max"] + 1):
                 mal = acceptance.iid_mal(alpha, k)
                 lo, hi = acceptance.iid_mal(low, k), acceptance.iid_mal(high, k)
                 scale = 1 / (1 + k * cost_ratio)
-                add(temperature, k, "tvd_estimate", {
-                    "n_prompts": len(sums), "mal": mal, "mal_ci_low": lo, "mal_ci_high": hi, "alpha": alpha,
-                    "alpha_ci_low": low, "alpha_ci_high": high, "improvement_factor": mal * scale,
-                    "improvement_factor_ci_low": lo * scale, "improvement_factor_ci_high": hi * scale,
-                })
+                add(
+                    temperature,
+                    k,
+                    "tvd_estimate",
+                    {
+                        "n_prompts": len(sums),
+                        "mal": mal,
+                        "mal_ci_low": lo,
+                        "mal_ci_high": hi,
+                        "alpha": alpha,
+                        "alpha_ci_low": low,
+                        "alpha_ci_high": high,
+                        "improvement_factor": mal * scale,
+                        "improvement_factor_ci_low": lo * scale,
+                        "improvement_factor_ci_high": hi * scale,
+                    },
+                )
     mark_best_k(records)
     output = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": records}
     write_json(out_path, output, indent=None)

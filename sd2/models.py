@@ -41,11 +41,22 @@ def _check_exists(name_or_path: str) -> None:
         raise FileNotFoundError(f"model path {name_or_path} does not exist")
 
 
-def load_model(name_or_path, trust_remote_code: bool = False, dtype=torch.float32):
+def default_device() -> str:
+    """Where every job puts its models: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path, trust_remote_code: bool = False, dtype=torch.float32, device: str = "cpu"):
     name_or_path = str(name_or_path)
     _check_exists(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def load_checkpoint(name_or_path, trust_remote_code: bool = False, device: str | None = None):
+    """(model, tokenizer), the model on `device` (default: default_device()), in float32."""
+    model = load_model(name_or_path, trust_remote_code=trust_remote_code, device=device or default_device())
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name_or_path, trust_remote_code: bool = False):
@@ -76,3 +87,17 @@ PROBE = "def f(x):\n    return x ** 2  # ünïcode\n"
 def same_tokenizer(a, b) -> bool:
     """Interchangeable tokenizers: the same vocabulary and the same ids for a probe text."""
     return a.get_vocab() == b.get_vocab() and a(PROBE)["input_ids"] == b(PROBE)["input_ids"]
+
+
+def decoder_layers(model):
+    """The decoder blocks (model.model.layers for Llama/Qwen/Mistral, gpt_neox.layers for NeoX)."""
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected base_model.layers)")
+    return layers
+
+
+def decoder_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear inside a decoder block, by its full module name."""
+    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in inside}

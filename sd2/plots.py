@@ -38,14 +38,39 @@ MARKERS = "os^Dv<>p*h"
 LINESTYLES = ("-", "--", ":", "-.")
 
 CAPTIONS = {
-    "mal_vs_sparsity": "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, greedy decoding; dense drafts are the dotted reference lines; " + CI_NOTE,
-    "mal_vs_macs": "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the Pareto front (the best MAL reachable at or below each cost); " + CI_NOTE,
-    "improvement_factor": "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; above 1 speculative decoding beats autoregressive decoding in MACs; " + CI_NOTE,
-    "mal_vs_k": "MAL (top) and theoretical improvement factor (bottom) against the number of drafted tokens k, greedy decoding measured by the teacher-forced walk (same-tokenizer pairs), one line per draft; stars mark the k with the largest improvement factor; shaded bands: 95% bootstrap CI over prompts.",
-    "acceptance_by_position": "Share of verification steps in which the drafted token at each position was accepted, greedy decoding, one line per draft.",
-    "tokenizer_comparison": "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (Universal Assisted Generation), greedy decoding; " + CI_NOTE,
-    "speedup": "Measured CPU wall-clock speed-up of speculative decoding over autoregressive decoding of the target (tokens/s ratio, batch size 1), greedy decoding.",
-    "loss_curves": "Loss curves: pretraining of the from-scratch models (against tokens) and fine-tuning of each draft (against steps); solid validation, dashed training loss.",
+    "mal_vs_sparsity": (
+        "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, "
+        "greedy decoding; dense drafts are the dotted reference lines; " + CI_NOTE
+    ),
+    "mal_vs_macs": (
+        "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the "
+        "Pareto front (the best MAL reachable at or below each cost); " + CI_NOTE
+    ),
+    "improvement_factor": (
+        "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; "
+        "above 1 speculative decoding beats autoregressive decoding in MACs; " + CI_NOTE
+    ),
+    "mal_vs_k": (
+        "MAL (top) and theoretical improvement factor (bottom) against the number of drafted tokens k, "
+        "greedy decoding measured by the teacher-forced walk (same-tokenizer pairs), one line per draft; "
+        "stars mark the k with the largest improvement factor; shaded bands: 95% bootstrap CI over prompts."
+    ),
+    "acceptance_by_position": (
+        "Share of verification steps in which the drafted token at each position was accepted, greedy decoding, "
+        "one line per draft."
+    ),
+    "tokenizer_comparison": (
+        "MAL of each draft with a same-tokenizer target and with a different-tokenizer target "
+        "(Universal Assisted Generation), greedy decoding; " + CI_NOTE
+    ),
+    "speedup": (
+        "Measured CPU wall-clock speed-up of speculative decoding over autoregressive decoding of the target "
+        "(tokens/s ratio, batch size 1), greedy decoding."
+    ),
+    "loss_curves": (
+        "Loss curves: pretraining of the from-scratch models (against tokens) and fine-tuning of each draft "
+        "(against steps); solid validation, dashed training loss."
+    ),
 }
 FIGURES = tuple(CAPTIONS)
 
@@ -66,8 +91,11 @@ def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | No
     a model of acceptance, not a measurement.
     """
     # eq(True): a column with empty cells is read back as objects, where astype(bool) makes NaN True.
-    df = measurements[(measurements["temperature"] == temperature) & (measurements["estimator"] != "tvd_estimate")
-                      & measurements["headline_k"].eq(True)]
+    df = measurements[
+        (measurements["temperature"] == temperature)
+        & (measurements["estimator"] != "tvd_estimate")
+        & measurements["headline_k"].eq(True)
+    ]
     if k is None and len(df):
         k = int(df["k"].min())
     return df[df["k"] == k]
@@ -148,6 +176,26 @@ def figure_legend(fig: Figure, axes) -> None:
         fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize="small")
 
 
+def panel_grid(df: pd.DataFrame, row_key: str, col_keys: list[str], title: str, draw) -> Figure:
+    """One row of panels per value of `row_key`, one column per combination of `col_keys`.
+
+    draw(ax, panel, row_value, column, j) fills a panel with its rows of `df`; `column` is the
+    tuple of col_keys values and j the column index (the leftmost panel carries the y label).
+    The figure gets one legend.
+    """
+    row_values = sorted(df[row_key].unique())
+    columns = sorted(set(zip(*(df[key] for key in col_keys))))
+    fig, axes = new_figure(len(row_values), len(columns), title)
+    for i, row_value in enumerate(row_values):
+        for j, column in enumerate(columns):
+            mask = df[row_key] == row_value
+            for key, value in zip(col_keys, column):
+                mask &= df[key] == value
+            draw(axes[i, j], df[mask], row_value, column, j)
+    figure_legend(fig, axes)
+    return fig
+
+
 def color(method: str) -> str:
     return METHOD_COLORS.get(method, "#17becf")
 
@@ -158,7 +206,8 @@ def mean_row(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
-    """One bar per draft variant (draft model, method, sparsity), coloured by method, with its CI when the table has one."""
+    """One bar per draft variant (draft model, method, sparsity), coloured by method,
+    with its CI when the table has one."""
     combos = variant_order(df, ["draft"])
     for x, c in enumerate(combos.itertuples(index=False)):
         point = mean_row(df[(df["draft"] == c.draft) & (df["method"] == c.method) & (df["sparsity"] == c.sparsity)])
@@ -178,26 +227,30 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
     title = slice_title("MAL of each draft-making method against sparsity", df, temperature)
     if df.empty:
         return empty_figure(title)
-    eval_sets, pairs = sorted(df["eval_set"].unique()), sorted(set(zip(df["target"], df["draft"])))
-    fig, axes = new_figure(len(eval_sets), len(pairs), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, (target, draft) in enumerate(pairs):
-            ax = axes[i, j]
-            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target) & (df["draft"] == draft)]
-            for method in sorted(panel["method"].unique(), key=method_rank):
-                rows = panel[panel["method"] == method].sort_values("sparsity")
-                if method in ("dense", "dense_sd"):
-                    # Dense drafts exist only at 0%: a reference level for the sparse ones.
-                    ax.axhline(rows["mal"].mean(), color=color(method), linestyle=":", linewidth=1)
-                # Methods share sparsity levels: a small sideways shift per method keeps their error bars apart.
-                shift = (method_rank(method) - (len(METHOD_ORDER) - 1) / 2) * 0.8
-                ax.errorbar(rows["sparsity"] + shift, rows["mal"], yerr=ci_yerr(rows, "mal"), marker="o", capsize=3, color=color(method), label=method)
-            ax.set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
-            ax.set_xlabel(SPARSITY_LABEL)
-            ax.set_ylabel(MAL_LABEL if j == 0 else "")
-            ax.grid(alpha=0.3)
-    figure_legend(fig, axes)
-    return fig
+
+    def draw(ax, panel, eval_set, column, j):
+        for method in sorted(panel["method"].unique(), key=method_rank):
+            rows = panel[panel["method"] == method].sort_values("sparsity")
+            if method in ("dense", "dense_sd"):
+                # Dense drafts exist only at 0%: a reference level for the sparse ones.
+                ax.axhline(rows["mal"].mean(), color=color(method), linestyle=":", linewidth=1)
+            # Methods share sparsity levels: a small sideways shift per method keeps their error bars apart.
+            shift = (method_rank(method) - (len(METHOD_ORDER) - 1) / 2) * 0.8
+            ax.errorbar(
+                rows["sparsity"] + shift,
+                rows["mal"],
+                yerr=ci_yerr(rows, "mal"),
+                marker="o",
+                capsize=3,
+                color=color(method),
+                label=method,
+            )
+        ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
+        ax.set_xlabel(SPARSITY_LABEL)
+        ax.set_ylabel(MAL_LABEL if j == 0 else "")
+        ax.grid(alpha=0.3)
+
+    return panel_grid(df, "eval_set", ["target", "draft"], title, draw)
 
 
 def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -206,56 +259,80 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
     title = slice_title("MAL against draft cost: which drafts are Pareto-optimal", df, temperature)
     if df.empty:
         return empty_figure(title)
-    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
     drafts = sorted(df["draft"].unique())
-    fig, axes = new_figure(len(eval_sets), len(targets), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, target in enumerate(targets):
-            ax = axes[i, j]
-            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target)]
-            for method in sorted(panel["method"].unique(), key=method_rank):
-                for d, draft in enumerate(drafts):
-                    rows = panel[(panel["method"] == method) & (panel["draft"] == draft)]
-                    if len(rows):
-                        ax.errorbar(rows["draft_macs_per_token"], rows["mal"], yerr=ci_yerr(rows, "mal"), fmt=MARKERS[d % len(MARKERS)],
-                                    capsize=3, color=color(method), label=method, zorder=3)
-            front = pareto_front(panel, "draft_macs_per_token", "mal")
-            ax.step(front["draft_macs_per_token"], front["mal"], where="post", color="0.5", linewidth=1.5, label="Pareto front", zorder=2)
-            ax.xaxis.set_major_formatter(EngFormatter())
-            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
-            ax.set_xlabel(MACS_LABEL)
-            ax.set_ylabel(MAL_LABEL if j == 0 else "")
-            ax.grid(alpha=0.3)
-    figure_legend(fig, axes)
+
+    def draw(ax, panel, eval_set, column, j):
+        for method in sorted(panel["method"].unique(), key=method_rank):
+            for d, draft in enumerate(drafts):
+                rows = panel[(panel["method"] == method) & (panel["draft"] == draft)]
+                if len(rows):
+                    ax.errorbar(
+                        rows["draft_macs_per_token"],
+                        rows["mal"],
+                        yerr=ci_yerr(rows, "mal"),
+                        fmt=MARKERS[d % len(MARKERS)],
+                        capsize=3,
+                        color=color(method),
+                        label=method,
+                        zorder=3,
+                    )
+        front = pareto_front(panel, "draft_macs_per_token", "mal")
+        ax.step(
+            front["draft_macs_per_token"],
+            front["mal"],
+            where="post",
+            color="0.5",
+            linewidth=1.5,
+            label="Pareto front",
+            zorder=2,
+        )
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_title(f"{eval_set}: target {column[0]}", fontsize="medium")
+        ax.set_xlabel(MACS_LABEL)
+        ax.set_ylabel(MAL_LABEL if j == 0 else "")
+        ax.grid(alpha=0.3)
+
+    fig = panel_grid(df, "eval_set", ["target"], title, draw)
     if len(drafts) > 1:
-        fig.text(0.99, 0.01, "markers: " + ", ".join(f"{MARKERS[d % len(MARKERS)]} {name}" for d, name in enumerate(drafts)), ha="right", fontsize="small")
+        fig.text(
+            0.99,
+            0.01,
+            "markers: " + ", ".join(f"{MARKERS[d % len(MARKERS)]} {name}" for d, name in enumerate(drafts)),
+            ha="right",
+            fontsize="small",
+        )
     return fig
 
 
-def bars_per_target(measurements: pd.DataFrame, value: str, title: str, ylabel: str, temperature: float, k: int | None) -> Figure:
+def bars_per_target(
+    measurements: pd.DataFrame, value: str, title: str, ylabel: str, temperature: float, k: int | None
+) -> Figure:
     """Rows: eval sets. Columns: targets. One bar of `value` per draft variant, a dashed line at 1."""
     df = main_slice(measurements, temperature, k)
     title = slice_title(title, df, temperature)
     if df.empty:
         return empty_figure(title)
-    eval_sets, targets = sorted(df["eval_set"].unique()), sorted(df["target"].unique())
-    fig, axes = new_figure(len(eval_sets), len(targets), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, target in enumerate(targets):
-            ax = axes[i, j]
-            bar_panel(ax, df[(df["eval_set"] == eval_set) & (df["target"] == target)], value)
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-            ax.set_title(f"{eval_set}: target {target}", fontsize="medium")
-            ax.set_ylabel(ylabel if j == 0 else "")
-            ax.grid(axis="y", alpha=0.3)
-    figure_legend(fig, axes)
-    return fig
+
+    def draw(ax, panel, eval_set, column, j):
+        bar_panel(ax, panel, value)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{eval_set}: target {column[0]}", fontsize="medium")
+        ax.set_ylabel(ylabel if j == 0 else "")
+        ax.grid(axis="y", alpha=0.3)
+
+    return panel_grid(df, "eval_set", ["target"], title, draw)
 
 
 def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
     """The paper's headline figure: theoretical improvement factor per draft variant."""
-    return bars_per_target(measurements, "improvement_factor", "Theoretical improvement factor MAL / (1 + k·c) of each draft",
-                           IMPROVEMENT_LABEL, temperature, k)
+    return bars_per_target(
+        measurements,
+        "improvement_factor",
+        "Theoretical improvement factor MAL / (1 + k·c) of each draft",
+        IMPROVEMENT_LABEL,
+        temperature,
+        k,
+    )
 
 
 def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
@@ -263,12 +340,21 @@ def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
     for combo in variant_order(panel, []).itertuples(index=False):
         rows = panel[(panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)].sort_values("k")
         c = color(combo.method)
-        ax.plot(rows["k"], rows[value], styles[combo.sparsity], marker=".", color=c, label=variant_label(combo.method, combo.sparsity))
+        ax.plot(
+            rows["k"],
+            rows[value],
+            styles[combo.sparsity],
+            marker=".",
+            color=c,
+            label=variant_label(combo.method, combo.sparsity),
+        )
         ax.fill_between(rows["k"], rows[f"{value}_ci_low"], rows[f"{value}_ci_high"], color=c, alpha=0.12, linewidth=0)
         best = rows[rows["best_k"].eq(True)]
         ax.plot(best["k"], best[value], "*", markersize=12, color=c, markeredgecolor="black", zorder=3)
     # One neutral legend entry for the stars, after the variants, whatever their colours.
-    ax.plot([], [], "*", markersize=12, color="white", markeredgecolor="black", label="best k (largest improvement factor)")
+    ax.plot(
+        [], [], "*", markersize=12, color="white", markeredgecolor="black", label="best k (largest improvement factor)"
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
@@ -278,7 +364,10 @@ def plot_mal_vs_k(measurements: pd.DataFrame) -> Figure:
     df = measurements[(measurements["temperature"] == 0) & (measurements["estimator"] == "teacher_forced_walk")]
     scope = "greedy, teacher-forced walk"
     if df.empty:
-        return empty_figure(f"MAL and improvement factor against k ({scope})", "no teacher-forced walk rows (greedy decoding of same-tokenizer pairs)")
+        return empty_figure(
+            f"MAL and improvement factor against k ({scope})",
+            "no teacher-forced walk rows (greedy decoding of same-tokenizer pairs)",
+        )
     columns = sorted(set(zip(df["eval_set"], df["target"], df["draft"])))
     if len(columns) > MAX_K_COLUMNS:
         first = columns[0][0]
@@ -304,62 +393,91 @@ def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float =
     title = slice_title("Acceptance of the draft token at each drafted position", df, temperature)
     if df.empty:
         return empty_figure(title)
-    eval_sets, pairs = sorted(df["eval_set"].unique()), sorted(set(zip(df["target"], df["draft"])))
     styles = sparsity_styles(df)
-    fig, axes = new_figure(len(eval_sets), len(pairs), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, (target, draft) in enumerate(pairs):
-            ax = axes[i, j]
-            panel = df[(df["eval_set"] == eval_set) & (df["target"] == target) & (df["draft"] == draft)]
-            for row in variant_order(panel, []).itertuples(index=False):
-                record = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].iloc[0]
-                rates = json.loads(record["acceptance_by_position"])
-                ax.plot(range(1, len(rates) + 1), rates, styles[row.sparsity], marker="o", color=color(row.method), label=variant_label(row.method, row.sparsity))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
-            ax.set_xlabel("draft position (1 = first drafted token)")
-            ax.set_ylabel("share of steps accepting this position" if j == 0 else "")
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-    figure_legend(fig, axes)
-    return fig
+
+    def draw(ax, panel, eval_set, column, j):
+        for row in variant_order(panel, []).itertuples(index=False):
+            record = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].iloc[0]
+            rates = json.loads(record["acceptance_by_position"])
+            ax.plot(
+                range(1, len(rates) + 1),
+                rates,
+                styles[row.sparsity],
+                marker="o",
+                color=color(row.method),
+                label=variant_label(row.method, row.sparsity),
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
+        ax.set_xlabel("draft position (1 = first drafted token)")
+        ax.set_ylabel("share of steps accepting this position" if j == 0 else "")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+
+    return panel_grid(df, "eval_set", ["target", "draft"], title, draw)
 
 
 def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
-    """Rows: eval sets. Columns: drafts. Grouped bars: each draft variant with each target, hatched when the tokenizers differ."""
+    """Rows: eval sets. Columns: drafts. Grouped bars: each draft variant with each target,
+    hatched when the tokenizers differ."""
     df = main_slice(measurements, temperature, k)
     title = slice_title("Same-tokenizer target vs different-tokenizer (UAG) target: MAL", df, temperature)
     if df.empty:
         return empty_figure(title)
-    eval_sets, drafts = sorted(df["eval_set"].unique()), sorted(df["draft"].unique())
-    targets = df[["target", "same_tokenizer"]].drop_duplicates().sort_values(["same_tokenizer", "target"], ascending=[False, True])
+    targets = (
+        df[["target", "same_tokenizer"]]
+        .drop_duplicates()
+        .sort_values(["same_tokenizer", "target"], ascending=[False, True])
+    )
     width = 0.8 / max(1, len(targets))
-    fig, axes = new_figure(len(eval_sets), len(drafts), title)
-    for i, eval_set in enumerate(eval_sets):
-        for j, draft in enumerate(drafts):
-            ax = axes[i, j]
-            panel = df[(df["eval_set"] == eval_set) & (df["draft"] == draft)]
-            combos = variant_order(panel, [])
-            for t, target in enumerate(targets.itertuples(index=False)):
-                tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, UAG"
-                for x, combo in enumerate(combos.itertuples(index=False)):
-                    rows = panel[(panel["target"] == target.target) & (panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)]
-                    if len(rows):
-                        point = mean_row(rows)
-                        ax.bar(x + (t - (len(targets) - 1) / 2) * width, point["mal"], width, yerr=ci_yerr(point, "mal"), capsize=2, color=f"C{t}",
-                               hatch=None if target.same_tokenizer else "//", edgecolor="white", label=f"{target.target} ({tok})")
-            ax.set_xticks(range(len(combos)), [variant_label(c.method, c.sparsity) for c in combos.itertuples()], rotation=60, ha="right", fontsize="small")
-            ax.set_title(f"{eval_set}: draft {draft}", fontsize="medium")
-            ax.set_ylabel(MAL_LABEL if j == 0 else "")
-            ax.grid(axis="y", alpha=0.3)
-    figure_legend(fig, axes)
-    return fig
+
+    def draw(ax, panel, eval_set, column, j):
+        combos = variant_order(panel, [])
+        for t, target in enumerate(targets.itertuples(index=False)):
+            tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, UAG"
+            for x, combo in enumerate(combos.itertuples(index=False)):
+                rows = panel[
+                    (panel["target"] == target.target)
+                    & (panel["method"] == combo.method)
+                    & (panel["sparsity"] == combo.sparsity)
+                ]
+                if len(rows):
+                    point = mean_row(rows)
+                    ax.bar(
+                        x + (t - (len(targets) - 1) / 2) * width,
+                        point["mal"],
+                        width,
+                        yerr=ci_yerr(point, "mal"),
+                        capsize=2,
+                        color=f"C{t}",
+                        hatch=None if target.same_tokenizer else "//",
+                        edgecolor="white",
+                        label=f"{target.target} ({tok})",
+                    )
+        ax.set_xticks(
+            range(len(combos)),
+            [variant_label(c.method, c.sparsity) for c in combos.itertuples()],
+            rotation=60,
+            ha="right",
+            fontsize="small",
+        )
+        ax.set_title(f"{eval_set}: draft {column[0]}", fontsize="medium")
+        ax.set_ylabel(MAL_LABEL if j == 0 else "")
+        ax.grid(axis="y", alpha=0.3)
+
+    return panel_grid(df, "eval_set", ["draft"], title, draw)
 
 
 def plot_speedup(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
     """Measured tokens/s ratio over autoregressive decoding per draft variant."""
-    return bars_per_target(measurements, "speedup", "CPU wall-clock speed-up of speculative over autoregressive decoding",
-                           "speed-up over autoregressive (×)", temperature, k)
+    return bars_per_target(
+        measurements,
+        "speedup",
+        "CPU wall-clock speed-up of speculative over autoregressive decoding",
+        "speed-up over autoregressive (×)",
+        temperature,
+        k,
+    )
 
 
 def plot_loss_curves(training: pd.DataFrame) -> Figure:
@@ -387,7 +505,14 @@ def plot_loss_curves(training: pd.DataFrame) -> Figure:
         panel = tune[(tune["data"] == data) & (tune["draft"] == draft)]
         for row in variant_order(panel, []).itertuples(index=False):
             curve = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].sort_values("step")
-            ax.plot(curve["step"], curve["val_loss"], color=color(row.method), label=variant_label(row.method, row.sparsity), marker=marks.get(row.sparsity), markersize=4)
+            ax.plot(
+                curve["step"],
+                curve["val_loss"],
+                color=color(row.method),
+                label=variant_label(row.method, row.sparsity),
+                marker=marks.get(row.sparsity),
+                markersize=4,
+            )
             ax.plot(curve["step"], curve["train_loss"], "--", color=color(row.method), alpha=0.6)
         ax.set_title(f"fine-tuning {draft} on {data} data", fontsize="medium")
         ax.set_xlabel("optimizer step")

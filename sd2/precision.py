@@ -29,8 +29,11 @@ def resolve_bf16(setting, device_type: str) -> tuple[bool, str]:
     if setting == "auto":
         return native, f"bf16 auto -> {'bf16' if native else 'fp32'} ({where})"
     if setting and not native:
-        warnings.warn(f"bf16: true on a {device_type} without native bf16: autocast is emulated and training "
-                      "may run 30x slower than fp32; set bf16: auto or false", stacklevel=2)
+        warnings.warn(
+            f"bf16: true on a {device_type} without native bf16: autocast is emulated and training "
+            "may run 30x slower than fp32; set bf16: auto or false",
+            stacklevel=2,
+        )
     return bool(setting), f"bf16 {str(setting).lower()} (set in the config; {where})"
 
 

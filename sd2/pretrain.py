@@ -53,7 +53,10 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
     steps = max(1, train_cfg["tokens"] // (bs * seq))
     model = build_model(spec, tokenizer, seed)
     params = count_parameters(model)
-    print(f"{name}: {params / 1e6:.2f}M parameters, {steps} steps of {bs}x{seq} tokens, corpus {len(train_stream):,} tokens")
+    print(
+        f"{name}: {params / 1e6:.2f}M parameters, {steps} steps of {bs}x{seq} tokens, "
+        f"corpus {len(train_stream):,} tokens"
+    )
     history = training.train(
         model,
         random_windows(train_stream, bs, seq, seed),
@@ -68,7 +71,16 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
         desc=f"pretrain {name}",
     )
     history = [{**row, "stage": "pretrain"} for row in history]
-    instruct_rows = instruct(model, tokenizer, corpus["train"], train_cfg, seed=seed, run=run, log_step_offset=steps + 1, desc=f"instruct {name}")
+    instruct_rows = instruct(
+        model,
+        tokenizer,
+        corpus["train"],
+        train_cfg,
+        seed=seed,
+        run=run,
+        log_step_offset=steps + 1,
+        desc=f"instruct {name}",
+    )
     info = provenance(seed=seed, model=name, spec=spec, parameters=params, corpus_tokens=len(train_stream))
     info.update(
         final=history[-1],
@@ -78,11 +90,23 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
         instruct_final=instruct_rows[-1] if instruct_rows else None,
     )
     rows = history + instruct_rows
-    save_checkpoint(model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, rows)})
+    save_checkpoint(
+        model, tokenizer, out_dir, info, extra_files={"training.csv": lambda p: training.write_csv(p, rows)}
+    )
     return rows
 
 
-def instruct(model, tokenizer, corpus_train, train_cfg: dict, *, seed: int, run=None, log_step_offset: int = 0, desc: str = "instruct") -> list[dict]:
+def instruct(
+    model,
+    tokenizer,
+    corpus_train,
+    train_cfg: dict,
+    *,
+    seed: int,
+    run=None,
+    log_step_offset: int = 0,
+    desc: str = "instruct",
+) -> list[dict]:
     """The instruct stage on the corpus's functions; [] when train.instruct.steps is 0."""
     cfg = train_cfg.get("instruct") or {}
     if not cfg.get("steps"):
@@ -92,7 +116,10 @@ def instruct(model, tokenizer, corpus_train, train_cfg: dict, *, seed: int, run=
     train_idx, val_idx = training.split(len(examples), cfg["validation_fraction"], seed)
     bs, pad = cfg["batch_size"], tokenizer.pad_token_id
     val_set = [examples[i] for i in val_idx][: bs * train_cfg["eval_batches"]]
-    print(f"{desc}: {cfg['steps']} steps of {bs} functions, {len(train_idx)} train / {len(val_set)} validation functions", flush=True)
+    print(
+        f"{desc}: {cfg['steps']} steps of {bs} functions, {len(train_idx)} train / {len(val_set)} validation functions",
+        flush=True,
+    )
     history = training.train(
         model,
         training.shuffled_batches([examples[i] for i in train_idx], bs, pad, seed),

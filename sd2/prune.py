@@ -13,25 +13,11 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from sd2.checkpoint import save_checkpoint
-from sd2.models import load_model, load_tokenizer
+from sd2.models import decoder_layers, decoder_linears, load_model, load_tokenizer
 from sd2.provenance import provenance
 
 PRUNERS = ("sparsegpt", "wanda", "magnitude")
 STRUCTURES = ("unstructured", "2:4")
-
-
-def decoder_layers(model):
-    """The decoder blocks (model.model.layers for Llama/Qwen/Mistral, gpt_neox.layers for NeoX)."""
-    layers = getattr(model.base_model, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (expected base_model.layers)")
-    return layers
-
-
-def decoder_linears(model) -> dict[str, torch.nn.Linear]:
-    """Every nn.Linear inside a decoder block, by its full module name."""
-    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in inside}
 
 
 def n_zeros(sparsity: float, numel: int) -> int:
@@ -129,7 +115,9 @@ def calibration_set(calibration_dir, tokenizer, n: int, seq_len: int, seed: int)
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
 
 
-def _llmcompressor_prune(model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int):
+def _llmcompressor_prune(
+    model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int
+):
     """Run oneshot() on a fresh copy of the model; return the pruned decoder weights."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
@@ -209,7 +197,10 @@ def prune(
             module.weight.copy_(weight)
     if fixed:
         moved = sum(abs(v) for v in fixed.values())
-        print(f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); fixed by moving {moved} weight(s) (provenance: exactness_fix)")
+        print(
+            f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); "
+            f"fixed by moving {moved} weight(s) (provenance: exactness_fix)"
+        )
 
     measured = check_sparsity(model, fraction, structure)
     total = sum(m.weight.numel() for m in linears.values())

@@ -20,16 +20,101 @@ def run_time(results: Path) -> str:
         return "No recorded run from nothing yet (`make clean && make run` writes `results/run_time.json`)."
     rec = json.loads(path.read_text())
     machine = rec["machine"]
-    models = ", ".join(f"{name} {m['tokens_per_s']:,.0f} tokens/s ({m['precision']})" for name, m in rec["probe"]["models"].items())
-    return (f"`make run` from nothing: **{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** on {machine['cpu']}, "
-            f"{machine['cores']} cores, native bf16: {'yes' if machine['native_bf16'] else 'no'} "
-            f"({rec['provenance']['created'][:10]}, `results/run_time.json`). "
-            f"The throughput probe before it: {models}.")
+    models = ", ".join(
+        f"{name} {m['tokens_per_s']:,.0f} tokens/s ({m['precision']})" for name, m in rec["probe"]["models"].items()
+    )
+    return (
+        f"`make run` from nothing: **{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** on {machine['cpu']}, "
+        f"{machine['cores']} cores, native bf16: {'yes' if machine['native_bf16'] else 'no'} "
+        f"({rec['provenance']['created'][:10]}, `results/run_time.json`). "
+        f"The throughput probe before it: {models}."
+    )
 
 
 def models(results: Path) -> str:
     table = pd.read_csv(results / "tables" / "models.csv")
     return markdown_table(table)
+
+
+# The demo models' aims (issue 11): what makes the default run's numbers worth reading.
+AIMS = {
+    "target_body_rate": 0.8,
+    "target_distinct_4gram_share": 0.6,
+    "target_parse_rate": 0.5,
+    "draft_distinct_4gram_share": 0.3,
+    "target_over_draft_parameters": 3.0,
+    "best_dense_sd_mal": 2.0,
+    "sweep_minutes": 75,
+}
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def aims(results: Path) -> str:
+    """Each aim of the demo models against the tables, met or missed, with the numbers."""
+    m = pd.read_csv(results / "tables" / "models.csv")
+    targets, drafts = m[m["role"] == "target"], m[m["role"] == "draft"]
+    lines = []
+    for t in targets.itertuples():
+        ok = (
+            t.body_rate >= AIMS["target_body_rate"]
+            and t.distinct_4gram_share >= AIMS["target_distinct_4gram_share"]
+            and t.parse_rate >= AIMS["target_parse_rate"]
+        )
+        lines.append(
+            f"- target {t.model}: body rate {t.body_rate:.2f} (aim >= {AIMS['target_body_rate']}), "
+            f"distinct 4-gram share {t.distinct_4gram_share:.2f} (>= {AIMS['target_distinct_4gram_share']}), "
+            f"parse rate {t.parse_rate:.2f} "
+            f"(>= {AIMS['target_parse_rate']}), on {t.n_prompts} prompts: {_check(ok)}."
+        )
+    best_target_bpb = targets["val_bits_per_byte"].max()
+    for d in drafts.itertuples():
+        ok = (
+            d.distinct_4gram_share >= AIMS["draft_distinct_4gram_share"]
+            and d.body_rate > 0
+            and d.val_bits_per_byte > best_target_bpb
+        )
+        lines.append(
+            f"- draft {d.model}: distinct 4-gram share {d.distinct_4gram_share:.2f} "
+            f"(>= {AIMS['draft_distinct_4gram_share']}), "
+            f"body rate {d.body_rate:.2f}, {d.val_bits_per_byte:.3f} bits/byte against the targets' "
+            f"{', '.join(f'{b:.3f}' for b in targets['val_bits_per_byte'])} (worse than every target): {_check(ok)}."
+        )
+    ratio = targets["parameters"].min() / drafts["parameters"].max()
+    lines.append(
+        f"- smallest target / largest draft: {ratio:.2f}x parameters (>= {AIMS['target_over_draft_parameters']}): "
+        f"{_check(ratio >= AIMS['target_over_draft_parameters'])}."
+    )
+    meas = results / "tables" / "measurements.csv"
+    if meas.exists():
+        df = pd.read_csv(meas)
+        first_set = df["eval_set"].iloc[0]
+        sd = df[
+            (df["method"] == "dense_sd")
+            & df["headline_k"]
+            & (df["temperature"] == 0)
+            & (df["eval_set"] == first_set)
+            & (df["estimator"] == "teacher_forced_walk")
+        ]
+        if len(sd):
+            b = sd.loc[sd["mal"].idxmax()]
+            lines.append(
+                f"- best dense_sd draft, greedy MAL at k = {b['k']} on {first_set}: {b['target']}/{b['draft']} "
+                f"{b['mal']:.2f} [{b['mal_ci_low']:.2f}, {b['mal_ci_high']:.2f}] (>= {AIMS['best_dense_sd_mal']}): "
+                f"{_check(b['mal'] >= AIMS['best_dense_sd_mal'])}."
+            )
+    record = results / "run_time.json"
+    if record.exists():
+        rec = json.loads(record.read_text())
+        minutes = rec["seconds"] / 60
+        lines.append(
+            f"- the whole default sweep: {minutes:.0f} min on {rec['machine']['cpu']}, "
+            f"{rec['machine']['cores']} cores, native bf16 {'yes' if rec['machine']['native_bf16'] else 'no'} "
+            f"(<= {AIMS['sweep_minutes']}): {_check(minutes <= AIMS['sweep_minutes'])}."
+        )
+    return "\n".join(lines)
 
 
 def per_draft(results: Path) -> str:
@@ -55,8 +140,10 @@ def significance(results: Path) -> str:
         f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
         f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
         f"ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to {ratio['mal_ratio_vs_layer_pruned'].max():.2f}; "
-        f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, not significant in {len(ratio) - len(up) - len(down)}.",
-        f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% to {-change['macs_reduction_pct'].min():.1f}%, "
+        f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, "
+        f"not significant in {len(ratio) - len(up) - len(down)}.",
+        f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% "
+        f"to {-change['macs_reduction_pct'].min():.1f}%, "
         f"MAL change {change['mal_change_pct'].min():+.1f}% to {change['mal_change_pct'].max():+.1f}%; "
         f"significant in {_share(change, 'change_significant')} cells.",
     ]
@@ -76,21 +163,54 @@ def measure_time(results: Path) -> str:
     now = pd.read_csv(tables / "job_times.csv")
     measure, outputs = now[now["rule"] == "measure"], now[now["rule"] == "target_outputs"]
     total = measure["seconds"].sum() + outputs["seconds"].sum()
-    lines = [f"- now: {total:,.0f} job-seconds: {len(measure)} `measure` jobs, {measure['seconds'].sum():,.0f} s "
-             f"(mean {measure['seconds'].mean():.1f} s, max {measure['seconds'].max():.1f} s), and {len(outputs)} `target_outputs` "
-             f"jobs, {outputs['seconds'].sum():,.0f} s (`results/tables/job_times.csv`)."]
+    lines = [
+        f"- now: {total:,.0f} job-seconds: {len(measure)} `measure` jobs, {measure['seconds'].sum():,.0f} s "
+        f"(mean {measure['seconds'].mean():.1f} s, max {measure['seconds'].max():.1f} s), "
+        f"and {len(outputs)} `target_outputs` jobs, {outputs['seconds'].sum():,.0f} s (`results/tables/job_times.csv`)."
+    ]
     before_path = tables / "job_times_before.csv"
     if before_path.exists():
         before = pd.read_csv(before_path)
         before = before[before["rule"] == "measure"]
         estimate = before["seconds"].mean() * len(measure)
-        lines.append(f"- before: the previous `measure` (assisted generation only, 6 prompts x 40 tokens, k = 5) took "
-                     f"{before['seconds'].mean():.1f} s per job on {len(before)} of these cells, same machine and models, "
-                     f"two jobs at a time as in the sweep: about {estimate:,.0f} job-seconds for {len(measure)} jobs "
-                     f"(`results/tables/job_times_before.csv`); now / before = {total / estimate:.2f}, and "
-                     f"{measure['seconds'].mean() / before['seconds'].mean():.2f}x per `measure` job alone (the "
-                     f"`target_outputs` jobs are shared by every draft of a target and eval set).")
+        lines.append(
+            f"- before: the previous `measure` (assisted generation only, 6 prompts x 40 tokens, k = 5) took "
+            f"{before['seconds'].mean():.1f} s per job on {len(before)} cells of the previous default models "
+            f"(5.5M-parameter targets; same machine, two jobs at a time as in the sweep): about {estimate:,.0f} "
+            f"job-seconds for {len(measure)} jobs "
+            f"(`results/tables/job_times_before.csv`); now / before = {total / estimate:.2f}, and "
+            f"{measure['seconds'].mean() / before['seconds'].mean():.2f}x per `measure` job alone (the "
+            f"`target_outputs` jobs are shared by every draft of a target and eval set)."
+        )
     return "\n".join(lines)
+
+
+def time_by_rule(results: Path) -> str:
+    """Where the sweep's time goes: job-seconds per rule, from job_times.csv."""
+    path = results / "tables" / "job_times.csv"
+    if not path.exists():
+        return "No job times recorded (`make run` writes `results/tables/job_times.csv`)."
+    jobs = pd.read_csv(path)
+    by_rule = jobs.groupby("rule")["seconds"].agg(["count", "sum", "mean"]).sort_values("sum", ascending=False)
+    total = by_rule["sum"].sum()
+    table = pd.DataFrame(
+        {
+            "rule": by_rule.index,
+            "jobs": by_rule["count"].to_numpy(),
+            "job-seconds": by_rule["sum"].round().astype(int).to_numpy(),
+            "share": (by_rule["sum"] / total).map("{:.0%}".format).to_numpy(),
+            "mean s/job": by_rule["mean"].round(1).to_numpy(),
+        }
+    )
+    return markdown_table(table) + f"\n\nTotal {total:,.0f} job-seconds (`results/tables/job_times.csv`)."
+
+
+def instruct_stage(results: Path) -> str:
+    """The instruct stage's A/B (benchmarks/instruct_stage.py): one model before and after it."""
+    path = results / "tables" / "instruct_stage.csv"
+    if not path.exists():
+        return "Not measured yet (`python benchmarks/instruct_stage.py --out results/tables/instruct_stage.csv`)."
+    return markdown_table(pd.read_csv(path))
 
 
 def precision(results: Path) -> str:
@@ -98,12 +218,25 @@ def precision(results: Path) -> str:
     if not path.exists():
         return "Not measured yet (`python benchmarks/precision.py --out results/tables/precision.csv`)."
     r = pd.read_csv(path).iloc[0]
-    return (f"{r['model']}, batch {r['batch']}, {r['threads']} threads on {r['cpu']} (native bf16: {'yes' if r['native_bf16'] else 'no'}): "
-            f"fp32 **{r['fp32_tokens_per_s']:,.0f} tokens/s**, bf16 autocast **{r['bf16_tokens_per_s']:,.0f} tokens/s** "
-            f"(bf16 / fp32 = {r['bf16_over_fp32']:.3f}; `benchmarks/precision.py`, `results/tables/precision.csv`).")
+    return (
+        f"{r['model']}, batch {r['batch']}, {r['threads']} threads on {r['cpu']} "
+        f"(native bf16: {'yes' if r['native_bf16'] else 'no'}): "
+        f"fp32 **{r['fp32_tokens_per_s']:,.0f} tokens/s**, bf16 autocast **{r['bf16_tokens_per_s']:,.0f} tokens/s** "
+        f"(bf16 / fp32 = {r['bf16_over_fp32']:.3f}; `benchmarks/precision.py`, `results/tables/precision.csv`)."
+    )
 
 
-BLOCKS = {"run_time": run_time, "precision": precision, "models": models, "per_draft": per_draft, "significance": significance, "measure_time": measure_time}
+BLOCKS = {
+    "run_time": run_time,
+    "precision": precision,
+    "models": models,
+    "aims": aims,
+    "time_by_rule": time_by_rule,
+    "instruct_stage": instruct_stage,
+    "per_draft": per_draft,
+    "significance": significance,
+    "measure_time": measure_time,
+}
 
 
 def update(readme_path, results_dir) -> list[str]:
@@ -115,7 +248,7 @@ def update(readme_path, results_dir) -> list[str]:
         pattern = re.compile(rf"(<!-- generated:{name} -->\n)(?:.*?\n)?(<!-- /generated:{name} -->)", re.S)
         if pattern.search(text):
             body = render(results).strip()
-            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+            text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
             found.append(name)
     unknown = set(re.findall(r"<!-- generated:(\w+) -->", text)) - set(BLOCKS)
     if unknown:

@@ -14,6 +14,7 @@ import json
 import pandas as pd
 
 from sd2.checkpoint import atomic_path
+from sd2.stats import excludes, paired_ratio_ci
 
 # Baselines first, the method last: tables and legends read in this order.
 METHOD_ORDER = ("dense", "dense_sd", "sparse_oneshot", "sparse_sft", "layer_pruned", "sd2")
@@ -58,7 +59,17 @@ MEASUREMENT_COLUMNS = KEYS + [
     "versions",
     "record_file",
 ]
-CURVE_COLUMNS = ["step", "tokens", "train_loss", "val_loss", "lr", "seconds", "train_seconds", "tokens_per_s", "precision"]
+CURVE_COLUMNS = [
+    "step",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "lr",
+    "seconds",
+    "train_seconds",
+    "tokens_per_s",
+    "precision",
+]
 CURVE_LABELS = ["stage", "model", "target", "draft", "method", "sparsity"]
 TRAINING_COLUMNS = CURVE_LABELS + CURVE_COLUMNS
 
@@ -161,9 +172,16 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
     if len(df):
         # Pretraining before fine-tuning; within a stage, by labels then step.
         order = {"pretrain": 0, "instruct": 1, "finetune": 2}
-        df = df.assign(_stage=df["stage"].map(order).fillna(3), _rank=df["method"].map(lambda m: method_rank(m) if isinstance(m, str) else -1))
+        df = df.assign(
+            _stage=df["stage"].map(order).fillna(3),
+            _rank=df["method"].map(lambda m: method_rank(m) if isinstance(m, str) else -1),
+        )
         by = ["_stage", "model", "target", "draft", "_rank", "method", "sparsity", "step"]
-        df = df.sort_values(by, kind="mergesort", na_position="first").drop(columns=["_stage", "_rank"]).reset_index(drop=True)
+        df = (
+            df.sort_values(by, kind="mergesort", na_position="first")
+            .drop(columns=["_stage", "_rank"])
+            .reset_index(drop=True)
+        )
     write_table(df, out_csv)
     return df
 
@@ -175,8 +193,11 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     then the mean over eval sets of acceptance rate, improvement factor and speed-up, and
     the draft's MACs per token and MACs reduction.
     """
-    at_t = measurements[(measurements["temperature"] == temperature) & (measurements["estimator"] != "tvd_estimate")
-                        & measurements["headline_k"].astype(bool)]
+    at_t = measurements[
+        (measurements["temperature"] == temperature)
+        & (measurements["estimator"] != "tvd_estimate")
+        & measurements["headline_k"].astype(bool)
+    ]
     group = ["target", "draft", "method", "sparsity", "k", "estimator"]
     parts = []
     for value, name in (("mal", "mal"), ("mal_ci_low", "ci_low"), ("mal_ci_high", "ci_high"), ("n_prompts", "n")):
@@ -188,19 +209,33 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     wide = pd.concat(parts, axis=1)
     evals = sorted(at_t["eval_set"].unique())
     wide = wide[[f"{n}_{e}" for e in evals for n in ("mal", "ci_low", "ci_high", "n")]]
-    means = at_t.groupby(group)[["acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"]].mean()
+    means = at_t.groupby(group)[
+        ["acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"]
+    ].mean()
     return sort_measurements(wide.join(means).reset_index())
 
 
 COMPARISON_KEYS = ["target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"]
 COMPARISON_COLUMNS = COMPARISON_KEYS + [
     "n_prompts",
-    "sd2_mal", "sd2_mal_ci_low", "sd2_mal_ci_high",
-    "layer_pruned_mal", "layer_pruned_mal_ci_low", "layer_pruned_mal_ci_high",
-    "dense_sd_mal", "dense_sd_mal_ci_low", "dense_sd_mal_ci_high",
-    "mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant",
+    "sd2_mal",
+    "sd2_mal_ci_low",
+    "sd2_mal_ci_high",
+    "layer_pruned_mal",
+    "layer_pruned_mal_ci_low",
+    "layer_pruned_mal_ci_high",
+    "dense_sd_mal",
+    "dense_sd_mal_ci_low",
+    "dense_sd_mal_ci_high",
+    "mal_ratio_vs_layer_pruned",
+    "ratio_ci_low",
+    "ratio_ci_high",
+    "ratio_significant",
     "macs_reduction_pct",
-    "mal_change_pct", "change_ci_low", "change_ci_high", "change_significant",
+    "mal_change_pct",
+    "change_ci_low",
+    "change_ci_high",
+    "change_significant",
 ]
 
 
@@ -216,15 +251,19 @@ def read_records(record_paths) -> list[tuple[dict, list, str]]:
 
 def _paired(a: dict, ids_a, b: dict, ids_b) -> tuple[float, float, float]:
     """MAL(a) / MAL(b) with a paired bootstrap CI over the prompts both measured; NaN if they differ."""
-    from sd2.stats import paired_ratio_ci
-
     pa, pb = a.get("per_prompt"), b.get("per_prompt")
     n = a.get("n_prompts")
     if not pa or not pb or n != b.get("n_prompts") or ids_a is None or ids_a[:n] != (ids_b or [])[:n]:
         return float("nan"), float("nan"), float("nan")
     settings = (a.get("provenance") or {}).get("settings") or {}
-    return paired_ratio_ci(pa["accepted_tokens"], pa["steps"], pb["accepted_tokens"], pb["steps"],
-                           n_boot=settings.get("bootstrap", 2000), seed=(a.get("provenance") or {}).get("seed") or 0)
+    return paired_ratio_ci(
+        pa["accepted_tokens"],
+        pa["steps"],
+        pb["accepted_tokens"],
+        pb["steps"],
+        n_boot=settings.get("bootstrap", 2000),
+        seed=(a.get("provenance") or {}).get("seed") or 0,
+    )
 
 
 def comparisons(record_paths) -> pd.DataFrame:
@@ -238,20 +277,31 @@ def comparisons(record_paths) -> pd.DataFrame:
     Both MAL comparisons resample the same prompts on both sides; *_significant says whether
     the 95% interval excludes no difference. Missing counterparts give NaN.
     """
-    from sd2.stats import excludes
-
     index = {}
     for record, ids, _ in read_records(record_paths):
         settings = (record.get("provenance") or {}).get("settings") or {}
         if record.get("estimator") == "tvd_estimate" or record["k"] not in settings.get("k", [record["k"]]):
             continue
-        index[tuple(record[c] for c in ("target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k"))] = (record, ids)
+        index[
+            tuple(
+                record[c]
+                for c in ("target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k")
+            )
+        ] = (record, ids)
     rows = []
     for (target, draft, method, sparsity, eval_set, temperature, estimator, k), (sd2, ids) in index.items():
         if method != "sd2":
             continue
-        row = {"target": target, "draft": draft, "sparsity": sparsity, "eval_set": eval_set, "temperature": temperature,
-               "estimator": estimator, "k": k, "n_prompts": sd2.get("n_prompts")}
+        row = {
+            "target": target,
+            "draft": draft,
+            "sparsity": sparsity,
+            "eval_set": eval_set,
+            "temperature": temperature,
+            "estimator": estimator,
+            "k": k,
+            "n_prompts": sd2.get("n_prompts"),
+        }
         others = {"sd2": (sd2, ids)}
         for base, level in (("layer_pruned", sparsity), ("dense_sd", 0)):
             found = index.get((target, draft, base, level, eval_set, temperature, estimator, k))
@@ -264,12 +314,20 @@ def comparisons(record_paths) -> pd.DataFrame:
         nan3 = (float("nan"),) * 3
         ratio = _paired(sd2, ids, *others["layer_pruned"]) if "layer_pruned" in others else nan3
         change = _paired(sd2, ids, *others["dense_sd"]) if "dense_sd" in others else nan3
-        row.update(mal_ratio_vs_layer_pruned=ratio[0], ratio_ci_low=ratio[1], ratio_ci_high=ratio[2],
-                   ratio_significant=excludes(ratio[1], ratio[2], 1.0))
+        row.update(
+            mal_ratio_vs_layer_pruned=ratio[0],
+            ratio_ci_low=ratio[1],
+            ratio_ci_high=ratio[2],
+            ratio_significant=excludes(ratio[1], ratio[2], 1.0),
+        )
         dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
         row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
-        row.update(mal_change_pct=100.0 * (change[0] - 1), change_ci_low=100.0 * (change[1] - 1), change_ci_high=100.0 * (change[2] - 1),
-                   change_significant=excludes(change[1], change[2], 1.0))
+        row.update(
+            mal_change_pct=100.0 * (change[0] - 1),
+            change_ci_low=100.0 * (change[1] - 1),
+            change_ci_high=100.0 * (change[2] - 1),
+            change_significant=excludes(change[1], change[2], 1.0),
+        )
         rows.append(row)
     df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     return df.sort_values(COMPARISON_KEYS, kind="mergesort").reset_index(drop=True) if len(df) else df
@@ -312,10 +370,12 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
     for temperature in sorted(measurements["temperature"].unique()):
         mode = "greedy" if temperature == 0 else f"sampling, T={temperature:g}"
         table = summary_table(measurements, temperature)
-        evals = [c[len("mal_"):] for c in table.columns if c.startswith("mal_")]
+        evals = [c[len("mal_") :] for c in table.columns if c.startswith("mal_")]
         shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
         for e in evals:
-            shown[f"MAL {e} [95% CI]"] = [with_ci(*v) for v in zip(table[f"mal_{e}"], table[f"ci_low_{e}"], table[f"ci_high_{e}"])]
+            shown[f"MAL {e} [95% CI]"] = [
+                with_ci(*v) for v in zip(table[f"mal_{e}"], table[f"ci_low_{e}"], table[f"ci_high_{e}"])
+            ]
             shown[f"n {e}"] = table[f"n_{e}"].astype("Int64")
         for col in ("acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"):
             shown[col] = table[col]
@@ -323,10 +383,18 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         cmp_t = compared[compared["temperature"] == temperature]
         if len(cmp_t):
             view = cmp_t[["target", "draft", "sparsity", "eval_set", "k", "estimator", "n_prompts"]].copy()
-            view["SD² / layer-pruned MAL [95% CI]"] = [with_ci(*v) for v in zip(cmp_t["mal_ratio_vs_layer_pruned"], cmp_t["ratio_ci_low"], cmp_t["ratio_ci_high"])]
+            view["SD² / layer-pruned MAL [95% CI]"] = [
+                with_ci(*v)
+                for v in zip(cmp_t["mal_ratio_vs_layer_pruned"], cmp_t["ratio_ci_low"], cmp_t["ratio_ci_high"])
+            ]
             view["significant (ratio)"] = cmp_t["ratio_significant"].map({True: "yes", False: "no"})
             view["MACs change vs dense_sd %"] = -cmp_t["macs_reduction_pct"]
-            view["MAL change vs dense_sd % [95% CI]"] = [with_ci(*v) for v in zip(cmp_t["mal_change_pct"], cmp_t["change_ci_low"], cmp_t["change_ci_high"])]
+            view["MAL change vs dense_sd % [95% CI]"] = [
+                with_ci(*v) for v in zip(cmp_t["mal_change_pct"], cmp_t["change_ci_low"], cmp_t["change_ci_high"])
+            ]
             view["significant (change)"] = cmp_t["change_significant"].map({True: "yes", False: "no"})
-            parts.append(f"### SD² vs layer-pruned and dense_sd ({mode}; paired bootstrap over prompts)\n\n{markdown_table(view)}")
+            parts.append(
+                f"### SD² vs layer-pruned and dense_sd ({mode}; paired bootstrap over prompts)\n\n"
+                f"{markdown_table(view)}"
+            )
     return "\n".join(parts)

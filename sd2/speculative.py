@@ -17,7 +17,13 @@ import contextlib
 import time
 
 import torch
+from datasets import load_from_disk
+from tqdm.auto import tqdm
+from transformers.generation.candidate_generator import AssistantVocabTranslatorCache
 from transformers.generation.streamers import BaseStreamer
+
+from sd2.models import same_tokenizer
+
 
 class StepStreamer(BaseStreamer):
     """Tokens committed per verification step; the first put() is the prompt and is skipped."""
@@ -85,8 +91,6 @@ def decoding_path(target, draft, target_tok, draft_tok) -> str:
     transformers picks the path by comparing config vocab sizes; tokenizers that differ
     with equal vocab sizes cannot run in transformers 5.17, so that fails here, loudly.
     """
-    from sd2.models import same_tokenizer
-
     sizes_differ = target.config.get_text_config().vocab_size != draft.config.get_text_config().vocab_size
     if sizes_differ:
         return "uag"
@@ -111,8 +115,6 @@ def register_unpruned_translator(target, draft, target_tok, draft_tok) -> None:
     to suppress. The cache is keyed by the tokenizer objects, so this must be done per
     (target_tok, draft_tok) pair before the first sampled generate().
     """
-    from transformers.generation.candidate_generator import AssistantVocabTranslatorCache
-
     AssistantVocabTranslatorCache.get_translator(
         target_tok,
         draft_tok,
@@ -120,15 +122,6 @@ def register_unpruned_translator(target, draft, target_tok, draft_tok) -> None:
         assistant_model=draft,
         assistant_prune_lm_head=False,
     )
-
-
-def load_checkpoint(name_or_path, trust_remote_code: bool = False, device: str | None = None):
-    """(model, tokenizer) on `device` (default: cuda when available, else cpu), in float32."""
-    from sd2.models import load_model, load_tokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(name_or_path, trust_remote_code=trust_remote_code).to(device)
-    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _timed(fn, device):
@@ -144,7 +137,7 @@ def ar_generate(target, input_ids, gen_kwargs: dict) -> torch.Tensor:
     """New tokens of the target alone."""
     with torch.no_grad():
         out = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **gen_kwargs)
-    return out[0, input_ids.shape[1]:]
+    return out[0, input_ids.shape[1] :]
 
 
 def sd_generate(target, draft, input_ids, gen_kwargs: dict, tokenizers: tuple | None = None):
@@ -164,7 +157,7 @@ def sd_generate(target, draft, input_ids, gen_kwargs: dict, tokenizers: tuple | 
             **extra,
             **gen_kwargs,
         )
-    new_tokens = out[0, input_ids.shape[1]:]
+    new_tokens = out[0, input_ids.shape[1] :]
     # Guards the counting claims against a transformers upgrade that changes what the streamer sees.
     if len(drafted) != len(streamer.committed) or sum(streamer.committed) != new_tokens.numel():
         raise RuntimeError(
@@ -194,14 +187,14 @@ def step_stats(generations: list, k: int) -> dict:
         "drafted_tokens": drafted,
         "accepted_draft_tokens": accepted_draft,
         "acceptance_rate": accepted_draft / drafted if drafted else None,
-        "acceptance_by_position": [sum(c - 1 > i for c in committed) / n_steps if n_steps else None for i in range(positions)],
+        "acceptance_by_position": [
+            sum(c - 1 > i for c in committed) / n_steps if n_steps else None for i in range(positions)
+        ],
         "accepted_length_histogram": [committed.count(n) for n in range(1, longest + 1)],
     }
 
 
 def load_prompts(eval_dir, n_prompts: int | None) -> list[dict]:
-    from datasets import load_from_disk
-
     ds = load_from_disk(str(eval_dir))
     missing = {"id", "prompt"} - set(ds.column_names)
     if missing:
@@ -210,15 +203,24 @@ def load_prompts(eval_dir, n_prompts: int | None) -> list[dict]:
     return rows if n_prompts is None else rows[:n_prompts]
 
 
-def assisted_runs(target, draft, target_tok, draft_tok, prompts: list[list[int]], *, k: int, temperature: float,
-                  max_new_tokens: int, seed: int, desc: str = "") -> list[dict]:
+def assisted_runs(
+    target,
+    draft,
+    target_tok,
+    draft_tok,
+    prompts: list[list[int]],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    desc: str = "",
+) -> list[dict]:
     """transformers assisted generation of each prompt (target token ids), batch size 1.
 
     Per prompt: the new tokens, the per-step (committed, drafted) counts and the wall
     seconds. Sampling is seeded with seed + prompt index before each generate().
     """
-    from tqdm.auto import tqdm
-
     path = decoding_path(target, draft, target_tok, draft_tok)
     tokenizers = (target_tok, draft_tok) if path == "uag" else None
     if path == "uag" and temperature > 0:
@@ -229,6 +231,8 @@ def assisted_runs(target, draft, target_tok, draft_tok, prompts: list[list[int]]
     for index, prompt_ids in enumerate(tqdm(prompts, desc=desc or f"assisted k={k} T={temperature:g}", mininterval=5)):
         input_ids = torch.tensor([prompt_ids], device=target.device)
         torch.manual_seed(seed + index)
-        (tokens, steps), seconds = _timed(lambda: sd_generate(target, draft, input_ids, gen_kwargs, tokenizers), target.device)
+        (tokens, steps), seconds = _timed(
+            lambda input_ids=input_ids: sd_generate(target, draft, input_ids, gen_kwargs, tokenizers), target.device
+        )
         runs.append({"tokens": tokens.tolist(), "steps": steps, "seconds": seconds})
     return runs

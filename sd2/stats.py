@@ -44,7 +44,9 @@ def ratio_ci(num, den, *, n_boot: int = 2000, seed: int = 0, level: float = LEVE
     return float(num.sum() / den.sum()), *_interval(_ratio(num[idx].sum(1), den[idx].sum(1)), level)
 
 
-def paired_ratio_ci(num_a, den_a, num_b, den_b, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+def paired_ratio_ci(
+    num_a, den_a, num_b, den_b, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float, float]:
     """(R_a / R_b, low, high) with R = sum(num) / sum(den), both sides resampled on the same items.
 
     The items must be aligned (item i of a and of b is the same prompt).

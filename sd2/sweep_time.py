@@ -13,10 +13,13 @@ import platform
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from sd2.checkpoint import write_json
 from sd2.models import build_model, count_parameters
 from sd2.precision import native_bf16, precision_name, resolve_bf16
+from sd2.provenance import provenance
 
 
 def config_digest(config: dict) -> str:
@@ -35,7 +38,12 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "native_bf16": native_bf16("cpu"), "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "native_bf16": native_bf16("cpu"),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 class _Vocabulary:
@@ -55,7 +63,9 @@ def step_seconds(spec: dict, vocab_size: int, bf16: bool, steps: int = 2, seed: 
     train = spec["train"]
     model = build_model(spec, _Vocabulary(vocab_size), seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, vocab_size, (train["batch_size"], train["seq_len"]), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, vocab_size, (train["batch_size"], train["seq_len"]), generator=torch.Generator().manual_seed(seed)
+    )
     times = []
     for _ in range(steps + 1):
         tick = time.perf_counter()
@@ -87,7 +97,11 @@ def probe(config: dict) -> dict:
             "steps": steps,
             "pretrain_seconds": round(steps * seconds),
         }
-    return {"machine": machine(), "models": models, "pretrain_seconds": sum(m["pretrain_seconds"] for m in models.values())}
+    return {
+        "machine": machine(),
+        "models": models,
+        "pretrain_seconds": sum(m["pretrain_seconds"] for m in models.values()),
+    }
 
 
 def estimate(config: dict, previous: dict | None) -> dict:
@@ -98,23 +112,35 @@ def estimate(config: dict, previous: dict | None) -> dict:
     if previous and previous["probe"]["pretrain_seconds"]:
         speed = found["pretrain_seconds"] / previous["probe"]["pretrain_seconds"]
         found["sweep_seconds"] = round(previous["seconds"] * speed)
-        found["scaled_from"] = {"seconds": previous["seconds"], "cpu": previous["machine"]["cpu"], "slowdown": round(speed, 2),
-                                "same_config": previous.get("config_digest") == found["config_digest"]}
+        found["scaled_from"] = {
+            "seconds": previous["seconds"],
+            "cpu": previous["machine"]["cpu"],
+            "slowdown": round(speed, 2),
+            "same_config": previous.get("config_digest") == found["config_digest"],
+        }
     return found
 
 
 def describe(found: dict) -> str:
-    lines = [f"Throughput probe on {found['machine']['cpu']} ({found['machine']['cores']} cores, "
-             f"native bf16: {'yes' if found['machine']['native_bf16'] else 'no'}):"]
+    lines = [
+        f"Throughput probe on {found['machine']['cpu']} ({found['machine']['cores']} cores, "
+        f"native bf16: {'yes' if found['machine']['native_bf16'] else 'no'}):"
+    ]
     for name, m in found["models"].items():
-        lines.append(f"  {name}: {m['parameters'] / 1e6:.2f}M parameters, {m['precision']}, {m['tokens_per_s']:,.0f} tokens/s"
-                     f" -> pretraining ~{m['pretrain_seconds'] / 60:.0f} min ({m['steps']} steps)")
+        lines.append(
+            f"  {name}: {m['parameters'] / 1e6:.2f}M parameters, {m['precision']}, {m['tokens_per_s']:,.0f} tokens/s"
+            f" -> pretraining ~{m['pretrain_seconds'] / 60:.0f} min ({m['steps']} steps)"
+        )
     lines.append(f"Pretraining alone: ~{found['pretrain_seconds'] / 60:.0f} min.")
     if found["sweep_seconds"] is not None:
         ref = found["scaled_from"]
-        which = "this config" if ref["same_config"] else "another config (this one has changed since: a rough guide only)"
-        lines.append(f"Whole sweep: ~{found['sweep_seconds'] / 60:.0f} min (the recorded run of {which} took "
-                     f"{ref['seconds'] / 60:.0f} min on {ref['cpu']}; this machine probes {ref['slowdown']}x its time).")
+        which = (
+            "this config" if ref["same_config"] else "another config (this one has changed since: a rough guide only)"
+        )
+        lines.append(
+            f"Whole sweep: ~{found['sweep_seconds'] / 60:.0f} min (the recorded run of {which} took "
+            f"{ref['seconds'] / 60:.0f} min on {ref['cpu']}; this machine probes {ref['slowdown']}x its time)."
+        )
     else:
         lines.append("Whole sweep: not estimated (no recorded run to scale from).")
     return "\n".join(lines)
@@ -122,8 +148,6 @@ def describe(found: dict) -> str:
 
 def record(seconds: int, found: dict, out, invocations: int = 1) -> dict:
     """The run-time record of a `make run` that built everything from nothing (over `invocations` if it was resumed)."""
-    from sd2.provenance import provenance, write_json
-
     rec = {
         "seconds": seconds,
         "invocations": invocations,
@@ -137,17 +161,22 @@ def record(seconds: int, found: dict, out, invocations: int = 1) -> dict:
     return rec
 
 
-def job_times(benchmark_dir) -> "pd.DataFrame":
+def job_times(benchmark_dir) -> pd.DataFrame:
     """One row per job from Snakemake's benchmark files: rule, job (its wildcards' path), wall seconds, peak RSS."""
-    import pandas as pd
 
     rows = []
     root = Path(benchmark_dir)
     for tsv in sorted(root.rglob("*.tsv")):
         table = pd.read_csv(tsv, sep="\t")
         rel = tsv.relative_to(root).with_suffix("")
-        rows.append({"rule": rel.parts[0], "job": "/".join(rel.parts[1:]), "seconds": float(table["s"].iloc[-1]),
-                     "max_rss_mb": float(table["max_rss"].iloc[-1]) if "max_rss" in table else float("nan")})
+        rows.append(
+            {
+                "rule": rel.parts[0],
+                "job": "/".join(rel.parts[1:]),
+                "seconds": float(table["s"].iloc[-1]),
+                "max_rss_mb": float(table["max_rss"].iloc[-1]) if "max_rss" in table else float("nan"),
+            }
+        )
     return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
 
 
@@ -166,7 +195,6 @@ def run_sweep(config_path, *, cores: int) -> int:
     import sys
 
     from sd2.config import load
-    from sd2.provenance import write_json
     from sd2.results import write_table
 
     config = load(config_path)
@@ -178,14 +206,21 @@ def run_sweep(config_path, *, cores: int) -> int:
     marker = work / ".run-from-nothing.json"
     base = [sys.executable, "-m", "snakemake", "--configfile", str(config_path)]
     if not work.exists():
-        print(f"make run: no {work}/ here, so {results}/ is not from this machine's models: rebuilding it from nothing", flush=True)
+        print(
+            f"make run: no {work}/ here, so {results}/ is not from this machine's models: rebuilding it from nothing",
+            flush=True,
+        )
         subprocess.run([*base, "--delete-all-output", "--cores", "1", "--quiet", "all"], check=True)
         work.mkdir(parents=True)
         write_json(marker, {"seconds": 0, "invocations": 0, "estimate": found})
     elif marker.exists():
         print(f"make run: resuming a run from nothing ({marker}); its wall time keeps adding up", flush=True)
     else:
-        print(f"make run: {work}/ exists: running what is out of date (only a run from nothing records its time; make clean first)", flush=True)
+        print(
+            f"make run: {work}/ exists: running what is out of date "
+            "(only a run from nothing records its time; make clean first)",
+            flush=True,
+        )
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -206,8 +241,15 @@ def run_sweep(config_path, *, cores: int) -> int:
         if marker.exists():
             state = json.loads(marker.read_text())
             # The first invocation's probe; the config is the one that completed the sweep.
-            rec = record(state["seconds"], {**state["estimate"], "config_digest": found["config_digest"]}, record_path,
-                         invocations=state["invocations"])
+            rec = record(
+                state["seconds"],
+                {**state["estimate"], "config_digest": found["config_digest"]},
+                record_path,
+                invocations=state["invocations"],
+            )
             marker.unlink()
-            print(f"make run: {rec['seconds']} s on {rec['machine']['cpu']} ({state['invocations']} invocation(s)) -> {record_path}")
+            print(
+                f"make run: {rec['seconds']} s on {rec['machine']['cpu']} "
+                f"({state['invocations']} invocation(s)) -> {record_path}"
+            )
     return status

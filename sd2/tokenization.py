@@ -38,7 +38,9 @@ def _metaspace_bpe(vocab_size: int):
     tok.decoder = decoders.Replace("▁", " ")
     # All of ASCII is in the alphabet, so any ASCII code round-trips even if the corpus lacks a character.
     ascii_chars = [chr(i) for i in range(32, 127)] + ["\t", "\n", "\r", "▁"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], initial_alphabet=ascii_chars, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD, UNK], initial_alphabet=ascii_chars, show_progress=False
+    )
     return tok, trainer, {"unk_token": UNK}
 
 

@@ -18,7 +18,10 @@ def start_run(wandb_cfg: dict, dir, group: str, job_type: str, name: str, config
     if mode == "disabled":
         return _NoRun()
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise ValueError("wandb.mode is 'online' but WANDB_API_KEY is not set: set it, or use wandb.mode offline (sync later with `wandb sync`) or disabled")
+        raise ValueError(
+            "wandb.mode is 'online' but WANDB_API_KEY is not set: set it, "
+            "or use wandb.mode offline (sync later with `wandb sync`) or disabled"
+        )
     import wandb
 
     Path(dir).mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,12 @@ def train(
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
-    `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
-    pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
-the same W&B run passes `log_step_offset` (W&B drops steps that go back). Returns one row
-    per evaluation: step, trained tokens, train and validation loss, learning rate,
-    wall seconds, seconds spent in training steps, training tokens/s since the previous
-    row (evaluation excluded) and the precision (write it with `write_csv`).
+        `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
+        pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
+    the same W&B run passes `log_step_offset` (W&B drops steps that go back). Returns one row
+        per evaluation: step, trained tokens, train and validation loss, learning rate,
+        wall seconds, seconds spent in training steps, training tokens/s since the previous
+        row (evaluation excluded) and the precision (write it with `write_csv`).
     """
     device_type = next(model.parameters()).device.type
     use_bf16, why = resolve_bf16(bf16, device_type)
@@ -64,7 +64,9 @@ the same W&B run passes `log_step_offset` (W&B drops steps that go back). Return
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
     )
     history, tokens, start, recent = [], 0, time.time(), []
     window = {"tokens": 0, "seconds": 0.0}  # since the previous row

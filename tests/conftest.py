@@ -12,7 +12,14 @@ from sd2.tokenization import train_tokenizer
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 @pytest.fixture
@@ -63,7 +70,15 @@ def tiny_llama_dir(tmp_path_factory, byte_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_llama_draft_dir(tmp_path_factory, byte_tokenizer_dir):
     """A smaller tiny random Llama, same tokenizer as tiny_llama_dir (a same-family draft)."""
-    return _save_model(tmp_path_factory.mktemp("tiny_llama_draft"), "llama", byte_tokenizer_dir, seed=1, hidden_size=16, num_hidden_layers=1, num_key_value_heads=4)
+    return _save_model(
+        tmp_path_factory.mktemp("tiny_llama_draft"),
+        "llama",
+        byte_tokenizer_dir,
+        seed=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_key_value_heads=4,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -85,10 +100,21 @@ def snakemake_cmd(workdir, *args, configfile="config/test.yaml"):
     import sys
 
     return [
-        "timeout", "-k", "10", "1200", sys.executable, "-m", "snakemake",
-        "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir), *args,
+        "timeout",
+        "-k",
+        "10",
+        "1200",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "workflow" / "Snakefile"),
+        "-d",
+        str(workdir),
+        *args,
         # Last: --configfile takes several values and would swallow a target after it.
-        "--configfile", str(REPO / configfile),
+        "--configfile",
+        str(REPO / configfile),
     ]
 
 

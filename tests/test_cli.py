@@ -4,8 +4,25 @@ import json
 import subprocess
 import sys
 
-STEPS = ["prepare-data", "train-tokenizer", "pretrain", "model-report", "self-distill", "prune", "layer-prune",
-         "finetune", "target-outputs", "measure", "macs", "collect", "figures", "estimate-run-time", "sweep", "job-times", "readme"]
+STEPS = [
+    "prepare-data",
+    "train-tokenizer",
+    "pretrain",
+    "model-report",
+    "self-distill",
+    "prune",
+    "layer-prune",
+    "finetune",
+    "target-outputs",
+    "measure",
+    "macs",
+    "collect",
+    "figures",
+    "estimate-run-time",
+    "sweep",
+    "job-times",
+    "readme",
+]
 
 
 def sd2(*args):
@@ -36,7 +53,9 @@ def test_macs_of_a_checkpoint(tiny_llama_dir):
 
 
 def test_bad_json_argument(tmp_path):
-    proc = sd2("prune", "--model", "x", "--calibration", "y", "--sparsity", "50", "--settings", "{oops", "--out", str(tmp_path))
+    proc = sd2(
+        "prune", "--model", "x", "--calibration", "y", "--sparsity", "50", "--settings", "{oops", "--out", str(tmp_path)
+    )
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
 
 
@@ -45,9 +64,30 @@ def test_tokenizer_mismatch_for_kl_is_a_clear_error(tiny_llama_draft_dir, tiny_q
 
     data = tmp_path / "data"
     Dataset.from_list([{"prompt": "def f():\n", "response": "    return 1\n"}] * 4).save_to_disk(str(data))
-    settings = {"loss": "kl", "epochs": 1, "max_steps": 1, "batch_size": 2, "seq_len": 32, "lr": 1e-3,
-                "validation_fraction": 0.5, "eval_every": 1, "warmup_steps": 0, "weight_decay": 0.0}
-    proc = sd2("finetune", "--init", str(tiny_llama_draft_dir), "--data", str(data), "--teacher", str(tiny_qwen_dir),
-               "--settings", json.dumps(settings), "--out", str(tmp_path / "out"))
+    settings = {
+        "loss": "kl",
+        "epochs": 1,
+        "max_steps": 1,
+        "batch_size": 2,
+        "seq_len": 32,
+        "lr": 1e-3,
+        "validation_fraction": 0.5,
+        "eval_every": 1,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+    }
+    proc = sd2(
+        "finetune",
+        "--init",
+        str(tiny_llama_draft_dir),
+        "--data",
+        str(data),
+        "--teacher",
+        str(tiny_qwen_dir),
+        "--settings",
+        json.dumps(settings),
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode != 0 and "tokenizer" in proc.stderr.lower() and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -74,7 +74,10 @@ def test_snakemake_stops_before_any_job(tmp_path, test_config):
     path.write_text(yaml.safe_dump(bad))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "-d", str(tmp_path / "wd")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "config error at finetune" in proc.stdout + proc.stderr

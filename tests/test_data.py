@@ -1,6 +1,9 @@
 """Data extraction: corpus split, fine-tuning prompts, eval sets, no eval prompt in training."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from datasets import load_from_disk
@@ -9,7 +12,11 @@ from sd2 import data
 
 
 def test_extract_functions_splits_prompt_and_body():
-    src = 'class A:\n    def f(self, x):\n        """Double x.\n\n        More text.\n        """\n        y = x * 2\n        return y\n\n\ndef g():\n    "no body beyond docstring"\n'
+    src = (
+        'class A:\n    def f(self, x):\n        """Double x.\n\n        More text.\n        """\n'
+        "        y = x * 2\n        return y\n\n\ndef g():\n"
+        '    "no body beyond docstring"\n'
+    )
     fns = data.extract_functions(src, max_body_chars=1000)
     assert [f["name"] for f in fns] == ["f"]
     assert fns[0]["prompt"] == 'def f(self, x):\n    """Double x.\n\n    More text.\n    """\n'
@@ -22,9 +29,21 @@ def test_humaneval_has_164_prompts():
     assert prompts[0]["id"] == "HumanEval/0" and "def " in prompts[0]["prompt"]
 
 
-def test_split_by_module_is_deterministic():
-    a = [data.is_validation(m, 0, 0.1) for m in ("json", "os", "asyncio.tasks")]
-    assert a == [data.is_validation(m, 0, 0.1) for m in ("json", "os", "asyncio.tasks")]
+def test_split_by_module_is_the_same_in_every_process():
+    """Python salts str hashes per process: the split must not depend on hash()."""
+    modules = [data.module_of(p.relative_to(data.stdlib_root()).as_posix()) for p in data.stdlib_files()[:200]]
+    here = [data.is_validation(m, 0, 0.2) for m in modules]
+    assert 0 < sum(here) < len(modules)
+    code = f"from sd2 import data; print([data.is_validation(m, 0, 0.2) for m in {modules!r}])"
+    for salt in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": salt},
+        )
+        assert out.stdout.strip() == str(here)
     assert data.module_of("asyncio/tasks.py") == "asyncio.tasks"
     assert data.module_of("json/__init__.py") == "json"
 
@@ -33,8 +52,12 @@ def test_split_by_module_is_deterministic():
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     cfg = {
-        "corpus": "stdlib", "validation_fraction": 0.2, "max_files": 150, "max_finetune_prompts": 40,
-        "max_body_chars": 800, "hub": None,
+        "corpus": "stdlib",
+        "validation_fraction": 0.2,
+        "max_files": 150,
+        "max_finetune_prompts": 40,
+        "max_body_chars": 800,
+        "hub": None,
         "eval_sets": {"humaneval": {"source": "humaneval", "n": 164}, "held": {"source": "stdlib_heldout", "n": 10}},
     }
     evals = {"humaneval": out / "eval_he", "held": out / "eval_held"}

@@ -8,9 +8,9 @@ from sd2.distill import decode_response, self_distill
 from sd2.models import load_model, load_tokenizer
 
 PROMPTS = [
-    "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+    'def add(a, b):\n    """Return a + b."""\n',
     "import os\n",
-    "class Stack:\n    \"\"\"A last-in first-out stack of items, backed by a list.\"\"\"\n\n    def push(self, item):\n",
+    'class Stack:\n    """A last-in first-out stack of items, backed by a list."""\n\n    def push(self, item):\n',
     "def f(x):\n    return x ** 2  # ünïcode\n",
     "x",
 ]
@@ -19,7 +19,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def prompts_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prompts")
-    Dataset.from_list([{"id": f"p{i}", "prompt": p, "response": f"orig{i}"} for i, p in enumerate(PROMPTS)]).save_to_disk(str(out))
+    Dataset.from_list(
+        [{"id": f"p{i}", "prompt": p, "response": f"orig{i}"} for i, p in enumerate(PROMPTS)]
+    ).save_to_disk(str(out))
     return out
 
 
@@ -42,7 +44,9 @@ def unbatched_greedy(model_dir, prompts, max_new_tokens):
 def test_batched_equals_unbatched_greedy(request, target, prompts_dir, tmp_path):
     target_dir = request.getfixturevalue(target)
     out = tmp_path / "distill"
-    self_distill(target_dir, prompts_dir, out, max_new_tokens=12, temperature=0.0, batch_size=3, max_prompts=None, seed=0)
+    self_distill(
+        target_dir, prompts_dir, out, max_new_tokens=12, temperature=0.0, batch_size=3, max_prompts=None, seed=0
+    )
     data = load_from_disk(str(out))
     assert data.column_names == ["id", "prompt", "response", "original_response"]
     assert data["id"] == [f"p{i}" for i in range(len(PROMPTS))] and data["prompt"] == PROMPTS
@@ -50,13 +54,24 @@ def test_batched_equals_unbatched_greedy(request, target, prompts_dir, tmp_path)
     assert data["response"] == unbatched_greedy(target_dir, PROMPTS, 12)
     assert any(r for r in data["response"])
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["settings"]["max_new_tokens"] == 12 and settings["seed"] == 0 and settings["versions"]["transformers"]
+    assert (
+        settings["settings"]["max_new_tokens"] == 12 and settings["seed"] == 0 and settings["versions"]["transformers"]
+    )
 
 
 def test_sampling_and_max_prompts(tiny_llama_dir, prompts_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
-        self_distill(tiny_llama_dir, prompts_dir, tmp_path / name, max_new_tokens=8, temperature=1.0, batch_size=2, max_prompts=3, seed=7)
+        self_distill(
+            tiny_llama_dir,
+            prompts_dir,
+            tmp_path / name,
+            max_new_tokens=8,
+            temperature=1.0,
+            batch_size=2,
+            max_prompts=3,
+            seed=7,
+        )
         runs.append(load_from_disk(str(tmp_path / name))["response"])
     assert len(runs[0]) == 3 and runs[0] == runs[1]  # same seed, same samples
     settings = json.loads((tmp_path / "a" / "settings.json").read_text())

@@ -6,10 +6,22 @@ import torch
 from datasets import Dataset
 
 from sd2.finetune import finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_loss
-from sd2.models import load_model
-from sd2.prune import decoder_linears, prune
+from sd2.models import decoder_linears, load_model
+from sd2.prune import prune
 
-SETTINGS = dict(loss="ce", epochs=10, max_steps=40, batch_size=8, seq_len=64, lr=1e-2, validation_fraction=0.2, eval_every=20, warmup_steps=2, weight_decay=0.0, bf16="auto")
+SETTINGS = dict(
+    loss="ce",
+    epochs=10,
+    max_steps=40,
+    batch_size=8,
+    seq_len=64,
+    lr=1e-2,
+    validation_fraction=0.2,
+    eval_every=20,
+    warmup_steps=2,
+    weight_decay=0.0,
+    bf16="auto",
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +29,9 @@ def data_dir(tmp_path_factory, stdlib_texts):
     rows = []
     for t in stdlib_texts[:20]:
         for start in (0, 400):
-            rows.append({"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]})
+            rows.append(
+                {"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]}
+            )
     out = tmp_path_factory.mktemp("sd_data")
     Dataset.from_list(rows).save_to_disk(str(out))
     return out
@@ -26,7 +40,17 @@ def data_dir(tmp_path_factory, stdlib_texts):
 @pytest.fixture(scope="module")
 def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, data_dir):
     out = tmp_path_factory.mktemp("pruned") / "s50"
-    prune(tiny_llama_draft_dir, data_dir, out, sparsity=50, pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32, seed=0)
+    prune(
+        tiny_llama_draft_dir,
+        data_dir,
+        out,
+        sparsity=50,
+        pruner="magnitude",
+        structure="unstructured",
+        calibration_samples=4,
+        calibration_seq_len=32,
+        seed=0,
+    )
     return out
 
 
@@ -73,7 +97,9 @@ def test_distillation_losses_run_with_a_same_tokenizer_teacher(pruned_dir, data_
 
 def test_kl_needs_the_same_tokenizer(pruned_dir, data_dir, tiny_qwen_dir, tmp_path):
     with pytest.raises(ValueError, match="share a tokenizer"):
-        finetune(pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "kl"}, seed=0, teacher_dir=tiny_qwen_dir)
+        finetune(
+            pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "kl"}, seed=0, teacher_dir=tiny_qwen_dir
+        )
     with pytest.raises(ValueError, match="teacher_dir"):
         finetune(pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "tvdpp"}, seed=0)
     assert not (tmp_path / "x").exists()

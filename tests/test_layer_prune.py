@@ -8,7 +8,9 @@ from sd2.layer_prune import default_drop, layer_prune, remove_layers
 from sd2.macs import linear_macs, model_macs
 from sd2.models import build_model, load_model, load_tokenizer
 
-SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+SIZES = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512
+)
 
 
 def _deep_model(path, arch, tokenizer_dir, layers):
@@ -28,7 +30,10 @@ def _generates_with_cache(model_dir, model=None):
     tok, model = load_tokenizer(model_dir), model or load_model(model_dir)
     enc = tok("def f(x):\n    return", return_tensors="pt")
     with torch.no_grad():
-        outs = [model.generate(**enc, max_new_tokens=10, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id) for c in (True, False)]
+        outs = [
+            model.generate(**enc, max_new_tokens=10, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id)
+            for c in (True, False)
+        ]
     assert outs[0].shape[1] == enc["input_ids"].shape[1] + 10
     assert torch.equal(outs[0], outs[1])
 

@@ -10,8 +10,15 @@ from sd2 import macs
 
 
 def tiny_llama(**kw):
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=100, tie_word_embeddings=True)
+    sizes = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+        tie_word_embeddings=True,
+    )
     return LlamaConfig(**{**sizes, **kw})
 
 
@@ -34,19 +41,37 @@ def test_gqa_and_explicit_head_dim():
 
 
 def test_qwen2_and_gpt_neox():
-    qwen = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=1, vocab_size=50)
+    qwen = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=50,
+    )
     assert macs.linear_macs(qwen)["decoder_linear_macs"] == 3 * (2 * 32 * 32 + 2 * 32 * 8 + 3 * 32 * 48)
-    neox = GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
+    neox = GPTNeoXConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=50
+    )
     # query_key_value (3h x h) + dense (h x h) + two MLP matrices
     assert macs.linear_macs(neox)["decoder_linear_macs"] == 2 * (4 * 32 * 32 + 2 * 32 * 128)
 
 
-@pytest.mark.parametrize("config", [tiny_llama(num_key_value_heads=2),
-                                    Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50),
-                                    GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                                  num_attention_heads=4, vocab_size=50)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_llama(num_key_value_heads=2),
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+        ),
+        GPTNeoXConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=50),
+    ],
+)
 def test_analytic_matches_counted(config):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -54,8 +79,15 @@ def test_analytic_matches_counted(config):
 
 
 def test_llama_3b_paper_reduction():
-    config = LlamaConfig(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    )
     got = macs.linear_macs(config, sparsity=0.5)
     assert round(100 * (1 - got["macs_per_token"] / got["dense_macs_per_token"]), 2) == 43.87
     assert round(100 * got["reduction"], 2) == 43.87
@@ -66,7 +98,7 @@ def test_half_zeroed_model_matches_analytic():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
                 flat = module.weight.view(-1)
                 flat[torch.randperm(flat.numel())[: flat.numel() // 2]] = 0.0

@@ -19,10 +19,27 @@ from sd2.distill import generate_batch
 from sd2.models import load_model, load_tokenizer
 from sd2.results import collect_measurements
 
-PROMPTS = ["def add(a, b):\n    return", "for i in range(10):\n    print(", "import os\n\nclass Path:\n    def", "x = [1, 2", "while True:\n"]
+PROMPTS = [
+    "def add(a, b):\n    return",
+    "for i in range(10):\n    print(",
+    "import os\n\nclass Path:\n    def",
+    "x = [1, 2",
+    "while True:\n",
+]
 N = 16
-SETTINGS = {"k_max": 6, "k": [3], "temperatures": [0.0, 1.0], "max_new_tokens": N, "n_prompts": None, "n_check": 3,
-            "n_assisted": 2, "n_tvd": 4, "bootstrap": 1000, "warmup_prompts": 1, "batch_size": 4}
+SETTINGS = {
+    "k_max": 6,
+    "k": [3],
+    "temperatures": [0.0, 1.0],
+    "max_new_tokens": N,
+    "n_prompts": None,
+    "n_check": 3,
+    "n_assisted": 2,
+    "n_tvd": 4,
+    "bootstrap": 1000,
+    "warmup_prompts": 1,
+    "batch_size": 4,
+}
 LABELS = {"target": "t", "draft": "d", "method": "sd2", "sparsity": 50, "eval_set": "toy"}
 
 
@@ -65,7 +82,9 @@ def _walk_and_real(target, draft, tok, k, eos_ended_prompts=()):
     rows = generate_batch(target, tok, PROMPTS, max_new_tokens=N, temperature=0.0)
     items = [(r["prompt_ids"], r["new_ids"]) for r in rows]
     forced = acceptance.teacher_forced_matches(draft, items, pad_id=tok.pad_token_id, batch_size=2)
-    runs = sp.assisted_runs(target, draft, tok, tok, [p for p, _ in items], k=k, temperature=0.0, max_new_tokens=N, seed=0)
+    runs = sp.assisted_runs(
+        target, draft, tok, tok, [p for p, _ in items], k=k, temperature=0.0, max_new_tokens=N, seed=0
+    )
     walks = [acceptance.walk(f["matches"], k, N, r["finished"]) for f, r in zip(forced, rows)]
     return rows, runs, walks
 
@@ -73,7 +92,8 @@ def _walk_and_real(target, draft, tok, k, eos_ended_prompts=()):
 def test_walk_by_hand():
     m = [True, True, False, True, True, True, False, True]
     assert acceptance.match_runs(m) == [2, 1, 0, 3, 2, 1, 0, 1]
-    # k = 2, plenty of budget: t=0 accepts 2 -> commits 3; t=3 accepts 2 -> 3; t=6 accepts 0 -> 1; t=7 accepts 1 -> final 1 (budget)
+    # k = 2, plenty of budget: t=0 accepts 2 -> commits 3; t=3 accepts 2 -> 3; t=6 accepts 0 -> 1;
+    # t=7 accepts 1 -> final 1 (budget)
     assert acceptance.walk(m, 2, max_new_tokens=100, ended_by_eos=False) == [(3, 2), (3, 2), (1, 2), (2, 2)]
     # max_new_tokens = len(y) = 8: the last steps propose only what fits, t=7 proposes 0 and commits 1
     assert acceptance.walk(m, 2, max_new_tokens=8, ended_by_eos=False) == [(3, 2), (3, 2), (1, 1), (1, 0)]
@@ -147,7 +167,10 @@ def test_measure_same_tokenizer(tmp_path, pair, outputs):
     for k, r in enumerate(walk, start=1):
         assert r["n_prompts"] == len(PROMPTS) and r["mal"] * r["n_steps"] == pytest.approx(r["accepted_tokens"])
         assert r["mal_ci_low"] <= r["mal"] <= r["mal_ci_high"] and 1 <= r["mal"] <= k + 1
-        assert sum(r["per_prompt"]["accepted_tokens"]) == r["accepted_tokens"] and sum(r["per_prompt"]["steps"]) == r["n_steps"]
+        assert (
+            sum(r["per_prompt"]["accepted_tokens"]) == r["accepted_tokens"]
+            and sum(r["per_prompt"]["steps"]) == r["n_steps"]
+        )
         assert r["improvement_factor"] == pytest.approx(r["mal"] / (1 + k * r["macs_ratio"]))
     checked = by[(0.0, "teacher_forced_walk", 3)]
     assert checked["checked_prompts"] == SETTINGS["n_check"] and checked["checked_steps"] > 0
@@ -183,7 +206,15 @@ def test_cross_check_disagreement_names_prompt_and_step(tmp_path, pair, outputs,
 
     monkeypatch.setattr(acceptance, "walk", off_by_one)
     with pytest.raises(AssertionError, match=r"prompt id 'p0', k=3: .* step 0"):
-        ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings={**SETTINGS, "temperatures": [0.0]}, labels=LABELS, seed=0)
+        ms.measure(
+            pair[0],
+            pair[1],
+            outputs,
+            tmp_path / "r.json",
+            settings={**SETTINGS, "temperatures": [0.0]},
+            labels=LABELS,
+            seed=0,
+        )
     assert not (tmp_path / "r.json").exists()
 
 
@@ -199,17 +230,30 @@ def test_near_tie_is_counted_not_fatal(pair):
 def test_measure_different_tokenizers(tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir):
     outputs = tmp_path / "outputs.json"
     continuations.target_outputs(tiny_qwen_dir, eval_dir, outputs, settings=SETTINGS, seed=0)
-    result = ms.measure(tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=SETTINGS, labels=LABELS, seed=0)
+    result = ms.measure(
+        tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=SETTINGS, labels=LABELS, seed=0
+    )
     estimators = {(r["temperature"], r["estimator"]) for r in result["records"]}
     assert estimators == {(0.0, "assisted_generation"), (1.0, "assisted_generation")}
     greedy = next(r for r in result["records"] if r["temperature"] == 0)
     assert greedy["decoding_path"] == "uag" and not greedy["same_tokenizer"]
-    assert greedy["n_prompts"] == max(SETTINGS["n_assisted"], SETTINGS["n_check"]) and greedy["checked_prompts"] == greedy["n_prompts"]
+    assert (
+        greedy["n_prompts"] == max(SETTINGS["n_assisted"], SETTINGS["n_check"])
+        and greedy["checked_prompts"] == greedy["n_prompts"]
+    )
 
 
 def test_mismatched_continuation_length_is_an_error(tmp_path, pair, outputs):
     with pytest.raises(ValueError, match="continuations of 16 tokens"):
-        ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings={**SETTINGS, "max_new_tokens": 32}, labels=LABELS, seed=0)
+        ms.measure(
+            pair[0],
+            pair[1],
+            outputs,
+            tmp_path / "r.json",
+            settings={**SETTINGS, "max_new_tokens": 32},
+            labels=LABELS,
+            seed=0,
+        )
 
 
 def test_output_that_is_not_the_cached_continuation_names_the_prompt(pair, outputs):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
+from synthetic import K_MAX, VARIANTS, K, write_synthetic_tables
 
 from sd2.plots import (
     CAPTIONS,
@@ -28,7 +29,6 @@ from sd2.plots import (
     save_figure,
     variant_label,
 )
-from test_results import K, K_MAX, VARIANTS, write_synthetic_tables
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
@@ -67,7 +67,9 @@ def test_make_figures_writes_every_figure_without_torch(tables_dir, tmp_path):
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad; print(json.dumps([p.name for p in paths]))"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True, text=True
+    )
     assert json.loads(result.stdout) == EXPECTED
     for name in EXPECTED:
         path = out / name
@@ -136,12 +138,15 @@ def test_figures_leave_the_tvd_estimate_out(measurements):
     assert is_empty_figure(plot_mal_vs_k(tvd), "no teacher-forced walk rows")
 
 
-@pytest.mark.parametrize("plot, value, targets", [
-    (plot_mal_vs_sparsity, "mal", ["t_llama"]),
-    (plot_mal_vs_macs, "mal", ["t_llama"]),
-    (plot_improvement_factor, "improvement_factor", ["t_llama"]),
-    (plot_tokenizer_comparison, "mal", ["t_llama", "t_qwen"]),
-])
+@pytest.mark.parametrize(
+    "plot, value, targets",
+    [
+        (plot_mal_vs_sparsity, "mal", ["t_llama"]),
+        (plot_mal_vs_macs, "mal", ["t_llama"]),
+        (plot_improvement_factor, "improvement_factor", ["t_llama"]),
+        (plot_tokenizer_comparison, "mal", ["t_llama", "t_qwen"]),
+    ],
+)
 def test_error_bars_are_the_95_percent_cis(measurements, plot, value, targets):
     """The first panel (eval set humaneval) carries one error bar per draft variant and target, spanning its CI."""
     fig = plot(measurements)
@@ -159,7 +164,9 @@ def test_mal_vs_k_lines_bands_and_best_k(measurements):
     top, bottom = fig.axes[0], fig.axes[2]
     assert top.get_title() == "humaneval: d_small → t_llama"
     assert "improvement factor" in bottom.get_ylabel()
-    walk = measurements[(measurements["estimator"] == "teacher_forced_walk") & (measurements["eval_set"] == "humaneval")]
+    walk = measurements[
+        (measurements["estimator"] == "teacher_forced_walk") & (measurements["eval_set"] == "humaneval")
+    ]
     for ax, value in ((top, "mal"), (bottom, "improvement_factor")):
         lines = {line.get_label(): line for line in ax.get_lines()}
         for method, sparsity in VARIANTS:
@@ -185,4 +192,6 @@ def test_mal_vs_k_keeps_one_eval_set_when_columns_would_crowd(measurements):
 
 
 def test_mal_vs_k_without_walk_rows(measurements):
-    assert is_empty_figure(plot_mal_vs_k(measurements[measurements["estimator"] != "teacher_forced_walk"]), "no teacher-forced walk rows")
+    assert is_empty_figure(
+        plot_mal_vs_k(measurements[measurements["estimator"] != "teacher_forced_walk"]), "no teacher-forced walk rows"
+    )

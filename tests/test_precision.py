@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 
 from sd2 import precision, sweep_time, training
 from sd2.config import load
 from sd2.models import load_model
-from conftest import REPO
 
 
 @pytest.fixture
@@ -64,7 +64,9 @@ def test_training_log_records_precision_and_speed(native, tiny_llama_dir, has_bf
     model = load_model(tiny_llama_dir)
     vocab = model.config.vocab_size
     val = [next(_batches(vocab))]
-    history = training.train(model, _batches(vocab), val, steps=4, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=2)
+    history = training.train(
+        model, _batches(vocab), val, steps=4, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=2
+    )
     assert [r["precision"] for r in history] == [name] * 3
     assert history[0]["tokens_per_s"] != history[0]["tokens_per_s"]  # nothing trained before step 0
     assert all(r["tokens_per_s"] > 0 for r in history[1:])
@@ -109,8 +111,17 @@ def test_make_run_from_nothing_resumed_then_recorded(tmp_path, monkeypatch):
         return type("Done", (), {"returncode": next(outcomes)})()
 
     monkeypatch.setattr("sd2.config.load", lambda path: cfg)
-    monkeypatch.setattr(sweep_time, "estimate", lambda config, previous: {"machine": sweep_time.machine(), "config_digest": "x",
-                                                                          "models": {}, "pretrain_seconds": 0, "sweep_seconds": None})
+    monkeypatch.setattr(
+        sweep_time,
+        "estimate",
+        lambda config, previous: {
+            "machine": sweep_time.machine(),
+            "config_digest": "x",
+            "models": {},
+            "pretrain_seconds": 0,
+            "sweep_seconds": None,
+        },
+    )
     monkeypatch.setattr("subprocess.run", fake_run)
     monkeypatch.chdir(tmp_path)
     assert sweep_time.run_sweep("config.yaml", cores=2) == 1

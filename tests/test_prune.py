@@ -4,8 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sd2.models import load_model
-from sd2.prune import decoder_linears, exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
+from sd2.models import decoder_linears, load_model
+from sd2.prune import exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,9 @@ def calibration_dir(tmp_path_factory, stdlib_texts):
 
 
 def _prune(src, calib, out, **kw):
-    args = dict(sparsity=50, pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32, seed=0)
+    args = dict(
+        sparsity=50, pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32, seed=0
+    )
     return prune(src, calib, out, **{**args, **kw})
 
 
@@ -28,10 +30,18 @@ def _dense_parts_unchanged(before, after):
 
 @pytest.mark.parametrize(
     "pruner,structure,sparsity",
-    [("magnitude", "unstructured", 70), ("magnitude", "2:4", 50), ("sparsegpt", "unstructured", 50), ("wanda", "unstructured", 70), ("sparsegpt", "2:4", 50)],
+    [
+        ("magnitude", "unstructured", 70),
+        ("magnitude", "2:4", 50),
+        ("sparsegpt", "unstructured", 50),
+        ("wanda", "unstructured", 70),
+        ("sparsegpt", "2:4", 50),
+    ],
 )
 def test_exact_sparsity(tiny_llama_dir, calibration_dir, tmp_path, pruner, structure, sparsity):
-    summary = _prune(tiny_llama_dir, calibration_dir, tmp_path / "out", pruner=pruner, structure=structure, sparsity=sparsity)
+    summary = _prune(
+        tiny_llama_dir, calibration_dir, tmp_path / "out", pruner=pruner, structure=structure, sparsity=sparsity
+    )
     model, dense = load_model(tmp_path / "out"), load_model(tiny_llama_dir)
     linears = decoder_linears(model)
     assert len(linears) == 2 * 7  # q k v o gate up down in both layers
@@ -42,7 +52,10 @@ def test_exact_sparsity(tiny_llama_dir, calibration_dir, tmp_path, pruner, struc
             assert is_nm(w), name
     _dense_parts_unchanged(dense, model)
     # SparseGPT updates the surviving weights (OBS); Wanda and magnitude only zero some.
-    kept_changed = any(not torch.equal(w.weight[w.weight != 0], dict(decoder_linears(dense))[n].weight[w.weight != 0]) for n, w in linears.items())
+    kept_changed = any(
+        not torch.equal(w.weight[w.weight != 0], dict(decoder_linears(dense))[n].weight[w.weight != 0])
+        for n, w in linears.items()
+    )
     assert kept_changed == (pruner == "sparsegpt")
     saved = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert saved["layer_sparsity"] == summary["layer_sparsity"]

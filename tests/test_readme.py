@@ -4,9 +4,9 @@ import json
 
 import pandas as pd
 import pytest
+from synthetic import write_synthetic_tables
 
 from sd2.readme import update
-from test_results import write_synthetic_tables
 
 README = """# Title
 
@@ -33,13 +33,22 @@ Footer stays.
 @pytest.fixture
 def results(tmp_path):
     write_synthetic_tables(tmp_path)
-    (tmp_path / "run_time.json").write_text(json.dumps({
-        "seconds": 3600, "machine": {"cpu": "Test CPU", "cores": 2, "native_bf16": False},
-        "probe": {"models": {"t": {"tokens_per_s": 1800.0, "precision": "fp32"}}}, "provenance": {"created": "2026-11-25T20:00:00"}}))
+    (tmp_path / "run_time.json").write_text(
+        json.dumps(
+            {
+                "seconds": 3600,
+                "machine": {"cpu": "Test CPU", "cores": 2, "native_bf16": False},
+                "probe": {"models": {"t": {"tokens_per_s": 1800.0, "precision": "fp32"}}},
+                "provenance": {"created": "2026-11-25T20:00:00"},
+            }
+        )
+    )
     rows = [{"rule": "measure", "job": f"j{i}", "seconds": 10.0, "max_rss_mb": 1.0} for i in range(4)]
     rows.append({"rule": "target_outputs", "job": "t", "seconds": 5.0, "max_rss_mb": 1.0})
     pd.DataFrame(rows).to_csv(tmp_path / "tables" / "job_times.csv", index=False)
-    pd.DataFrame([{**r, "seconds": 20.0} for r in rows[:2]]).to_csv(tmp_path / "tables" / "job_times_before.csv", index=False)
+    pd.DataFrame([{**r, "seconds": 20.0} for r in rows[:2]]).to_csv(
+        tmp_path / "tables" / "job_times_before.csv", index=False
+    )
     return tmp_path
 
 
@@ -52,9 +61,17 @@ def test_blocks_regenerated_from_tables(tmp_path, results):
     assert "**3600 s (60 min)** on Test CPU, 2 cores, native bf16: no" in text and "t 1,800 tokens/s (fp32)" in text
     compared = pd.read_csv(results / "tables" / "comparisons.csv")
     greedy = compared[compared["temperature"] == 0]
-    assert f"ratio {greedy['mal_ratio_vs_layer_pruned'].min():.2f} to {greedy['mal_ratio_vs_layer_pruned'].max():.2f}" in text
+    assert (
+        f"ratio {greedy['mal_ratio_vs_layer_pruned'].min():.2f} to {greedy['mal_ratio_vs_layer_pruned'].max():.2f}"
+        in text
+    )
     assert "- now: 45 job-seconds: 4 `measure` jobs, 40 s" in text and "1 `target_outputs`" in text
-    assert "20.0 s per job on 2 of these cells" in text and "about 80 job-seconds for 4 jobs" in text and "now / before = 0.56" in text and "0.50x per `measure` job" in text
+    assert (
+        "20.0 s per job on 2 cells of the previous default models" in text
+        and "about 80 job-seconds for 4 jobs" in text
+        and "now / before = 0.56" in text
+        and "0.50x per `measure` job" in text
+    )
     assert "MAL humaneval [95% CI]" in text and "\nold\n" not in text
     once = readme.read_text()
     update(readme, results)
@@ -67,3 +84,71 @@ def test_unknown_block_is_an_error(tmp_path, results):
     with pytest.raises(ValueError, match="typo"):
         update(readme, results)
     assert readme.read_text().count("old") == 2  # nothing written
+
+
+def test_aims_block_says_met_or_missed_with_the_numbers(tmp_path, results):
+    models = pd.DataFrame(
+        [
+            {
+                "model": "t",
+                "role": "target",
+                "parameters": 3_000_000,
+                "val_bits_per_byte": 1.5,
+                "distinct_4gram_share": 0.7,
+                "body_rate": 0.9,
+                "parse_rate": 0.6,
+                "n_prompts": 64,
+            },
+            {
+                "model": "t2",
+                "role": "target",
+                "parameters": 3_300_000,
+                "val_bits_per_byte": 1.6,
+                "distinct_4gram_share": 0.5,
+                "body_rate": 0.9,
+                "parse_rate": 0.6,
+                "n_prompts": 64,
+            },
+            {
+                "model": "d",
+                "role": "draft",
+                "parameters": 1_000_000,
+                "val_bits_per_byte": 1.55,
+                "distinct_4gram_share": 0.4,
+                "body_rate": 1.0,
+                "parse_rate": 0.2,
+                "n_prompts": 64,
+            },
+        ]
+    )
+    models.to_csv(results / "tables" / "models.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- generated:aims -->\n<!-- /generated:aims -->\n")
+    update(readme, results)
+    lines = readme.read_text().splitlines()
+    assert "target t: body rate 0.90" in lines[1] and lines[1].endswith(": met.")
+    assert "distinct 4-gram share 0.50" in lines[2] and lines[2].endswith("**missed**.")  # t2 loops
+    # d is better than t2 in bits/byte, so it is not "worse than every target"
+    assert "1.550 bits/byte against the targets' 1.500, 1.600" in lines[3] and lines[3].endswith("**missed**.")
+    assert "3.00x parameters" in lines[4] and lines[4].endswith(": met.")
+    assert any("the whole default sweep: 60 min on Test CPU" in line and line.endswith(": met.") for line in lines)
+
+
+def test_time_by_rule_and_instruct_stage_blocks(tmp_path, results):
+    pd.DataFrame(
+        [
+            {"model": "d", "stage": "pretrained", "body_rate": 0.2, "parse_rate": 0.0},
+            {"model": "d", "stage": "+ instruct", "body_rate": 0.9, "parse_rate": 0.3},
+        ]
+    ).to_csv(results / "tables" / "instruct_stage.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- generated:time_by_rule -->\n<!-- /generated:time_by_rule -->\n"
+        "<!-- generated:instruct_stage -->\n<!-- /generated:instruct_stage -->\n"
+    )
+    update(readme, results)
+    text = readme.read_text()
+    # job_times.csv of the fixture: 4 measure jobs of 10 s, 1 target_outputs job of 5 s
+    assert "| measure | 4 | 40 | 89% | 10.00 |" in text and "| target_outputs | 1 | 5 | 11% | 5.00 |" in text
+    assert "Total 45 job-seconds" in text
+    assert "| d | + instruct | 0.90 | 0.30 |" in text

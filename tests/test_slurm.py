@@ -53,7 +53,7 @@ def skip_loudly(request, reason: str):
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print(f"\n*** {msg} ***", flush=True)
-    warnings.warn(msg)
+    warnings.warn(msg, stacklevel=2)
     pytest.skip(msg)
 
 
@@ -86,10 +86,15 @@ def copy_tree(dest: Path) -> Path:
     """Tracked and untracked-but-not-ignored files of the working tree, without the test
     config's workdir and results_dir (committed results must not count as done)."""
     cfg = yaml.safe_load((REPO / CONFIG).read_text()) or {}
-    skip = tuple(f"{cfg.get(key, default).strip('/')}/" for key, default in (("workdir", "work"), ("results_dir", "results")))
+    skip = tuple(
+        f"{cfg.get(key, default).strip('/')}/" for key, default in (("workdir", "work"), ("results_dir", "results"))
+    )
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True, text=True,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = REPO / rel
@@ -310,16 +315,30 @@ def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs, request
     comp = jobcomp(slurm_root)
     logs = slurm_job_logs(slurm_root)
     assert set(logs) <= set(comp), f"job logs without a Slurm completion record: {set(logs) - set(comp)}"
-    completed = {(logs[i]["rule"], logs[i]["output"]) for i, rec in comp.items() if rec["JobState"] == "COMPLETED" and i in logs}
+    completed = {
+        (logs[i]["rule"], logs[i]["output"]) for i, rec in comp.items() if rec["JobState"] == "COMPLETED" and i in logs
+    }
     missing = [j for j in on_cluster if (j["rule"], j["output"]) not in completed]
     assert not missing, f"cluster jobs with no COMPLETED Slurm job: {missing}"
     n_completed = sum(rec["JobState"] == "COMPLETED" for rec in comp.values())
     assert n_completed == len(on_cluster), f"{n_completed} Slurm jobs completed for {len(on_cluster)} cluster jobs"
     # each asked Slurm for the config's resources (runtime_min -> -t, threads -> CPUs, mem_mb -> --mem, gpu -> --gpus)
-    res = {"gpu": 0, "threads": 2, "mem_mb": 8000, "runtime_min": 120, **(yaml.safe_load((slurm_root / CONFIG).read_text()).get("resources") or {})}
+    res = {
+        "gpu": 0,
+        "threads": 2,
+        "mem_mb": 8000,
+        "runtime_min": 120,
+        **(yaml.safe_load((slurm_root / CONFIG).read_text()).get("resources") or {}),
+    }
     wanted = (str(res["runtime_min"]), res["threads"], res["mem_mb"], res["gpu"])
-    wrong = {f"{logs[i]['rule']} (Slurm job {i})": slurm_request(rec) for i, rec in comp.items() if i in logs and slurm_request(rec) != wanted}
-    assert not wrong, f"jobs that did not ask Slurm for the config's resources {wanted} (minutes, CPUs, MB, GPUs): {wrong}"
+    wrong = {
+        f"{logs[i]['rule']} (Slurm job {i})": slurm_request(rec)
+        for i, rec in comp.items()
+        if i in logs and slurm_request(rec) != wanted
+    }
+    assert not wrong, (
+        f"jobs that did not ask Slurm for the config's resources {wanted} (minutes, CPUs, MB, GPUs): {wrong}"
+    )
     assert all(log["dir_rule"] == log["rule"] for log in logs.values())
     assert not {log["rule"] for log in logs.values()} & LOCAL_RULES
     # and Snakemake itself ran exactly the local rules on this host (`localrule` in its log)

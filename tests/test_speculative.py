@@ -55,9 +55,22 @@ def test_different_tokenizers_greedy_and_sampling(tiny_qwen_dir, tiny_llama_draf
     target_tok, draft_tok = load_tokenizer(tiny_qwen_dir), load_tokenizer(tiny_llama_draft_dir)
     assert sp.decoding_path(target, draft, target_tok, draft_tok) == "uag"
     with torch.no_grad():
-        greedy = [target.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist() for ids in _ids(target_tok, PROMPTS[:2])]
+        greedy = [
+            target.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+            for ids in _ids(target_tok, PROMPTS[:2])
+        ]
     for temperature in (0.0, 1.0):
-        runs = sp.assisted_runs(target, draft, target_tok, draft_tok, _ids(target_tok, PROMPTS[:2]), k=3, temperature=temperature, max_new_tokens=12, seed=0)
+        runs = sp.assisted_runs(
+            target,
+            draft,
+            target_tok,
+            draft_tok,
+            _ids(target_tok, PROMPTS[:2]),
+            k=3,
+            temperature=temperature,
+            max_new_tokens=12,
+            seed=0,
+        )
         check_consistent(runs, 3, PROMPTS[:2])
         if temperature == 0:
             assert [r["tokens"] for r in runs] == greedy  # lossless across tokenizers
@@ -71,26 +84,52 @@ def test_sampling_when_draft_vocab_is_subset(tmp_path, stdlib_texts, tiny_llama_
     small = train_tokenizer("byte_bpe", 300, stdlib_texts, tmp_path / "tok300")
     target_tok = load_tokenizer(tiny_llama_dir)
     assert set(small.get_vocab()) < set(target_tok.get_vocab())
-    draft = build_model({"arch": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                         "num_attention_heads": 2}, small, seed=3)
+    draft = build_model(
+        {"arch": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        small,
+        seed=3,
+    )
     draft_tok = AutoTokenizer.from_pretrained(tmp_path / "tok300")
     target = load_model(tiny_llama_dir)
     assert sp.decoding_path(target, draft.eval(), target_tok, draft_tok) == "uag"
-    runs = sp.assisted_runs(target, draft, target_tok, draft_tok, _ids(target_tok, PROMPTS[:1]), k=3, temperature=1.0, max_new_tokens=12, seed=0)
+    runs = sp.assisted_runs(
+        target,
+        draft,
+        target_tok,
+        draft_tok,
+        _ids(target_tok, PROMPTS[:1]),
+        k=3,
+        temperature=1.0,
+        max_new_tokens=12,
+        seed=0,
+    )
     check_consistent(runs, 3, PROMPTS[:1])
 
 
 def test_equal_vocab_different_tokenizers_refused(byte_tokenizer_dir, meta_tokenizer_dir):
     model = types.SimpleNamespace(config=LlamaConfig(vocab_size=512))
-    byte_tok, meta_tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir), AutoTokenizer.from_pretrained(meta_tokenizer_dir)
+    byte_tok, meta_tok = (
+        AutoTokenizer.from_pretrained(byte_tokenizer_dir),
+        AutoTokenizer.from_pretrained(meta_tokenizer_dir),
+    )
     with pytest.raises(ValueError, match="same vocab_size"):
         sp.decoding_path(model, model, byte_tok, meta_tok)
     assert sp.decoding_path(model, model, byte_tok, byte_tok) == "assisted"
 
 
 def _tiny_vocab_model(seed: int, scale: float):
-    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

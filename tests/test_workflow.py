@@ -5,12 +5,34 @@ import subprocess
 
 import pandas as pd
 import yaml
-
 from conftest import REPO, snakemake_cmd
+
+from sd2 import config as sd2_config
+
+# What the rules make at each sparsity level (workflow/rules/common.smk).
+SPARSE_METHODS = {"layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"}
+
+
+def load(configfile) -> dict:
+    return sd2_config.load(REPO / configfile)
+
+
+def variants(cfg, sparsities=None) -> list[tuple[str, int]]:
+    """(method, sparsity) of every draft of one (target, draft) pair."""
+    levels = cfg["sparsities"] if sparsities is None else sparsities
+    return [(m, s) for m in cfg["methods"] for s in (levels if m in SPARSE_METHODS else [0])]
+
+
+def n_cells(cfg) -> int:
+    """Measured cells: eval set x (target, draft) pair (a model never drafts for itself) x (method, sparsity)."""
+    pairs = sum(d != t for t in cfg["targets"] for d in cfg["drafts"])
+    return len(cfg["data"]["eval_sets"]) * pairs * len(variants(cfg))
 
 
 def dry_run(workdir, configfile="config/test.yaml", *args):
-    proc = subprocess.run(snakemake_cmd(workdir, "-n", "--quiet", "rules", *args, configfile=configfile), capture_output=True, text=True)
+    proc = subprocess.run(
+        snakemake_cmd(workdir, "-n", "--quiet", "rules", *args, configfile=configfile), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -31,28 +53,43 @@ def job_counts(text):
 
 
 def test_all_outputs(tiny_run):
-    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    cfg = load("config/test.yaml")
     records = sorted((tiny_run / "results" / "records").rglob("*.json"))
-    # 2 targets x 1 draft x (dense, dense_sd + 4 sparse methods x 1 level) x 1 eval set
-    assert len(records) == 12
+    assert len(records) == n_cells(cfg)
     table = pd.read_csv(tiny_run / "results" / "tables" / "measurements.csv")
     measure = cfg["measure"]
-    # per draft variant: same tokenizer, walk k=1..k_max + sampled assisted + tvd k=1..k_max; across tokenizers, assisted greedy + sampled
-    assert len(table) == 6 * (2 * measure["k_max"] + 1) + 6 * 2
+    # Rows per record file: same tokenizer, the walk at k = 1..k_max + sampled assisted generation
+    # + the TVD estimate at k = 1..k_max; across tokenizers, assisted generation greedy + sampled.
+    models = cfg["models"]
+    same = sum(models[t]["tokenizer"] == models[d]["tokenizer"] for t in cfg["targets"] for d in cfg["drafts"])
+    other = len(cfg["targets"]) * len(cfg["drafts"]) - same
+    per_pair = len(cfg["data"]["eval_sets"]) * len(variants(cfg))
+    assert same and other  # the tiny config covers both decoding paths
+    assert len(table) == per_pair * (same * (2 * measure["k_max"] + 1) + other * 2)
     assert set(table["method"]) == set(cfg["methods"])
     assert set(table["sparsity"]) == {0, 50}
     assert (table["mal"] <= table["k"] + 1).all() and (table["mal"] >= 1).all()
     walk = table[table["estimator"] == "teacher_forced_walk"]
     assert set(walk["k"]) == set(range(1, measure["k_max"] + 1)) and (walk["target"] == "tiny-llama").all()
     checked = walk[walk["headline_k"]]
-    assert (checked["checked_prompts"] + checked["draft_near_ties"] + checked["target_near_ties"] == measure["n_check"]).all()
+    assert (
+        checked["checked_prompts"] + checked["draft_near_ties"] + checked["target_near_ties"] == measure["n_check"]
+    ).all()
     assert (checked["checked_steps"] > 0).all() and checked["speedup"].notna().all()
     assert (table["mal_ci_low"] <= table["mal"]).all() and (table["mal"] <= table["mal_ci_high"]).all()
     assert set(table["same_tokenizer"]) == {True, False}
     outputs = sorted((tiny_run / "work" / "target_outputs").rglob("*.json"))
-    assert len(outputs) == 2  # one per target and eval set, shared by every draft
+    assert len(outputs) == len(cfg["targets"]) * len(cfg["data"]["eval_sets"])  # shared by every draft
     comparisons = pd.read_csv(tiny_run / "results" / "tables" / "comparisons.csv")
-    assert len(comparisons) == 2 * 2 and comparisons["mal_ratio_vs_layer_pruned"].notna().all()
+    # One row per (target, draft, sparsity, eval set) and temperature.
+    n_comparisons = (
+        len(cfg["targets"])
+        * len(cfg["drafts"])
+        * len(cfg["sparsities"])
+        * len(cfg["data"]["eval_sets"])
+        * len(measure["temperatures"])
+    )
+    assert len(comparisons) == n_comparisons and comparisons["mal_ratio_vs_layer_pruned"].notna().all()
     sparse = table[table["sparsity"] == 50]
     assert (sparse["draft_macs_per_token"] < table[table["method"] == "dense"]["draft_macs_per_token"].max()).all()
     for name in ("mal_vs_sparsity", "mal_vs_macs", "loss_curves"):
@@ -60,7 +97,7 @@ def test_all_outputs(tiny_run):
     models = pd.read_csv(tiny_run / "results" / "tables" / "models.csv")
     assert set(models["model"]) == set(cfg["models"])
     training = pd.read_csv(tiny_run / "results" / "tables" / "training.csv")
-    assert set(training["stage"]) == {"pretrain", "finetune"}
+    assert set(training["stage"]) == {"pretrain", "instruct", "finetune"}
     record = json.loads(records[0].read_text())
     assert "Mean Accepted Length" in json.dumps(record["definitions"])
     assert record["records"][0]["provenance"]["seed"] == 0
@@ -71,18 +108,28 @@ def test_second_run_schedules_nothing(tiny_run):
 
 
 def test_changing_one_sparsity_reruns_only_its_jobs(tiny_run, tmp_path):
-    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    cfg["sparsities"] = [60]
+    raw = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        snakemake_cmd(tiny_run, "-n", configfile=changed), capture_output=True, text=True
-    )
+    changed.write_text(yaml.safe_dump({**raw, "sparsities": [60]}))
+    cfg = load(changed)
+    proc = subprocess.run(snakemake_cmd(tiny_run, "-n", configfile=changed), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = job_counts(proc.stdout + proc.stderr)
-    # Only the new level: prune (2 targets + original data), layer_prune, finetune (sd2 x2,
-    # layer_pruned x2, sparse_sft), measure (4 sparse methods x 2 targets); then tables.
-    assert counts == {"prune": 3, "layer_prune": 1, "finetune": 5, "measure": 8, "collect": 1, "figures": 1, "all": 1}, counts
+    # Only the new level: prune (calibrated on each target's data and on the original data),
+    # layer_prune (per draft), finetune (sd2 and layer_pruned per target, sparse_sft once on the
+    # original data), measure (the sparse methods); then the tables.
+    targets, drafts = len(cfg["targets"]), len(cfg["drafts"])
+    expect = {
+        "prune": (targets + 1) * drafts,
+        "layer_prune": drafts,
+        "finetune": (2 * targets + 1) * drafts,
+        "measure": n_cells(cfg),
+        "collect": 1,
+        "figures": 1,
+        "all": 1,
+    }
+    assert cfg["methods"] == load("config/test.yaml")["methods"] and set(cfg["methods"]) >= SPARSE_METHODS
+    assert counts == expect, counts
 
 
 def test_figures_from_tables_alone(tiny_run, tmp_path):
@@ -93,7 +140,8 @@ def test_figures_from_tables_alone(tiny_run, tmp_path):
         (tables / name).write_bytes((tiny_run / "results" / "tables" / name).read_bytes())
     proc = subprocess.run(
         snakemake_cmd(tmp_path, "figures", "--allowed-rules", "figures", "--cores", "1"),
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "results" / "figures" / "speedup.pdf").exists()
@@ -101,8 +149,8 @@ def test_figures_from_tables_alone(tiny_run, tmp_path):
 
 
 def test_dry_run_builds_every_shipped_config(tmp_path):
-    for name, expect in [("config/config.yaml", 80), ("config/paper.yaml", 252), ("config/test.yaml", 12)]:
-        assert job_counts(dry_run(tmp_path / name.replace("/", "_"), name))["measure"] == expect
+    for name in ("config/config.yaml", "config/paper.yaml", "config/test.yaml"):
+        assert job_counts(dry_run(tmp_path / name.replace("/", "_"), name))["measure"] == n_cells(load(name))
 
 
 def test_report(tiny_run, tmp_path):

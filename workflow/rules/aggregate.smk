@@ -1,16 +1,3 @@
-from sd2.plots import FIGURES
-
-
-def figure_paths():
-    return [f"{R}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
-
-
-def training_curves():
-    curves = {f"{W}/models/{m}": {"stage": "pretrain", "model": m} for m in SCRATCH}
-    curves.update(tuned_drafts())
-    return curves
-
-
 rule collect:
     input:
         records=record_paths(),
@@ -21,11 +8,14 @@ rule collect:
         comparisons=f"{R}/tables/comparisons.csv",
         summary=f"{R}/tables/summary.md",
     params:
+        sd2=SD2,
         curves=lambda w: as_arg([{**labels, "path": f"{path}/training.csv"} for path, labels in training_curves().items()]),
     log:
         "logs/collect.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} collect --records {input.records} --curves {params.curves}"
+        "{params.sd2} collect --records {input.records} --curves {params.curves}"
         " --measurements {output.measurements} --training {output.training} --comparisons {output.comparisons}"
         " --summary {output.summary} > {log} 2>&1"
 
@@ -38,7 +28,14 @@ rule figures:
     output:
         [report(f"{R}/figures/{name}.png", category="Figures", caption=f"../report/{name}.rst") for name in FIGURES],
         [f"{R}/figures/{name}.pdf" for name in FIGURES],
+    params:
+        sd2=SD2,
+        # The folders of the tables and figures above: {R}/tables and {R}/figures.
+        tables=lambda w, input: os.path.dirname(input.measurements),
+        figures=lambda w, output: os.path.dirname(output[0]),
     log:
         "logs/figures.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} figures --tables {R}/tables --out {R}/figures > {log} 2>&1"
+        "{params.sd2} figures --tables {params.tables} --out {params.figures} > {log} 2>&1"

@@ -1,8 +1,12 @@
 import json
+import os
 import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
+
 from sd2.config import validate
+from sd2.plots import FIGURES
 
 # Fills defaults in place; an unknown key, wrong type or bad value stops here, before any job.
 validate(config)
@@ -11,7 +15,13 @@ W = config["workdir"]
 R = config["results_dir"]
 MODELS = config["models"]
 SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec)
-SD2 = f"{shlex.quote(sys.executable)} -m sd2"
+# Every job runs `python -m sd2` (passed on as params.sd2, so the command text is the same
+# wherever the repository and its virtualenv live: a moved checkout reruns nothing). Under
+# `--sdm conda` the job's environment (workflow/envs/sd2.yaml) provides `python`; otherwise the
+# interpreter that runs Snakemake does (the project's virtualenv), put first on PATH.
+SD2 = "python -m sd2"
+if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployment_method", ()):
+    shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
 SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
 NAME = r"[A-Za-z0-9_.-]+"
@@ -41,8 +51,9 @@ def model_input(name):
     return [f"{W}/models/{name}"] if name in SCRATCH else []
 
 
-def trust(name):
-    return "--trust-remote-code" if MODELS[name].get("trust_remote_code") else ""
+def trust(*names):
+    """The flag that lets a job run custom model code: only if one of the models it loads asks for it."""
+    return "--trust-remote-code" if any(MODELS[n].get("trust_remote_code") for n in names if n in MODELS) else ""
 
 
 def data_path(data):
@@ -92,15 +103,45 @@ def tuned_drafts():
     return seen
 
 
-def model_resources(threads=None):
+def model_resources():
     res = config["resources"]
     return dict(mem_mb=res["mem_mb"], runtime=res["runtime_min"], gpu=res["gpu"])
 
 
-def wandb_arg(job):
+def wandb_arg():
     return as_arg({**config["wandb"], "dir": f"{W}/wandb", "group": config["run_name"]})
 
 
+def figure_paths():
+    return [f"{R}/figures/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+
+
+def training_curves():
+    curves = {f"{W}/models/{m}": {"stage": "pretrain", "model": m} for m in SCRATCH}
+    curves.update(tuned_drafts())
+    return curves
+
+
+def finetune_init(w):
+    if w.method == "dense_sd":
+        return model_input(w.draft)
+    if w.method == "layer_pruned":
+        return [f"{W}/layer_pruned/{w.draft}/s{w.sparsity}"]
+    return [f"{W}/pruned/{w.data}/{w.draft}/s{w.sparsity}"]
+
+
+def finetune_init_path(w):
+    return finetune_init(w)[0] if finetune_init(w) else model_path(w.draft)
+
+
+def teacher(w):
+    """Distillation losses other than cross-entropy need the target's logits."""
+    if config["finetune"]["loss"] == "ce" or w.data == "original":
+        return ""
+    return f"--teacher {model_path(w.data)} {trust(w.data)}"
+
+
 def all_targets():
-    quality = [f"{R}/tables/models.csv"] if SCRATCH else []
-    return [f"{R}/data/manifest.json", *quality, *figure_paths()]
+    model_table = [f"{R}/tables/models.csv"] if SCRATCH else []
+    return [f"{R}/data/manifest.json", *model_table, *figure_paths()]
+

@@ -5,13 +5,16 @@ rule prepare_data:
         evals=[directory(f"{W}/data/eval/{e}") for e in config["data"]["eval_sets"]],
         manifest=f"{R}/data/manifest.json",
     params:
+        sd2=SD2,
         data=as_arg(config["data"]),
         evals=" ".join(f"{e}={W}/data/eval/{e}" for e in config["data"]["eval_sets"]),
         seed=config["seed"],
     log:
         "logs/prepare_data.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} prepare-data --data {params.data} --corpus {output.corpus} --finetune {output.finetune}"
+        "{params.sd2} prepare-data --data {params.data} --corpus {output.corpus} --finetune {output.finetune}"
         " --eval {params.evals} --manifest {output.manifest} --seed {params.seed} > {log} 2>&1"
 
 
@@ -21,10 +24,13 @@ rule train_tokenizer:
     output:
         directory(f"{W}/tokenizers/{{family}}"),
     params:
+        sd2=SD2,
         kind=lambda w: config["tokenizers"][w.family]["kind"],
         vocab=lambda w: config["tokenizers"][w.family]["vocab_size"],
     log:
         "logs/train_tokenizer/{family}.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} train-tokenizer --corpus {input.corpus} --kind {params.kind} --vocab-size {params.vocab}"
+        "{params.sd2} train-tokenizer --corpus {input.corpus} --kind {params.kind} --vocab-size {params.vocab}"
         " --out {output} > {log} 2>&1"

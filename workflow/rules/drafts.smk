@@ -5,6 +5,7 @@ rule self_distill:
     output:
         directory(f"{W}/distill/{{target}}"),
     params:
+        sd2=SD2,
         model=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         settings=as_arg(config["distill"]),
@@ -16,8 +17,10 @@ rule self_distill:
         "logs/self_distill/{target}.log",
     benchmark:
         "logs/benchmarks/self_distill/{target}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} self-distill --target {params.model} {params.trust} --prompts {input.prompts} --out {output}"
+        "{params.sd2} self-distill --target {params.model} {params.trust} --prompts {input.prompts} --out {output}"
         " --settings {params.settings} --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
@@ -28,6 +31,7 @@ rule prune:
     output:
         directory(f"{W}/pruned/{{data}}/{{draft}}/s{{sparsity}}"),
     params:
+        sd2=SD2,
         model=lambda w: model_path(w.draft),
         settings=as_arg(config["prune"]),
         seed=config["seed"],
@@ -38,8 +42,10 @@ rule prune:
         "logs/prune/{data}/{draft}/s{sparsity}.log",
     benchmark:
         "logs/benchmarks/prune/{data}/{draft}/s{sparsity}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} prune --model {params.model} --calibration {input.calibration} --sparsity {wildcards.sparsity}"
+        "{params.sd2} prune --model {params.model} --calibration {input.calibration} --sparsity {wildcards.sparsity}"
         " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
@@ -49,6 +55,7 @@ rule layer_prune:
     output:
         directory(f"{W}/layer_pruned/{{draft}}/s{{sparsity}}"),
     params:
+        sd2=SD2,
         model=lambda w: model_path(w.draft),
         # YAML may key the levels as numbers or strings.
         drop=lambda w: as_arg({str(k): v for k, v in (config["layer_prune"]["drop"] or {}).items()}.get(w.sparsity)),
@@ -57,28 +64,11 @@ rule layer_prune:
         **model_resources(),
     log:
         "logs/layer_prune/{draft}/s{sparsity}.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} layer-prune --model {params.model} --sparsity {wildcards.sparsity} --drop {params.drop}"
+        "{params.sd2} layer-prune --model {params.model} --sparsity {wildcards.sparsity} --drop {params.drop}"
         " --out {output} > {log} 2>&1"
-
-
-def finetune_init(w):
-    if w.method == "dense_sd":
-        return model_input(w.draft)
-    if w.method == "layer_pruned":
-        return [f"{W}/layer_pruned/{w.draft}/s{w.sparsity}"]
-    return [f"{W}/pruned/{w.data}/{w.draft}/s{w.sparsity}"]
-
-
-def finetune_init_path(w):
-    return finetune_init(w)[0] if finetune_init(w) else model_path(w.draft)
-
-
-def teacher(w):
-    """Distillation losses other than cross-entropy need the target's logits."""
-    if config["finetune"]["loss"] == "ce" or w.data == "original":
-        return ""
-    return f"--teacher {model_path(w.data)} {trust(w.data)}"
 
 
 rule finetune:
@@ -91,10 +81,11 @@ rule finetune:
     wildcard_constraints:
         method="|".join(TUNED_METHODS),
     params:
+        sd2=SD2,
         init=finetune_init_path,
         teacher=teacher,
         settings=as_arg(config["finetune"]),
-        wandb=wandb_arg("finetune"),
+        wandb=wandb_arg(),
         labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         seed=config["seed"],
     threads: config["resources"]["threads"]
@@ -104,8 +95,10 @@ rule finetune:
         "logs/finetune/{data}/{draft}/{method}-s{sparsity}.log",
     benchmark:
         "logs/benchmarks/finetune/{data}/{draft}/{method}-s{sparsity}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} finetune --init {params.init} --data {input.data} {params.teacher} --out {output}"
+        "{params.sd2} finetune --init {params.init} --data {input.data} {params.teacher} --out {output}"
         " --settings {params.settings} --seed {params.seed} --threads {threads} --wandb {params.wandb}"
         " --run-name finetune-{wildcards.data}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
         " --labels {params.labels} > {log} 2>&1"

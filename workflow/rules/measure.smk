@@ -5,6 +5,7 @@ rule target_outputs:
     output:
         f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
     params:
+        sd2=SD2,
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         # Only what the continuations depend on: changing n_assisted must not regenerate them.
@@ -18,8 +19,10 @@ rule target_outputs:
         "logs/target_outputs/{target}/{eval_set}.log",
     benchmark:
         "logs/benchmarks/target_outputs/{target}/{eval_set}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} target-outputs --target {params.target} {params.trust} --eval-set {input.eval_set}"
+        "{params.sd2} target-outputs --target {params.target} {params.trust} --eval-set {input.eval_set}"
         " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
@@ -31,12 +34,13 @@ rule measure:
     output:
         f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
     params:
+        sd2=SD2,
         target=lambda w: model_path(w.target),
         draft=lambda w: draft_path(w.target, w.draft, w.method, w.sparsity),
-        trust="--trust-remote-code" if any(m.get("trust_remote_code") for m in MODELS.values()) else "",
+        trust=lambda w: trust(w.target, w.draft),
         settings=as_arg(config["measure"]),
         labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity), "eval_set": w.eval_set}),
-        wandb=wandb_arg("measure"),
+        wandb=wandb_arg(),
         seed=config["seed"],
     # One thread: two measurement jobs share the 2-core default machine.
     threads: 1
@@ -46,8 +50,10 @@ rule measure:
         "logs/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.log",
     benchmark:
         "logs/benchmarks/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} measure --target {params.target} --draft {params.draft} {params.trust} --target-outputs {input.outputs}"
+        "{params.sd2} measure --target {params.target} --draft {params.draft} {params.trust} --target-outputs {input.outputs}"
         " --settings {params.settings} --labels {params.labels} --out {output} --seed {params.seed}"
         " --threads {threads} --wandb {params.wandb}"
         " --run-name measure-{wildcards.eval_set}-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"

@@ -7,8 +7,9 @@ rule pretrain:
     wildcard_constraints:
         model="|".join(SCRATCH) or "^$",
     params:
+        sd2=SD2,
         spec=lambda w: as_arg(MODELS[w.model]),
-        wandb=wandb_arg("pretrain"),
+        wandb=wandb_arg(),
         labels=lambda w: as_arg({"model": w.model}),
         seed=config["seed"],
     threads: config["resources"]["threads"]
@@ -18,8 +19,10 @@ rule pretrain:
         "logs/pretrain/{model}.log",
     benchmark:
         "logs/benchmarks/pretrain/{model}.tsv"
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} pretrain --name {wildcards.model} --spec {params.spec} --tokenizer {input.tokenizer}"
+        "{params.sd2} pretrain --name {wildcards.model} --spec {params.spec} --tokenizer {input.tokenizer}"
         " --corpus {input.corpus} --out {output} --seed {params.seed} --threads {threads}"
         " --wandb {params.wandb} --run-name pretrain-{wildcards.model} --labels {params.labels} > {log} 2>&1"
 
@@ -28,11 +31,13 @@ rule model_report:
     input:
         models=[f"{W}/models/{m}" for m in SCRATCH],
         corpus=f"{W}/data/corpus",
-        humaneval=f"{W}/data/eval/{next(iter(config['data']['eval_sets']))}",
+        # The report's prompts: the first eval set (HumanEval in the default run).
+        prompts=f"{W}/data/eval/{next(iter(config['data']['eval_sets']))}",
     output:
         table=report(f"{R}/tables/models.csv", category="Models", caption="../report/models.rst"),
         examples=f"{R}/models.md",
     params:
+        sd2=SD2,
         models=" ".join(f"{m}={W}/models/{m}" for m in SCRATCH),
         roles=as_arg({m: ("target" if m in config["targets"] else "draft") for m in SCRATCH}),
         seed=config["seed"],
@@ -41,7 +46,9 @@ rule model_report:
         **model_resources(),
     log:
         "logs/model_report.log",
+    conda:
+        "../envs/sd2.yaml"
     shell:
-        "{SD2} model-report --models {params.models} --roles {params.roles} --corpus {input.corpus}"
-        " --prompts {input.humaneval} --table {output.table} --examples {output.examples}"
+        "{params.sd2} model-report --models {params.models} --roles {params.roles} --corpus {input.corpus}"
+        " --prompts {input.prompts} --table {output.table} --examples {output.examples}"
         " --seed {params.seed} --threads {threads} > {log} 2>&1"

@@ -57,13 +57,21 @@ def parses(prompt: str, completion: str, ended: bool = False) -> bool:
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[tuple[str, bool]]:
+def greedy_completions(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+) -> list[tuple[str, bool]]:
     """(completion, ended by end-of-text) per prompt."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         new = gen[:, enc["input_ids"].shape[1] :]
         ended = (new == tokenizer.eos_token_id).any(-1).tolist()
         out += zip(tokenizer.batch_decode(new, skip_special_tokens=True), ended)
@@ -87,7 +95,18 @@ def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int) -> tuple[flo
     return nll / tokens, nll / math.log(2) / n_bytes
 
 
-def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examples_path, *, n_prompts=64, max_new_tokens=128, n_val_docs=40) -> pd.DataFrame:
+def report(
+    models: dict,
+    roles: dict,
+    corpus_dir,
+    prompts_dir,
+    table_path,
+    examples_path,
+    *,
+    n_prompts=64,
+    max_new_tokens=128,
+    n_val_docs=40,
+) -> pd.DataFrame:
     val_texts = load_from_disk(str(corpus_dir))["validation"]["text"][:n_val_docs]
     prompts = load_from_disk(str(prompts_dir))
     prompts = prompts.select(range(min(n_prompts, len(prompts))))
@@ -113,7 +132,9 @@ def report(models: dict, roles: dict, corpus_dir, prompts_dir, table_path, examp
                 "val_bits_per_byte": round(bpb, 4),
                 "distinct_4gram_share": round(sum(map(distinct_4gram_share, completions)) / len(completions), 4),
                 "body_rate": round(sum(map(writes_body, completions)) / len(completions), 4),
-                "parse_rate": round(sum(parses(p, c, e) for p, c, e in zip(prompts["prompt"], completions, ended)) / len(completions), 4),
+                "parse_rate": round(
+                    sum(parses(p, c, e) for p, c, e in zip(prompts["prompt"], completions, ended)) / len(completions), 4
+                ),
                 "eos_rate": round(sum(ended) / len(completions), 4),
                 "n_prompts": len(completions),
                 "max_new_tokens": max_new_tokens,

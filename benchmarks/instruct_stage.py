@@ -1,0 +1,102 @@
+"""A/B of the instruct stage: one model's greedy HumanEval completions before and after it.
+
+Pretrains one model of the config exactly as the sweep does, then measures, on the same
+prompts as the model report, the body rate, parse rate, distinct 4-gram share, end-of-text
+rate and bits per byte; then runs the instruct stage (train.instruct) and measures again.
+Needs the data and tokenizers of `make run` (work/data, work/tokenizers).
+
+    python benchmarks/instruct_stage.py --model llama-draft-m --out results/tables/instruct_stage.csv
+"""
+
+import argparse
+import copy
+
+import pandas as pd
+import torch
+from datasets import load_from_disk
+
+from sd2 import training
+from sd2.config import load
+from sd2.model_report import bits_per_byte, distinct_4gram_share, greedy_completions, parses, writes_body
+from sd2.models import build_model, count_parameters, load_tokenizer
+from sd2.pretrain import fixed_windows, instruct, random_windows, token_stream
+
+
+def completion_metrics(model, tok, prompts: list[str], val_texts: list[str], seq_len: int, max_new_tokens: int) -> dict:
+    out = greedy_completions(model, tok, prompts, max_new_tokens)
+    texts = [t for t, _ in out]
+    _, bpb = bits_per_byte(model, tok, val_texts, seq_len)
+    n = len(out)
+    return {
+        "val_bits_per_byte": round(bpb, 4),
+        "body_rate": round(sum(map(writes_body, texts)) / n, 4),
+        "parse_rate": round(sum(parses(p, t, e) for p, (t, e) in zip(prompts, out)) / n, 4),
+        "distinct_4gram_share": round(sum(map(distinct_4gram_share, texts)) / n, 4),
+        "eos_rate": round(sum(e for _, e in out) / n, 4),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/config.yaml")
+    parser.add_argument("--model", default="llama-draft-m", help="a from-scratch model of the config")
+    parser.add_argument("--workdir", default="work")
+    parser.add_argument("--prompts", type=int, default=64, help="first prompts of the first eval set")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="CSV of the two rows")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load(args.config)
+    spec = copy.deepcopy(cfg["models"][args.model])
+    train_cfg = spec["train"]
+    tok = load_tokenizer(f"{args.workdir}/tokenizers/{spec['tokenizer']}")
+    corpus = load_from_disk(f"{args.workdir}/data/corpus")
+    first_set = next(iter(cfg["data"]["eval_sets"]))
+    prompts = load_from_disk(f"{args.workdir}/data/eval/{first_set}")["prompt"][: args.prompts]
+    val_texts = corpus["validation"]["text"][:40]
+
+    model = build_model(spec, tok, cfg["seed"])
+    bs, seq = train_cfg["batch_size"], train_cfg["seq_len"]
+    training.train(
+        model,
+        random_windows(token_stream(corpus["train"]["text"], tok), bs, seq, cfg["seed"]),
+        fixed_windows(token_stream(corpus["validation"]["text"], tok), bs, seq, train_cfg["eval_batches"]),
+        steps=max(1, train_cfg["tokens"] // (bs * seq)),
+        lr=train_cfg["lr"],
+        warmup_steps=train_cfg["warmup_steps"],
+        weight_decay=train_cfg["weight_decay"],
+        eval_every=train_cfg["eval_every"],
+        bf16=train_cfg["bf16"],
+        desc=f"pretrain {args.model}",
+    )
+    metrics = dict(completion_metrics(model, tok, prompts, val_texts, seq, args.max_new_tokens))
+    rows = [
+        {
+            "model": args.model,
+            "stage": "pretrained",
+            "parameters": count_parameters(model),
+            **metrics,
+        }
+    ]
+    instruct(model, tok, corpus["train"], train_cfg, seed=cfg["seed"], desc=f"instruct {args.model}")
+    model.eval()
+    metrics = completion_metrics(model, tok, prompts, val_texts, seq, args.max_new_tokens)
+    rows.append(
+        {
+            "model": args.model,
+            "stage": "+ instruct",
+            "parameters": rows[0]["parameters"],
+            **metrics,
+        }
+    )
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    for column in ("body_rate", "parse_rate", "distinct_4gram_share", "val_bits_per_byte"):
+        print(f"{column}: after / before = {table[column].iloc[1] / max(table[column].iloc[0], 1e-9):.2f}")
+    if args.out:
+        table.to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
