@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 
 import yaml
 from conftest import REPO, snakemake_cmd
@@ -94,3 +95,11 @@ def test_environment_pins_match_requirements_lock():
             assert same_version(version, lock[key]), f"{env.name}: {entry!r}, requirements.lock has {lock[key]}"
             checked += 1
         assert checked, f"{env.name}: no package pinned"
+
+
+def test_python_is_formatted_and_lint_clean():
+    """ruff (configured in pyproject.toml, line length 120) over the package, tests, benchmarks and notebook."""
+    paths = ["sd2", "tests", "benchmarks", "notebooks"]
+    for args in (["check", *paths], ["format", "--check", *paths]):
+        proc = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
