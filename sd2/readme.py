@@ -134,8 +134,8 @@ def significance(results: Path) -> str:
     if not len(greedy):
         return "No comparisons in the tables."
     ratio, change = greedy.dropna(subset=["ratio_ci_low"]), greedy.dropna(subset=["change_ci_low"])
-    up = ratio[ratio["ratio_ci_low"] > 1]
-    down = ratio[ratio["ratio_ci_high"] < 1]
+    up = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_low"] > 1)]
+    down = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_high"] < 1)]
     lines = [
         f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
         f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
@@ -202,7 +202,7 @@ def time_by_rule(results: Path) -> str:
             "mean s/job": by_rule["mean"].round(1).to_numpy(),
         }
     )
-    return markdown_table(table) + f"\n\nTotal {total:,.0f} job-seconds (`results/tables/job_times.csv`)."
+    return markdown_table(table) + f"\nTotal {total:,.0f} job-seconds (`results/tables/job_times.csv`)."
 
 
 def instruct_stage(results: Path) -> str:

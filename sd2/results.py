@@ -74,6 +74,10 @@ CURVE_LABELS = ["stage", "model", "target", "draft", "method", "sparsity"]
 TRAINING_COLUMNS = CURVE_LABELS + CURVE_COLUMNS
 
 
+# Fewer prompts than this: no comparison is called significant, whatever its interval.
+MIN_PROMPTS_FOR_SIGNIFICANCE = 20
+
+
 def method_rank(method: str) -> int:
     """Position of a method in METHOD_ORDER; unknown methods sort after the known ones."""
     return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
@@ -275,7 +279,8 @@ def comparisons(record_paths) -> pd.DataFrame:
     - macs_reduction_pct = 100 * (1 - MACs(sd2) / MACs(dense_sd)); the paper reports 43.87.
     - mal_change_pct = 100 * (MAL(sd2) / MAL(dense_sd) - 1); the paper reports -8.36.
     Both MAL comparisons resample the same prompts on both sides; *_significant says whether
-    the 95% interval excludes no difference. Missing counterparts give NaN.
+    the 95% interval excludes no difference, and is False below MIN_PROMPTS_FOR_SIGNIFICANCE
+    prompts: a bootstrap over a handful of prompts undercovers badly. Missing counterparts give NaN.
     """
     index = {}
     for record, ids, _ in read_records(record_paths):
@@ -312,13 +317,14 @@ def comparisons(record_paths) -> pd.DataFrame:
             for col in ("mal", "mal_ci_low", "mal_ci_high"):
                 row[f"{name}_{col}"] = rec.get(col, float("nan"))
         nan3 = (float("nan"),) * 3
+        enough = (sd2.get("n_prompts") or 0) >= MIN_PROMPTS_FOR_SIGNIFICANCE
         ratio = _paired(sd2, ids, *others["layer_pruned"]) if "layer_pruned" in others else nan3
         change = _paired(sd2, ids, *others["dense_sd"]) if "dense_sd" in others else nan3
         row.update(
             mal_ratio_vs_layer_pruned=ratio[0],
             ratio_ci_low=ratio[1],
             ratio_ci_high=ratio[2],
-            ratio_significant=excludes(ratio[1], ratio[2], 1.0),
+            ratio_significant=enough and excludes(ratio[1], ratio[2], 1.0),
         )
         dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
         row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
@@ -326,7 +332,7 @@ def comparisons(record_paths) -> pd.DataFrame:
             mal_change_pct=100.0 * (change[0] - 1),
             change_ci_low=100.0 * (change[1] - 1),
             change_ci_high=100.0 * (change[2] - 1),
-            change_significant=excludes(change[1], change[2], 1.0),
+            change_significant=enough and excludes(change[1], change[2], 1.0),
         )
         rows.append(row)
     df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)

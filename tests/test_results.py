@@ -21,6 +21,7 @@ from synthetic import (
 from sd2.results import (
     COMPARISON_COLUMNS,
     MEASUREMENT_COLUMNS,
+    MIN_PROMPTS_FOR_SIGNIFICANCE,
     TRAINING_COLUMNS,
     collect_comparisons,
     collect_measurements,
@@ -217,3 +218,26 @@ def test_record_without_keys_fails_loudly(tmp_path):
     path.write_text(json.dumps({"definitions": {}, "records": [record]}))
     with pytest.raises(ValueError, match="draft"):
         collect_measurements([path], tmp_path / "m.csv")
+
+
+def test_few_prompts_are_never_significant(tmp_path):
+    """A clear difference measured on too few prompts is reported, but not called significant."""
+    paths = write_synthetic_records(
+        tmp_path,
+        targets=("t_llama",),
+        variants=[("sd2", 50), ("layer_pruned", 50), ("dense_sd", 0)],
+        eval_sets=("humaneval",),
+    )
+    assert collect_comparisons(paths, tmp_path / "all.csv")["ratio_significant"].all()
+    for path in paths:  # keep the first prompts only
+        doc = json.loads(path.read_text())
+        n = MIN_PROMPTS_FOR_SIGNIFICANCE - 1
+        doc["prompt_ids"] = doc["prompt_ids"][:n]
+        for rec in doc["records"]:
+            rec["n_prompts"] = n
+            if "per_prompt" in rec:
+                rec["per_prompt"] = {key: values[:n] for key, values in rec["per_prompt"].items()}
+        path.write_text(json.dumps(doc))
+    few = collect_comparisons(paths, tmp_path / "few.csv")
+    assert (few["mal_ratio_vs_layer_pruned"] > 1.1).all()
+    assert not few["ratio_significant"].any() and not few["change_significant"].any()
