@@ -8,11 +8,14 @@ import sys
 STEPS = {}
 
 
-def step(name, help):
-    """Register a subcommand. Called with `p` it declares its arguments; with `a`, it runs."""
+def step(name, help, tracked=False):
+    """Register a subcommand. Called with `p` it declares its arguments; with `a`, it runs.
+
+    Every step also gets --seed and --threads; a `tracked` step gets the W&B options too.
+    """
 
     def wrap(fn):
-        STEPS[name] = (help, fn)
+        STEPS[name] = (help, fn, tracked)
         return fn
 
     return wrap
@@ -83,7 +86,7 @@ def train_tokenizer(p=None, a=None):
     print(f"{a.kind}: {len(tok)} tokens -> {a.out}")
 
 
-@step("pretrain", "train a from-scratch model (causal-LM loss)")
+@step("pretrain", "train a from-scratch model (causal-LM loss)", tracked=True)
 def pretrain(p=None, a=None):
     if p:
         p.add_argument("--name", required=True)
@@ -91,7 +94,6 @@ def pretrain(p=None, a=None):
         p.add_argument("--tokenizer", required=True)
         p.add_argument("--corpus", required=True)
         p.add_argument("--out", required=True)
-        _common(p, tracked=True)
         return
     from sd2.pretrain import pretrain
 
@@ -127,7 +129,7 @@ def self_distill(p=None, a=None):
         return
     from sd2.distill import self_distill
 
-    self_distill(a.target, a.prompts, a.out, **a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
+    self_distill(a.target, a.prompts, a.out, settings=a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
 
 
 @step("prune", "one-shot pruning of the decoder linear layers")
@@ -141,7 +143,7 @@ def prune(p=None, a=None):
         return
     from sd2.prune import prune
 
-    summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, **a.settings, seed=a.seed)
+    summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, settings=a.settings, seed=a.seed)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -158,7 +160,7 @@ def layer_prune(p=None, a=None):
     print(json.dumps(layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop), indent=2, default=str))
 
 
-@step("finetune", "fine-tune a draft with its pruning masks held fixed")
+@step("finetune", "fine-tune a draft with its pruning masks held fixed", tracked=True)
 def finetune(p=None, a=None):
     if p:
         p.add_argument("--init", required=True, help="draft checkpoint to start from")
@@ -167,7 +169,6 @@ def finetune(p=None, a=None):
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--settings", type=_json, required=True, help="the config's finetune section as JSON")
         p.add_argument("--out", required=True)
-        _common(p, tracked=True)
         return
     from sd2.finetune import finetune
 
@@ -196,6 +197,7 @@ def target_outputs(p=None, a=None):
 @step(
     "measure",
     "acceptance of a draft: exact greedy MAL for every k, sampled and cross-tokenizer runs, CIs, MACs, tokens/s",
+    tracked=True,
 )
 def measure(p=None, a=None):
     if p:
@@ -205,7 +207,6 @@ def measure(p=None, a=None):
         p.add_argument("--target-outputs", required=True, help="the target_outputs JSON of this target and eval set")
         p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
         p.add_argument("--out", required=True)
-        _common(p, tracked=True)
         return
     from sd2.measure import measure
 
@@ -331,11 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make and measure draft models for speculative decoding (SD²). One STEP per Snakemake rule.",
     )
     sub = parser.add_subparsers(dest="step", metavar="STEP", required=True)
-    for name, (help, fn) in STEPS.items():
+    for name, (help, fn, tracked) in STEPS.items():
         p = sub.add_parser(name, help=help, description=help)
         fn(p=p)
-        if not any(a.dest == "seed" for a in p._actions):
-            _common(p)
+        _common(p, tracked=tracked)
         p.set_defaults(func=fn)
     return parser
 

@@ -75,14 +75,16 @@ def self_distill(
     prompts_dir,
     out_dir,
     *,
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    max_prompts: int | None,
+    settings: dict,
     seed: int,
     trust_remote_code: bool = False,
 ) -> None:
-    """Write a dataset (id, prompt, response = the target's answer, original_response) to out_dir."""
+    """Write a dataset (id, prompt, response = the target's answer, original_response) to out_dir.
+
+    settings: the config's distill section (max_new_tokens, temperature, batch_size, max_prompts).
+    """
+    max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
+    batch_size, max_prompts = settings["batch_size"], settings.get("max_prompts")
     prompts = load_from_disk(str(prompts_dir))
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))

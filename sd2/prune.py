@@ -149,17 +149,18 @@ def prune(
     out_dir,
     *,
     sparsity: int,
-    pruner: str,
-    structure: str,
-    calibration_samples: int,
-    calibration_seq_len: int,
+    settings: dict,
     seed: int,
 ) -> dict:
     """Prune every decoder linear of `model_dir` to `sparsity` percent and save to `out_dir`.
 
+    settings: the config's prune section (pruner, structure, calibration_samples, calibration_seq_len).
+
     Returns the summary also stored in provenance.json: measured per-layer sparsity and
     how many weights the exactness fix moved per layer.
     """
+    pruner, structure = settings["pruner"], settings["structure"]
+    calibration_samples, calibration_seq_len = settings["calibration_samples"], settings["calibration_seq_len"]
     if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 0 <= sparsity < 100:
         raise ValueError(f"sparsity must be an integer percent in [0, 100), got {sparsity!r}")
     if pruner not in PRUNERS:

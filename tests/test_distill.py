@@ -45,7 +45,11 @@ def test_batched_equals_unbatched_greedy(request, target, prompts_dir, tmp_path)
     target_dir = request.getfixturevalue(target)
     out = tmp_path / "distill"
     self_distill(
-        target_dir, prompts_dir, out, max_new_tokens=12, temperature=0.0, batch_size=3, max_prompts=None, seed=0
+        target_dir,
+        prompts_dir,
+        out,
+        settings=dict(max_new_tokens=12, temperature=0.0, batch_size=3, max_prompts=None),
+        seed=0,
     )
     data = load_from_disk(str(out))
     assert data.column_names == ["id", "prompt", "response", "original_response"]
@@ -66,10 +70,7 @@ def test_sampling_and_max_prompts(tiny_llama_dir, prompts_dir, tmp_path):
             tiny_llama_dir,
             prompts_dir,
             tmp_path / name,
-            max_new_tokens=8,
-            temperature=1.0,
-            batch_size=2,
-            max_prompts=3,
+            settings=dict(max_new_tokens=8, temperature=1.0, batch_size=2, max_prompts=3),
             seed=7,
         )
         runs.append(load_from_disk(str(tmp_path / name))["response"])

@@ -45,10 +45,7 @@ def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, data_dir):
         data_dir,
         out,
         sparsity=50,
-        pruner="magnitude",
-        structure="unstructured",
-        calibration_samples=4,
-        calibration_seq_len=32,
+        settings=dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32),
         seed=0,
     )
     return out

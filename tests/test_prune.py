@@ -16,11 +16,9 @@ def calibration_dir(tmp_path_factory, stdlib_texts):
     return out
 
 
-def _prune(src, calib, out, **kw):
-    args = dict(
-        sparsity=50, pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32, seed=0
-    )
-    return prune(src, calib, out, **{**args, **kw})
+def _prune(src, calib, out, sparsity=50, **kw):
+    settings = dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32)
+    return prune(src, calib, out, sparsity=sparsity, settings={**settings, **kw}, seed=0)
 
 
 def _dense_parts_unchanged(before, after):
