@@ -92,8 +92,8 @@ def main():
     )
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
-    for column in ("body_rate", "parse_rate", "distinct_4gram_share", "val_bits_per_byte"):
-        print(f"{column}: after / before = {table[column].iloc[1] / max(table[column].iloc[0], 1e-9):.2f}")
+    for column in ("body_rate", "parse_rate", "distinct_4gram_share", "eos_rate", "val_bits_per_byte"):
+        print(f"{column}: {table[column].iloc[0]:.4f} -> {table[column].iloc[1]:.4f}")
     if args.out:
         table.to_csv(args.out, index=False)
 
