@@ -152,3 +152,15 @@ def test_time_by_rule_and_instruct_stage_blocks(tmp_path, results):
     assert "| measure | 4 | 40 | 89% | 10.00 |" in text and "| target_outputs | 1 | 5 | 11% | 5.00 |" in text
     assert "Total 45 job-seconds" in text
     assert "| d | + instruct | 0.90 | 0.30 |" in text
+
+
+def test_committed_readme_matches_the_committed_tables(tmp_path):
+    """Every generated block of the README is what `make readme` makes from results/ now."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "README.md"
+    copy.write_text((repo / "README.md").read_text())
+    found = update(copy, repo / "results")
+    assert {"run_time", "models", "aims", "per_draft", "significance"} <= set(found)
+    assert copy.read_text() == (repo / "README.md").read_text(), "README is stale: run `make readme`"
