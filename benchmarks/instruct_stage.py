@@ -10,16 +10,16 @@ Needs the data and tokenizers of `make run` (work/data, work/tokenizers).
 
 import argparse
 import copy
+import tempfile
 
 import pandas as pd
 import torch
 from datasets import load_from_disk
 
-from sd2 import training
 from sd2.config import load
 from sd2.model_report import bits_per_byte, distinct_4gram_share, greedy_completions, parses, writes_body
-from sd2.models import build_model, count_parameters, load_tokenizer
-from sd2.pretrain import fixed_windows, instruct, random_windows, token_stream
+from sd2.models import count_parameters, load_model, load_tokenizer
+from sd2.pretrain import instruct, pretrain
 
 
 def completion_metrics(model, tok, prompts: list[str], val_texts: list[str], seq_len: int, max_new_tokens: int) -> dict:
@@ -50,26 +50,19 @@ def main():
     cfg = load(args.config)
     spec = copy.deepcopy(cfg["models"][args.model])
     train_cfg = spec["train"]
-    tok = load_tokenizer(f"{args.workdir}/tokenizers/{spec['tokenizer']}")
+    tokenizer_dir = f"{args.workdir}/tokenizers/{spec['tokenizer']}"
+    tok = load_tokenizer(tokenizer_dir)
     corpus = load_from_disk(f"{args.workdir}/data/corpus")
     first_set = next(iter(cfg["data"]["eval_sets"]))
     prompts = load_from_disk(f"{args.workdir}/data/eval/{first_set}")["prompt"][: args.prompts]
     val_texts = corpus["validation"]["text"][:40]
 
-    model = build_model(spec, tok, cfg["seed"])
-    bs, seq = train_cfg["batch_size"], train_cfg["seq_len"]
-    training.train(
-        model,
-        random_windows(token_stream(corpus["train"]["text"], tok), bs, seq, cfg["seed"]),
-        fixed_windows(token_stream(corpus["validation"]["text"], tok), bs, seq, train_cfg["eval_batches"]),
-        steps=max(1, train_cfg["tokens"] // (bs * seq)),
-        lr=train_cfg["lr"],
-        warmup_steps=train_cfg["warmup_steps"],
-        weight_decay=train_cfg["weight_decay"],
-        eval_every=train_cfg["eval_every"],
-        bf16=train_cfg["bf16"],
-        desc=f"pretrain {args.model}",
-    )
+    # The sweep's own pretraining, instruct stage off, then its instruct stage on the loaded model.
+    pretrained = {**spec, "train": {**train_cfg, "instruct": {**train_cfg["instruct"], "steps": 0}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        pretrain(args.model, pretrained, tokenizer_dir, f"{args.workdir}/data/corpus", tmp, seed=cfg["seed"])
+        model = load_model(tmp)
+    seq = train_cfg["seq_len"]
     metrics = dict(completion_metrics(model, tok, prompts, val_texts, seq, args.max_new_tokens))
     rows = [
         {
