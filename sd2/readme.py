@@ -205,12 +205,16 @@ def time_by_rule(results: Path) -> str:
     return markdown_table(table) + f"\nTotal {total:,.0f} job-seconds (`results/tables/job_times.csv`)."
 
 
-def instruct_stage(results: Path) -> str:
-    """The instruct stage's A/B (benchmarks/instruct_stage.py): one model before and after it."""
-    path = results / "tables" / "instruct_stage.csv"
-    if not path.exists():
-        return "Not measured yet (`python benchmarks/instruct_stage.py --out results/tables/instruct_stage.csv`)."
-    return markdown_table(pd.read_csv(path))
+def benchmark_table(name: str, script: str):
+    """A block that shows a benchmark's CSV (results/tables/<name>.csv) as it is."""
+
+    def render(results: Path) -> str:
+        path = results / "tables" / f"{name}.csv"
+        if not path.exists():
+            return f"Not measured yet (`python benchmarks/{script}.py --out results/tables/{name}.csv`)."
+        return markdown_table(pd.read_csv(path)) + f"\n\n(`benchmarks/{script}.py`, `results/tables/{name}.csv`)"
+
+    return render
 
 
 def precision(results: Path) -> str:
@@ -232,7 +236,9 @@ BLOCKS = {
     "models": models,
     "aims": aims,
     "time_by_rule": time_by_rule,
-    "instruct_stage": instruct_stage,
+    "instruct_stage": benchmark_table("instruct_stage", "instruct_stage"),
+    "threads": benchmark_table("threads", "threads"),
+    "length_grouping": benchmark_table("length_grouping", "length_grouping"),
     "per_draft": per_draft,
     "significance": significance,
     "measure_time": measure_time,

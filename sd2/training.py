@@ -138,6 +138,8 @@ def write_csv(path, rows: list[dict]) -> None:
 
 # ---- prompt/response data (supervised stages: instruct tuning, fine-tuning) ----
 
+GROUP_BATCHES = 8  # batches sorted by length together (benchmarks/length_grouping.py)
+
 
 def encode(tokenizer, prompt: str, response: str, seq_len: int) -> dict:
     """Token ids of prompt + response + end-of-text; labels only on the response and end-of-text."""
@@ -164,13 +166,25 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
-def shuffled_batches(examples: list[dict], batch_size: int, pad_id: int, seed: int, device="cpu"):
-    """Endless batches, a new seeded permutation every epoch."""
+def shuffled_batches(
+    examples: list[dict], batch_size: int, pad_id: int, seed: int, device="cpu", group: int = GROUP_BATCHES
+):
+    """Endless batches, a new seeded permutation every epoch, of examples of similar length.
+
+    A batch is padded to its longest example, and prompt/response lengths vary several-fold,
+    so each run of `group` batches of the permutation is sorted by length before it is cut
+    into batches (their order shuffled again): the batches stay random samples of the data
+    while most of the padding, which costs as much compute as real tokens, goes.
+    """
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=gen).tolist()
-        for i in range(0, len(order), batch_size):
-            batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+        batches = []
+        for start in range(0, len(order), batch_size * group):
+            window = sorted(order[start : start + batch_size * group], key=lambda j: len(examples[j]["input_ids"]))
+            batches += [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            batch = collate([examples[j] for j in batches[b]], pad_id)
             yield {k: v.to(device) for k, v in batch.items()}
 
 

@@ -141,3 +141,31 @@ def test_tvdpp_gradient_estimates_the_tv_gradient():
     exact = q_logits.detach().clone().requires_grad_()
     tv(p_logits[0], exact).backward()
     assert torch.nn.functional.cosine_similarity(q_logits.grad, exact.grad, dim=0) > 0.9
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    from itertools import islice
+
+    from sd2.training import shuffled_batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 200, (100,), generator=gen).tolist()
+    examples = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate(lengths)]
+
+    def epoch(group):
+        batches = list(islice(shuffled_batches(examples, 8, 0, seed=1, group=group), 13))  # 100 / 8 -> 13 batches
+        seen = sorted(int(ids[0]) for b in batches for ids in b["input_ids"])
+        padded = sum(b["input_ids"].numel() for b in batches)
+        return seen, padded, batches
+
+    seen, padded_grouped, batches = epoch(8)
+    assert seen == list(range(100))
+    _, padded_random, _ = epoch(1)
+    assert padded_grouped < 0.8 * padded_random
+    again = list(islice(shuffled_batches(examples, 8, 0, seed=1, group=8), 13))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+    # Each batch keeps its examples' own tokens and labels, padding masked out.
+    for b in batches:
+        for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"]):
+            n = int(mask.sum())
+            assert lengths[int(ids[0])] == n and (labels[n:] == -100).all()
