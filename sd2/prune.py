@@ -70,7 +70,8 @@ def exact_sparsity(pruned: torch.Tensor, original: torch.Tensor, sparsity: float
     Returns the new weight and the change in zeros (+ added, - restored).
     """
     k = n_zeros(sparsity, pruned.numel())
-    flat, orig = pruned.flatten().clone(), original.flatten()
+    # llm-compressor returns the pruned weights on the GPU where there is one; the originals were kept on the CPU.
+    flat, orig = pruned.flatten().clone(), original.to(pruned.device).flatten()
     zero = flat == 0
     extra = int(zero.sum()) - k
     if extra < 0:

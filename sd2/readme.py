@@ -212,7 +212,7 @@ def benchmark_table(name: str, script: str):
         path = results / "tables" / f"{name}.csv"
         if not path.exists():
             return f"Not measured yet (`python benchmarks/{script}.py --out results/tables/{name}.csv`)."
-        return markdown_table(pd.read_csv(path)) + f"\n\n(`benchmarks/{script}.py`, `results/tables/{name}.csv`)"
+        return markdown_table(pd.read_csv(path)) + f"\n(`benchmarks/{script}.py`, `results/tables/{name}.csv`)"
 
     return render
 
@@ -230,6 +230,22 @@ def precision(results: Path) -> str:
     )
 
 
+def cuda_jobs(results: Path) -> str:
+    """The jobs of a reduced test config run one by one on a lent GPU (benchmarks/cuda_jobs.py)."""
+    path = results / "tables" / "cuda_jobs.csv"
+    if not path.exists():
+        return (
+            "Not measured yet (`python benchmarks/cuda_jobs.py dry.txt --out results/tables/cuda_jobs.csv` on a GPU)."
+        )
+    jobs = pd.read_csv(path)
+    table = jobs[["rule", "status", "seconds", "peak_gpu_mib"]].copy()
+    table["job"] = jobs["log"].str.removeprefix("logs/").str.removesuffix(".log")
+    return markdown_table(table[["job", "status", "seconds", "peak_gpu_mib"]]) + (
+        "\n(`benchmarks/cuda_jobs.py`, `results/tables/cuda_jobs.csv`; its `failure` column holds"
+        " each failed job's log tail)"
+    )
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -239,6 +255,7 @@ BLOCKS = {
     "instruct_stage": benchmark_table("instruct_stage", "instruct_stage"),
     "threads": benchmark_table("threads", "threads"),
     "length_grouping": benchmark_table("length_grouping", "length_grouping"),
+    "cuda_jobs": cuda_jobs,
     "per_draft": per_draft,
     "significance": significance,
     "measure_time": measure_time,

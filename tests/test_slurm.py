@@ -1,7 +1,8 @@
 """The slurm profile on a real single-node Slurm (started here by tests/slurm_cluster.sh).
 
 One workflow run through `snakemake --profile slurm --configfile config/test.yaml`, in two
-phases, on a copy of the working tree:
+phases, on a copy of the working tree whose test config keeps one target and three methods
+(every model rule still runs):
 
 1. with `--retries 0`, a model job is cancelled with `scancel` while its `python -m sd2`
    step runs: Snakemake must fail, leave none of that job's outputs, and a dry run must
@@ -13,7 +14,7 @@ Slurm batch job that COMPLETED, proven by Slurm's own completion log (jobcomp/fi
 keyed by job id and working directory) joined with the per-job log the plugin names by
 the Slurm job id (its jobstep output names the rule and outputs it ran); the local rules
 never went to Slurm; and the results tables equal those of a local run
-(`snakemake --cores 2`) of the same config, timing columns aside.
+(`snakemake --cores 2`) of the same reduced config, timing columns aside.
 
 Skipped, loudly (printed, warned and in the skip reason), where it cannot run: not root,
 or Slurm cannot be installed. Run it alone with `pytest -m slurm -rs`.
@@ -44,6 +45,7 @@ STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")
 RUN_TIMEOUT = 900
+REDUCED_METHODS = ("dense", "dense_sd", "sd2", "sparse_sft")
 
 
 def skip_loudly(request, reason: str):
@@ -247,16 +249,22 @@ def workdirs(tmp_path):
     kill_leftovers(tmp_path.resolve())
 
 
-def local_reference(request, tmp_path: Path, env: dict):
-    """The local run of the same config to compare with: the session's `tiny_run` where
-    conftest provides it (shared with test_workflow.py), else a run of our own, started in
-    the background now. Returns a function that waits for it and gives its directory."""
-    try:
-        root = request.getfixturevalue("tiny_run")
-        return lambda: Path(root).resolve()
-    except pytest.FixtureLookupError:
-        pass
-    root = copy_tree(tmp_path / "local").resolve()
+def reduced_tree(dest: Path) -> Path:
+    """A copy of the working tree whose test config keeps one target and the methods that
+    cover every model rule (pretrain, self_distill, prune, finetune on target and original
+    data, target_outputs, measure, model_report): each job through Slurm costs its own
+    interpreter start and scheduling, and more jobs of the same rules prove nothing more."""
+    root = copy_tree(dest).resolve()
+    cfg = yaml.safe_load((root / CONFIG).read_text())
+    cfg.update(targets=cfg["targets"][:1], drafts=cfg["drafts"][:1], methods=list(REDUCED_METHODS))
+    (root / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return root
+
+
+def local_reference(tmp_path: Path, env: dict):
+    """The local run of the same reduced config to compare with, started in the background
+    now. Returns a function that waits for it and gives its directory."""
+    root = reduced_tree(tmp_path / "local")
     proc, log = snakemake(root, "--cores", "2", env=env, popen=True)
 
     def wait():
@@ -267,14 +275,14 @@ def local_reference(request, tmp_path: Path, env: dict):
     return wait
 
 
-def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs, request):
+def test_profile_runs_model_jobs_through_sbatch(slurm_cluster, workdirs):
     tmp_path = workdirs
     t_start = time.time()
     env = venv_env()
     if not (REPO / CONFIG).exists() or not (REPO / "workflow" / "Snakefile").exists():
         pytest.fail(f"{CONFIG} or workflow/Snakefile missing")
-    slurm_root = copy_tree(tmp_path / "slurm").resolve()
-    local_run = local_reference(request, tmp_path, env)
+    slurm_root = reduced_tree(tmp_path / "slurm")
+    local_run = local_reference(tmp_path, env)
     t_local = time.time() - t_start
 
     expected = dry_run_jobs(slurm_root)
