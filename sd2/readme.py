@@ -253,6 +253,7 @@ BLOCKS = {
     "aims": aims,
     "time_by_rule": time_by_rule,
     "instruct_stage": benchmark_table("instruct_stage", "instruct_stage"),
+    "instruct_steps": benchmark_table("instruct_steps", "instruct_steps"),
     "threads": benchmark_table("threads", "threads"),
     "length_grouping": benchmark_table("length_grouping", "length_grouping"),
     "cuda_jobs": cuda_jobs,
