@@ -36,6 +36,14 @@ def completion_metrics(model, tok, prompts: list[str], val_texts: list[str], seq
     }
 
 
+def report_inputs(cfg: dict, workdir: str, n_prompts: int):
+    """The corpus, the model report's prompts (first of the first eval set) and 40 held-out files for bits per byte."""
+    corpus = load_from_disk(f"{workdir}/data/corpus")
+    first_set = next(iter(cfg["data"]["eval_sets"]))
+    prompts = load_from_disk(f"{workdir}/data/eval/{first_set}")["prompt"][:n_prompts]
+    return corpus, prompts, corpus["validation"]["text"][:40]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/config.yaml")
@@ -52,10 +60,7 @@ def main():
     train_cfg = spec["train"]
     tokenizer_dir = f"{args.workdir}/tokenizers/{spec['tokenizer']}"
     tok = load_tokenizer(tokenizer_dir)
-    corpus = load_from_disk(f"{args.workdir}/data/corpus")
-    first_set = next(iter(cfg["data"]["eval_sets"]))
-    prompts = load_from_disk(f"{args.workdir}/data/eval/{first_set}")["prompt"][: args.prompts]
-    val_texts = corpus["validation"]["text"][:40]
+    corpus, prompts, val_texts = report_inputs(cfg, args.workdir, args.prompts)
 
     # The sweep's own pretraining, instruct stage off, then its instruct stage on the loaded model.
     pretrained = {**spec, "train": {**train_cfg, "instruct": {**train_cfg["instruct"], "steps": 0}}}

@@ -15,8 +15,7 @@ import copy
 
 import pandas as pd
 import torch
-from datasets import load_from_disk
-from instruct_stage import completion_metrics
+from instruct_stage import completion_metrics, report_inputs
 
 from sd2.config import load
 from sd2.models import load_model, load_tokenizer
@@ -37,10 +36,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load(args.config)
-    corpus = load_from_disk(f"{args.workdir}/data/corpus")
-    first_set = next(iter(cfg["data"]["eval_sets"]))
-    prompts = load_from_disk(f"{args.workdir}/data/eval/{first_set}")["prompt"][: args.prompts]
-    val_texts = corpus["validation"]["text"][:40]
+    corpus, prompts, val_texts = report_inputs(cfg, args.workdir, args.prompts)
     rows = []
     for name in args.model:
         spec = copy.deepcopy(cfg["models"][name])
