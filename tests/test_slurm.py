@@ -1,7 +1,7 @@
 """The slurm profile on a real single-node Slurm (started here by tests/slurm_cluster.sh).
 
 One workflow run through `snakemake --profile slurm --configfile config/test.yaml`, in two
-phases, on a copy of the working tree whose test config keeps one target and five of the six methods
+phases, on a copy of the working tree whose test config keeps one target and four of the six methods
 (every model rule still runs):
 
 1. with `--retries 0`, a model job is cancelled with `scancel` while its `python -m sd2`
@@ -45,7 +45,7 @@ STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")
 RUN_TIMEOUT = 900
-REDUCED_METHODS = ("dense", "dense_sd", "layer_pruned", "sd2", "sparse_sft")
+REDUCED_METHODS = ("dense", "layer_pruned", "sd2", "sparse_sft")
 
 
 def skip_loudly(request, reason: str):
