@@ -238,9 +238,8 @@ def cuda_jobs(results: Path) -> str:
             "Not measured yet (`python benchmarks/cuda_jobs.py dry.txt --out results/tables/cuda_jobs.csv` on a GPU)."
         )
     jobs = pd.read_csv(path)
-    table = jobs[["rule", "status", "seconds", "peak_gpu_mib"]].copy()
-    table["job"] = jobs["log"].str.removeprefix("logs/").str.removesuffix(".log")
-    return markdown_table(table[["job", "status", "seconds", "peak_gpu_mib"]]) + (
+    jobs["job"] = jobs["log"].str.removeprefix("logs/").str.removesuffix(".log")
+    return markdown_table(jobs[["job", "status", "seconds", "peak_gpu_mib"]]) + (
         "\n(`benchmarks/cuda_jobs.py`, `results/tables/cuda_jobs.csv`; its `failure` column holds"
         " each failed job's log tail)"
     )
