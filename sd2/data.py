@@ -125,10 +125,17 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _label(spec: dict) -> str:
-    """How a hub or file source is named in ids, the manifest and error messages."""
+    """How a hub or file source is named in the manifest and in error messages."""
     if spec["source"] == "file":
         return str(spec["path"])
     return spec["dataset"] + (f" (config {spec['config']})" if spec.get("config") else "")
+
+
+def _id_stem(spec: dict) -> str:
+    """Row ids are '<stem>:<row index>': the hub dataset (and config), or the local file's name."""
+    if spec["source"] == "file":
+        return Path(spec["path"]).name
+    return spec["dataset"] + (f":{spec['config']}" if spec.get("config") else "")
 
 
 def _load(spec: dict, where: str) -> Dataset:
@@ -158,10 +165,7 @@ def source_rows(spec: dict, wanted: dict[str, str], where: str) -> tuple[list[di
             )
     columns = ds.column_names
     ds = ds.select_columns(sorted({fs.column for fs in specs.values()}))
-    if spec["source"] == "hub":
-        stem = spec["dataset"] + (f":{spec['config']}" if spec.get("config") else "")
-    else:
-        stem = Path(spec["path"]).name
+    stem = _id_stem(spec)
     rows, dropped = [], Counter()
     for i, row in enumerate(ds):
         values = {}
