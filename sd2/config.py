@@ -5,7 +5,10 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from sd2 import fields
+
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
+FINETUNE_FIELDS = ["prompt_field", "response_field"]
 SCRATCH_KEYS = ("arch", "tokenizer", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -93,11 +96,49 @@ def _check_references(config: dict) -> None:
             f"config error at measure.k: {max(measure['k'])} is more than measure.k_max={measure['k_max']} "
             "(the walk covers k = 1..k_max)"
         )
-    if config["data"]["corpus"] == "hub" and not config["data"]["hub"]:
-        raise ConfigError("config error at data.hub: data.corpus is 'hub' but no hub dataset is named")
-    for name, spec in config["data"]["eval_sets"].items():
-        if spec["source"] == "hub" and not spec.get("dataset"):
-            raise ConfigError(f"config error at data.eval_sets.{name}.dataset: source 'hub' needs a dataset id")
+    _check_data(config)
+
+
+def _check_data(config: dict) -> None:
+    data = config["data"]
+    sources = {"data.corpus": (data["corpus"], ["text_field"]), "data.finetune": (data["finetune"], FINETUNE_FIELDS)}
+    sources.update({f"data.eval_sets.{name}": (spec, ["prompt_field"]) for name, spec in data["eval_sets"].items()})
+    for where, (spec, field_keys) in sources.items():
+        source = spec["source"]
+        # A key the source does not read would be silently ignored: say so instead.
+        needed = {"hub": ["dataset"], "file": ["path"]}.get(source, [])
+        unused = {"hub": ["path"], "file": ["dataset", "config"]}.get(source, ["dataset", "config", "path"])
+        for key in needed:
+            if not spec.get(key):
+                raise ConfigError(f"config error at {where}.{key}: source '{source}' needs a {key}")
+        for key in unused:
+            if spec.get(key) is not None:
+                raise ConfigError(f"config error at {where}.{key}: source '{source}' does not read a {key}")
+        if source in ("hub", "file"):
+            for key in field_keys:
+                if spec[key] is not None:
+                    try:
+                        fields.parse(spec[key])
+                    except fields.FieldSpecError as err:
+                        raise ConfigError(f"config error at {where}.{key}: {err}") from None
+    # Stdlib fine-tuning and held-out prompts are functions of the stdlib corpus' two splits.
+    stdlib_users = {"data.finetune": data["finetune"]["source"] == "stdlib"}
+    stdlib_users.update({f"data.eval_sets.{n}": s["source"] == "stdlib_heldout" for n, s in data["eval_sets"].items()})
+    for where, uses in stdlib_users.items():
+        if uses and data["corpus"]["source"] != "stdlib":
+            raise ConfigError(
+                f"config error at {where}.source: these prompts are functions of the stdlib corpus, "
+                f"but data.corpus.source is '{data['corpus']['source']}'"
+            )
+    if (
+        data["finetune"]["source"] != "stdlib"
+        and not data["finetune"]["response_field"]
+        and "sparse_sft" in config["methods"]
+    ):
+        raise ConfigError(
+            "config error at data.finetune.response_field: the sparse_sft method trains on the original "
+            "responses; name their field or leave sparse_sft out of methods"
+        )
 
 
 def load(path) -> dict:

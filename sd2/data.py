@@ -6,11 +6,13 @@ import hashlib
 import json
 import sysconfig
 import textwrap
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from sd2 import fields
 from sd2.checkpoint import atomic_path, write_json
 from sd2.provenance import provenance
 
@@ -101,23 +103,120 @@ def _unique_prompts(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not (r["prompt"] in seen or seen.add(r["prompt"]))]
 
 
-def _sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A deterministic subset that keeps the input order."""
-    if n is None or len(rows) <= n:
-        return rows
-    keyed = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['id']}".encode()).digest())
-    return [rows[i] for i in sorted(keyed[:n])]
+def _select(rows: list[dict], n: int | None, seed: int, reject=None) -> tuple[list[dict], list[str]]:
+    """At most n rows that `reject` does not refuse, in a deterministic order that does not depend
+    on the input order, returned in input order; also the ids of the rows refused on the way.
+    Rows are tried only until n are kept, so a large source is checked only as far as it is used."""
+    order = range(len(rows))
+    if n is not None and len(rows) > n:
+        order = sorted(order, key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['id']}".encode()).digest())
+    kept, refused = [], []
+    for i in order:
+        if n is not None and len(kept) == n:
+            break
+        if reject is not None and reject(rows[i]):
+            refused.append(rows[i]["id"])
+        else:
+            kept.append(i)
+    return [rows[i] for i in sorted(kept)], refused
 
 
-def _hub_rows(spec: dict, fields: dict) -> list[dict]:
-    ds = load_dataset(spec["dataset"], spec.get("config"), split=spec["split"])
-    missing = [f for f in fields.values() if f not in ds.column_names]
-    if missing:
-        raise ValueError(f"dataset {spec['dataset']} has no column(s) {missing}; it has {ds.column_names}")
-    return [{"id": f"{spec['dataset']}:{i}", **{k: r[f] for k, f in fields.items()}} for i, r in enumerate(ds)]
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def manifest(corpus: DatasetDict, finetune: Dataset, evals: dict, removed: list[str]) -> dict:
+def _label(spec: dict) -> str:
+    """How a hub or file source is named in the manifest and in error messages."""
+    if spec["source"] == "file":
+        return str(spec["path"])
+    return spec["dataset"] + (f" (config {spec['config']})" if spec.get("config") else "")
+
+
+def _id_stem(spec: dict) -> str:
+    """Row ids are '<stem>:<row index>': the hub dataset (and config), or the local file's name."""
+    if spec["source"] == "file":
+        return Path(spec["path"]).name
+    return spec["dataset"] + (f":{spec['config']}" if spec.get("config") else "")
+
+
+def _load(spec: dict, where: str) -> Dataset:
+    if spec["source"] == "file":
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: local file {path} does not exist")
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{where}: cannot read {path}; a local file must end in one of {sorted(FILE_BUILDERS)}")
+        return load_dataset(builder, data_files=str(path), split="train")
+    return load_dataset(spec["dataset"], spec.get("config"), split=spec["split"])
+
+
+def source_rows(spec: dict, wanted: dict[str, str], where: str) -> tuple[list[dict], dict]:
+    """Rows {id, name: text} of a hub or local-file source, `wanted` mapping each name to a field
+    spec (sd2/fields.py). Rows where a field is empty are dropped: the report counts them under
+    the first empty field, in the order of `wanted`."""
+    label = _label(spec)
+    specs = {name: fields.parse(text) for name, text in wanted.items()}
+    ds = _load(spec, where)
+    for name, fs in specs.items():
+        if fs.column not in ds.column_names:
+            raise fields.FieldSpecError(
+                f"{where}: {name} field spec {fs.text!r} names the column {fs.column!r}, "
+                f"but {label} has the columns {ds.column_names}"
+            )
+    columns = ds.column_names
+    ds = ds.select_columns(sorted({fs.column for fs in specs.values()}))
+    stem = _id_stem(spec)
+    rows, dropped = [], Counter()
+    for i, row in enumerate(ds):
+        values = {}
+        for name, fs in specs.items():
+            try:
+                values[name] = fs.resolve(row)
+            except fields.FieldSpecError as err:
+                raise fields.FieldSpecError(
+                    f"{where}: {name} field spec {fs.text!r} does not resolve in row {i} of {label}: {err} "
+                    f"(columns: {columns})"
+                ) from None
+        empty = next((name for name, v in values.items() if v is None or not v.strip()), None)
+        if empty:
+            dropped[empty] += 1
+        else:
+            rows.append({"id": f"{stem}:{i}", **values})
+    if not rows:
+        raise ValueError(
+            f"{where}: every one of the {len(ds)} rows of {label} has an empty field "
+            f"({', '.join(f'{n} {specs[n].text!r}: {c}' for n, c in dropped.items())}); check the field specs"
+        )
+    return rows, {"source": label, "rows_read": len(ds), "dropped_empty": {n: dropped[n] for n in specs}}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+class EvalOverlap:
+    """Does a text overlap an evaluation prompt, compared after whitespace normalisation?"""
+
+    def __init__(self, prompts):
+        self.prompts = sorted({n for n in map(_normalise, prompts) if n})
+        # Normalised texts hold no newline, so a text found in the joined string lies within one prompt.
+        self.joined = "\n".join(self.prompts)
+
+    def contains_one(self, text: str) -> bool:
+        text = _normalise(text)
+        return any(p in text for p in self.prompts)
+
+    def within_one(self, text: str) -> bool:
+        text = _normalise(text)
+        return bool(text) and text in self.joined
+
+    def finetune_row(self, row: dict) -> bool:
+        """A prompt that contains, equals or lies within an eval prompt, or a response that contains one."""
+        prompt, response = row["prompt"], row.get("response") or ""
+        return self.contains_one(prompt) or self.within_one(prompt) or self.contains_one(response)
+
+
+def manifest(corpus: DatasetDict, finetune: Dataset, evals: dict) -> dict:
     out = {"splits": {}, "finetune_prompts": len(finetune), "eval_sets": {k: len(v) for k, v in evals.items()}}
     for split, ds in corpus.items():
         hashes = ds["sha256"] if "sha256" in ds.column_names else []
@@ -127,20 +226,23 @@ def manifest(corpus: DatasetDict, finetune: Dataset, evals: dict, removed: list[
             "modules": len(set(ds["module"])),
             "sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
         }
-    out["removed_for_eval_overlap"] = removed
     return out
+
+
+def _corpus(data_cfg: dict, seed: int, reports: dict) -> DatasetDict:
+    spec = data_cfg["corpus"]
+    if spec["source"] == "stdlib":
+        return read_stdlib(seed, data_cfg["validation_fraction"], data_cfg["max_files"])
+    rows, reports["corpus"] = source_rows(spec, {"text": spec["text_field"]}, "data.corpus")
+    ds = Dataset.from_list([{"path": r["id"], "module": r["id"], "text": r["text"]} for r in rows])
+    parts = ds.train_test_split(test_size=data_cfg["validation_fraction"], seed=seed)
+    return DatasetDict({"train": parts["train"], "validation": parts["test"]})
 
 
 def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict, out_manifest) -> dict:
     """Build and save every dataset; returns the manifest."""
-    if data_cfg["corpus"] == "stdlib":
-        corpus = read_stdlib(seed, data_cfg["validation_fraction"], data_cfg["max_files"])
-    else:
-        hub = data_cfg["hub"]
-        rows = _hub_rows(hub, {"text": hub["text_field"]})
-        ds = Dataset.from_list([{"path": r["id"], "module": r["id"], "text": r["text"]} for r in rows])
-        parts = ds.train_test_split(test_size=data_cfg["validation_fraction"], seed=seed)
-        corpus = DatasetDict({"train": parts["train"], "validation": parts["test"]})
+    reports = {}
+    corpus = _corpus(data_cfg, seed, reports)
 
     evals = {}
     for name, spec in data_cfg["eval_sets"].items():
@@ -152,25 +254,41 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
                 for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])
             ]
         else:
-            rows = _hub_rows({"config": None, **spec}, {"prompt": spec["prompt_field"]})
-        evals[name] = Dataset.from_list(_sample(_unique_prompts(rows), spec["n"], seed))
+            rows, reports[f"eval_sets.{name}"] = source_rows(
+                spec, {"prompt": spec["prompt_field"]}, f"data.eval_sets.{name}"
+            )
+        evals[name] = Dataset.from_list(_select(_unique_prompts(rows), spec["n"], seed)[0])
 
-    # No evaluation prompt may be seen in training: drop any training file containing one.
-    eval_texts = [p for ds in evals.values() for p in ds["prompt"]]
-    keep, removed = [], []
+    # No evaluation prompt may be seen in training: drop any training file that contains one,
+    # and any fine-tuning prompt (or response) that overlaps one.
+    overlap = EvalOverlap(p for ds in evals.values() for p in ds["prompt"])
+    keep, removed_files = [], []
     for i, text in enumerate(corpus["train"]["text"]):
-        (removed if any(p in text for p in eval_texts) else keep).append(i)
-    removed = [corpus["train"][i]["path"] for i in removed]
+        (removed_files if overlap.contains_one(text) else keep).append(i)
+    removed_files = [corpus["train"][i]["path"] for i in removed_files]
     corpus["train"] = corpus["train"].select(keep)
 
-    if data_cfg["hub"]:
-        hub = data_cfg["hub"]
-        ft_rows = _hub_rows(hub, {"prompt": hub["prompt_field"], "response": hub["response_field"]})
-    else:
+    spec = data_cfg["finetune"]
+    if spec["source"] == "stdlib":
         ft_rows = function_prompts(corpus["train"], data_cfg["max_body_chars"])
-    finetune = Dataset.from_list(_sample(ft_rows, data_cfg["max_finetune_prompts"], seed))
+    else:
+        wanted = {"prompt": spec["prompt_field"]}
+        if spec["response_field"]:
+            wanted["response"] = spec["response_field"]
+        ft_rows, reports["finetune"] = source_rows(spec, wanted, "data.finetune")
+    kept, removed_prompts = _select(ft_rows, data_cfg["max_finetune_prompts"], seed, overlap.finetune_row)
+    if not kept:
+        raise ValueError(f"data.finetune: all {len(removed_prompts)} fine-tuning prompts overlap an eval prompt")
+    finetune = Dataset.from_list(kept)
 
-    info = manifest(corpus, finetune, evals, removed)
+    info = manifest(corpus, finetune, evals)
+    info["sources"] = reports
+    info["removed_for_eval_overlap"] = {
+        "rule": "whitespace-normalised text: a training file containing an eval prompt; a fine-tuning prompt "
+        "containing, equal to or within an eval prompt, or a response containing one",
+        "corpus_files": {"count": len(removed_files), "paths": removed_files},
+        "finetune": {"count": len(removed_prompts), "ids": removed_prompts},
+    }
     info["provenance"] = provenance(seed=seed, data=data_cfg)
     for ds, out in [(corpus, out_corpus), (finetune, out_finetune), *((evals[k], v) for k, v in out_evals.items())]:
         with atomic_path(out) as tmp:

@@ -49,6 +49,54 @@ BAD = [
     (lambda c: c["finetune"].update(bf16="fp16"), "finetune.bf16", "fp16"),
     (lambda c: c["measure"].update(k=[3, 9], k_max=8), "measure.k", "k_max"),
     (lambda c: c["measure"].update(bootstrap=100), "measure.bootstrap", "100"),
+    # data sources: each names what it reads, and nothing it would ignore
+    (lambda c: c["data"].update(hub={"dataset": "org/set"}), "data", "hub"),
+    (lambda c: c["data"]["eval_sets"].update(x={"source": "hub"}), "data.eval_sets.x.dataset", "needs a dataset"),
+    (lambda c: c["data"]["eval_sets"].update(x={"source": "file"}), "data.eval_sets.x.path", "needs a path"),
+    (
+        lambda c: c["data"]["eval_sets"].update(x={"source": "hub", "dataset": "org/set", "path": "p.jsonl"}),
+        "data.eval_sets.x.path",
+        "does not read",
+    ),
+    (
+        lambda c: c["data"]["eval_sets"].update(x={"source": "file", "path": "p.jsonl", "config": "main"}),
+        "data.eval_sets.x.config",
+        "does not read",
+    ),
+    (
+        lambda c: c["data"]["eval_sets"]["humaneval"].update(dataset="org/set"),
+        "data.eval_sets.humaneval.dataset",
+        "does not read",
+    ),
+    (
+        lambda c: c["data"].update(
+            finetune={"source": "hub", "dataset": "d", "response_field": "messages[role=assistant"}
+        ),
+        "data.finetune.response_field",
+        "messages[role=assistant",
+    ),
+    (
+        lambda c: c["data"]["eval_sets"].update(
+            x={"source": "file", "path": "p.jsonl", "prompt_field": "turns[first]"}
+        ),
+        "data.eval_sets.x.prompt_field",
+        "turns[first]",
+    ),
+    (lambda c: c["data"].update(corpus={"source": "file", "path": "c.jsonl"}), "data.finetune.source", "stdlib corpus"),
+    (
+        lambda c: c["data"].update(
+            corpus={"source": "file", "path": "c.jsonl"},
+            finetune={"source": "file", "path": "f.jsonl"},
+            eval_sets={"held": {"source": "stdlib_heldout"}},
+        ),
+        "data.eval_sets.held.source",
+        "stdlib corpus",
+    ),
+    (
+        lambda c: c["data"].update(finetune={"source": "file", "path": "f.jsonl", "response_field": None}),
+        "data.finetune.response_field",
+        "sparse_sft",
+    ),
 ]
 
 
@@ -60,6 +108,19 @@ def test_bad_configs_name_the_key(test_config, mutate, key, word):
         validate(cfg)
     assert f"config error at {key}" in str(err.value)
     assert word in str(err.value)
+
+
+def test_paper_data_reaches_into_the_real_layouts():
+    data = load(ROOT / "config" / "paper.yaml")["data"]
+    assert data["finetune"]["response_field"] == "messages[role=assistant].content"
+    assert data["eval_sets"]["mt_bench"]["prompt_field"] == "prompt[0]"
+    assert data["eval_sets"]["gsm8k"]["config"] == "main"
+
+
+def test_prompts_without_responses_are_fine_without_sparse_sft(test_config):
+    test_config["data"]["finetune"] = {"source": "file", "path": "f.jsonl", "response_field": None}
+    test_config["methods"] = ["dense", "sd2"]
+    assert validate(test_config)["data"]["finetune"]["response_field"] is None
 
 
 def test_missing_config_file(tmp_path):
