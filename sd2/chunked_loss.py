@@ -35,18 +35,23 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(1, LOGITS_BUDGET // vocab_size)
 
 
-def labelled_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden, labels, keep): the final hidden states of the positions that predict a label.
-
-    Position t predicts token t + 1, as in transformers' own loss. `keep` is the (batch,
-    length - 1) mask of those positions; hidden is (n, hidden size), labels (n,).
-    """
+def check_plain_logits(model) -> None:
+    """Raise unless the model's logits are its output layer on the final hidden states, nothing more."""
     transforms = [k for k in LOGIT_TRANSFORMS if getattr(model.config, k, None) not in (None, 1, 1.0)]
     if transforms:
         raise ValueError(
             f"{model.config.model_type}: its logits are not lm_head(hidden states) alone ({', '.join(transforms)}); "
             "the chunked loss does not support it"
         )
+
+
+def labelled_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, labels, keep): the final hidden states of the positions that predict a label.
+
+    Position t predicts token t + 1, as in transformers' own loss. `keep` is the (batch,
+    length - 1) mask of those positions; hidden is (n, hidden size), labels (n,).
+    """
+    check_plain_logits(model)
     out = model.base_model(
         input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
     ).last_hidden_state

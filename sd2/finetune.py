@@ -19,7 +19,14 @@ from transformers import AutoConfig
 
 from sd2 import training
 from sd2.checkpoint import save_checkpoint
-from sd2.chunked_loss import chunk_sum, chunked_causal_lm_loss, default_chunk_tokens, labelled_hidden, output_logits
+from sd2.chunked_loss import (
+    check_plain_logits,
+    chunk_sum,
+    chunked_causal_lm_loss,
+    default_chunk_tokens,
+    labelled_hidden,
+    output_logits,
+)
 from sd2.models import decoder_linears, default_device, load_model, load_tokenizer, same_tokenizer
 from sd2.provenance import provenance
 
@@ -89,6 +96,7 @@ def tvdpp_loss(
 def _distillation_rows(model, teacher, batch):
     """(draft hidden, teacher hidden, shared vocabulary size) at the positions that predict a label."""
     hidden, _, keep = labelled_hidden(model, batch)
+    check_plain_logits(teacher)
     with torch.no_grad():
         teacher_hidden = teacher.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -114,7 +122,8 @@ def chunked_kl(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
 def chunked_tvdpp(model, teacher, batch, chunk_tokens: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """tvdpp_loss over the labelled positions, in chunks (`tokens`: one per labelled position, else sampled).
 
-    The reward's mean and std span all labelled positions of `batch`, so a first pass
+    The reward's mean and std span all labelled positions of `batch` (of each micro-batch
+    when training accumulates micro-batches), so a first pass
     without gradients computes every chunk's rewards before the loss's pass.
     """
     hidden, teacher_hidden, vocab = _distillation_rows(model, teacher, batch)

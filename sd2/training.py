@@ -106,14 +106,14 @@ def train(
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
-        `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
-        pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
+    `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
+    pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
     the same W&B run passes `log_step_offset` (W&B drops steps that go back). A step's batch
-        runs as forward/backward passes of `micro_batch_size` sequences (None: all at once;
-        see accumulate_gradients); validation too. Returns one row
-        per evaluation: step, trained tokens, train and validation loss, learning rate,
-        wall seconds, seconds spent in training steps, training tokens/s since the previous
-        row (evaluation excluded) and the precision (write it with `write_csv`).
+    runs as forward/backward passes of `micro_batch_size` sequences (None: all at once; see
+    accumulate_gradients), validation too. Returns one row per evaluation: step, trained
+    tokens, train and validation loss (token means), learning rate, wall seconds, seconds
+    spent in training steps, training tokens/s since the previous row (evaluation excluded)
+    and the precision (write it with `write_csv`).
     """
     device_type = next(model.parameters()).device.type
     use_bf16, why = resolve_bf16(bf16, device_type)

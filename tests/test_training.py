@@ -141,3 +141,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama_dir
 def test_default_chunk_keeps_one_chunk_of_fp32_logits_near_512_mib():
     assert default_chunk_tokens(128_256) == 1046
     assert default_chunk_tokens(4096) * 4096 * 4 == 2**29
+
+
+def test_chunked_loss_refuses_models_whose_logits_are_transformed():
+    model = model_of()
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2's forward applies after lm_head
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        chunked_causal_lm_loss(model, batch_of(), 16)
