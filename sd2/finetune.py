@@ -15,9 +15,18 @@ import math
 
 import torch
 from datasets import load_from_disk
+from transformers import AutoConfig
 
 from sd2 import training
 from sd2.checkpoint import save_checkpoint
+from sd2.chunked_loss import (
+    check_plain_logits,
+    chunk_sum,
+    chunked_causal_lm_loss,
+    default_chunk_tokens,
+    labelled_hidden,
+    output_logits,
+)
 from sd2.models import decoder_linears, default_device, load_model, load_tokenizer, same_tokenizer
 from sd2.provenance import provenance
 
@@ -27,13 +36,33 @@ LOSSES = ("ce", "kl", "tvdpp")
 # ---- losses: pure functions on aligned logits (position t predicts token t + 1) ----
 
 
-def kl_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Forward KL(p || q), p = softmax(teacher), q = softmax(draft), mean over positions where mask is true."""
+def kl_rows(draft_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p || q) per position, p = softmax(teacher), q = softmax(draft)."""
     log_p = teacher_logits.float().log_softmax(-1)
     log_q = draft_logits.float().log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p || q), mean over positions where mask is true."""
     mask = mask.float()
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return (kl_rows(draft_logits, teacher_logits) * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def tvdpp_rewards(log_q: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor | None):
+    """(tokens, reward sign(p(x) - q(x))) per position; tokens sampled from q when None."""
+    if tokens is None:
+        tokens = torch.distributions.Categorical(logits=log_q).sample()
+    log_q_x = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # Both sides through the same log_softmax, so equal logits give exactly r = 0.
+    log_p_x = teacher_logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens, torch.sign(log_p_x - log_q_x)
+
+
+def normalised(reward: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """TVD++'s advantage: the reward standardised by its statistics over the batch's positions."""
+    return (reward - reward.mean()) / (reward.std(unbiased=False) + eps)
 
 
 def tvdpp_loss(
@@ -52,36 +81,78 @@ def tvdpp_loss(
     Identical p and q give r = 0 everywhere, hence a zero loss and gradient.
     """
     log_q = draft_logits.float().log_softmax(-1)
-    if tokens is None:
-        tokens = torch.distributions.Categorical(logits=log_q.detach()).sample()
+    tokens, reward = tvdpp_rewards(log_q.detach(), teacher_logits, tokens)
     log_q_x = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        # Both sides through the same log_softmax, so equal logits give exactly r = 0.
-        log_p_x = teacher_logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        reward = torch.sign(log_p_x - log_q_x)
-        r = reward[mask.bool()]
-        advantage = (reward - r.mean()) / (r.std(unbiased=False) + eps)
+    mask = mask.bool()
+    advantage = torch.zeros_like(reward)
+    advantage[mask] = normalised(reward[mask], eps)
     mask = mask.float()
     return -(advantage * log_q_x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def distillation_loss_fn(kind: str, teacher):
-    """A training.train loss_fn: kl / tvdpp against `teacher` when training, CE when evaluating."""
+# ---- the same losses on a model pair, the output layers run in chunks of positions ----
+
+
+def _distillation_rows(model, teacher, batch):
+    """(draft hidden, teacher hidden, shared vocabulary size) at the positions that predict a label."""
+    hidden, _, keep = labelled_hidden(model, batch)
+    check_plain_logits(teacher)
+    with torch.no_grad():
+        teacher_hidden = teacher.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state[:, :-1][keep]
+    # Models of one family may pad their vocabularies to different sizes; the extra
+    # ids are never produced by the tokenizer.
+    vocab = min(model.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
+    return hidden, teacher_hidden, vocab
+
+
+def chunked_kl(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
+    """kl_loss of the draft against the teacher over the labelled positions, in chunks."""
+    hidden, teacher_hidden, vocab = _distillation_rows(model, teacher, batch)
+
+    def kl(h, th):
+        with torch.no_grad():
+            teacher_logits = output_logits(teacher, th)[:, :vocab]
+        return kl_rows(output_logits(model, h)[:, :vocab], teacher_logits).sum()
+
+    return chunk_sum(kl, chunk_tokens, hidden, teacher_hidden) / max(1, hidden.shape[0])
+
+
+def chunked_tvdpp(model, teacher, batch, chunk_tokens: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """tvdpp_loss over the labelled positions, in chunks (`tokens`: one per labelled position, else sampled).
+
+    The reward's mean and std span all labelled positions of `batch` (of each micro-batch
+    when training accumulates micro-batches), so a first pass
+    without gradients computes every chunk's rewards before the loss's pass.
+    """
+    hidden, teacher_hidden, vocab = _distillation_rows(model, teacher, batch)
+    sampled, rewards = [], []
+    with torch.no_grad():
+        for i in range(0, hidden.shape[0], chunk_tokens):
+            log_q = output_logits(model, hidden[i : i + chunk_tokens])[:, :vocab].float().log_softmax(-1)
+            given = None if tokens is None else tokens[i : i + chunk_tokens]
+            x, r = tvdpp_rewards(log_q, output_logits(teacher, teacher_hidden[i : i + chunk_tokens])[:, :vocab], given)
+            sampled.append(x)
+            rewards.append(r)
+    advantage = normalised(torch.cat(rewards))
+
+    def surrogate(h, x, a):
+        log_q_x = output_logits(model, h)[:, :vocab].float().log_softmax(-1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        return -(a * log_q_x).sum()
+
+    return chunk_sum(surrogate, chunk_tokens, hidden, torch.cat(sampled), advantage) / max(1, hidden.shape[0])
+
+
+def finetune_loss_fn(kind: str, teacher, chunk_tokens: int):
+    """A training.train loss_fn: ce, or kl / tvdpp against `teacher`, when training; CE when evaluating."""
 
     def loss_fn(model, batch):
         if kind == "ce" or not model.training:
-            return training.causal_lm_loss(model, batch)
-        draft_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Models of one family may pad their vocabularies to different sizes; the extra
-        # ids are never produced by the tokenizer.
-        vocab = min(draft_logits.shape[-1], teacher_logits.shape[-1])
-        draft_logits, teacher_logits = draft_logits[:, :-1, :vocab], teacher_logits[:, :-1, :vocab]
-        mask = batch["labels"][:, 1:] != -100
+            return chunked_causal_lm_loss(model, batch, chunk_tokens)
         if kind == "kl":
-            return kl_loss(draft_logits, teacher_logits, mask)
-        return tvdpp_loss(draft_logits, teacher_logits, mask)
+            return chunked_kl(model, teacher, batch, chunk_tokens)
+        return chunked_tvdpp(model, teacher, batch, chunk_tokens)
 
     return loss_fn
 
@@ -117,13 +188,20 @@ def zero_counts(model) -> dict[str, int]:
     return {n: int((m.weight == 0).sum()) for n, m in decoder_linears(model).items()}
 
 
-def check_masks(model, masks: dict[str, torch.Tensor], before: dict[str, int]) -> None:
+def check_masks(model, masks: dict, before: dict[str, int], when: str = "during fine-tuning") -> None:
+    """Raise unless every pruned weight is zero and every layer has as many zeros as `before`."""
     after = zero_counts(model)
     for name, module in decoder_linears(model).items():
         if name in masks and bool((module.weight[~masks[name]] != 0).any()):
-            raise RuntimeError(f"layer {name}: a pruned weight became non-zero during fine-tuning")
+            raise RuntimeError(f"layer {name}: a pruned weight became non-zero {when}")
         if after[name] != before[name]:
-            raise RuntimeError(f"layer {name}: {before[name]} zeros before fine-tuning, {after[name]} after")
+            raise RuntimeError(f"layer {name}: {before[name]} zeros before fine-tuning, {after[name]} {when}")
+
+
+def stored_dtype(checkpoint_dir) -> torch.dtype:
+    """The dtype a checkpoint's config.json declares for its weights (float32 when it declares none)."""
+    dtype = AutoConfig.from_pretrained(str(checkpoint_dir)).dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 # ---- the rule ----
@@ -137,7 +215,18 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     torch.manual_seed(seed)
     device = default_device()
     tokenizer = load_tokenizer(init_dir)
-    model = load_model(init_dir, device=device)
+    # Master weights in fp32 whatever the checkpoint stores (bf16 for hub drafts): AdamW's
+    # small updates would round away in bf16. The result is saved back in the stored dtype.
+    saved_dtype = stored_dtype(init_dir)
+    model = load_model(init_dir, device=device, dtype=torch.float32)
+    bs = settings["batch_size"]
+    micro = settings["micro_batch_size"] or bs
+    if micro > bs:
+        raise ValueError(f"finetune.micro_batch_size ({micro}) is larger than finetune.batch_size ({bs})")
+    chunk = settings["loss_chunk_tokens"] or default_chunk_tokens(model.get_output_embeddings().out_features)
+    if settings["gradient_checkpointing"]:
+        # Non-reentrant: the recommended implementation, and it works with inputs that need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     teacher = None
     if kind != "ce":
@@ -154,7 +243,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     examples = [training.encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
     train_idx, val_idx = training.split(len(examples), settings["validation_fraction"], seed)
     train_set, val_set = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
-    bs, pad = settings["batch_size"], tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(settings["epochs"] * len(train_set) / bs))
     if settings.get("max_steps"):
         steps = min(steps, settings["max_steps"])
@@ -168,7 +257,8 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     sparsity_before = {n: zeros_before[n] / m.weight.numel() for n, m in decoder_linears(model).items()}
     print(
         f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, "
-        f"{len(masks)} masked layers"
+        f"{len(masks)} masked layers; micro-batches of {micro} ({math.ceil(bs / micro)} per step), "
+        f"loss chunks of {chunk} positions, gradient checkpointing {settings['gradient_checkpointing']}"
     )
     history = training.train(
         model,
@@ -180,12 +270,17 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         weight_decay=settings["weight_decay"],
         eval_every=settings["eval_every"],
         run=run,
-        loss_fn=distillation_loss_fn(kind, teacher),
+        loss_fn=finetune_loss_fn(kind, teacher, chunk),
         after_step=hold_masks(model, masks),
         desc=f"finetune {kind}",
         bf16=settings["bf16"],
+        micro_batch_size=micro,
     )
     check_masks(model, masks, zeros_before)
+    if settings["gradient_checkpointing"]:
+        model.gradient_checkpointing_disable()  # a training setting, not part of the saved model
+    model.to(saved_dtype)
+    check_masks(model, masks, zeros_before, when=f"when cast to {saved_dtype} for saving")
     sparsity_after = {n: z / decoder_linears(model)[n].weight.numel() for n, z in zero_counts(model).items()}
 
     info = provenance(
@@ -204,6 +299,15 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         sparsity_after=sparsity_after,
         final=history[-1],
         precision=history[-1]["precision"],
+        memory={
+            "micro_batch_size": micro,
+            "accumulation_steps": math.ceil(bs / micro),
+            "gradient_checkpointing": settings["gradient_checkpointing"],
+            "loss_chunk_tokens": chunk,
+            "loss": "output layer + loss in chunks of loss_chunk_tokens labelled positions (sd2.chunked_loss)",
+            "master_weights": "float32",
+            "saved_dtype": str(saved_dtype).removeprefix("torch."),
+        },
         tokens_per_s=training.throughput(history),
         threads=torch.get_num_threads(),
     )

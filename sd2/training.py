@@ -23,12 +23,66 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def label_tokens(batch) -> int:
+    """Positions a causal LM loss averages over: labels other than -100 after the shift (t predicts t + 1)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def micro_batches(batch: dict, size: int | None) -> list[dict]:
+    """`batch` cut into runs of `size` sequences (None: the whole batch).
+
+    A micro-batch drops the columns after its last real token: a batch is padded to its
+    longest sequence, which one micro-batch need not hold, and with right padding the
+    dropped positions are neither attended to nor trained on.
+    """
+    n = batch["input_ids"].shape[0]
+    size = size or n
+    parts = []
+    for start in range(0, n, size):
+        micro = {k: v[start : start + size] for k, v in batch.items()}
+        if "attention_mask" in micro:
+            width = int(micro["attention_mask"].any(0).nonzero().max()) + 1
+            micro = {k: v[:, :width] for k, v in micro.items()}
+        parts.append(micro)
+    return parts
+
+
+def accumulate_gradients(model, batch, loss_fn, micro_batch_size: int | None = None, bf16: bool = False):
+    """Forward and backward `batch` in micro-batches; returns the batch's loss (a detached tensor).
+
+    `loss_fn(model, micro)` is a mean over the micro-batch's label tokens. Each is weighted
+    by its share of the whole batch's label tokens, so the accumulated gradient is that of
+    the batch's token mean (what one pass over the whole batch gives), not the mean of
+    micro-batch means, which would over-weight micro-batches with short responses.
+    """
+    total = label_tokens(batch)
+    device_type = batch["input_ids"].device.type
+    loss_sum = torch.zeros((), device=batch["input_ids"].device)
+    for micro in micro_batches(batch, micro_batch_size):
+        n = label_tokens(micro)
+        if n == 0:  # nothing to learn from, and its mean loss would be 0 / 0
+            continue
+        # Weights and optimizer state stay fp32 under autocast.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, micro) * (n / total)
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 @torch.no_grad()
-def evaluate(model, batches, loss_fn) -> float:
+def evaluate(model, batches, loss_fn, micro_batch_size: int | None = None) -> float:
+    """Token mean of `loss_fn` over all `batches`, run in micro-batches."""
     model.eval()
-    losses = [loss_fn(model, b).item() for b in batches]
+    weighted, total = 0.0, 0
+    for batch in batches:
+        for micro in micro_batches(batch, micro_batch_size):
+            n = label_tokens(micro)
+            if n:
+                weighted += loss_fn(model, micro).item() * n
+                total += n
     model.train()
-    return sum(losses) / len(losses)
+    return weighted / total if total else float("nan")
 
 
 def train(
@@ -48,15 +102,18 @@ def train(
     grad_clip: float = 1.0,
     bf16="auto",
     log_step_offset: int = 0,
+    micro_batch_size: int | None = None,
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
-        `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
-        pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
-    the same W&B run passes `log_step_offset` (W&B drops steps that go back). Returns one row
-        per evaluation: step, trained tokens, train and validation loss, learning rate,
-        wall seconds, seconds spent in training steps, training tokens/s since the previous
-        row (evaluation excluded) and the precision (write it with `write_csv`).
+    `after_step(model)` runs after every optimizer step (fine-tuning uses it to hold
+    pruning masks). `bf16` is "auto", True or False (see sd2.precision). A second stage on
+    the same W&B run passes `log_step_offset` (W&B drops steps that go back). A step's batch
+    runs as forward/backward passes of `micro_batch_size` sequences (None: all at once; see
+    accumulate_gradients), validation too. Returns one row per evaluation: step, trained
+    tokens, train and validation loss (token means), learning rate, wall seconds, seconds
+    spent in training steps, training tokens/s since the previous row (evaluation excluded)
+    and the precision (write it with `write_csv`).
     """
     device_type = next(model.parameters()).device.type
     use_bf16, why = resolve_bf16(bf16, device_type)
@@ -78,7 +135,7 @@ def train(
             "step": step,
             "tokens": tokens,
             "train_loss": sum(recent) / len(recent) if recent else float("nan"),
-            "val_loss": evaluate(model, val_batches, loss_fn),
+            "val_loss": evaluate(model, val_batches, loss_fn, micro_batch_size),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.time() - start, 2),
             "train_seconds": round(train_seconds, 2),
@@ -99,11 +156,8 @@ def train(
         tick = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, steps, lr, warmup_steps)
-        # Weights and optimizer state stay fp32 under autocast.
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(model, batch, loss_fn, micro_batch_size, use_bf16)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         if after_step is not None:

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from safetensors import safe_open
 
-from sd2.finetune import finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_loss
-from sd2.models import decoder_linears, load_model
+from sd2.finetune import check_masks, finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_loss, zero_counts
+from sd2.models import decoder_linears, load_model, load_tokenizer
 from sd2.prune import prune
 
 SETTINGS = dict(
@@ -21,6 +22,9 @@ SETTINGS = dict(
     warmup_steps=2,
     weight_decay=0.0,
     bf16="auto",
+    micro_batch_size=None,
+    gradient_checkpointing=False,
+    loss_chunk_tokens=None,
 )
 
 
@@ -81,8 +85,57 @@ def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, data_
         assert not torch.equal(b.weight, a.weight)  # it did train
     info = json.loads((out / "provenance.json").read_text())
     assert info["sparsity_before"] == info["sparsity_after"] and info["settings"]["finetune"] == SETTINGS
+    assert info["memory"]["micro_batch_size"] == 8 and info["memory"]["accumulation_steps"] == 1
+    assert info["memory"]["saved_dtype"] == "float32"
     rows = list(csv.DictReader(open(out / "training.csv")))
     assert len(rows) == len(history) and "val_loss" in rows[0]
+
+
+def test_bf16_draft_trains_in_fp32_in_micro_batches_and_is_saved_in_bf16(pruned_dir, data_dir, tmp_path):
+    bf16_dir = tmp_path / "bf16"
+    load_model(pruned_dir).to(torch.bfloat16).save_pretrained(bf16_dir)
+    load_tokenizer(pruned_dir).save_pretrained(bf16_dir)
+    settings = {
+        **SETTINGS,
+        "max_steps": 4,
+        "eval_every": 4,
+        "micro_batch_size": 3,
+        "gradient_checkpointing": True,
+        "loss_chunk_tokens": 64,
+    }
+    out = tmp_path / "ft"
+    history = finetune(bf16_dir, data_dir, out, settings=settings, seed=0)
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    info = json.loads((out / "provenance.json").read_text())
+    assert info["memory"] == {
+        "micro_batch_size": 3,
+        "accumulation_steps": 3,
+        "gradient_checkpointing": True,
+        "loss_chunk_tokens": 64,
+        "loss": info["memory"]["loss"],
+        "master_weights": "float32",
+        "saved_dtype": "bfloat16",
+    }
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    before, after = load_model(bf16_dir, dtype=torch.float32), load_model(out, dtype=torch.float32)
+    assert after.config.use_cache is not False  # no training setting saved
+    for (name, b), a in zip(decoder_linears(before).items(), decoder_linears(after).values()):
+        assert torch.equal(b.weight != 0, a.weight != 0), name
+        assert not torch.equal(b.weight, a.weight)
+
+
+def test_a_weight_lost_in_the_cast_to_bf16_is_caught(pruned_dir):
+    model = load_model(pruned_dir, dtype=torch.float32)
+    masks, zeros = sparsity_masks(model), zero_counts(model)
+    name, layer = next(iter(decoder_linears(model).items()))
+    with torch.no_grad():
+        i, j = masks[name].nonzero()[0].tolist()
+        layer.weight[i, j] = 1e-45  # a kept weight below bf16's smallest subnormal
+    check_masks(model, masks, zeros)
+    model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"layer {name}: .* when cast to bfloat16"):
+        check_masks(model, masks, zeros, when="when cast to bfloat16")
 
 
 @pytest.mark.parametrize("loss", ["kl", "tvdpp"])
