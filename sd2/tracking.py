@@ -4,10 +4,11 @@ from pathlib import Path
 
 NO_LOGIN = (
     "wandb.mode is 'online' but wandb finds no credentials (no WANDB_API_KEY, no entry for the W&B host "
-    "in ~/.netrc or $NETRC, no api_key in a wandb settings file, no WANDB_IDENTITY_TOKEN_FILE). Fix it one of three ways: "
-    "run `wandb login` once on a machine that shares this home directory (it writes ~/.netrc); "
-    "or export WANDB_API_KEY=<key from https://wandb.ai/authorize> before starting Snakemake; "
-    "or set wandb.mode: offline in the config and upload the runs later with `wandb sync <workdir>/wandb/wandb/offline-run-*`"
+    "in ~/.netrc or $NETRC, no api_key in a wandb settings file, no WANDB_IDENTITY_TOKEN_FILE). "
+    "Fix it one of three ways: run `wandb login` once on a machine that shares this home directory "
+    "(it writes ~/.netrc); or export WANDB_API_KEY=<key from https://wandb.ai/authorize> before starting "
+    "Snakemake; or set wandb.mode: offline in the config and upload the runs later with "
+    "`wandb sync <workdir>/wandb/wandb/offline-run-*`"
 )
 
 
