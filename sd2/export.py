@@ -126,8 +126,9 @@ def best_k(records: list[dict]) -> dict:
     the headline k only); a tie goes to the smaller k.
     """
     rows = [r for r in _chosen(records) if r.get("improvement_factor") is not None]
-    if not rows:
-        raise ValueError("no measurement with an improvement factor: cannot choose k")
+    if not rows:  # every generation ended in its first step: no step was counted
+        k = records[0]["provenance"]["settings"]["k"][0]
+        return {"k": k, "criterion": "no improvement factor was measured: the first headline k (measure.k)"}
     temperature = min(r["temperature"] for r in rows)
     rows = [r for r in rows if r["temperature"] == temperature]
     eval_sets = {r["eval_set"] for r in rows}

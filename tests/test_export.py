@@ -199,3 +199,10 @@ def test_cli_prints_the_serving_command(sparse_bf16_draft, tiny_llama_dir, tmp_p
     args = ["--draft", str(sparse_bf16_draft), "--target", str(tiny_llama_dir), "--records", *map(str, records)]
     main(["export-draft", *args, "--labels", json.dumps(labels("t_llama")), "--run-name", "r", "--out", str(out)])
     assert capsys.readouterr().out.strip().splitlines()[-1] == json.loads((out / METADATA).read_text())["vllm"]["serve"]
+
+
+def test_best_k_without_any_counted_step_is_the_headline_k():
+    settings = {"settings": {"k": [4, 2]}}
+    records = [{"eval_set": "a", "k": k, "temperature": 0.0, "estimator": "teacher_forced_walk",
+                "improvement_factor": None, "provenance": settings} for k in (1, 2, 3, 4)]  # fmt: skip
+    assert best_k(records)["k"] == 4
