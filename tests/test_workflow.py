@@ -100,6 +100,10 @@ def test_all_outputs(tiny_run):
     assert set(training["stage"]) == {"pretrain", "instruct", "finetune"}
     record = json.loads(records[0].read_text())
     assert "Mean Accepted Length" in json.dumps(record["definitions"])
+    # Every draft is exported (the tiny drafts are trained here, the dense one too), with its vLLM command.
+    exports = sorted((tiny_run / "work" / "export").glob("*/*/*/sd2_draft.json"))
+    assert len(exports) == sum(d != t for t in cfg["targets"] for d in cfg["drafts"]) * len(variants(cfg))
+    assert all("draft_model" in json.loads(p.read_text())["vllm"]["serve"] for p in exports)
     assert record["records"][0]["provenance"]["seed"] == 0
 
 
