@@ -165,7 +165,7 @@ def export_paths():
 def all_targets():
     model_table = [f"{R}/tables/models.csv"] if SCRATCH else []
     # Exports by default: their weights are hard links to the drafts (no extra disk, even for the
-    # paper sweep's ~90 drafts of 2.5-6.5 GB), and servable drafts are what the sweep is for.
+    # paper sweep's 78 drafts of 2.5-6.5 GB in bf16), and servable drafts are what the sweep is for.
     exports = export_paths() if config["export"]["enabled"] else []
     return [f"{R}/data/manifest.json", *model_table, *figure_paths(), *exports]
 
