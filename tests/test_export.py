@@ -206,3 +206,18 @@ def test_best_k_without_any_counted_step_is_the_headline_k():
     records = [{"eval_set": "a", "k": k, "temperature": 0.0, "estimator": "teacher_forced_walk",
                 "improvement_factor": None, "provenance": settings} for k in (1, 2, 3, 4)]  # fmt: skip
     assert best_k(records)["k"] == 4
+
+
+def test_a_missing_generation_config_is_written(sparse_bf16_draft, tiny_llama_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    draft = tmp_path / "draft"
+    shutil.copytree(sparse_bf16_draft, draft)
+    (draft / "generation_config.json").unlink()
+    records = write_records(tmp_path / "records", "t_llama")
+    meta = export_draft(
+        draft, records, tmp_path / "export", target=str(tiny_llama_dir), labels=labels("t_llama"), run_name="r", seed=0
+    )
+    assert meta["files"]["generation_config.json"] == "written"
+    written = GenerationConfig.from_pretrained(tmp_path / "export")
+    assert written.eos_token_id == AutoTokenizer.from_pretrained(draft).eos_token_id
