@@ -238,9 +238,11 @@ def export_draft(
                 "speculative_config": spec,
                 "serve": command,
                 "note": (
-                    "vLLM runs the draft in the target's dtype. Greedy drafting (vLLM's default draft_sample_method) "
-                    "is what the greedy MAL measures; with use_heterogeneous_vocab vLLM matches tokens by vocabulary "
-                    "intersection, not by re-tokenizing text as the measurement (Universal Assisted Generation) does."
+                    "vLLM runs the draft in the target's dtype. At temperature 0 this command is what the greedy MAL "
+                    "measures. At temperature > 0 vLLM's default greedy drafting is not what the sampled MAL measures "
+                    "(the draft sampling its own distribution): add draft_sample_method: probabilistic for that "
+                    "(same vocabulary only). With use_heterogeneous_vocab vLLM drafts over the vocabularies' "
+                    "intersection instead of re-tokenizing text as the measurement (UAG) does."
                 ),
             },
             "files": files,
