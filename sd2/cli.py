@@ -225,6 +225,48 @@ def measure(p=None, a=None):
     run.finish()
 
 
+@step("download-model", "check access to a hub model and fetch what loading needs into the hub cache (once)")
+def download_model(p=None, a=None):
+    if p:
+        p.add_argument("--name", required=True, help="the model's name in the config")
+        p.add_argument("--repo", required=True, help="hub id")
+        p.add_argument("--hub", type=_json, required=True, help="the config's hub section as JSON")
+        p.add_argument("--trust-remote-code", action="store_true", help="also fetch the repository's *.py")
+        p.add_argument("--out", required=True, help="marker file (JSON), written once everything is in the cache")
+        return
+    from sd2.hub import download
+
+    marker = download(a.name, a.repo, a.out, hub_cfg=a.hub, trust_remote_code=a.trust_remote_code)
+    print(f"{a.repo} @ {marker['revision']}: {len(marker['files'])} files in {marker['snapshot']}")
+
+
+@step("export-draft", "a draft checkpoint as a plain Hugging Face checkpoint with its measurements and vLLM command")
+def export_draft(p=None, a=None):
+    if p:
+        p.add_argument("--draft", required=True, help="the draft checkpoint the sweep made")
+        p.add_argument("--target", required=True, help="the target's checkpoint dir or hub id (as vLLM will serve it)")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--records", nargs="+", required=True, help="this draft's measurement records, one per eval set")
+        p.add_argument("--labels", type=_json, required=True, help="target, draft, method, sparsity as JSON")
+        p.add_argument("--run-name", required=True, help="the sweep's run_name")
+        p.add_argument("--out", required=True)
+        return
+    from sd2.export import export_draft as export
+
+    meta = export(
+        a.draft,
+        a.records,
+        a.out,
+        target=a.target,
+        labels=a.labels,
+        run_name=a.run_name,
+        seed=a.seed,
+        trust_remote_code=a.trust_remote_code,
+    )
+    print(json.dumps({key: meta[key] for key in ("headline", "best_k", "decoder_linear_sparsity")}, indent=2))
+    print(meta["vllm"]["serve"])
+
+
 @step("macs", "per-token MACs of a model (checkpoint dir, config.json or offline hub id)")
 def macs(p=None, a=None):
     if p:

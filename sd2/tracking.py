@@ -1,7 +1,15 @@
 """Weights & Biases tracking: one run per job, grouped by sweep, configured by the wildcards."""
 
-import os
 from pathlib import Path
+
+NO_LOGIN = (
+    "wandb.mode is 'online' but wandb finds no credentials (no WANDB_API_KEY, no entry for the W&B host "
+    "in ~/.netrc or $NETRC, no api_key in a wandb settings file, no WANDB_IDENTITY_TOKEN_FILE). "
+    "Fix it one of three ways: run `wandb login` once on a machine that shares this home directory "
+    "(it writes ~/.netrc); or export WANDB_API_KEY=<key from https://wandb.ai/authorize> before starting "
+    "Snakemake; or set wandb.mode: offline in the config and upload the runs later with "
+    "`wandb sync <workdir>/wandb/wandb/offline-run-*`"
+)
 
 
 class _NoRun:
@@ -12,16 +20,30 @@ class _NoRun:
         pass
 
 
+def wandb_logged_in() -> bool:
+    """Whether wandb itself finds credentials for its host, in the order `wandb.init` uses.
+
+    That order (wandb 0.31, wandb.sdk.lib.wbauth.authenticate_session): WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE, then the .netrc entry `wandb login` writes ($NETRC, ~/.netrc or
+    ~/_netrc), then an api_key in a wandb settings file. Asked without a prompt and without
+    changing the session, so a job on a node without a terminal gets an answer, not a hang.
+    wandb.login(prompt=False) would answer too, but says False whenever WANDB_MODE is offline or
+    disabled in the environment, and starts wandb's service (seconds).
+    """
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    host = wandb_setup.singleton().settings.base_url
+    return wbauth.authenticate_session(host=host, source="sd2", prompt=False, update_session=False) is not None
+
+
 def start_run(wandb_cfg: dict, dir, group: str, job_type: str, name: str, config: dict):
     """Start a W&B run in the configured mode; disabled returns a no-op run."""
     mode = wandb_cfg["mode"]
     if mode == "disabled":
         return _NoRun()
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise ValueError(
-            "wandb.mode is 'online' but WANDB_API_KEY is not set: set it, "
-            "or use wandb.mode offline (sync later with `wandb sync`) or disabled"
-        )
+    if mode == "online" and not wandb_logged_in():
+        raise ValueError(NO_LOGIN)
     import wandb
 
     Path(dir).mkdir(parents=True, exist_ok=True)

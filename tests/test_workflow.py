@@ -100,6 +100,10 @@ def test_all_outputs(tiny_run):
     assert set(training["stage"]) == {"pretrain", "instruct", "finetune"}
     record = json.loads(records[0].read_text())
     assert "Mean Accepted Length" in json.dumps(record["definitions"])
+    # Every draft is exported (the tiny drafts are trained here, the dense one too), with its vLLM command.
+    exports = sorted((tiny_run / "work" / "export").glob("*/*/*/sd2_draft.json"))
+    assert len(exports) == sum(d != t for t in cfg["targets"] for d in cfg["drafts"]) * len(variants(cfg))
+    assert all("draft_model" in json.loads(p.read_text())["vllm"]["serve"] for p in exports)
     assert record["records"][0]["provenance"]["seed"] == 0
 
 
@@ -117,13 +121,15 @@ def test_changing_one_sparsity_reruns_only_its_jobs(tiny_run, tmp_path):
     counts = job_counts(proc.stdout + proc.stderr)
     # Only the new level: prune (calibrated on each target's data and on the original data),
     # layer_prune (per draft), finetune (sd2 and layer_pruned per target, sparse_sft once on the
-    # original data), measure (the sparse methods); then the tables.
+    # original data), measure and export_draft (the sparse methods); then the tables.
     targets, drafts = len(cfg["targets"]), len(cfg["drafts"])
     expect = {
         "prune": (targets + 1) * drafts,
         "layer_prune": drafts,
         "finetune": (2 * targets + 1) * drafts,
         "measure": n_cells(cfg) - n_cells({**cfg, "methods": [m for m in cfg["methods"] if m not in SPARSE_METHODS]}),
+        # One export per (target, draft) pair and sparse method at the new level (config export.enabled).
+        "export_draft": sum(d != t for t in cfg["targets"] for d in cfg["drafts"]) * len(SPARSE_METHODS),
         "collect": 1,
         "figures": 1,
         "all": 1,

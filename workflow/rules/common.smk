@@ -6,6 +6,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 from sd2.config import validate
+from sd2.hub import is_local, job_env
 from sd2.plots import FIGURES
 
 # Fills defaults in place; an unknown key, wrong type or bad value stops here, before any job.
@@ -15,13 +16,19 @@ W = config["workdir"]
 R = config["results_dir"]
 MODELS = config["models"]
 SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec)
+# Hub models that download_model fetches; a `hub:` that is an existing directory is used in place.
+DOWNLOADED = sorted(name for name, spec in MODELS.items() if "hub" in spec and not is_local(spec["hub"]))
 # Every job runs `python -m sd2` (passed on as params.sd2, so the command text is the same
 # wherever the repository and its virtualenv live: a moved checkout reruns nothing). Under
 # `--sdm conda` the job's environment (workflow/envs/sd2.yaml) provides `python`; otherwise the
 # interpreter that runs Snakemake does (the project's virtualenv), put first on PATH.
 SD2 = "python -m sd2"
+# Every job also sees the configured hub cache and, with hub.offline_jobs, runs offline: the models
+# it loads were fetched by download_model (the rules that need the network turn it back on).
+PREFIX = "".join(f"export {k}={shlex.quote(v)}; " for k, v in job_env(config["hub"]).items())
 if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployment_method", ()):
-    shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
+    PREFIX += f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
+shell.prefix(PREFIX)
 SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
 NAME = r"[A-Za-z0-9_.-]+"
@@ -47,8 +54,10 @@ def model_path(name):
 
 
 def model_input(name):
-    """What a job that loads `name` depends on (nothing to build for a hub model)."""
-    return [f"{W}/models/{name}"] if name in SCRATCH else []
+    """What a job that loads `name` depends on: its checkpoint if trained here, its download if from the hub."""
+    if name in SCRATCH:
+        return [f"{W}/models/{name}"]
+    return [f"{W}/hub/{name}.json"] if name in DOWNLOADED else []
 
 
 def trust(*names):
@@ -141,7 +150,22 @@ def teacher(w):
     return f"--teacher {model_path(w.data)} {trust(w.data)}"
 
 
+def export_paths():
+    """A servable export of every draft checkpoint the sweep makes (a dense hub draft is served from the hub)."""
+    return [
+        f"{W}/export/{t}/{d}/{m}-s{s}"
+        for t in config["targets"]
+        for d in config["drafts"]
+        if d != t
+        for m, s in draft_variants()
+        if m != "dense" or d in SCRATCH
+    ]
+
+
 def all_targets():
     model_table = [f"{R}/tables/models.csv"] if SCRATCH else []
-    return [f"{R}/data/manifest.json", *model_table, *figure_paths()]
+    # Exports by default: their weights are hard links to the drafts (no extra disk, even for the
+    # paper sweep's 78 drafts of 2.5-6.5 GB in bf16), and servable drafts are what the sweep is for.
+    exports = export_paths() if config["export"]["enabled"] else []
+    return [f"{R}/data/manifest.json", *model_table, *figure_paths(), *exports]
 

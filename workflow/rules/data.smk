@@ -14,7 +14,7 @@ rule prepare_data:
     conda:
         "../envs/sd2.yaml"
     shell:
-        "{params.sd2} prepare-data --data {params.data} --corpus {output.corpus} --finetune {output.finetune}"
+        "HF_HUB_OFFLINE=0 {params.sd2} prepare-data --data {params.data} --corpus {output.corpus} --finetune {output.finetune}"
         " --eval {params.evals} --manifest {output.manifest} --seed {params.seed} > {log} 2>&1"
 
 

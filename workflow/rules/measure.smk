@@ -29,7 +29,7 @@ rule target_outputs:
 rule measure:
     input:
         target=lambda w: model_input(w.target),
-        draft=lambda w: [] if w.method == "dense" and w.draft not in SCRATCH else [draft_path(w.target, w.draft, w.method, w.sparsity)],
+        draft=lambda w: model_input(w.draft) if w.method == "dense" else [draft_path(w.target, w.draft, w.method, w.sparsity)],
         outputs=f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
     output:
         f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
