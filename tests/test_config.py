@@ -49,7 +49,28 @@ BAD = [
     (lambda c: c["finetune"].update(bf16="fp16"), "finetune.bf16", "fp16"),
     (lambda c: c["measure"].update(k=[3, 9], k_max=8), "measure.k", "k_max"),
     (lambda c: c["measure"].update(bootstrap=100), "measure.bootstrap", "100"),
+    (lambda c: c["models"]["tiny-llama"].update(dtype="bf16"), "models.tiny-llama.dtype", "bf16"),
+    (lambda c: c["models"]["tiny-llama"].update(shape=dict(HUB_SHAPE)), "models.tiny-llama.shape", "from-scratch"),
+    (lambda c: c["models"].update(hub={"hub": "org/m", "shape": {"params_b": 1}}), "models.hub.shape", "hidden_size"),
+    (lambda c: c["resources"].update(gpu_mem_gb=0), "resources.gpu_mem_gb", "0"),
+    (lambda c: c["resources"].update(gpu="auto"), "resources.gpu", "auto"),
+    # A GPU run sizes every job: a hub id needs its shape before anything is downloaded.
+    (
+        lambda c: (c["models"].update({"tiny-draft": {"hub": "org/model"}}), c["resources"].update(gpu=1)),
+        "models.tiny-draft.shape",
+        "hub id",
+    ),
 ]
+HUB_SHAPE = {
+    "params_b": 1.2358144,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+}
 
 
 @pytest.mark.parametrize("mutate,key,word", BAD)
@@ -60,6 +81,17 @@ def test_bad_configs_name_the_key(test_config, mutate, key, word):
         validate(cfg)
     assert f"config error at {key}" in str(err.value)
     assert word in str(err.value)
+
+
+def test_hub_model_keys(test_config):
+    cfg = copy.deepcopy(test_config)
+    cfg["models"]["tiny-draft"] = {"hub": "org/model", "shape": dict(HUB_SHAPE)}
+    cfg["resources"]["gpu"] = 1
+    model = validate(cfg)["models"]["tiny-draft"]
+    assert model["dtype"] == "auto"
+    assert model["shape"]["dtype"] == "bfloat16" and model["shape"]["tie_word_embeddings"] is False
+    assert cfg["resources"]["gpu_mem_gb"] == 80
+    assert validate(copy.deepcopy(test_config))["models"]["tiny-llama"]["dtype"] == "auto"
 
 
 def test_missing_config_file(tmp_path):
