@@ -221,3 +221,16 @@ def test_memory_plan_command_prints_every_rule(capsys):
     for rule in ("self_distill", "target_outputs", "prune", "layer_prune", "finetune", "measure"):
         assert rule in out
     assert "target=llama-3.1-70b-instruct" in out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt_neox"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_count_params_matches_the_built_model(kind, tied):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    if kind != "gpt_neox":
+        sizes["num_key_value_heads"] = 2
+    config = AutoConfig.for_model(kind, tie_word_embeddings=tied, **sizes)
+    model = AutoModelForCausalLM.from_config(config)
+    assert memory.count_params({**config.to_dict(), "model_type": kind}) == count_parameters(model)
