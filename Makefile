@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run test figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -14,6 +14,24 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 install: $(STAMP)
+
+# A GPU node: the same pins with torch's CUDA build (requirements-gpu.lock), in the same .venv.
+# torch 2.13.0+cpu is removed first (pip keeps an installed 2.13.0 whatever its build); the CPU
+# stamp is renewed so that `make test` / `make run` use this install instead of redoing the CPU one.
+TORCH_CUDA := cu128
+GPU_STAMP := $(VENV)/.installed-gpu-stamp
+
+$(GPU_STAMP): pyproject.toml requirements-gpu.lock
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip uninstall --quiet --yes torch
+	$(BIN)/python -m pip install --quiet --extra-index-url https://download.pytorch.org/whl/$(TORCH_CUDA) \
+		-c requirements-gpu.lock -e '.[test]'
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+		'GPUs visible:', torch.cuda.device_count())"
+	touch $@ $(STAMP)
+
+install-gpu: $(GPU_STAMP)
 
 # The default sweep on 2 cores (sd2.sweep_time.run_sweep): a fresh clone rebuilds results/
 # from nothing and records its wall time in results/run_time.json; see the README.

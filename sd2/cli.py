@@ -42,6 +42,25 @@ def _common(p, tracked=False):
         p.add_argument("--labels", type=_json, default={}, help="wildcards as JSON, logged as the W&B config")
 
 
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# The arguments that name the models a step loads (for the error of a job that finds no GPU).
+MODEL_ARGS = ("name", "models", "target", "draft", "model", "init", "teacher")
+
+
+def _placement(p, dtype=(), device_map=False, gpus=True):
+    """Flags of a step that loads models: a --<name> for each dtype, --device-map, --gpus."""
+    for flag in dtype:
+        p.add_argument(
+            flag, choices=DTYPE_CHOICES, default="auto", help="dtype to load the model in (auto: the stored one)"
+        )
+    if device_map:
+        p.add_argument("--device-map", choices=["auto"], default=None, help="spread the model over the visible GPUs")
+    if gpus:
+        p.add_argument(
+            "--gpus", type=int, default=0, help="GPUs the memory plan gave this job: with no CUDA the job stops at once"
+        )
+
+
 def _run(args, job_type):
     from sd2.tracking import start_run
 
@@ -94,6 +113,7 @@ def pretrain(p=None, a=None):
         p.add_argument("--tokenizer", required=True)
         p.add_argument("--corpus", required=True)
         p.add_argument("--out", required=True)
+        _placement(p)
         return
     from sd2.pretrain import pretrain
 
@@ -111,6 +131,7 @@ def model_report(p=None, a=None):
         p.add_argument("--prompts", required=True, help="eval set whose prompts are continued")
         p.add_argument("--table", required=True)
         p.add_argument("--examples", required=True)
+        _placement(p)
         return
     from sd2.model_report import report
 
@@ -126,10 +147,20 @@ def self_distill(p=None, a=None):
         p.add_argument("--prompts", required=True)
         p.add_argument("--settings", type=_json, required=True, help="the config's distill section as JSON")
         p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"], device_map=True)
         return
     from sd2.distill import self_distill
 
-    self_distill(a.target, a.prompts, a.out, settings=a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
+    self_distill(
+        a.target,
+        a.prompts,
+        a.out,
+        settings=a.settings,
+        seed=a.seed,
+        trust_remote_code=a.trust_remote_code,
+        dtype=a.dtype,
+        device_map=a.device_map,
+    )
 
 
 @step("prune", "one-shot pruning of the decoder linear layers")
@@ -140,10 +171,11 @@ def prune(p=None, a=None):
         p.add_argument("--sparsity", type=int, required=True, help="percent in [0, 100)")
         p.add_argument("--settings", type=_json, required=True, help="the config's prune section as JSON")
         p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"])
         return
     from sd2.prune import prune
 
-    summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, settings=a.settings, seed=a.seed)
+    summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, settings=a.settings, seed=a.seed, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -154,10 +186,12 @@ def layer_prune(p=None, a=None):
         p.add_argument("--sparsity", type=int, required=True)
         p.add_argument("--drop", type=_json, default=None, help="layer indices to drop as JSON (null = automatic)")
         p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"], gpus=False)
         return
     from sd2.layer_prune import layer_prune
 
-    print(json.dumps(layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop), indent=2, default=str))
+    summary = layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop, dtype=a.dtype)
+    print(json.dumps(summary, indent=2, default=str))
 
 
 @step("finetune", "fine-tune a draft with its pruning masks held fixed", tracked=True)
@@ -169,6 +203,7 @@ def finetune(p=None, a=None):
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--settings", type=_json, required=True, help="the config's finetune section as JSON")
         p.add_argument("--out", required=True)
+        _placement(p)
         return
     from sd2.finetune import finetune
 
@@ -188,10 +223,20 @@ def target_outputs(p=None, a=None):
         p.add_argument("--eval-set", required=True)
         p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
         p.add_argument("--out", required=True, help="JSON file")
+        _placement(p, dtype=["--dtype"], device_map=True)
         return
     from sd2.continuations import target_outputs
 
-    target_outputs(a.target, a.eval_set, a.out, settings=a.settings, seed=a.seed, trust_remote_code=a.trust_remote_code)
+    target_outputs(
+        a.target,
+        a.eval_set,
+        a.out,
+        settings=a.settings,
+        seed=a.seed,
+        trust_remote_code=a.trust_remote_code,
+        dtype=a.dtype,
+        device_map=a.device_map,
+    )
 
 
 @step(
@@ -207,6 +252,8 @@ def measure(p=None, a=None):
         p.add_argument("--target-outputs", required=True, help="the target_outputs JSON of this target and eval set")
         p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
         p.add_argument("--out", required=True)
+        # --dtype and --device-map are the target's; the draft sits on the first GPU.
+        _placement(p, dtype=["--dtype", "--draft-dtype"], device_map=True)
         return
     from sd2.measure import measure
 
@@ -221,6 +268,9 @@ def measure(p=None, a=None):
         seed=a.seed,
         run=run,
         trust_remote_code=a.trust_remote_code,
+        dtype=a.dtype,
+        draft_dtype=a.draft_dtype,
+        device_map=a.device_map,
     )
     run.finish()
 
@@ -265,6 +315,25 @@ def export_draft(p=None, a=None):
     )
     print(json.dumps({key: meta[key] for key in ("headline", "best_k", "decoder_linear_sparsity")}, indent=2))
     print(meta["vllm"]["serve"])
+
+
+@step("memory-plan", "GPUs and host memory of every model job of a config (what a GPU run asks Slurm for)")
+def memory_plan(p=None, a=None):
+    if p:
+        p.add_argument("--config", required=True, help="workflow config file")
+        p.add_argument(
+            "--gpu", type=int, default=None, help="plan as if resources.gpu were this (default: the config's)"
+        )
+        return
+    import pandas as pd
+
+    from sd2 import config
+    from sd2.memory import describe, job_plans
+
+    cfg = config.load(a.config)
+    if a.gpu is not None:
+        cfg["resources"]["gpu"] = a.gpu
+    print(pd.DataFrame([describe(plan) for plan in job_plans(cfg)]).fillna("").to_string(index=False))
 
 
 @step("macs", "per-token MACs of a model (checkpoint dir, config.json or offline hub id)")
@@ -392,6 +461,14 @@ def main(argv=None) -> None:
     import datasets
 
     datasets.disable_progress_bars()
+    if getattr(args, "gpus", 0):
+        from sd2.models import require_cuda
+
+        loads = [str(v) for k in MODEL_ARGS if (v := getattr(args, k, None))]
+        try:
+            require_cuda(args.gpus, f"sd2 {args.step} ({', '.join(loads)})")
+        except RuntimeError as e:
+            sys.exit(f"sd2 {args.step}: error: {e}")
     try:
         args.func(a=args)
     except (ValueError, FileNotFoundError) as e:

@@ -60,6 +60,10 @@ def _check_references(config: dict) -> None:
                 raise ConfigError(
                     f"config error at {where}: a hub model takes no from-scratch keys ({', '.join(extra)})"
                 )
+        elif "shape" in spec:
+            raise ConfigError(
+                f"config error at {where}.shape: a from-scratch model is sized by its own keys; shape is for hub models"
+            )
         else:
             missing = [k for k in SCRATCH_KEYS if k not in spec]
             if missing:
@@ -86,6 +90,12 @@ def _check_references(config: dict) -> None:
         for i, name in enumerate(config[role]):
             if name not in models:
                 raise ConfigError(f"config error at {role}.{i}: unknown model '{name}' (known: {sorted(models)})")
+    if config["resources"]["gpu"] > 0:
+        # A GPU run sizes every job from its models: a model that cannot be sized stops here.
+        from sd2.memory import model_shape
+
+        for name in dict.fromkeys(config["targets"] + config["drafts"]):
+            model_shape(name, config)
     if config["prune"]["structure"] == "2:4" and any(s != 50 for s in config["sparsities"]):
         raise ConfigError(
             f"config error at prune.structure: 2:4 sparsity is exactly 50%, but sparsities is {config['sparsities']}"

@@ -72,11 +72,19 @@ def time_target_alone(
 
 
 def target_outputs(
-    target_dir, eval_dir, out_path, *, settings: dict, seed: int, trust_remote_code: bool = False
+    target_dir,
+    eval_dir,
+    out_path,
+    *,
+    settings: dict,
+    seed: int,
+    trust_remote_code: bool = False,
+    dtype="auto",
+    device_map=None,
 ) -> dict:
     """Write {items: [{id, prompt_ids, continuation_ids, text, ended_by_eos}], timing, provenance} as JSON."""
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    model = load_model(target_dir, trust_remote_code, device=default_device())
+    model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
     torch.manual_seed(seed)
     prompts = load_prompts(eval_dir, settings["n_prompts"])
     start = time.time()

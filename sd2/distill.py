@@ -78,6 +78,8 @@ def self_distill(
     settings: dict,
     seed: int,
     trust_remote_code: bool = False,
+    dtype="auto",
+    device_map=None,
 ) -> None:
     """Write a dataset (id, prompt, response = the target's answer, original_response) to out_dir.
 
@@ -89,7 +91,7 @@ def self_distill(
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    model = load_model(target_dir, trust_remote_code, device=default_device())
+    model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
     torch.manual_seed(seed)
 
     texts = prompts["prompt"]

@@ -59,12 +59,12 @@ def remove_layers(model, drop: list[int]) -> list[int]:
     return keep
 
 
-def layer_prune(draft_dir, out_dir, *, sparsity: int, drop: list[int] | None = None) -> dict:
+def layer_prune(draft_dir, out_dir, *, sparsity: int, drop: list[int] | None = None, dtype="auto") -> dict:
     """Drop decoder layers of `draft_dir` to about the MACs of the draft at `sparsity`%; save to out_dir."""
     if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 0 <= sparsity < 100:
         raise ValueError(f"sparsity must be an integer percent in [0, 100), got {sparsity!r}")
     tokenizer = load_tokenizer(draft_dir)
-    model = load_model(draft_dir)
+    model = load_model(draft_dir, dtype=dtype)  # on the CPU, saved in the dtype it loads in
     n = model.config.num_hidden_layers
     aim = linear_macs(model.config, sparsity / 100)
     dense = linear_macs(model.config)

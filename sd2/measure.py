@@ -156,6 +156,9 @@ def measure(
     run=None,
     trust_remote_code: bool = False,
     device: str | None = None,
+    dtype="auto",
+    draft_dtype="auto",
+    device_map=None,
 ) -> dict:
     """Every record of one (target, draft, eval set) as one JSON file at out_path."""
     cached = continuations.load(outputs_path)
@@ -165,8 +168,8 @@ def measure(
             f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
             f"the settings ask for {settings['max_new_tokens']}"
         )
-    target, target_tok = load_checkpoint(target_dir, trust_remote_code, device)
-    draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device)
+    target, target_tok = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
+    draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device, dtype=draft_dtype)
     path = decoding_path(target, draft, target_tok, draft_tok)
     target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
     cost_ratio = draft_macs / target_macs

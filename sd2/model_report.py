@@ -19,7 +19,7 @@ import torch
 from datasets import load_from_disk
 
 from sd2.checkpoint import atomic_path
-from sd2.models import count_parameters, load_model, load_tokenizer
+from sd2.models import count_parameters, default_device, load_model, load_tokenizer
 
 # Newlines count as words, so a completion of blank lines is a loop, not "no 4-grams".
 WORD = re.compile(r"\w+|[^\w\s]|\n")
@@ -64,7 +64,7 @@ def greedy_completions(
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -86,7 +86,7 @@ def bits_per_byte(model, tokenizer, texts: list[str], seq_len: int) -> tuple[flo
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         n_bytes += len(text.encode())
         for start in range(0, len(ids) - 1, seq_len):
-            window = torch.tensor([ids[start : start + seq_len + 1]])
+            window = torch.tensor([ids[start : start + seq_len + 1]], device=model.device)
             if window.shape[1] < 2:
                 continue
             logits = model(input_ids=window[:, :-1]).logits
@@ -112,7 +112,7 @@ def report(
     prompts = prompts.select(range(min(n_prompts, len(prompts))))
     rows, examples = [], [f"# Greedy continuations of {Path(prompts_dir).name} prompts\n"]
     for name, path in models.items():
-        model, tok = load_model(path), load_tokenizer(path)
+        model, tok = load_model(path, device=default_device()), load_tokenizer(path)
         prov = json.loads((Path(path) / "provenance.json").read_text())
         seq_len = prov["settings"]["spec"]["train"]["seq_len"]
         loss, bpb = bits_per_byte(model, tok, val_texts, seq_len)

@@ -1,6 +1,7 @@
 """Model registry: real checkpoints by hub id or path, or from-scratch transformers models."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -46,16 +47,59 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path, trust_remote_code: bool = False, dtype=torch.float32, device: str = "cpu"):
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name):
+    """A config dtype name ("auto" stays "auto": the dtype the checkpoint stores) or a torch.dtype as is."""
+    if isinstance(name, torch.dtype) or name == "auto":
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (known: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def require_cuda(gpus: int, what: str) -> None:
+    """Stop at once when a job planned with `gpus` GPUs finds fewer (a CPU-only torch, no GPU visible)."""
+    if gpus <= 0:
+        return
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    if count < gpus:
+        raise RuntimeError(
+            f"{what}: planned with {gpus} GPU(s), but torch.cuda.is_available() is {available} and "
+            f"{count} GPU(s) are visible (torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); install the CUDA torch "
+            "(make install-gpu) or run with resources.gpu: 0"
+        )
+
+
+def load_model(name_or_path, trust_remote_code: bool = False, dtype="auto", device: str = "cpu", device_map=None):
+    """A causal LM in `dtype` ("auto": as stored), on `device`, or spread over the GPUs with device_map="auto"."""
     name_or_path = str(name_or_path)
     _check_exists(name_or_path)
+    dtype = torch_dtype(dtype)
+    if device_map is not None:
+        # accelerate places the layers over every visible GPU as they load (balanced).
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map
+        )
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype)
     return model.to(device).eval()
 
 
-def load_checkpoint(name_or_path, trust_remote_code: bool = False, device: str | None = None):
-    """(model, tokenizer), the model on `device` (default: default_device()), in float32."""
-    model = load_model(name_or_path, trust_remote_code=trust_remote_code, device=device or default_device())
+def load_checkpoint(
+    name_or_path, trust_remote_code: bool = False, device: str | None = None, dtype="auto", device_map=None
+):
+    """(model, tokenizer), the model on `device` (default: default_device()) in `dtype` ("auto": as stored)."""
+    model = load_model(
+        name_or_path,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        device=device or default_device(),
+        device_map=device_map,
+    )
     return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
 
 

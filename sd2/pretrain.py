@@ -14,7 +14,7 @@ from datasets import load_from_disk
 from sd2 import training
 from sd2.checkpoint import save_checkpoint
 from sd2.data import function_prompts
-from sd2.models import build_model, count_parameters, load_tokenizer
+from sd2.models import build_model, count_parameters, default_device, load_tokenizer
 from sd2.provenance import provenance
 
 
@@ -25,21 +25,21 @@ def token_stream(texts, tokenizer) -> torch.Tensor:
     return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
 
 
-def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int):
-    """Endless batches of windows at random offsets (a fixed seed gives a fixed order)."""
+def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int, device="cpu"):
+    """Endless batches of windows at random offsets (a fixed seed gives a fixed order), on `device`."""
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.arange(seq_len)
     while True:
         starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=gen)
-        ids = stream[starts[:, None] + offsets]
+        ids = stream[starts[:, None] + offsets].to(device)
         yield {"input_ids": ids, "labels": ids}
 
 
-def fixed_windows(stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int) -> list[dict]:
-    """Evenly spaced validation windows, the same at every evaluation."""
+def fixed_windows(stream: torch.Tensor, batch_size: int, seq_len: int, n_batches: int, device="cpu") -> list[dict]:
+    """Evenly spaced validation windows, the same at every evaluation, on `device`."""
     n = batch_size * n_batches
     stride = max(1, (len(stream) - seq_len) // n)
-    ids = torch.stack([stream[i * stride : i * stride + seq_len] for i in range(n)])
+    ids = torch.stack([stream[i * stride : i * stride + seq_len] for i in range(n)]).to(device)
     return [{"input_ids": b, "labels": b} for b in ids.split(batch_size)]
 
 
@@ -51,7 +51,8 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
     val_stream = token_stream(corpus["validation"]["text"], tokenizer)
     bs, seq = train_cfg["batch_size"], train_cfg["seq_len"]
     steps = max(1, train_cfg["tokens"] // (bs * seq))
-    model = build_model(spec, tokenizer, seed)
+    device = default_device()
+    model = build_model(spec, tokenizer, seed).to(device)
     params = count_parameters(model)
     print(
         f"{name}: {params / 1e6:.2f}M parameters, {steps} steps of {bs}x{seq} tokens, "
@@ -59,8 +60,8 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
     )
     history = training.train(
         model,
-        random_windows(train_stream, bs, seq, seed),
-        fixed_windows(val_stream, bs, seq, train_cfg["eval_batches"]),
+        random_windows(train_stream, bs, seq, seed, device),
+        fixed_windows(val_stream, bs, seq, train_cfg["eval_batches"], device),
         steps=steps,
         lr=train_cfg["lr"],
         warmup_steps=train_cfg["warmup_steps"],
@@ -120,10 +121,14 @@ def instruct(
         f"{desc}: {cfg['steps']} steps of {bs} functions, {len(train_idx)} train / {len(val_set)} validation functions",
         flush=True,
     )
+    device = next(model.parameters()).device
     history = training.train(
         model,
-        training.shuffled_batches([examples[i] for i in train_idx], bs, pad, seed),
-        [training.collate(val_set[i : i + bs], pad) for i in range(0, len(val_set), bs)],
+        training.shuffled_batches([examples[i] for i in train_idx], bs, pad, seed, device),
+        [
+            {k: v.to(device) for k, v in training.collate(val_set[i : i + bs], pad).items()}
+            for i in range(0, len(val_set), bs)
+        ],
         steps=cfg["steps"],
         lr=cfg["lr"],
         warmup_steps=min(cfg["warmup_steps"], cfg["steps"] - 1),

@@ -117,13 +117,13 @@ def calibration_set(calibration_dir, tokenizer, n: int, seq_len: int, seed: int)
 
 
 def _llmcompressor_prune(
-    model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int
+    model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int, dtype="auto"
 ):
     """Run oneshot() on a fresh copy of the model; return the pruned decoder weights."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
-    model = load_model(model_dir)  # oneshot wraps save_pretrained and adds hooks: use a throwaway copy
+    model = load_model(model_dir, dtype=dtype)  # oneshot wraps save_pretrained and adds hooks: use a throwaway copy
     block = type(decoder_layers(model)[0]).__name__
     modifier_cls = SparseGPTModifier if pruner == "sparsegpt" else WandaPruningModifier
     modifier = modifier_cls(
@@ -152,6 +152,7 @@ def prune(
     sparsity: int,
     settings: dict,
     seed: int,
+    dtype="auto",
 ) -> dict:
     """Prune every decoder linear of `model_dir` to `sparsity` percent and save to `out_dir`.
 
@@ -175,7 +176,8 @@ def prune(
     start = time.time()
 
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    # On the CPU: llm-compressor moves one layer at a time to the GPU; the pruned copy keeps this dtype.
+    model = load_model(model_dir, dtype=dtype)
     linears = decoder_linears(model)
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
 
@@ -186,7 +188,9 @@ def prune(
         pruned = {n: w * mask(w) for n, w in original.items()}
     else:
         calib = calibration_set(calibration_dir, tokenizer, calibration_samples, calibration_seq_len, seed)
-        pruned = _llmcompressor_prune(model_dir, tokenizer, calib, pruner, fraction, structure, calibration_seq_len)
+        pruned = _llmcompressor_prune(
+            model_dir, tokenizer, calib, pruner, fraction, structure, calibration_seq_len, dtype
+        )
 
     fixed = {}
     with torch.no_grad():

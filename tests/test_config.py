@@ -97,7 +97,28 @@ BAD = [
         "data.finetune.response_field",
         "sparse_sft",
     ),
+    (lambda c: c["models"]["tiny-llama"].update(dtype="bf16"), "models.tiny-llama.dtype", "bf16"),
+    (lambda c: c["models"]["tiny-llama"].update(shape=dict(HUB_SHAPE)), "models.tiny-llama.shape", "from-scratch"),
+    (lambda c: c["models"].update(hub={"hub": "org/m", "shape": {"params_b": 1}}), "models.hub.shape", "hidden_size"),
+    (lambda c: c["resources"].update(gpu_mem_gb=0), "resources.gpu_mem_gb", "0"),
+    (lambda c: c["resources"].update(gpu="auto"), "resources.gpu", "auto"),
+    # A GPU run sizes every job: a hub id needs its shape before anything is downloaded.
+    (
+        lambda c: (c["models"].update({"tiny-draft": {"hub": "org/model"}}), c["resources"].update(gpu=1)),
+        "models.tiny-draft.shape",
+        "hub id",
+    ),
 ]
+HUB_SHAPE = {
+    "params_b": 1.2358144,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+}
 
 
 @pytest.mark.parametrize("mutate,key,word", BAD)
@@ -121,6 +142,17 @@ def test_prompts_without_responses_are_fine_without_sparse_sft(test_config):
     test_config["data"]["finetune"] = {"source": "file", "path": "f.jsonl", "response_field": None}
     test_config["methods"] = ["dense", "sd2"]
     assert validate(test_config)["data"]["finetune"]["response_field"] is None
+
+
+def test_hub_model_keys(test_config):
+    cfg = copy.deepcopy(test_config)
+    cfg["models"]["tiny-draft"] = {"hub": "org/model", "shape": dict(HUB_SHAPE)}
+    cfg["resources"]["gpu"] = 1
+    model = validate(cfg)["models"]["tiny-draft"]
+    assert model["dtype"] == "auto"
+    assert model["shape"]["dtype"] == "bfloat16" and model["shape"]["tie_word_embeddings"] is False
+    assert cfg["resources"]["gpu_mem_gb"] == 80
+    assert validate(copy.deepcopy(test_config))["models"]["tiny-llama"]["dtype"] == "auto"
 
 
 def test_missing_config_file(tmp_path):

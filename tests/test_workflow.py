@@ -1,6 +1,7 @@
 """A real Snakemake run of the tiny config: every rule, outputs, caching, targeted reruns."""
 
 import json
+import re
 import subprocess
 
 import pandas as pd
@@ -154,9 +155,45 @@ def test_figures_from_tables_alone(tiny_run, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def job_resources(text):
+    """{rule: {(gpu, mem_mb), ...}} of the jobs a dry run lists."""
+    found, rule = {}, None
+    for line in text.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("resources:") and "gpu=" in line:
+            res = dict(item.split("=", 1) for item in line.split(":", 1)[1].replace(" ", "").split(","))
+            found.setdefault(rule, set()).add((int(res["gpu"]), int(res["mem_mb"])))
+    return found
+
+
 def test_dry_run_builds_every_shipped_config(tmp_path):
-    for name in ("config/config.yaml", "config/paper.yaml", "config/test.yaml"):
-        assert job_counts(dry_run(tmp_path / name.replace("/", "_"), name))["measure"] == n_cells(load(name))
+    outs = {}
+    for name in ("config/config.yaml", "config/test.yaml", "config/paper.yaml"):
+        proc = subprocess.run(
+            snakemake_cmd(tmp_path / name.replace("/", "_"), "-n", "-p", configfile=name),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = proc.stdout + proc.stderr
+        assert job_counts(outs[name])["measure"] == n_cells(load(name))
+    # CPU runs (resources.gpu 0): every model job asks for the config's memory and no GPU, as ever.
+    for name in ("config/config.yaml", "config/test.yaml"):
+        asked = set().union(*job_resources(outs[name]).values())
+        assert asked == {(0, load(name)["resources"]["mem_mb"])}, (name, asked)
+        assert "--gpus" not in outs[name] and "--device-map" not in outs[name]
+    # The paper config's jobs: each asks for what its memory plan needs (sd2.memory).
+    out = outs["config/paper.yaml"]
+    res = job_resources(out)
+    gpus = {rule: {g for g, _ in r} for rule, r in res.items()}
+    assert gpus["layer_prune"] == {0}  # CPU only
+    assert gpus["self_distill"] == {1, 4}  # the 8B and 7B targets on one GPU, the 70B on four
+    assert gpus["target_outputs"] == {1, 3} and 3 in gpus["measure"] and gpus["prune"] == {1}
+    assert len({m for r in res.values() for _, m in r}) > 3  # host memory differs by job
+    # The 70B target is spread over its GPUs; the jobs check for CUDA at once.
+    assert "--target meta-llama/Llama-3.1-70B-Instruct" in out and "--gpus 4 --device-map auto" in out
+    assert not re.search(r"sd2 layer-prune [^\n]*--gpus", out)
 
 
 def test_report(tiny_run, tmp_path):

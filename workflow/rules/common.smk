@@ -5,6 +5,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
+from sd2 import memory
 from sd2.config import validate
 from sd2.hub import is_local, job_env
 from sd2.plots import FIGURES
@@ -112,9 +113,70 @@ def tuned_drafts():
     return seen
 
 
-def model_resources():
+# resources.gpu > 0: every model job is sized by its memory plan (sd2.memory); 0: a CPU run.
+GPU_RUN = config["resources"]["gpu"] > 0
+PLANS = {}
+
+
+def job_models(rule_name, w):
+    """The models a job of `rule_name` loads, by role (None: not loaded)."""
+    if rule_name == "pretrain":
+        return {"model": w.model}
+    if rule_name == "model_report":
+        return {f"model{i}": m for i, m in enumerate(SCRATCH)}
+    if rule_name in ("self_distill", "target_outputs"):
+        return {"target": w.target}
+    if rule_name in ("prune", "layer_prune"):
+        return {"draft": w.draft}
+    if rule_name == "finetune":
+        return {"draft": w.draft, "teacher": w.data if teacher(w) else None}
+    return {"target": w.target, "draft": w.draft}
+
+
+def job_plan(rule_name, w):
+    """The memory plan of one job; a job that needs more GPUs than resources.gpu stops the DAG here."""
+    models = job_models(rule_name, w)
+    key = (rule_name, tuple(models.items()))
+    if key not in PLANS:
+        PLANS[key] = memory.plan_job(rule_name, models, config)
+        memory.check_fits(PLANS[key], config)
+    return PLANS[key]
+
+
+def model_resources(rule_name):
+    """Slurm resources of a job of `rule_name`: the config's in a CPU run, its memory plan's in a GPU run."""
     res = config["resources"]
-    return dict(mem_mb=res["mem_mb"], runtime=res["runtime_min"], gpu=res["gpu"])
+    if not GPU_RUN:
+        return dict(mem_mb=res["mem_mb"], runtime=res["runtime_min"], gpu=0)
+    return dict(
+        mem_mb=lambda wildcards: max(res["mem_mb"], job_plan(rule_name, wildcards).mem_mb),
+        runtime=res["runtime_min"],
+        gpu=lambda wildcards: job_plan(rule_name, wildcards).gpus,
+    )
+
+
+def model_threads(cpu_run=None):
+    """CPU threads of a model job: resources.threads, or `cpu_run` in a CPU run where a rule sets fewer."""
+    return config["resources"]["threads"] if GPU_RUN or cpu_run is None else cpu_run
+
+
+def placement(rule_name, w):
+    """--dtype (--draft-dtype for measure's draft) where a model's dtype is not auto; in a GPU run
+    --gpus (the job stops at once without CUDA) and --device-map auto for a model spread over them."""
+    models = job_models(rule_name, w)
+    flags = []
+    for role, name in models.items():
+        # Fine-tuning always loads fp32 master weights; pretrain and model_report load from-scratch models.
+        if role in ("target", "draft") and rule_name != "finetune" and MODELS[name]["dtype"] != "auto":
+            flag = "--draft-dtype" if rule_name == "measure" and role == "draft" else "--dtype"
+            flags.append(f"{flag} {MODELS[name]['dtype']}")
+    if GPU_RUN:
+        plan = job_plan(rule_name, w)
+        if plan.gpus:
+            flags.append(f"--gpus {plan.gpus}")
+        if plan.spread.get("target"):
+            flags.append("--device-map auto")
+    return " ".join(flags)
 
 
 def wandb_arg():

@@ -6,13 +6,14 @@ rule self_distill:
         directory(f"{W}/distill/{{target}}"),
     params:
         sd2=SD2,
+        placement=lambda w: placement("self_distill", w),
         model=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         settings=as_arg(config["distill"]),
         seed=config["seed"],
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("self_distill"),
     log:
         "logs/self_distill/{target}.log",
     benchmark:
@@ -21,7 +22,7 @@ rule self_distill:
         "../envs/sd2.yaml"
     shell:
         "{params.sd2} self-distill --target {params.model} {params.trust} --prompts {input.prompts} --out {output}"
-        " --settings {params.settings} --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --settings {params.settings} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
 rule prune:
@@ -32,12 +33,13 @@ rule prune:
         directory(f"{W}/pruned/{{data}}/{{draft}}/s{{sparsity}}"),
     params:
         sd2=SD2,
+        placement=lambda w: placement("prune", w),
         model=lambda w: model_path(w.draft),
         settings=as_arg(config["prune"]),
         seed=config["seed"],
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("prune"),
     log:
         "logs/prune/{data}/{draft}/s{sparsity}.log",
     benchmark:
@@ -46,7 +48,7 @@ rule prune:
         "../envs/sd2.yaml"
     shell:
         "{params.sd2} prune --model {params.model} --calibration {input.calibration} --sparsity {wildcards.sparsity}"
-        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
 rule layer_prune:
@@ -56,19 +58,20 @@ rule layer_prune:
         directory(f"{W}/layer_pruned/{{draft}}/s{{sparsity}}"),
     params:
         sd2=SD2,
+        placement=lambda w: placement("layer_prune", w),
         model=lambda w: model_path(w.draft),
         # YAML may key the levels as numbers or strings.
         drop=lambda w: as_arg({str(k): v for k, v in (config["layer_prune"]["drop"] or {}).items()}.get(w.sparsity)),
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("layer_prune"),
     log:
         "logs/layer_prune/{draft}/s{sparsity}.log",
     conda:
         "../envs/sd2.yaml"
     shell:
         "{params.sd2} layer-prune --model {params.model} --sparsity {wildcards.sparsity} --drop {params.drop}"
-        " --out {output} > {log} 2>&1"
+        " --out {output} {params.placement} > {log} 2>&1"
 
 
 rule finetune:
@@ -82,15 +85,16 @@ rule finetune:
         method="|".join(TUNED_METHODS),
     params:
         sd2=SD2,
+        placement=lambda w: placement("finetune", w),
         init=finetune_init_path,
         teacher=teacher,
         settings=as_arg(config["finetune"]),
         wandb=wandb_arg(),
         labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         seed=config["seed"],
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("finetune"),
     log:
         "logs/finetune/{data}/{draft}/{method}-s{sparsity}.log",
     benchmark:
@@ -101,4 +105,4 @@ rule finetune:
         "{params.sd2} finetune --init {params.init} --data {input.data} {params.teacher} --out {output}"
         " --settings {params.settings} --seed {params.seed} --threads {threads} --wandb {params.wandb}"
         " --run-name finetune-{wildcards.data}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
-        " --labels {params.labels} > {log} 2>&1"
+        " --labels {params.labels} {params.placement} > {log} 2>&1"

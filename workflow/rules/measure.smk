@@ -6,15 +6,16 @@ rule target_outputs:
         f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
     params:
         sd2=SD2,
+        placement=lambda w: placement("target_outputs", w),
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         # Only what the continuations depend on: changing n_assisted must not regenerate them.
         settings=as_arg({key: config["measure"][key] for key in TARGET_OUTPUT_SETTINGS}),
         seed=config["seed"],
-    # One thread: the batch-1 timing shares the 2-core default machine with another job.
-    threads: 1
+    # One thread in a CPU run: the batch-1 timing shares the 2-core default machine with another job.
+    threads: model_threads(1)
     resources:
-        **model_resources(),
+        **model_resources("target_outputs"),
     log:
         "logs/target_outputs/{target}/{eval_set}.log",
     benchmark:
@@ -23,7 +24,7 @@ rule target_outputs:
         "../envs/sd2.yaml"
     shell:
         "{params.sd2} target-outputs --target {params.target} {params.trust} --eval-set {input.eval_set}"
-        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
 rule measure:
@@ -35,6 +36,7 @@ rule measure:
         f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
     params:
         sd2=SD2,
+        placement=lambda w: placement("measure", w),
         target=lambda w: model_path(w.target),
         draft=lambda w: draft_path(w.target, w.draft, w.method, w.sparsity),
         trust=lambda w: trust(w.target, w.draft),
@@ -42,10 +44,10 @@ rule measure:
         labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity), "eval_set": w.eval_set}),
         wandb=wandb_arg(),
         seed=config["seed"],
-    # One thread: two measurement jobs share the 2-core default machine.
-    threads: 1
+    # One thread in a CPU run: two measurement jobs share the 2-core default machine.
+    threads: model_threads(1)
     resources:
-        **model_resources(),
+        **model_resources("measure"),
     log:
         "logs/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.log",
     benchmark:
@@ -57,4 +59,4 @@ rule measure:
         " --settings {params.settings} --labels {params.labels} --out {output} --seed {params.seed}"
         " --threads {threads} --wandb {params.wandb}"
         " --run-name measure-{wildcards.eval_set}-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
-        " > {log} 2>&1"
+        " {params.placement} > {log} 2>&1"

@@ -8,13 +8,14 @@ rule pretrain:
         model="|".join(SCRATCH) or "^$",
     params:
         sd2=SD2,
+        placement=lambda w: placement("pretrain", w),
         spec=lambda w: as_arg(MODELS[w.model]),
         wandb=wandb_arg(),
         labels=lambda w: as_arg({"model": w.model}),
         seed=config["seed"],
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("pretrain"),
     log:
         "logs/pretrain/{model}.log",
     benchmark:
@@ -24,7 +25,7 @@ rule pretrain:
     shell:
         "{params.sd2} pretrain --name {wildcards.model} --spec {params.spec} --tokenizer {input.tokenizer}"
         " --corpus {input.corpus} --out {output} --seed {params.seed} --threads {threads}"
-        " --wandb {params.wandb} --run-name pretrain-{wildcards.model} --labels {params.labels} > {log} 2>&1"
+        " --wandb {params.wandb} --run-name pretrain-{wildcards.model} --labels {params.labels} {params.placement} > {log} 2>&1"
 
 
 rule model_report:
@@ -38,12 +39,13 @@ rule model_report:
         examples=f"{R}/models.md",
     params:
         sd2=SD2,
+        placement=lambda w: placement("model_report", w),
         models=" ".join(f"{m}={W}/models/{m}" for m in SCRATCH),
         roles=as_arg({m: ("target" if m in config["targets"] else "draft") for m in SCRATCH}),
         seed=config["seed"],
-    threads: config["resources"]["threads"]
+    threads: model_threads()
     resources:
-        **model_resources(),
+        **model_resources("model_report"),
     log:
         "logs/model_report.log",
     conda:
@@ -51,4 +53,4 @@ rule model_report:
     shell:
         "{params.sd2} model-report --models {params.models} --roles {params.roles} --corpus {input.corpus}"
         " --prompts {input.prompts} --table {output.table} --examples {output.examples}"
-        " --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"

@@ -1,0 +1,409 @@
+"""Memory plan: how many GPUs and how much host memory each model job needs, from model sizes alone.
+
+Snakemake calls this while it builds the DAG, so it needs no torch and no weights: a model's
+sizes come from its `shape` in the config (hub ids), its config.json (a local checkpoint
+directory) or its from-scratch spec. Every count is in bytes and written out below, so a
+plan can be checked by hand (tests/test_memory.py does, for 70B / 8B / 3B / 1B models).
+
+What each rule holds at its peak (T = tokens in flight, h = hidden size, i = MLP size,
+L = decoder layers, V = vocabulary, b = bytes per weight in the dtype the job loads):
+- inference (self_distill, target_outputs, model_report, measure): weights + KV cache of
+  the whole batch (2 L kv_heads head_dim b per token) + one layer's activations over the
+  prefill (T (4h + 3i) b: q/k/v/o inputs and outputs, the MLP's gate, up and product) +
+  logits (fp32, with their softmax: 8 bytes per token and vocabulary entry; generation keeps
+  the last position only, the teacher-forced passes of `measure` every position).
+- SparseGPT pruning (llm-compressor's sequential pipeline): on the GPU one decoder layer at a
+  time (or the embedding, if larger), the fp32 Hessian of every linear of that layer
+  (in_features^2 x 4 bytes: q, k, v, gate and up read h inputs, o reads heads x head_dim,
+  down reads i), SparseGPT's fp32 copy of the largest weight and its inverse Hessian, and one
+  calibration sample's activations. The host holds the model twice (prune.py keeps the
+  originals beside llm-compressor's working copy) and the cached layer inputs of every
+  calibration sample (samples x seq_len x h x b, inputs and outputs of a layer at once).
+- fine-tuning: full AdamW on fp32 master weights (4 weights + 4 gradients + 8 moments = 16
+  bytes per parameter), a bool mask per decoder weight, gradient checkpointing at the
+  micro-batch (the fp32 residual stream at every layer boundary, plus one layer recomputed
+  with its gradients: T (4h + 3i) x 4 bytes) and the output layer in chunks (sd2's chunked
+  loss keeps about four fp32 tensors of 2^27 logits alive: 2 GiB).
+- pretraining: as fine-tuning, without checkpointing (every layer's activations are kept)
+  and with the full logits of the batch (logits, softmax and gradient: 12 bytes an entry).
+- layer_prune, magnitude pruning and the data rules run on the CPU: no GPU.
+
+GPUs = ceil(GPU bytes / (90% of resources.gpu_mem_gb)); in a job that needs more than one,
+the largest model is spread over them (device_map="auto"). Host memory = what is loaded
+on the CPU before it moves to a GPU, or everything for a CPU job, plus HOST_BASE.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sd2.config import ConfigError
+
+GB = 10**9
+MiB = 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The plan fills at most this share of a GPU: the CUDA context, cuBLAS workspaces and the
+# caching allocator's fragmentation take the rest.
+USABLE_GPU_SHARE = 0.9
+# Python, torch and the CUDA libraries, tokenizers, the job's dataset and JSON records.
+HOST_BASE = 8 * GB
+# Prompts are not truncated to a length the config states: the plan assumes prompts of at most
+# this many tokens (UltraChat's first turns and the eval sets' prompts are far shorter).
+PROMPT_TOKENS = 2048
+# sd2.chunked_loss: one chunk's fp32 logits hold 2^27 entries; about four such tensors live at once.
+CHUNK_LOGITS = 2**27
+# Prompts the model report continues, 16 at a time, for 128 tokens (sd2.model_report.report).
+REPORT_BATCH, REPORT_NEW_TOKENS = 16, 128
+GATED_MLP = {"llama", "mistral", "qwen2", "qwen3"}
+PLAIN_MLP = {"gpt_neox"}
+RULES = ("pretrain", "model_report", "self_distill", "target_outputs", "prune", "layer_prune", "finetune", "measure")
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes the plan needs; `dtype` is the one the checkpoint stores (what dtype auto loads)."""
+
+    params: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tied: bool
+    dtype: str
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (everything but the embedding, lm_head and final norm)."""
+        heads = (1 if self.tied else 2) * self.embedding_params
+        return (self.params - heads - self.hidden_size) // self.num_hidden_layers
+
+    @property
+    def layer_linear_inputs(self) -> list[int]:
+        """in_features of each linear of a decoder layer: q, k, v, o, gate, up, down."""
+        h = self.hidden_size
+        return [h, h, h, self.num_attention_heads * self.head_dim, h, h, self.intermediate_size]
+
+
+@dataclass
+class Plan:
+    """One job: its GPUs, the bytes it needs on them and on the host, and how each model is placed."""
+
+    rule: str
+    models: dict  # role -> model name
+    gpus: int
+    gpu_bytes: int
+    host_bytes: int
+    dtypes: dict  # role -> dtype the job loads the model in
+    spread: dict  # role -> True for the model spread over the job's GPUs (device_map="auto")
+    parts: dict = field(default_factory=dict)  # what the GPU bytes (or a CPU job's bytes) are made of
+
+    @property
+    def mem_mb(self) -> int:
+        return math.ceil(self.host_bytes / MiB)
+
+
+def count_params(cfg: dict) -> int:
+    """Parameters of a decoder-only model from its config.json sizes (norms and Qwen2's q/k/v biases included)."""
+    kind = cfg["model_type"]
+    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    if kind in GATED_MLP:
+        mlp, biases, norms = 3 * h * i, (heads + 2 * kv) * head_dim if kind == "qwen2" else 0, 2 * h
+    elif kind in PLAIN_MLP:
+        # GPT-NeoX: every linear has a bias, and each layer norm has a bias too.
+        mlp, biases, norms = 2 * h * i, 3 * heads * head_dim + h + i + h, 4 * h
+    else:
+        raise ValueError(f"cannot count the parameters of model type '{kind}' (known: {sorted(GATED_MLP | PLAIN_MLP)})")
+    embeddings = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    final_norm = 2 * h if kind in PLAIN_MLP else h
+    return layers * (attention + mlp + biases + norms) + embeddings + final_norm
+
+
+def shape_from_config(cfg: dict, dtype: str) -> Shape:
+    """A Shape from a config.json dict (or a from-scratch spec with model_type set)."""
+    heads = cfg["num_attention_heads"]
+    return Shape(
+        params=count_params(cfg),
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        dtype=dtype,
+    )
+
+
+def model_shape(name: str, config: dict) -> Shape:
+    """Sizes of config["models"][name]: its `shape`, its local config.json, or its from-scratch spec."""
+    spec = config["models"][name]
+    if "shape" in spec:
+        s = spec["shape"]
+        return Shape(
+            params=round(s["params_b"] * 1e9),
+            tied=s["tie_word_embeddings"],
+            dtype=s["dtype"],
+            **{k: s[k] for k in SHAPE_KEYS},
+        )
+    if "hub" not in spec:
+        vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
+        # build_model creates from-scratch models in float32 and pretrain saves them so.
+        return shape_from_config({**spec, "model_type": spec["arch"], "vocab_size": vocab}, "float32")
+    local = Path(spec["hub"]).expanduser() / "config.json"
+    if local.is_file():
+        cfg = json.loads(local.read_text())
+        cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+        stored = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        try:
+            return shape_from_config(cfg, stored)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(
+                f"config error at models.{name}: cannot size {local} ({e}); give models.{name}.shape"
+            ) from e
+    raise ConfigError(
+        f"config error at models.{name}.shape: '{spec['hub']}' is a hub id, and the memory plan (resources.gpu > 0) "
+        "needs its sizes before anything is downloaded; add `shape: {params_b, hidden_size, intermediate_size, "
+        "num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size, tie_word_embeddings}` "
+        "from the model's config.json, or point `hub` at a local checkpoint directory"
+    )
+
+
+def load_dtype(name: str, config: dict, shape: Shape | None = None) -> str:
+    """The dtype jobs load `name` in: models.<name>.dtype, where auto is the stored dtype."""
+    wanted = config["models"][name].get("dtype", "auto")
+    if wanted != "auto":
+        return wanted
+    return (shape or model_shape(name, config)).dtype
+
+
+# ---- the counts ----
+
+
+def weight_bytes(shape: Shape, dtype: str) -> int:
+    return shape.params * DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes(shape: Shape, dtype: str, tokens: int) -> int:
+    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * DTYPE_BYTES[dtype] * tokens
+
+
+def layer_activation_bytes(shape: Shape, tokens: int, bytes_per: int) -> int:
+    """One decoder layer's activations over `tokens` positions."""
+    return tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * bytes_per
+
+
+def logits_bytes(shape: Shape, positions: int) -> int:
+    """fp32 logits and their softmax."""
+    return positions * shape.vocab_size * 8
+
+
+def inference_parts(shape: Shape, dtype: str, batch: int, prompt: int, new: int, every_position: bool) -> dict:
+    """Weights, KV cache, prefill activations and logits of generating (or scoring) a batch."""
+    seq = prompt + new
+    return {
+        "weights": weight_bytes(shape, dtype),
+        "kv_cache": kv_cache_bytes(shape, dtype, batch * seq),
+        "activations": layer_activation_bytes(shape, batch * (seq if every_position else prompt), DTYPE_BYTES[dtype]),
+        "logits": logits_bytes(shape, batch * (seq if every_position else 1)),
+    }
+
+
+def sparsegpt_gpu_parts(shape: Shape, dtype: str, seq_len: int, hessians: bool) -> dict:
+    b = DTYPE_BYTES[dtype]
+    inputs = shape.layer_linear_inputs
+    widest = max(inputs)
+    out_of_widest = shape.hidden_size  # down_proj (the widest input) writes h outputs
+    return {
+        "layer": max(shape.layer_params, shape.embedding_params) * b,
+        "hessians": sum(n * n for n in inputs) * 4 if hessians else 0,
+        # SparseGPT's fp32 copy of the weight it prunes and (with Hessians) the inverse Hessian.
+        "working": (out_of_widest * widest + (widest * widest if hessians else 0)) * 4,
+        "activations": layer_activation_bytes(shape, seq_len, b) + 2 * seq_len * shape.hidden_size * b,
+    }
+
+
+def training_parts(shape: Shape, tokens: int, fine_tuning: bool) -> dict:
+    """Fine-tuning: masks, gradient checkpointing, chunked logits; pretraining: none of them."""
+    if fine_tuning:
+        activations = shape.num_hidden_layers * tokens * shape.hidden_size * 4 + 2 * layer_activation_bytes(
+            shape, tokens, 4
+        )
+    else:
+        activations = shape.num_hidden_layers * layer_activation_bytes(shape, tokens, 4)
+    logits = min(tokens * shape.vocab_size, CHUNK_LOGITS) * 4 * 4 if fine_tuning else tokens * shape.vocab_size * 12
+    return {
+        "weights_grads_adam": shape.params * 16,
+        # Fine-tuning holds a bool mask per decoder weight (pruned or not).
+        "masks": shape.layer_params * shape.num_hidden_layers if fine_tuning else 0,
+        "activations": activations,
+        "logits": logits,
+    }
+
+
+# ---- per rule ----
+
+
+def _gpus(total: int, config: dict) -> int:
+    return max(1, math.ceil(total / usable_gpu_bytes(config)))
+
+
+def usable_gpu_bytes(config: dict) -> int:
+    return int(config["resources"]["gpu_mem_gb"] * GB * USABLE_GPU_SHARE)
+
+
+def plan_job(rule: str, models: dict, config: dict) -> Plan:
+    """The plan of one job of `rule` that loads `models` (role -> model name; None = not loaded)."""
+    if rule not in RULES:
+        raise ValueError(f"no memory plan for rule '{rule}' (known: {', '.join(RULES)})")
+    models = {role: name for role, name in models.items() if name is not None}
+    shapes = {role: model_shape(name, config) for role, name in models.items()}
+    dtypes = {role: load_dtype(models[role], config, shapes[role]) for role in models}
+    usable = usable_gpu_bytes(config)
+    per_model, parts, host = {}, {}, HOST_BASE  # per_model: GPU bytes of each model's own share
+    on_gpu = True
+
+    if rule in ("self_distill", "target_outputs"):
+        s, dt = shapes["target"], dtypes["target"]
+        settings = config["distill"] if rule == "self_distill" else config["measure"]
+        prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
+        parts = inference_parts(s, dt, settings["batch_size"], prompt, settings["max_new_tokens"], False)
+        per_model["target"] = sum(parts.values())
+        host += parts["weights"]
+    elif rule == "measure":
+        m = config["measure"]
+        prompt = m.get("max_prompt_tokens") or PROMPT_TOKENS
+        for role in ("target", "draft"):
+            s, dt = shapes[role], dtypes[role]
+            scored = inference_parts(s, dt, m["batch_size"], prompt, m["max_new_tokens"], True)
+            # Assisted generation runs one prompt at a time: a batch-1 KV cache beside the teacher-forced batches.
+            scored["kv_cache"] = kv_cache_bytes(s, dt, prompt + m["max_new_tokens"])
+            parts.update({f"{role}_{k}": v for k, v in scored.items()})
+            per_model[role] = sum(scored.values())
+            host += scored["weights"]
+    elif rule == "model_report":
+        best = {}
+        for role, s in shapes.items():
+            prompt = min(PROMPT_TOKENS, config["models"][models[role]].get("max_position_embeddings", PROMPT_TOKENS))
+            found = inference_parts(s, dtypes[role], REPORT_BATCH, prompt, REPORT_NEW_TOKENS, False)
+            if sum(found.values()) > sum(best.values()):
+                best = found
+        parts = best  # the models are reported one after another
+        host += best.get("weights", 0)
+    elif rule == "prune":
+        s, dt, p = shapes["draft"], dtypes["draft"], config["prune"]
+        # Two copies on the host: prune.py's (the originals, and what is saved) and llm-compressor's.
+        host += 2 * weight_bytes(s, dt)
+        if p["pruner"] == "magnitude":
+            on_gpu = False
+            parts = {"weights_twice": 2 * weight_bytes(s, dt)}
+        else:
+            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=p["pruner"] == "sparsegpt")
+            cached = 2 * p["calibration_samples"] * p["calibration_seq_len"] * s.hidden_size * DTYPE_BYTES[dt]
+            host += cached
+            parts["host_calibration_cache"] = cached
+        per_model["draft"] = sum(v for k, v in parts.items() if not k.startswith("host_"))
+    elif rule == "layer_prune":
+        on_gpu = False
+        parts = {"weights": weight_bytes(shapes["draft"], dtypes["draft"])}
+        host += parts["weights"]
+    elif rule == "finetune":
+        ft = config["finetune"]
+        tokens = (ft.get("micro_batch_size") or ft["batch_size"]) * ft["seq_len"]
+        parts = training_parts(shapes["draft"], tokens, fine_tuning=True)
+        per_model["draft"] = sum(parts.values())
+        host += weight_bytes(shapes["draft"], "float32")  # loaded as fp32 master weights
+        dtypes["draft"] = "float32"
+        if "teacher" in shapes:
+            s, dt = shapes["teacher"], dtypes["teacher"]
+            teacher = inference_parts(s, dt, ft.get("micro_batch_size") or ft["batch_size"], ft["seq_len"], 0, True)
+            teacher["kv_cache"] = 0
+            parts.update({f"teacher_{k}": v for k, v in teacher.items()})
+            per_model["teacher"] = sum(teacher.values())
+            host += teacher["weights"]
+    elif rule == "pretrain":
+        spec = config["models"][models["model"]]
+        train = spec["train"]
+        tokens = train["batch_size"] * train["seq_len"]
+        instruct = train.get("instruct") or {}
+        if instruct.get("steps"):
+            tokens = max(tokens, instruct["batch_size"] * instruct["seq_len"])
+        parts = training_parts(shapes["model"], tokens, fine_tuning=False)
+        per_model["model"] = sum(parts.values())
+        dtypes["model"] = "float32"
+
+    total = sum(v for k, v in parts.items() if not k.startswith("host_"))
+    if not on_gpu:
+        # Everything is in host memory; nothing is asked of a GPU.
+        return Plan(rule, models, 0, 0, host, dtypes, {r: False for r in models}, parts)
+    # A job that needs more than one GPU spreads its target over them (device_map="auto", balanced);
+    # a draft sits on the first GPU beside the target's share. Training never spreads a model: more
+    # than one GPU for it means sharded optimizer states (the fine-tuning step's own multi-GPU path).
+    spread = {role: total > usable and role == "target" for role in models}
+    # A spread model loads straight onto the GPUs, never whole into host memory.
+    host -= sum(weight_bytes(shapes[role], dtypes[role]) for role, s in spread.items() if s)
+    return Plan(rule, models, _gpus(total, config), total, host, dtypes, spread, parts)
+
+
+def check_fits(plan: Plan, config: dict) -> None:
+    """ConfigError when a job needs more GPUs than one node offers (resources.gpu)."""
+    cap = config["resources"]["gpu"]
+    if plan.gpus > cap:
+        names = ", ".join(f"{role} {name}" for role, name in plan.models.items())
+        raise ConfigError(
+            f"config error at resources.gpu: {plan.rule} ({names}) needs {plan.gpus} GPUs "
+            f"({plan.gpu_bytes / GB:.0f} GB at {usable_gpu_bytes(config) / GB:.0f} GB usable each), "
+            f"more than resources.gpu={cap} (the GPUs of one node)"
+        )
+
+
+def describe(plan: Plan) -> dict:
+    """One row for the plan table: rule, models, dtypes, GPUs, GB on the GPUs and the host."""
+    return {
+        "rule": plan.rule,
+        "models": " ".join(f"{r}={n}" for r, n in plan.models.items()),
+        "dtypes": ",".join(f"{r}={d}" for r, d in plan.dtypes.items()),
+        "gpus": plan.gpus,
+        "gpu_gb": round(plan.gpu_bytes / GB, 1),
+        "host_gb": round(plan.host_bytes / GB, 1),
+        "mem_mb": plan.mem_mb,
+        "spread": ",".join(r for r, s in plan.spread.items() if s) or "-",
+    }
+
+
+def job_plans(config: dict) -> list[Plan]:
+    """The plan of every kind of model job in `config` (one per rule and models loaded)."""
+    models, targets, drafts = config["models"], config["targets"], config["drafts"]
+    scratch = [name for name, spec in models.items() if "hub" not in spec]
+    teachers = targets if config["finetune"]["loss"] != "ce" else [None]
+    plans = [plan_job("pretrain", {"model": m}, config) for m in scratch]
+    if scratch:
+        plans.append(plan_job("model_report", {f"model{i}": m for i, m in enumerate(scratch)}, config))
+    for t in targets:
+        plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs")]
+    for d in drafts:
+        plans += [plan_job(rule, {"draft": d}, config) for rule in ("prune", "layer_prune")]
+        plans += [plan_job("finetune", {"draft": d, "teacher": t}, config) for t in teachers]
+        plans += [plan_job("measure", {"target": t, "draft": d}, config) for t in targets if t != d]
+    return plans
