@@ -87,6 +87,55 @@ def tiny_qwen_dir(tmp_path_factory, meta_tokenizer_dir):
     return _save_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2", meta_tokenizer_dir, seed=2)
 
 
+# ---- hub-format stand-ins for the paper's Instruct checkpoints (tests/hub_models.py) ----
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory, byte_tokenizer_dir):
+    """The byte-level tokenizer with Llama-3.1-Instruct's special tokens and chat template."""
+    return chat_tokenizer_dir(tmp_path_factory, "llama3", byte_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory, meta_tokenizer_dir):
+    """The metaspace tokenizer with Qwen2.5-Instruct's ChatML special tokens and chat template."""
+    return chat_tokenizer_dir(tmp_path_factory, "qwen2", meta_tokenizer_dir)
+
+
+def chat_tokenizer_dir(tmp_path_factory, family, base_dir):
+    from hub_models import chat_tokenizer
+
+    out = tmp_path_factory.mktemp(f"tok_{family}")
+    chat_tokenizer(family, base_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hub_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A tiny random Llama-3.1-Instruct-shaped hub checkpoint (bf16 config, the real generation_config.json)."""
+    from hub_models import save_hub_model
+
+    return save_hub_model(tmp_path_factory.mktemp("hub_llama"), "llama3", llama3_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def hub_llama_draft_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A smaller Llama-3-shaped checkpoint with the same tokenizer (a Llama-3.2-1B-style draft)."""
+    from hub_models import save_hub_model
+
+    return save_hub_model(
+        tmp_path_factory.mktemp("hub_llama_draft"), "llama3", llama3_tokenizer_dir, seed=1, hidden_size=16
+    )
+
+
+@pytest.fixture(scope="session")
+def hub_qwen_dir(tmp_path_factory, qwen2_tokenizer_dir):
+    """A tiny random Qwen2.5-Instruct-shaped hub checkpoint (ships repetition_penalty 1.05, top_k 20, ...)."""
+    from hub_models import save_hub_model
+
+    return save_hub_model(tmp_path_factory.mktemp("hub_qwen"), "qwen2", qwen2_tokenizer_dir, seed=2)
+
+
 @pytest.fixture(scope="session")
 def stdlib_root_dir():
     return stdlib_root()

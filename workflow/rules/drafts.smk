@@ -8,7 +8,7 @@ rule self_distill:
         sd2=SD2,
         model=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
-        settings=as_arg(config["distill"]),
+        settings=as_arg({**config["distill"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: config["resources"]["threads"]
     resources:
@@ -33,7 +33,7 @@ rule prune:
     params:
         sd2=SD2,
         model=lambda w: model_path(w.draft),
-        settings=as_arg(config["prune"]),
+        settings=as_arg({**config["prune"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: config["resources"]["threads"]
     resources:
@@ -84,7 +84,7 @@ rule finetune:
         sd2=SD2,
         init=finetune_init_path,
         teacher=teacher,
-        settings=as_arg(config["finetune"]),
+        settings=as_arg({**config["finetune"], "chat": config["chat"]}),
         wandb=wandb_arg(),
         labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         seed=config["seed"],
