@@ -141,7 +141,7 @@ def self_distill(
     model = load_model(target_dir, trust_remote_code, device=default_device())
     chat_record = chat.describe(tokenizer, chat_settings)
 
-    texts = prompts["prompt"]
+    texts, ids = list(prompts["prompt"]), list(prompts["id"])
     # Similar lengths in a batch waste less padding; the answers do not depend on the order
     # when greedy. Sampling is seeded per batch, so a resumed run draws what an uninterrupted one does.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -152,7 +152,7 @@ def self_distill(
             "settings": {**settings, "chat": chat_settings, "shard_batches": shard_batches},
             "seed": seed,
             "target": str(target_dir),
-            "prompts": _digest([prompts["id"], texts]),
+            "prompts": _digest([ids, texts]),
         }
     )
     partial = partial_dir(out_dir)
@@ -201,7 +201,7 @@ def self_distill(
     columns = ("target_prompt", "target_prompt_text", "finished", "end_token")
     data = Dataset.from_dict(
         {
-            "id": prompts["id"],
+            "id": ids,
             "prompt": texts,
             "response": [a["response"] for a in answers_in_order],
             "original_response": original,
@@ -214,7 +214,7 @@ def self_distill(
         prompts=str(prompts_dir),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        decoding="greedy" if temperature == 0 else "pure sampling (no top-k, top-p or repetition penalty)",
+        decoding="greedy" if temperature == 0 else "sampling (pure: no top-k, top-p or repetition penalty)",
         batch_size=batch_size,
         max_prompts=max_prompts,
         shard_batches=shard_batches,

@@ -64,7 +64,8 @@ DEFINITIONS = {
     "with torch.manual_seed(seed + prompt index) before each generate().",
     "prompts": "the eval prompt as the target sees it: a user turn in the target's chat template (with the "
     "generation prompt) where its tokenizer has one and chat.template is auto, else the raw text; the target "
-    "outputs' provenance (chat) and every record's prompt_format say which. A different-tokenizer draft gets that prompt's text from UAG.",
+    "outputs' provenance (chat) and every record's prompt_format say which. A different-tokenizer draft "
+    "gets that prompt's text from UAG.",
 }
 
 

@@ -97,7 +97,7 @@ FAMILIES = {
 
 
 def chat_tokenizer(family: str, base_dir, out_dir) -> PreTrainedTokenizerFast:
-    """The tokenizer saved in `base_dir` (sd2.tokenization) with `family`'s special tokens and template, saved to out_dir."""
+    """The tokenizer in `base_dir` (sd2.tokenization) with `family`'s special tokens and template, saved to out_dir."""
     spec = FAMILIES[family]
     tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
     tok.add_special_tokens({"additional_special_tokens": spec["specials"]})
@@ -109,7 +109,9 @@ def chat_tokenizer(family: str, base_dir, out_dir) -> PreTrainedTokenizerFast:
         # Like Llama 3's tokenizer: every tokenized text starts with <|begin_of_text|>.
         bos_id = tok.convert_tokens_to_ids(spec["bos"])
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A {spec['bos']} $B", special_tokens=[(spec["bos"], bos_id)]
+            single=f"{spec['bos']} $A",
+            pair=f"{spec['bos']} $A {spec['bos']} $B",
+            special_tokens=[(spec["bos"], bos_id)],
         )
     tok.chat_template = spec["template"]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
