@@ -83,7 +83,7 @@ NEUTRAL = dict(
     num_beam_groups=1,
     num_return_sequences=1,
     temperature=1.0,
-    top_k=0,
+    top_k=50,  # greedy ignores it; sampling sets 0 (off). 50 is the library's default, so generate() does not warn.
     top_p=1.0,
     typical_p=1.0,
     epsilon_cutoff=0.0,
@@ -124,7 +124,9 @@ NO_NEUTRAL = (
 
 def generation_config(temperature: float, max_new_tokens: int, pad_token_id) -> GenerationConfig:
     """Greedy (temperature 0) or pure sampling at `temperature`, nothing else; eos ids come from the model."""
-    sampling = dict(do_sample=True, temperature=float(temperature)) if temperature > 0 else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=float(temperature), top_k=0) if temperature > 0 else dict(do_sample=False)
+    )
     return GenerationConfig(**{**NEUTRAL, **sampling}, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
 
 

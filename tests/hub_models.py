@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sd2.models import build_model
 
+# The sizes of every tiny test model (tests/conftest.py builds its from-scratch ones with them too).
 TINY = dict(
     hidden_size=32,
     intermediate_size=64,

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
+from hub_models import save_hub_model
 
 from sd2 import chat, distill
 from sd2.distill import decode_response, generate_batch, partial_dir, self_distill
@@ -180,8 +181,6 @@ def test_partial_run_with_other_settings_starts_over(
 @pytest.fixture(scope="module")
 def penalised_pair(tmp_path_factory, byte_tokenizer_dir):
     """Same weights twice: one ships repetition_penalty 1.5 (and Qwen's sampling settings), one nothing."""
-    from hub_models import save_hub_model
-
     root = tmp_path_factory.mktemp("penalised")
     shipped = {"do_sample": True, "repetition_penalty": 1.5, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
     return (
