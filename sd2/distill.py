@@ -107,7 +107,8 @@ def _resume(partial: Path, digest: str) -> dict[int, dict]:
     shards = {}
     for path in sorted(partial.glob("shard-*.json")):
         shard = json.loads(path.read_text())
-        shards[shard["shard"]] = {int(k): v for k, v in shard["rows"].items()}
+        if shard["digest"] == digest:  # a shard left by other settings is answered again
+            shards[shard["shard"]] = {int(k): v for k, v in shard["rows"].items()}
     print(f"self-distill: resuming from {len(shards)} shard(s) in {partial}")
     return shards
 

@@ -8,6 +8,7 @@ from hub_models import save_hub_model
 from sd2 import chat, distill
 from sd2.distill import decode_response, generate_batch, partial_dir, self_distill
 from sd2.models import load_model, load_tokenizer
+from sd2.prune import calibration_set
 
 PROMPTS = [
     'def add(a, b):\n    """Return a + b."""\n',
@@ -245,6 +246,15 @@ def test_drafts_train_on_what_the_target_saw(hub_llama_dir, qwen2_tokenizer_dir,
         assert example["input_ids"][: len(head)] == head and example["labels"][: len(head)] == [-100] * len(head)
         answer = target_tok.decode([i for i, lab in zip(example["input_ids"], example["labels"]) if lab != -100])
         assert answer == row["response"] + (row["end_token"] if row["finished"] else "")
+
+    # Pruning calibration reads the same format: prompt and answer as one text, the target's exact prompt ids first.
+    calibration, fmt = calibration_set(out, target_tok, n=5, seq_len=512, seed=0)
+    assert fmt["format"] == "target"
+    by_text = {row["target_prompt"] + row["response"]: row for row in rows}
+    for ids in calibration["input_ids"]:
+        row = by_text[target_tok.decode(ids)]
+        head = chat.prompt_ids(target_tok, row["prompt"], None)
+        assert ids[: len(head)] == head
 
     other_tok = load_tokenizer(qwen2_tokenizer_dir)
     other, fmt = chat.encode_dataset(other_tok, data, out, None, seq_len=512)
