@@ -269,3 +269,22 @@ def test_drafts_train_on_what_the_target_saw(hub_llama_dir, qwen2_tokenizer_dir,
         )
         labels = [lab for lab in example["labels"] if lab != -100]
         assert (labels[-1] == other_tok.eos_token_id) == row["finished"]
+
+
+def test_demo_fine_tuning_examples_are_those_of_before(
+    tiny_llama_dir, tiny_qwen_dir, prompts_dir, tmp_path, one_thread
+):
+    """No template: the encoding of before sd2.chat, except that a cut-off answer gets no end-of-text."""
+    out = tmp_path / "distill"
+    self_distill(
+        tiny_llama_dir, prompts_dir, out, settings=dict(max_new_tokens=8, temperature=0.0, batch_size=5), seed=0
+    )
+    data = load_from_disk(str(out))
+    for draft_dir in (tiny_llama_dir, tiny_qwen_dir):  # the target's tokenizer, and another one (UAG)
+        tok = load_tokenizer(draft_dir)
+        examples, _ = chat.encode_dataset(tok, data, out, None, seq_len=512)
+        for example, row in zip(examples, data):
+            head = tok(row["prompt"])["input_ids"]
+            answer = tok(row["response"], add_special_tokens=False)["input_ids"]
+            answer += [tok.eos_token_id] if row["finished"] else []
+            assert example == {"input_ids": head + answer, "labels": [-100] * len(head) + answer}
