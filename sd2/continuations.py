@@ -12,6 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from sd2 import chat
 from sd2.checkpoint import write_json
 from sd2.distill import generate_batch
 from sd2.models import default_device, load_model, load_tokenizer
@@ -19,14 +20,21 @@ from sd2.provenance import provenance
 from sd2.speculative import ar_generate, decoding_kwargs, load_prompts
 
 
-def generate_all(model, tokenizer, prompts: list[dict], *, max_new_tokens: int, batch_size: int) -> list[dict]:
-    """Greedy continuation of every prompt in left-padded batches of similar lengths."""
+def generate_all(
+    model, tokenizer, prompts: list[dict], *, max_new_tokens: int, batch_size: int, chat_settings: dict | None = None
+) -> list[dict]:
+    """Greedy continuation of every prompt (formatted by sd2.chat) in left-padded batches of similar lengths."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt"]))
     items: list[dict | None] = [None] * len(prompts)
     for b in tqdm(range(0, len(order), batch_size), desc="target continuations", unit="batch", mininterval=5):
         idx = order[b : b + batch_size]
         rows = generate_batch(
-            model, tokenizer, [prompts[i]["prompt"] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0
+            model,
+            tokenizer,
+            [prompts[i]["prompt"] for i in idx],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            chat_settings=chat_settings,
         )
         for i, row in zip(idx, rows):
             if not row["prompt_ids"]:
@@ -82,14 +90,24 @@ def target_outputs(
     dtype="auto",
     device_map=None,
 ) -> dict:
-    """Write {items: [{id, prompt_ids, continuation_ids, text, ended_by_eos}], timing, provenance} as JSON."""
+    """Write {items: [{id, prompt_ids, continuation_ids, text, ended_by_eos}], timing, provenance} as JSON.
+
+    prompt_ids are the eval prompt as the target sees it (its chat template applied where
+    settings["chat"] allows); every measurement of the sweep then uses these ids.
+    """
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
     model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
     torch.manual_seed(seed)
     prompts = load_prompts(eval_dir, settings["n_prompts"])
     start = time.time()
+    chat_settings = chat.resolve(settings.get("chat"))
     items = generate_all(
-        model, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"]
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=settings["max_new_tokens"],
+        batch_size=settings["batch_size"],
+        chat_settings=chat_settings,
     )
     seconds = time.time() - start
     timing = time_target_alone(
@@ -113,7 +131,13 @@ def target_outputs(
             "batched_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
         },
         "timing": timing,
-        "provenance": provenance(seed=seed, settings=settings, decoding="greedy", padding="left"),
+        "provenance": provenance(
+            seed=seed,
+            settings=settings,
+            decoding="greedy",
+            padding="left",
+            chat=chat.describe(tokenizer, chat_settings),
+        ),
         "items": items,
     }
     write_json(out_path, out, indent=None)

@@ -2,18 +2,27 @@
 
 Responses are stored as text, so a draft with another tokenizer can train on them.
 Generation is batched with left padding; the attention mask (and the position ids
-generate() derives from it) make each answer the same as an unbatched one.
+generate() derives from it) make each answer the same as an unbatched one. Prompts are
+formatted by sd2.chat (the target's chat template), and each row keeps the formatted prompt
+the target saw, so drafts train on the target's exact format. Answers are written in shards
+as they come, so a killed job's requeue resumes instead of starting over.
 """
 
+import hashlib
+import json
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 
+from sd2 import chat
 from sd2.checkpoint import atomic_path, write_json
 from sd2.models import default_device, load_model, load_tokenizer
 from sd2.provenance import provenance
+from sd2.speculative import check_shipped_generation, generation_config
 
 
 def decode_response(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -34,18 +43,20 @@ def _strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float) -> list[dict]:
-    """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it."""
+def generate_batch(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, chat_settings: dict | None = None
+) -> list[dict]:
+    """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it.
+
+    Each prompt is formatted by sd2.chat (its chat template where the tokenizer has one and
+    chat_settings allow it); the decoding is exactly greedy or pure sampling (sd2.speculative).
+    """
+    check_shipped_generation(model)
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    sampling = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    )
+    ids = [chat.prompt_ids(tokenizer, p, chat_settings) for p in prompts]
+    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
     out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
+        **enc, generation_config=generation_config(temperature, max_new_tokens, tokenizer.pad_token_id)
     )
     width = enc["input_ids"].shape[1]
     eos = model.generation_config.eos_token_id
@@ -70,6 +81,38 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     return rows
 
 
+# ---- the rule: batches written in shards, so a requeued job resumes ----
+
+
+def partial_dir(out_dir) -> Path:
+    """Where the shards of an unfinished run of out_dir live (beside it, not inside: Snakemake clears outputs)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _resume(partial: Path, digest: str) -> dict[int, dict]:
+    """Rows already answered, by shard number; an unmatched partial folder is removed, saying so."""
+    if not partial.exists():
+        return {}
+    meta = partial / "settings.json"
+    found = json.loads(meta.read_text())["digest"] if meta.exists() else None
+    if found != digest:
+        print(f"self-distill: {partial} was written with other settings ({found} != {digest}): starting over")
+        shutil.rmtree(partial)
+        return {}
+    shards = {}
+    for path in sorted(partial.glob("shard-*.json")):
+        shard = json.loads(path.read_text())
+        if shard["digest"] == digest:  # a shard left by other settings is answered again
+            shards[shard["shard"]] = {int(k): v for k, v in shard["rows"].items()}
+    print(f"self-distill: resuming from {len(shards)} shard(s) in {partial}")
+    return shards
+
+
 def self_distill(
     target_dir,
     prompts_dir,
@@ -81,64 +124,119 @@ def self_distill(
     dtype="auto",
     device_map=None,
 ) -> None:
-    """Write a dataset (id, prompt, response = the target's answer, original_response) to out_dir.
+    """Write a dataset to out_dir: id, prompt, response (the target's answer), original_response, and
+    target_prompt / target_prompt_text (the formatted prompt the target saw, with and without its
+    special tokens: see sd2.chat), finished (ended by an end-of-sequence token) and end_token (its text).
 
-    settings: the config's distill section (max_new_tokens, temperature, batch_size, max_prompts).
+    settings: the config's distill section (max_new_tokens, temperature, batch_size, max_prompts,
+    shard_batches) plus `chat` (the config's chat section). Every shard_batches batches the
+    answers so far are written to `<out_dir>.partial/`; a rerun with the same settings resumes
+    there; the finished dataset is written atomically and the partial folder removed.
     """
     max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
     batch_size, max_prompts = settings["batch_size"], settings.get("max_prompts")
+    shard_batches = settings.get("shard_batches", 20)
+    chat_settings = chat.resolve(settings.get("chat"))
     prompts = load_from_disk(str(prompts_dir))
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
     model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
-    torch.manual_seed(seed)
+    chat_record = chat.describe(tokenizer, chat_settings)
 
-    texts = prompts["prompt"]
+    texts, ids = list(prompts["prompt"]), list(prompts["id"])
     # Similar lengths in a batch waste less padding; the answers do not depend on the order
-    # when greedy (sampling draws from one seeded stream, so it depends on the batching).
+    # when greedy. Sampling is seeded per batch, so a resumed run draws what an uninterrupted one does.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[dict | None] = [None] * len(texts)
-    start = time.time()
-    for b in tqdm(range(0, len(order), batch_size), desc="self-distill", unit="batch", mininterval=5):
-        idx = order[b : b + batch_size]
-        for i, row in zip(
-            idx,
-            generate_batch(
-                model, tokenizer, [texts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature
-            ),
-        ):
-            answers[i] = row
-    seconds = time.time() - start
-
-    original = prompts["response"] if "response" in prompts.column_names else [None] * len(texts)
-    data = Dataset.from_dict(
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    shards = [range(s, min(s + shard_batches, len(batches))) for s in range(0, len(batches), shard_batches)]
+    digest = _digest(
         {
-            "id": prompts["id"],
-            "prompt": texts,
-            "response": [a["response"] for a in answers],
-            "original_response": original,
+            "settings": {**settings, "chat": chat_settings, "shard_batches": shard_batches},
+            "seed": seed,
+            "target": str(target_dir),
+            "prompts": _digest([ids, texts]),
         }
     )
-    new_tokens = sum(a["new_tokens"] for a in answers)
+    partial = partial_dir(out_dir)
+    done = _resume(partial, digest)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(partial / "settings.json", {"digest": digest, "settings": settings, "seed": seed})
+
+    answers: dict[int, dict] = {i: row for rows in done.values() for i, row in rows.items()}
+    resumed = len(answers)
+    start, new_tokens = time.time(), 0
+    bar = tqdm(total=len(batches), desc="self-distill", unit="batch", mininterval=5)
+    for number, shard in enumerate(shards):
+        if number in done:
+            bar.update(len(shard))
+            continue
+        rows = {}
+        for b in shard:
+            torch.manual_seed(seed + b)
+            idx = batches[b]
+            out = generate_batch(
+                model,
+                tokenizer,
+                [texts[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                chat_settings=chat_settings,
+            )
+            for i, row in zip(idx, out):
+                end = row["new_ids"][-1:] if row["finished"] else []
+                rows[i] = {
+                    **chat.target_views(tokenizer, row["prompt_ids"]),
+                    "response": row["response"],
+                    "finished": row["finished"],
+                    "end_token": tokenizer.decode(end, skip_special_tokens=False),
+                    "new_tokens": row["new_tokens"],
+                }
+                new_tokens += row["new_tokens"]
+            bar.update(1)
+        write_json(partial / f"shard-{number:05d}.json", {"shard": number, "digest": digest, "rows": rows})
+        answers.update(rows)
+    bar.close()
+    seconds = time.time() - start
+
+    answers_in_order = [answers[i] for i in range(len(texts))]
+    original = prompts["response"] if "response" in prompts.column_names else [None] * len(texts)
+    columns = ("target_prompt", "target_prompt_text", "finished", "end_token")
+    data = Dataset.from_dict(
+        {
+            "id": ids,
+            "prompt": texts,
+            "response": [a["response"] for a in answers_in_order],
+            "original_response": original,
+            **{c: [a[c] for a in answers_in_order] for c in columns},
+        }
+    )
     info = provenance(
         seed=seed,
         target=str(target_dir),
         prompts=str(prompts_dir),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        decoding="greedy" if temperature == 0 else "sampling (top_k=0, top_p=1)",
+        decoding="greedy" if temperature == 0 else "sampling (pure: no top-k, top-p or repetition penalty)",
         batch_size=batch_size,
         max_prompts=max_prompts,
+        shard_batches=shard_batches,
         padding="left",
+        chat=chat_record,
     )
+    # sd2.chat compares this with a draft's tokenizer to pick the text the draft trains on.
+    info["target_tokenizer"] = chat.tokenizer_fingerprint(tokenizer)
+    generated = len(texts) - resumed
     info["stats"] = {
         "prompts": len(texts),
-        "new_tokens": new_tokens,
-        "finished_with_eos": sum(a["finished"] for a in answers),
+        "new_tokens": sum(a["new_tokens"] for a in answers_in_order),
+        "finished_with_eos": sum(a["finished"] for a in answers_in_order),
+        "resumed_prompts": resumed,
+        "generated_prompts": generated,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
     }
     with atomic_path(out_dir) as tmp:
         data.save_to_disk(str(tmp))
         write_json(tmp / "settings.json", info)
+    shutil.rmtree(partial)

@@ -17,7 +17,7 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
-from sd2 import training
+from sd2 import chat, training
 from sd2.checkpoint import save_checkpoint
 from sd2.chunked_loss import (
     check_plain_logits,
@@ -240,7 +240,8 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         teacher = load_model(teacher_dir, device=device)
 
     data = load_from_disk(str(data_dir))
-    examples = [training.encode(tokenizer, p, r, settings["seq_len"]) for p, r in zip(data["prompt"], data["response"])]
+    # Self-distilled data in the target's format, original data in the draft's own (sd2.chat).
+    examples, data_format = chat.encode_dataset(tokenizer, data, data_dir, settings.get("chat"), settings["seq_len"])
     train_idx, val_idx = training.split(len(examples), settings["validation_fraction"], seed)
     train_set, val_set = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
     pad = tokenizer.pad_token_id
@@ -295,6 +296,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         train_examples=len(train_set),
         validation_examples=len(val_set),
         validation_loss="cross-entropy of the held-out responses (whatever the training loss)",
+        data_format=data_format,
         sparsity_before=sparsity_before,
         sparsity_after=sparsity_after,
         final=history[-1],

@@ -62,7 +62,10 @@ DEFINITIONS = {
     "first disagreement sits where the draft's/target's top two logits differ by less than 1e-4.",
     "sampling": "temperature T > 0 is pure sampling (top_k=0, top_p=1, no repetition penalty) at T, seeded "
     "with torch.manual_seed(seed + prompt index) before each generate().",
-    "prompts": "the eval prompt is tokenized as raw text by the target tokenizer (no chat template).",
+    "prompts": "the eval prompt as the target sees it: a user turn in the target's chat template (with the "
+    "generation prompt) where its tokenizer has one and chat.template is auto, else the raw text; the target "
+    "outputs' provenance (chat) and every record's prompt_format say which. A different-tokenizer draft "
+    "gets that prompt's text from UAG.",
 }
 
 
@@ -181,6 +184,8 @@ def measure(
     )
     ar_speed = cached["timing"]["ar_tokens_per_s"]
     pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
+    # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
+    prompt_format = cached["provenance"]["settings"].get("chat")
     base = {
         **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
         "draft_macs_per_token": draft_macs,
@@ -189,6 +194,7 @@ def measure(
         "same_tokenizer": path == "assisted",
         "decoding_path": path,
         "device": str(target.device),
+        "prompt_format": prompt_format,
     }
     records = []
 

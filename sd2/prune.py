@@ -12,6 +12,7 @@ import time
 import torch
 from datasets import Dataset, load_from_disk
 
+from sd2 import chat
 from sd2.checkpoint import save_checkpoint
 from sd2.models import decoder_layers, decoder_linears, load_model, load_tokenizer
 from sd2.provenance import provenance
@@ -107,13 +108,15 @@ def check_sparsity(model, sparsity: float, structure: str) -> dict[str, float]:
 # ---- plumbing ----
 
 
-def calibration_set(calibration_dir, tokenizer, n: int, seq_len: int, seed: int) -> Dataset:
-    """n rows of prompt + response, chosen with `seed`, tokenized and truncated to seq_len."""
+def calibration_set(
+    calibration_dir, tokenizer, n: int, seq_len: int, seed: int, chat_settings: dict | None = None
+) -> tuple[Dataset, dict]:
+    """(n rows of prompt + response chosen with `seed`, tokenized as fine-tuning reads them and truncated to
+    seq_len; the format used, see sd2.chat.data_format)."""
     ds = load_from_disk(str(calibration_dir))
     ds = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
-    texts = [p + r for p, r in zip(ds["prompt"], ds["response"])]
-    enc = tokenizer(texts, truncation=True, max_length=seq_len)
-    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    ids, fmt = chat.calibration_ids(tokenizer, ds, calibration_dir, chat_settings, seq_len)
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}), fmt
 
 
 def _llmcompressor_prune(
@@ -181,13 +184,16 @@ def prune(
     linears = decoder_linears(model)
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
 
+    calibration_format = None  # only the llm-compressor pruners read calibration data
     if sparsity == 0:
         pruned = original
     elif pruner == "magnitude":
         mask = nm_mask if structure == "2:4" else (lambda w: magnitude_mask(w, fraction))
         pruned = {n: w * mask(w) for n, w in original.items()}
     else:
-        calib = calibration_set(calibration_dir, tokenizer, calibration_samples, calibration_seq_len, seed)
+        calib, calibration_format = calibration_set(
+            calibration_dir, tokenizer, calibration_samples, calibration_seq_len, seed, settings.get("chat")
+        )
         pruned = _llmcompressor_prune(
             model_dir, tokenizer, calib, pruner, fraction, structure, calibration_seq_len, dtype
         )
@@ -228,6 +234,7 @@ def prune(
         structure=structure,
         calibration_samples=calibration_samples,
         calibration_seq_len=calibration_seq_len,
+        calibration_format=calibration_format,
     )
     info.update(summary)
     save_checkpoint(model, tokenizer, out_dir, info)

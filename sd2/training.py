@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sd2 import chat as chat_format
 from sd2.precision import precision_name, resolve_bf16
 
 
@@ -195,15 +196,15 @@ def write_csv(path, rows: list[dict]) -> None:
 GROUP_BATCHES = 8  # batches sorted by length together (benchmarks/length_grouping.py)
 
 
-def encode(tokenizer, prompt: str, response: str, seq_len: int) -> dict:
-    """Token ids of prompt + response + end-of-text; labels only on the response and end-of-text."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    # A long prompt keeps its end (what the response continues) and leaves room for the response.
-    prompt_ids = prompt_ids[-(seq_len // 2) :]
-    ids = (prompt_ids + response_ids)[:seq_len]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:seq_len]
-    return {"input_ids": ids, "labels": labels}
+def encode(
+    tokenizer, prompt: str, response: str, seq_len: int, *, finished: bool = True, chat: dict | None = None
+) -> dict:
+    """Token ids of a prompt/response example in the tokenizer's own format (sd2.chat); labels only on the response.
+
+    The end-of-text (or the chat template's end-of-turn) is trained only on a finished
+    response, never on one cut off at a length limit.
+    """
+    return chat_format.encode_example(tokenizer, prompt, response, seq_len, finished=finished, chat=chat)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:

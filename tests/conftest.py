@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from hub_models import TINY, chat_tokenizer, save_hub_model
 
 from sd2.data import stdlib_files, stdlib_root
 from sd2.models import build_model
@@ -11,15 +12,6 @@ from sd2.tokenization import train_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
-
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
 
 
 @pytest.fixture
@@ -85,6 +77,47 @@ def tiny_llama_draft_dir(tmp_path_factory, byte_tokenizer_dir):
 def tiny_qwen_dir(tmp_path_factory, meta_tokenizer_dir):
     """A tiny random Qwen2 with the metaspace tokenizer (a different-tokenizer target)."""
     return _save_model(tmp_path_factory.mktemp("tiny_qwen"), "qwen2", meta_tokenizer_dir, seed=2)
+
+
+# ---- hub-format stand-ins for the paper's Instruct checkpoints (tests/hub_models.py) ----
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory, byte_tokenizer_dir):
+    """The byte-level tokenizer with Llama-3.1-Instruct's special tokens and chat template."""
+    return chat_tokenizer_dir(tmp_path_factory, "llama3", byte_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory, meta_tokenizer_dir):
+    """The metaspace tokenizer with Qwen2.5-Instruct's ChatML special tokens and chat template."""
+    return chat_tokenizer_dir(tmp_path_factory, "qwen2", meta_tokenizer_dir)
+
+
+def chat_tokenizer_dir(tmp_path_factory, family, base_dir):
+    out = tmp_path_factory.mktemp(f"tok_{family}")
+    chat_tokenizer(family, base_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hub_llama_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A tiny random Llama-3.1-Instruct-shaped hub checkpoint (bf16 config, the real generation_config.json)."""
+    return save_hub_model(tmp_path_factory.mktemp("hub_llama"), "llama3", llama3_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def hub_llama_draft_dir(tmp_path_factory, llama3_tokenizer_dir):
+    """A smaller Llama-3-shaped checkpoint with the same tokenizer (a Llama-3.2-1B-style draft)."""
+    return save_hub_model(
+        tmp_path_factory.mktemp("hub_llama_draft"), "llama3", llama3_tokenizer_dir, seed=1, hidden_size=16
+    )
+
+
+@pytest.fixture(scope="session")
+def hub_qwen_dir(tmp_path_factory, qwen2_tokenizer_dir):
+    """A tiny random Qwen2.5-Instruct-shaped hub checkpoint (ships repetition_penalty 1.05, top_k 20, ...)."""
+    return save_hub_model(tmp_path_factory.mktemp("hub_qwen"), "qwen2", qwen2_tokenizer_dir, seed=2)
 
 
 @pytest.fixture(scope="session")

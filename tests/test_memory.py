@@ -93,11 +93,7 @@ def test_finetune_counts_adamw_masks_checkpointed_activations_and_chunked_logits
     assert plan.dtypes == {"draft": "float32"}
     # The paper's 3B: steps of 32 x 2048 in micro-batches of 4 x 2048 (8192 tokens): 62 GB, one 80 GB GPU.
     need3 = (
-        3_212_749_824 * 16
-        + 28 * 100_669_440
-        + 28 * 8192 * 3072 * 4
-        + 2 * 8192 * (4 * 3072 + 3 * 8192) * 4
-        + 2**27 * 16
+        3_212_749_824 * 16 + 28 * 100_669_440 + 28 * 8192 * 3072 * 4 + 2 * 8192 * (4 * 3072 + 3 * 8192) * 4 + 2**27 * 16
     )
     plan3 = memory.plan_job("finetune", {"draft": L3}, paper)
     assert plan3.gpu_bytes == need3 == 61_604_716_544 and plan3.gpus == 1

@@ -33,7 +33,12 @@ shell.prefix(PREFIX)
 SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
 NAME = r"[A-Za-z0-9_.-]+"
-TARGET_OUTPUT_SETTINGS = ("max_new_tokens", "n_prompts", "n_check", "warmup_prompts", "batch_size")
+# Only what the target's continuations depend on (the prompt format included): changing
+# n_assisted must not regenerate them, changing the chat settings must.
+TARGET_OUTPUT_SETTINGS = {
+    **{key: config["measure"][key] for key in ("max_new_tokens", "n_prompts", "n_check", "warmup_prompts", "batch_size")},
+    "chat": config["chat"],
+}
 
 
 wildcard_constraints:

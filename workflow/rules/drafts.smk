@@ -9,7 +9,7 @@ rule self_distill:
         placement=lambda w: placement("self_distill", w),
         model=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
-        settings=as_arg(config["distill"]),
+        settings=as_arg({**config["distill"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: model_threads()
     resources:
@@ -35,7 +35,7 @@ rule prune:
         sd2=SD2,
         placement=lambda w: placement("prune", w),
         model=lambda w: model_path(w.draft),
-        settings=as_arg(config["prune"]),
+        settings=as_arg({**config["prune"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: model_threads()
     resources:
@@ -88,7 +88,7 @@ rule finetune:
         placement=lambda w: placement("finetune", w),
         init=finetune_init_path,
         teacher=teacher,
-        settings=as_arg(config["finetune"]),
+        settings=as_arg({**config["finetune"], "chat": config["chat"]}),
         wandb=wandb_arg(),
         labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         seed=config["seed"],

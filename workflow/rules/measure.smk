@@ -9,8 +9,7 @@ rule target_outputs:
         placement=lambda w: placement("target_outputs", w),
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
-        # Only what the continuations depend on: changing n_assisted must not regenerate them.
-        settings=as_arg({key: config["measure"][key] for key in TARGET_OUTPUT_SETTINGS}),
+        settings=as_arg(TARGET_OUTPUT_SETTINGS),
         seed=config["seed"],
     # One thread in a CPU run: the batch-1 timing shares the 2-core default machine with another job.
     threads: model_threads(1)
