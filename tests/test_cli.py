@@ -75,6 +75,9 @@ def test_tokenizer_mismatch_for_kl_is_a_clear_error(tiny_llama_draft_dir, tiny_q
         "eval_every": 1,
         "warmup_steps": 0,
         "weight_decay": 0.0,
+        "micro_batch_size": None,
+        "gradient_checkpointing": False,
+        "loss_chunk_tokens": None,
     }
     proc = sd2(
         "finetune",
