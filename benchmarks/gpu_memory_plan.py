@@ -61,7 +61,6 @@ def peak(fn) -> tuple[int, float]:
     return torch.cuda.max_memory_allocated(), time.perf_counter() - start
 
 
-@torch.no_grad()
 def generate(model, batch: int, prompt: int, new: int, vocab: int):
     ids = torch.randint(10, vocab, (batch, prompt), device="cuda")
     config = GenerationConfig(
@@ -70,10 +69,14 @@ def generate(model, batch: int, prompt: int, new: int, vocab: int):
     return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
 
 
-@torch.no_grad()
 def score(model, batch: int, seq: int, vocab: int):
     ids = torch.randint(10, vocab, (batch, seq), device="cuda")
-    return lambda: model(input_ids=ids).logits.float().log_softmax(-1)
+
+    @torch.no_grad()
+    def run():
+        return model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+
+    return run
 
 
 def finetune_step(model, batch: int, micro: int, seq: int, vocab: int):
