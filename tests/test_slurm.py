@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 CONFIG = "config/test.yaml"
-LOCAL_RULES = {"all", "prepare_data", "train_tokenizer", "collect", "figures"}
+LOCAL_RULES = {"all", "prepare_data", "train_tokenizer", "download_model", "collect", "figures"}
 STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")

@@ -1,4 +1,7 @@
 rule prepare_data:
+    input:
+        # A user's own prompt files: editing one reruns the data preparation.
+        files=[s["path"] for s in (config["data"]["corpus"], config["data"]["finetune"], *config["data"]["eval_sets"].values()) if s.get("source") == "file"],
     output:
         corpus=directory(f"{W}/data/corpus"),
         finetune=directory(f"{W}/data/finetune"),

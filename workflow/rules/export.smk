@@ -17,11 +17,12 @@ rule export_draft:
         labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         run_name=config["run_name"],
         seed=config["seed"],
-    # Links and copies files and counts zeros one tensor at a time: no GPU, little memory.
+    # Links and copies files and counts zeros one tensor at a time: no GPU, and the config's
+    # smallest memory request (a model job's in a CPU run) is enough.
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime_min"],
     log:
         "logs/export_draft/{target}/{draft}/{method}-s{sparsity}.log",
     conda:
