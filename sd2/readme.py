@@ -231,7 +231,7 @@ def precision(results: Path) -> str:
 
 
 def cuda_jobs(results: Path) -> str:
-    """The jobs of a reduced test config run one by one on a lent GPU (benchmarks/cuda_jobs.py)."""
+    """The jobs of the paper-shaped config run one by one on a lent GPU (benchmarks/cuda_jobs.py)."""
     path = results / "tables" / "cuda_jobs.csv"
     if not path.exists():
         return (
@@ -245,6 +245,16 @@ def cuda_jobs(results: Path) -> str:
     )
 
 
+def paper_plan(results: Path) -> str:
+    """What each job of config/paper.yaml asks Slurm for (sd2.memory), from the config alone."""
+    from sd2.config import load
+    from sd2.memory import describe, job_plans
+
+    config = load(results.parent / "config" / "paper.yaml")
+    table = pd.DataFrame([describe(plan) for plan in job_plans(config)]).drop(columns=["mem_mb"])
+    return markdown_table(table) + "\n(`python -m sd2 memory-plan --config config/paper.yaml`)"
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -256,6 +266,9 @@ BLOCKS = {
     "threads": benchmark_table("threads", "threads"),
     "length_grouping": benchmark_table("length_grouping", "length_grouping"),
     "cuda_jobs": cuda_jobs,
+    "paper_plan": paper_plan,
+    "gpu_memory_plan": benchmark_table("gpu_memory_plan", "gpu_memory_plan"),
+    "finetune_memory": benchmark_table("finetune_memory", "finetune_memory"),
     "per_draft": per_draft,
     "significance": significance,
     "measure_time": measure_time,
