@@ -230,19 +230,22 @@ def precision(results: Path) -> str:
     )
 
 
-def cuda_jobs(results: Path) -> str:
-    """The jobs of the paper-shaped config run one by one on a lent GPU (benchmarks/cuda_jobs.py)."""
-    path = results / "tables" / "cuda_jobs.csv"
-    if not path.exists():
-        return (
-            "Not measured yet (`python benchmarks/cuda_jobs.py dry.txt --out results/tables/cuda_jobs.csv` on a GPU)."
+def cuda_jobs(name: str):
+    """A block of jobs run one by one on a lent GPU (benchmarks/cuda_jobs.py, results/tables/<name>.csv)."""
+
+    def render(results: Path) -> str:
+        path = results / "tables" / f"{name}.csv"
+        if not path.exists():
+            run = f"python benchmarks/cuda_jobs.py dry.txt --out results/tables/{name}.csv"
+            return f"Not measured yet (`{run}` on a GPU)."
+        jobs = pd.read_csv(path)
+        jobs["job"] = jobs["log"].str.removeprefix("logs/").str.removesuffix(".log")
+        return markdown_table(jobs[["job", "status", "seconds", "peak_gpu_mib"]]) + (
+            f"\n(`benchmarks/cuda_jobs.py`, `results/tables/{name}.csv`; its `failure` column holds"
+            " each failed job's log tail)"
         )
-    jobs = pd.read_csv(path)
-    jobs["job"] = jobs["log"].str.removeprefix("logs/").str.removesuffix(".log")
-    return markdown_table(jobs[["job", "status", "seconds", "peak_gpu_mib"]]) + (
-        "\n(`benchmarks/cuda_jobs.py`, `results/tables/cuda_jobs.csv`; its `failure` column holds"
-        " each failed job's log tail)"
-    )
+
+    return render
 
 
 def paper_plan(results: Path) -> str:
@@ -265,7 +268,8 @@ BLOCKS = {
     "instruct_steps": benchmark_table("instruct_steps", "instruct_steps"),
     "threads": benchmark_table("threads", "threads"),
     "length_grouping": benchmark_table("length_grouping", "length_grouping"),
-    "cuda_jobs": cuda_jobs,
+    "cuda_jobs": cuda_jobs("cuda_jobs"),
+    "cuda_jobs_demo": cuda_jobs("cuda_jobs_demo"),
     "paper_plan": paper_plan,
     "gpu_memory_plan": benchmark_table("gpu_memory_plan", "gpu_memory_plan"),
     "finetune_memory": benchmark_table("finetune_memory", "finetune_memory"),
