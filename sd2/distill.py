@@ -113,6 +113,21 @@ def _resume(partial: Path, digest: str) -> dict[int, dict]:
     return shards
 
 
+def drop_long_prompts(prompts, tokenizer, chat_settings: dict, max_tokens: int | None):
+    """(the prompts whose formatted ids fit max_tokens, the ids of those that do not).
+
+    A prompt is left out rather than cut: a cut instruction is a different instruction, and
+    the memory plan (sd2.memory) sizes the job's batches for prompts of at most max_tokens.
+    """
+    if max_tokens is None:
+        return prompts, []
+    fits = [len(chat.prompt_ids(tokenizer, text, chat_settings)) <= max_tokens for text in prompts["prompt"]]
+    if not any(fits):
+        raise ValueError(f"distill.max_prompt_tokens={max_tokens}: every one of the {len(fits)} prompts is longer")
+    too_long = [i for i, ok in zip(prompts["id"], fits) if not ok]
+    return prompts.select([i for i, ok in enumerate(fits) if ok]), too_long
+
+
 def self_distill(
     target_dir,
     prompts_dir,
@@ -129,9 +144,11 @@ def self_distill(
     special tokens: see sd2.chat), finished (ended by an end-of-sequence token) and end_token (its text).
 
     settings: the config's distill section (max_new_tokens, temperature, batch_size, max_prompts,
-    shard_batches) plus `chat` (the config's chat section). Every shard_batches batches the
-    answers so far are written to `<out_dir>.partial/`; a rerun with the same settings resumes
-    there; the finished dataset is written atomically and the partial folder removed.
+    max_prompt_tokens, shard_batches) plus `chat` (the config's chat section). Prompts whose
+    formatted ids are longer than max_prompt_tokens are left out (counted in settings.json).
+    Every shard_batches batches the answers so far are written to `<out_dir>.partial/`; a rerun
+    with the same settings resumes there; the finished dataset is written atomically and the
+    partial folder removed.
     """
     max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
     batch_size, max_prompts = settings["batch_size"], settings.get("max_prompts")
@@ -141,6 +158,7 @@ def self_distill(
     if max_prompts is not None:
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
+    prompts, too_long = drop_long_prompts(prompts, tokenizer, chat_settings, settings.get("max_prompt_tokens"))
     model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
     chat_record = chat.describe(tokenizer, chat_settings)
 
@@ -229,6 +247,7 @@ def self_distill(
     generated = len(texts) - resumed
     info["stats"] = {
         "prompts": len(texts),
+        "left_out_longer_than_max_prompt_tokens": {"count": len(too_long), "ids": too_long},
         "new_tokens": sum(a["new_tokens"] for a in answers_in_order),
         "finished_with_eos": sum(a["finished"] for a in answers_in_order),
         "resumed_prompts": resumed,

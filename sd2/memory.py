@@ -49,8 +49,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 USABLE_GPU_SHARE = 0.9
 # Python, torch and the CUDA libraries, tokenizers, the job's dataset and JSON records.
 HOST_BASE = 8 * GB
-# Prompts are not truncated to a length the config states: the plan assumes prompts of at most
-# this many tokens (UltraChat's first turns and the eval sets' prompts are far shorter).
+# Where the config sets no distill.max_prompt_tokens (and for the eval sets, whose prompts are
+# not limited), the plan assumes prompts of at most this many tokens (UltraChat's first turns
+# and the eval sets' prompts are far shorter).
 PROMPT_TOKENS = 2048
 # sd2.chunked_loss: one chunk's fp32 logits hold 2^27 entries; about four such tensors live at once.
 CHUNK_LOGITS = 2**27

@@ -114,6 +114,28 @@ def test_sampling_and_max_prompts(tiny_llama_dir, prompts_dir, tmp_path, one_thr
     assert settings["settings"]["decoding"].startswith("sampling") and settings["stats"]["prompts"] == 3
 
 
+def test_prompts_longer_than_max_prompt_tokens_are_left_out(hub_llama_dir, prompts_dir, tmp_path, one_thread):
+    from transformers import AutoTokenizer
+
+    from sd2 import chat
+
+    tok = AutoTokenizer.from_pretrained(hub_llama_dir)
+    prompts = load_from_disk(str(prompts_dir))
+    lengths = {i: len(chat.prompt_ids(tok, p, None)) for i, p in zip(prompts["id"], prompts["prompt"])}
+    limit = sorted(lengths.values())[len(lengths) // 2]  # the chat template's header counts too
+    settings = dict(max_new_tokens=4, temperature=0.0, batch_size=2, max_prompt_tokens=limit)
+    self_distill(hub_llama_dir, prompts_dir, tmp_path / "out", settings=settings, seed=0)
+    kept = load_from_disk(str(tmp_path / "out"))["id"]
+    assert sorted(kept) == sorted(i for i, n in lengths.items() if n <= limit) and len(kept) < len(lengths)
+    left_out = json.loads((tmp_path / "out" / "settings.json").read_text())["stats"]
+    assert sorted(left_out["left_out_longer_than_max_prompt_tokens"]["ids"]) == sorted(
+        i for i, n in lengths.items() if n > limit
+    )
+    with pytest.raises(ValueError, match="max_prompt_tokens=1: every one"):
+        too_short = {**settings, "max_prompt_tokens": 1}
+        self_distill(hub_llama_dir, prompts_dir, tmp_path / "none", settings=too_short, seed=0)
+
+
 @pytest.mark.parametrize("tokenizer", ["byte_tokenizer_dir", "meta_tokenizer_dir"])
 def test_decode_response_is_the_new_text(request, tokenizer):
     tok = load_tokenizer(request.getfixturevalue(tokenizer))
