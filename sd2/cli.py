@@ -160,6 +160,7 @@ def self_distill(p=None, a=None):
         trust_remote_code=a.trust_remote_code,
         dtype=a.dtype,
         device_map=a.device_map,
+        gpus=a.gpus,
     )
 
 
@@ -236,6 +237,7 @@ def target_outputs(p=None, a=None):
         trust_remote_code=a.trust_remote_code,
         dtype=a.dtype,
         device_map=a.device_map,
+        gpus=a.gpus,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 
-from sd2 import chat
+from sd2 import chat, engines
 from sd2.checkpoint import atomic_path, write_json
 from sd2.models import default_device, load_model, load_tokenizer
 from sd2.provenance import provenance
@@ -138,6 +138,7 @@ def self_distill(
     trust_remote_code: bool = False,
     dtype="auto",
     device_map=None,
+    gpus: int = 0,
 ) -> None:
     """Write a dataset to out_dir: id, prompt, response (the target's answer), original_response, and
     target_prompt / target_prompt_text (the formatted prompt the target saw, with and without its
@@ -149,6 +150,9 @@ def self_distill(
     Every shard_batches batches the answers so far are written to `<out_dir>.partial/`; a rerun
     with the same settings resumes there; the finished dataset is written atomically and the
     partial folder removed.
+
+    settings["engine"] (the config's engine section) picks transformers' generate or vLLM
+    (sd2.engines: one llm.generate call per shard, tensor parallel over `gpus`); same rows either way.
     """
     max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
     batch_size, max_prompts = settings["batch_size"], settings.get("max_prompts")
@@ -159,7 +163,21 @@ def self_distill(
         prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
     prompts, too_long = drop_long_prompts(prompts, tokenizer, chat_settings, settings.get("max_prompt_tokens"))
-    model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
+    engine = engines.resolve(settings.get("engine"))
+    if engine["name"] == "vllm":
+        max_prompt = settings.get("max_prompt_tokens")
+        model = engines.load_llm(
+            target_dir,
+            engine,
+            dtype=dtype,
+            gpus=gpus,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            max_model_len=max_prompt + max_new_tokens if max_prompt else None,
+        )
+        eos = engines.eos_ids(target_dir, trust_remote_code)
+    else:
+        model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
     chat_record = chat.describe(tokenizer, chat_settings)
 
     texts, ids = list(prompts["prompt"]), list(prompts["id"])
@@ -189,29 +207,45 @@ def self_distill(
         if number in done:
             bar.update(len(shard))
             continue
-        rows = {}
-        for b in shard:
-            torch.manual_seed(seed + b)
-            idx = batches[b]
-            out = generate_batch(
+        if engine["name"] == "vllm":
+            idx = [i for b in shard for i in batches[b]]
+            answered = engines.generate(
                 model,
                 tokenizer,
                 [texts[i] for i in idx],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
+                eos=eos,
+                seeds=[seed + i for i in idx],
                 chat_settings=chat_settings,
             )
-            for i, row in zip(idx, out):
-                end = row["new_ids"][-1:] if row["finished"] else []
-                rows[i] = {
-                    **chat.target_views(tokenizer, row["prompt_ids"]),
-                    "response": row["response"],
-                    "finished": row["finished"],
-                    "end_token": tokenizer.decode(end, skip_special_tokens=False),
-                    "new_tokens": row["new_tokens"],
-                }
-                new_tokens += row["new_tokens"]
-            bar.update(1)
+            pairs = list(zip(idx, answered))
+        else:
+            pairs = []
+            for b in shard:
+                torch.manual_seed(seed + b)
+                idx = batches[b]
+                out = generate_batch(
+                    model,
+                    tokenizer,
+                    [texts[i] for i in idx],
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    chat_settings=chat_settings,
+                )
+                pairs += zip(idx, out)
+        rows = {}
+        for i, row in pairs:
+            end = row["new_ids"][-1:] if row["finished"] else []
+            rows[i] = {
+                **chat.target_views(tokenizer, row["prompt_ids"]),
+                "response": row["response"],
+                "finished": row["finished"],
+                "end_token": tokenizer.decode(end, skip_special_tokens=False),
+                "new_tokens": row["new_tokens"],
+            }
+            new_tokens += row["new_tokens"]
+        bar.update(len(shard))
         write_json(partial / f"shard-{number:05d}.json", {"shard": number, "digest": digest, "rows": rows})
         answers.update(rows)
     bar.close()
@@ -239,7 +273,8 @@ def self_distill(
         batch_size=batch_size,
         max_prompts=max_prompts,
         shard_batches=shard_batches,
-        padding="left",
+        padding="left" if engine["name"] == "transformers" else None,
+        engine=engine,
         chat=chat_record,
     )
     # sd2.chat compares this with a draft's tokenizer to pick the text the draft trains on.

@@ -9,7 +9,7 @@ rule self_distill:
         placement=lambda w: placement("self_distill", w),
         model=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
-        settings=as_arg({**config["distill"], "chat": config["chat"]}),
+        settings=as_arg({**config["distill"], "chat": config["chat"], "engine": config["engine"]}),
         seed=config["seed"],
     threads: model_threads()
     resources:
@@ -18,8 +18,9 @@ rule self_distill:
         "logs/self_distill/{target}.log",
     benchmark:
         "logs/benchmarks/self_distill/{target}.tsv"
+    # Under --sdm conda, engine.name vllm runs in an environment that has vLLM (and this package).
     conda:
-        "../envs/sd2.yaml"
+        "../envs/vllm.yaml" if config["engine"]["name"] == "vllm" else "../envs/sd2.yaml"
     shell:
         "{params.sd2} self-distill --target {params.model} {params.trust} --prompts {input.prompts} --out {output}"
         " --settings {params.settings} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"

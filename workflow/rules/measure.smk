@@ -9,7 +9,7 @@ rule target_outputs:
         placement=lambda w: placement("target_outputs", w),
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
-        settings=as_arg(TARGET_OUTPUT_SETTINGS),
+        settings=as_arg({**TARGET_OUTPUT_SETTINGS, "engine": config["engine"]}),
         seed=config["seed"],
     # One thread in a CPU run: the batch-1 timing shares the 2-core default machine with another job.
     threads: model_threads(1)
@@ -19,8 +19,9 @@ rule target_outputs:
         "logs/target_outputs/{target}/{eval_set}.log",
     benchmark:
         "logs/benchmarks/target_outputs/{target}/{eval_set}.tsv"
+    # Under --sdm conda, engine.name vllm runs in an environment that has vLLM (and this package).
     conda:
-        "../envs/sd2.yaml"
+        "../envs/vllm.yaml" if config["engine"]["name"] == "vllm" else "../envs/sd2.yaml"
     shell:
         "{params.sd2} target-outputs --target {params.target} {params.trust} --eval-set {input.eval_set}"
         " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
