@@ -28,6 +28,14 @@ L = decoder layers, V = vocabulary, b = bytes per weight in the dtype the job lo
 - pretraining: as fine-tuning, without checkpointing (every layer's activations are kept)
   and with the full logits of the batch (logits, softmax and gradient: 12 bytes an entry).
 - layer_prune, magnitude pruning and the data rules run on the CPU: no GPU.
+- with engine.name vllm, self_distill and target_outputs generate with vLLM, which preallocates
+  engine.gpu_memory_utilization of every GPU it runs on (tensor parallel): the weights, then a
+  KV cache from the rest. Such a job asks for the fewest GPUs whose preallocated share holds the
+  weights and the KV cache of one longest sequence (prompt + new tokens; vLLM will not start
+  with less), rounded up to a count that divides the attention heads (tensor parallelism splits
+  them); its GPU bytes are that whole share, the part beyond the weights counted as KV cache.
+  Every GPU's worker is its own process (HOST_BASE each). target_outputs also times the target
+  alone on transformers first (batch 1), so it gets at least the GPUs that needs.
 
 GPUs = ceil(GPU bytes / (90% of resources.gpu_mem_gb)); in a job that needs more than one,
 the largest model is spread over them (device_map="auto"). Host memory = what is loaded
@@ -289,6 +297,8 @@ def plan_job(rule: str, models: dict, config: dict) -> Plan:
     per_model, parts, host = {}, {}, HOST_BASE  # per_model: GPU bytes of each model's own share
     on_gpu = True
 
+    if rule in ("self_distill", "target_outputs") and config["engine"]["name"] == "vllm":
+        return vllm_plan(rule, models, shapes, dtypes, config)
     if rule in ("self_distill", "target_outputs"):
         s, dt = shapes["target"], dtypes["target"]
         settings = config["distill"] if rule == "self_distill" else config["measure"]
@@ -369,6 +379,26 @@ def plan_job(rule: str, models: dict, config: dict) -> Plan:
     # A spread model loads straight onto the GPUs, never whole into host memory.
     host -= sum(weight_bytes(shapes[role], dtypes[role]) for role, s in spread.items() if s)
     return Plan(rule, models, _gpus(total, config), total, host, dtypes, spread, parts)
+
+
+def vllm_plan(rule: str, models: dict, shapes: dict, dtypes: dict, config: dict) -> Plan:
+    """self_distill / target_outputs with engine.name vllm (see the module docstring)."""
+    s, dt = shapes["target"], dtypes["target"]
+    settings = config["distill"] if rule == "self_distill" else config["measure"]
+    prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
+    weights = weight_bytes(s, dt)
+    per_gpu = int(config["resources"]["gpu_mem_gb"] * GB * config["engine"]["gpu_memory_utilization"])
+    gpus = max(1, math.ceil((weights + kv_cache_bytes(s, dt, prompt + settings["max_new_tokens"])) / per_gpu))
+    while s.num_attention_heads % gpus:
+        gpus += 1
+    spread, host = False, HOST_BASE * gpus
+    if rule == "target_outputs":  # the batch-1 timing on transformers, before vLLM starts
+        alone = sum(inference_parts(s, dt, 1, prompt, settings["max_new_tokens"], False).values())
+        spread = alone > usable_gpu_bytes(config)
+        gpus = max(gpus, _gpus(alone, config))
+        host = max(host, HOST_BASE + (0 if spread else weights))
+    parts = {"weights": weights, "kv_cache": gpus * per_gpu - weights}
+    return Plan(rule, models, gpus, gpus * per_gpu, host, dtypes, {"target": spread}, parts)
 
 
 def check_fits(plan: Plan, config: dict) -> None:

@@ -232,3 +232,23 @@ def test_count_params_matches_the_built_model(kind, tied):
     config = AutoConfig.for_model(kind, tie_word_embeddings=tied, **sizes)
     model = AutoModelForCausalLM.from_config(config)
     assert memory.count_params({**config.to_dict(), "model_type": kind}) == count_parameters(model)
+
+
+def test_vllm_engine_asks_for_the_gpus_its_preallocated_share_needs(paper):
+    paper = copy.deepcopy(paper)
+    paper["engine"]["name"] = "vllm"  # gpu_memory_utilization 0.9: 72e9 bytes of each 80 GB GPU
+    weights = 70_553_706_496 * 2  # bf16
+    one_sequence = 2 * 80 * 8 * 128 * 2 * (2048 + 1024)  # K and V of one longest self-distill sequence
+    assert weights + one_sequence == 142_114_045_952  # > 72e9, <= 2 x 72e9: 2 GPUs (64 heads split in two)
+    plan = memory.plan_job("self_distill", {"target": L70}, paper)
+    assert (plan.gpus, plan.gpu_bytes) == (2, 2 * USABLE)
+    assert plan.parts == {"weights": weights, "kv_cache": 2 * USABLE - weights}
+    assert plan.spread == {"target": False} and plan.host_bytes == 2 * BASE  # one worker process per GPU
+    # The 8B: one GPU, its KV cache the 72e9 - 16.06e9 bytes beyond the weights.
+    plan = memory.plan_job("self_distill", {"target": L8}, paper)
+    assert (plan.gpus, plan.parts["kv_cache"]) == (1, USABLE - 8_030_261_248 * 2)
+    # target_outputs first times the 70B alone on transformers (batch 1: 141e9 bytes of weights, spread over 2).
+    plan = memory.plan_job("target_outputs", {"target": L70}, paper)
+    assert plan.gpus == 2 and plan.spread == {"target": True}
+    paper["engine"]["gpu_memory_utilization"] = 0.5  # 40e9 a GPU: 4 GPUs (64 heads split in four)
+    assert memory.plan_job("self_distill", {"target": L70}, paper).gpus == 4
