@@ -6,6 +6,7 @@ generate() derives from it) make each answer the same as an unbatched one. Promp
 formatted by sd2.chat (the target's chat template), and each row keeps the formatted prompt
 the target saw, so drafts train on the target's exact format. Answers are written in shards
 as they come, so a killed job's requeue resumes instead of starting over.
+With the config's engine.name vllm, vLLM answers each shard instead (sd2.engines), same rows.
 """
 
 import hashlib
@@ -220,6 +221,7 @@ def self_distill(
                 chat_settings=chat_settings,
             )
             pairs = list(zip(idx, answered))
+            bar.update(len(shard))
         else:
             pairs = []
             for b in shard:
@@ -234,6 +236,7 @@ def self_distill(
                     chat_settings=chat_settings,
                 )
                 pairs += zip(idx, out)
+                bar.update(1)
         rows = {}
         for i, row in pairs:
             end = row["new_ids"][-1:] if row["finished"] else []
@@ -245,7 +248,6 @@ def self_distill(
                 "new_tokens": row["new_tokens"],
             }
             new_tokens += row["new_tokens"]
-        bar.update(len(shard))
         write_json(partial / f"shard-{number:05d}.json", {"shard": number, "digest": digest, "rows": rows})
         answers.update(rows)
     bar.close()
