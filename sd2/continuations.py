@@ -121,7 +121,13 @@ def _with_vllm(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     llm = engines.load_llm(
-        target_dir, engine, dtype=dtype, gpus=gpus, seed=seed, trust_remote_code=trust, max_model_len=None
+        target_dir,
+        engine,
+        dtype=dtype,
+        gpus=gpus,
+        seed=seed,
+        trust_remote_code=trust,
+        max_model_len=max(len(i["prompt_ids"]) for i in ids) + settings["max_new_tokens"],
     )
     start = time.time()
     rows = engines.generate(

@@ -166,7 +166,7 @@ def self_distill(
     prompts, too_long = drop_long_prompts(prompts, tokenizer, chat_settings, settings.get("max_prompt_tokens"))
     engine = engines.resolve(settings.get("engine"))
     if engine["name"] == "vllm":
-        max_prompt = settings.get("max_prompt_tokens")
+        longest = max(len(chat.prompt_ids(tokenizer, text, chat_settings)) for text in prompts["prompt"])
         model = engines.load_llm(
             target_dir,
             engine,
@@ -174,7 +174,7 @@ def self_distill(
             gpus=gpus,
             seed=seed,
             trust_remote_code=trust_remote_code,
-            max_model_len=max_prompt + max_new_tokens if max_prompt else None,
+            max_model_len=longest + max_new_tokens,
         )
         eos = engines.eos_ids(target_dir, trust_remote_code)
     else:

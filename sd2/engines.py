@@ -65,8 +65,13 @@ def eos_ids(model_dir, trust_remote_code: bool = False) -> list[int]:
     return [int(i) for i in ids]
 
 
-def load_llm(model_dir, engine: dict, *, dtype: str, gpus: int, seed: int, trust_remote_code: bool, max_model_len):
-    """A vllm.LLM over `gpus` GPUs (tensor parallel; 1 where the job was given none), the job's dtype."""
+def load_llm(model_dir, engine: dict, *, dtype: str, gpus: int, seed: int, trust_remote_code: bool, max_model_len: int):
+    """A vllm.LLM over `gpus` GPUs (tensor parallel; 1 where the job was given none), the job's dtype.
+
+    max_model_len: the job's longest prompt + max_new_tokens (engine.max_model_len overrides it).
+    Without it vLLM reserves room for one sequence of the model's whole context (128k tokens for
+    Llama 3.1: 43 GB of KV cache for the 70B), which the memory plan does not give it.
+    """
     vllm = import_vllm()
     return vllm.LLM(
         model=str(model_dir),

@@ -31,8 +31,8 @@ L = decoder layers, V = vocabulary, b = bytes per weight in the dtype the job lo
 - with engine.name vllm, self_distill and target_outputs generate with vLLM, which preallocates
   engine.gpu_memory_utilization of every GPU it runs on (tensor parallel): the weights, then a
   KV cache from the rest. Such a job asks for the fewest GPUs whose preallocated share holds the
-  weights and the KV cache of one longest sequence (prompt + new tokens; vLLM will not start
-  with less), rounded up to a count that divides the attention heads (tensor parallelism splits
+  weights and the KV cache of one longest sequence (prompt + new tokens, or engine.max_model_len;
+  vLLM will not start with less), rounded up to a count that divides the attention heads (tensor parallelism splits
   them); its GPU bytes are that whole share, the part beyond the weights counted as KV cache.
   Every GPU's worker is its own process (HOST_BASE each). target_outputs also times the target
   alone on transformers first (batch 1), so it gets at least the GPUs that needs.
@@ -388,7 +388,8 @@ def vllm_plan(rule: str, models: dict, shapes: dict, dtypes: dict, config: dict)
     prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
     weights = weight_bytes(s, dt)
     per_gpu = int(config["resources"]["gpu_mem_gb"] * GB * config["engine"]["gpu_memory_utilization"])
-    gpus = max(1, math.ceil((weights + kv_cache_bytes(s, dt, prompt + settings["max_new_tokens"])) / per_gpu))
+    longest = config["engine"]["max_model_len"] or prompt + settings["max_new_tokens"]  # as sd2.engines sets it
+    gpus = max(1, math.ceil((weights + kv_cache_bytes(s, dt, longest)) / per_gpu))
     while s.num_attention_heads % gpus:
         gpus += 1
     spread, host = False, HOST_BASE * gpus

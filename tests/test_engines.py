@@ -136,7 +136,7 @@ def test_self_distill_with_vllm_writes_what_transformers_writes(
         "seed": 0,
         "trust_remote_code": False,
         "gpu_memory_utilization": 0.8,
-        "max_model_len": None,
+        "max_model_len": max(len(chat.prompt_ids(load_tokenizer(target_dir), p, None)) for p in PROMPTS) + 10,
         "generation_config": "vllm",  # the checkpoint's generation_config.json stays out
     }
     # 5 prompts in batches of 2, 2 batches a shard: one generate call per shard, 4 + 1 prompts.
@@ -153,12 +153,13 @@ def test_self_distill_with_vllm_writes_what_transformers_writes(
 
 
 def test_sampling_is_pure_and_seeded_per_prompt(tiny_llama_dir, prompts_dir, tmp_path, fake_vllm, one_thread):
-    settings = dict(max_new_tokens=6, temperature=0.7, batch_size=5, max_prompt_tokens=500, engine=VLLM)
+    settings = dict(max_new_tokens=6, temperature=0.7, batch_size=5, engine=VLLM)
     self_distill(tiny_llama_dir, prompts_dir, tmp_path / "a", settings=settings, seed=7)
     assert fake_vllm.llms[0].kwargs["tensor_parallel_size"] == 1  # no --gpus: one GPU
-    assert fake_vllm.llms[0].kwargs["max_model_len"] == 506  # max_prompt_tokens + max_new_tokens
     ((prompts, params),) = fake_vllm.calls
     tok = load_tokenizer(tiny_llama_dir)
+    longest = max(len(chat.prompt_ids(tok, p, None)) for p in PROMPTS)
+    assert fake_vllm.llms[0].kwargs["max_model_len"] == longest + 6  # the longest prompt + max_new_tokens
     order = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
     assert [p["prompt_token_ids"] for p in prompts] == [chat.prompt_ids(tok, PROMPTS[i], None) for i in order]
     assert [sp.kwargs for sp in params] == [pure(0.7, 6, [tok.eos_token_id], 7 + i) for i in order]
@@ -223,6 +224,7 @@ def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vl
     )
     assert vl["items"] == hf["items"]
     assert fake_vllm.llms[0].kwargs["tensor_parallel_size"] == 4
+    assert fake_vllm.llms[0].kwargs["max_model_len"] == max(len(i["prompt_ids"]) for i in hf["items"]) + 8
     ((prompts, params),) = fake_vllm.calls
     assert [p["prompt_token_ids"] for p in prompts] == [item["prompt_ids"] for item in hf["items"]]
     assert all(sp.kwargs == pure(0.0, 8, params[0].kwargs["stop_token_ids"], None) for sp in params)
@@ -230,6 +232,21 @@ def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vl
     assert vl["timing"]["timed_prompts"] == 2 and vl["timing"]["ar_tokens"] > 0
     assert vl["timing"]["batch1_differs"] == hf["timing"]["batch1_differs"] == []
     assert vl["provenance"]["settings"]["engine"] == VLLM
+
+
+def test_engine_max_model_len_overrides_the_longest_prompt(tiny_llama_dir, fake_vllm):
+    engines.load_llm(
+        tiny_llama_dir,
+        {**VLLM, "max_model_len": 4096},
+        dtype="bfloat16",
+        gpus=8,
+        seed=1,
+        trust_remote_code=True,
+        max_model_len=100,
+    )
+    kwargs = fake_vllm.llms[0].kwargs
+    assert (kwargs["max_model_len"], kwargs["dtype"], kwargs["tensor_parallel_size"]) == (4096, "bfloat16", 8)
+    assert kwargs["seed"] == 1 and kwargs["trust_remote_code"] is True
 
 
 def test_missing_vllm_names_the_setting_and_the_install(monkeypatch, tiny_llama_dir, prompts_dir, tmp_path):

@@ -252,3 +252,7 @@ def test_vllm_engine_asks_for_the_gpus_its_preallocated_share_needs(paper):
     assert plan.gpus == 2 and plan.spread == {"target": True}
     paper["engine"]["gpu_memory_utilization"] = 0.5  # 40e9 a GPU: 4 GPUs (64 heads split in four)
     assert memory.plan_job("self_distill", {"target": L70}, paper).gpus == 4
+    # Room for one sequence of the 70B's whole 131,072-token context: 42.9e9 bytes of KV cache beside the weights.
+    paper["engine"].update(gpu_memory_utilization=0.9, max_model_len=131072)
+    assert 2 * 80 * 8 * 128 * 2 * 131072 == 42_949_672_960  # (141.1e9 + 42.9e9) / 72e9 = 2.6: 4 GPUs (64 heads)
+    assert memory.plan_job("self_distill", {"target": L70}, paper).gpus == 4
