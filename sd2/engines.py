@@ -28,8 +28,6 @@ checks the glue against a fake `vllm` module. The API used was read in vLLM's so
 # distill imports this module: import it as a module (its attributes are read at call time).
 from sd2 import chat, distill
 
-ENGINES = ("transformers", "vllm")
-
 
 def resolve(settings: dict | None) -> dict:
     """The engine section with its defaults (the schema's, for callers that pass none)."""
