@@ -1,8 +1,8 @@
 """The slurm profile on a real single-node Slurm (started here by tests/slurm_cluster.sh).
 
 One workflow run through `snakemake --profile slurm --configfile config/test.yaml`, in two
-phases, on a copy of the working tree whose test config keeps one target and four of the six methods
-(every model rule still runs):
+phases, on a copy of the working tree whose test config keeps one target, one draft and two of
+the six methods (every model rule still runs):
 
 1. with `--retries 0`, a model job is cancelled with `scancel` while its `python -m sd2`
    step runs: Snakemake must fail, leave none of that job's outputs, and a dry run must
@@ -46,7 +46,7 @@ STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")
 RUN_TIMEOUT = 900
-REDUCED_METHODS = ("dense", "layer_pruned", "sd2", "sparse_sft")
+REDUCED_METHODS = ("layer_pruned", "sd2")
 
 
 def skip_loudly(request, reason: str):
@@ -251,13 +251,24 @@ def workdirs(tmp_path):
 
 
 def reduced_tree(dest: Path) -> Path:
-    """A copy of the working tree whose test config keeps one target and the methods that
-    cover every model rule (pretrain, model_report, self_distill, target_outputs, prune,
-    layer_prune, finetune on target and original data, measure): each job through Slurm costs its own
-    interpreter start and scheduling, and more jobs of the same rules prove nothing more."""
+    """A copy of the working tree whose test config keeps one target, one draft and the methods
+    layer_pruned and sd2, which between them run every model rule (pretrain, model_report,
+    self_distill, target_outputs, prune, layer_prune, finetune, measure), without exports: each
+    job through Slurm costs its own interpreter start and scheduling, and more jobs of the same
+    rules prove nothing more."""
     root = copy_tree(dest).resolve()
     cfg = yaml.safe_load((root / CONFIG).read_text())
-    cfg.update(targets=cfg["targets"][:1], drafts=cfg["drafts"][:1], methods=list(REDUCED_METHODS))
+    target, draft = cfg["targets"][0], cfg["drafts"][0]
+    models = {name: cfg["models"][name] for name in (target, draft)}
+    families = {spec["tokenizer"] for spec in models.values()}
+    cfg.update(
+        targets=[target],
+        drafts=[draft],
+        models=models,
+        tokenizers={name: spec for name, spec in cfg["tokenizers"].items() if name in families},
+        methods=list(REDUCED_METHODS),
+        export={"enabled": False},
+    )
     (root / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return root
 
