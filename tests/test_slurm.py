@@ -1,8 +1,8 @@
 """The slurm profile on a real single-node Slurm (started here by tests/slurm_cluster.sh).
 
 One workflow run through `snakemake --profile slurm --configfile config/test.yaml`, in two
-phases, on a copy of the working tree whose test config keeps one target, one draft and two of
-the six methods (every model rule still runs):
+phases, on a copy of the working tree whose test config keeps one target, one draft and three
+of the six methods (every model rule still runs):
 
 1. with `--retries 0`, a model job is cancelled with `scancel` while its `python -m sd2`
    step runs: Snakemake must fail, leave none of that job's outputs, and a dry run must
@@ -46,7 +46,7 @@ STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")
 RUN_TIMEOUT = 900
-REDUCED_METHODS = ("layer_pruned", "sd2")
+REDUCED_METHODS = ("dense", "layer_pruned", "sd2")
 
 
 def skip_loudly(request, reason: str):
@@ -253,9 +253,9 @@ def workdirs(tmp_path):
 def reduced_tree(dest: Path) -> Path:
     """A copy of the working tree whose test config keeps one target, one draft and the methods
     layer_pruned and sd2, which between them run every model rule (pretrain, model_report,
-    self_distill, target_outputs, prune, layer_prune, finetune, measure), without exports: each
-    job through Slurm costs its own interpreter start and scheduling, and more jobs of the same
-    rules prove nothing more."""
+    self_distill, target_outputs, prune, layer_prune, finetune, measure), and dense, the
+    reference of every draft's MAC reduction; no exports: each job through Slurm costs its own
+    interpreter start and scheduling, and more jobs of the same rules prove nothing more."""
     root = copy_tree(dest).resolve()
     cfg = yaml.safe_load((root / CONFIG).read_text())
     target, draft = cfg["targets"][0], cfg["drafts"][0]
