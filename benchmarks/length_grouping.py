@@ -15,11 +15,12 @@ from itertools import islice
 import pandas as pd
 from datasets import load_from_disk
 
+from sd2.chat import encode_example
 from sd2.config import load
 from sd2.data import function_prompts
 from sd2.models import load_tokenizer
 from sd2.results import write_table
-from sd2.training import encode, shuffled_batches
+from sd2.training import shuffled_batches
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
     instruct = next(iter(cfg["models"].values()))["train"]["instruct"]
     tok = load_tokenizer(f"{args.workdir}/tokenizers/{args.tokenizer}")
     rows = function_prompts(load_from_disk(f"{args.workdir}/data/corpus")["train"], instruct["max_body_chars"])
-    examples = [encode(tok, r["prompt"], r["response"], instruct["seq_len"]) for r in rows]
+    examples = [encode_example(tok, r["prompt"], r["response"], instruct["seq_len"]) for r in rows]
     real = sum(len(e["input_ids"]) for e in examples)
     bs = instruct["batch_size"]
     n_batches = -(-len(examples) // bs)

@@ -146,8 +146,11 @@ def pack(prompt: list[int], answer: list[int], seq_len: int) -> dict:
     return {"input_ids": (prompt + answer)[:seq_len], "labels": ([IGNORE] * len(prompt) + answer)[:seq_len]}
 
 
-def encode_example(tokenizer, prompt: str, response: str, seq_len: int, *, finished: bool, chat: dict | None) -> dict:
-    """A (prompt, response) example in the tokenizer's own format; loss on the answer and, if finished, its end."""
+def encode_example(
+    tokenizer, prompt: str, response: str, seq_len: int, *, finished: bool = True, chat: dict | None = None
+) -> dict:
+    """A (prompt, response) example in the tokenizer's own format; loss on the answer and, if finished, its end
+    (the end-of-text, or the template's end-of-turn), never on an answer cut off at a length limit."""
     return pack(*_own_parts(tokenizer, prompt, response, finished, resolve(chat)), seq_len)
 
 

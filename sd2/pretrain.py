@@ -11,7 +11,7 @@ from HumanEval and the held-out modules, and prepare_data drops training files t
 import torch
 from datasets import load_from_disk
 
-from sd2 import training
+from sd2 import chat, training
 from sd2.checkpoint import save_checkpoint
 from sd2.data import function_prompts
 from sd2.models import build_model, count_parameters, default_device, load_tokenizer
@@ -113,7 +113,7 @@ def instruct(
     if not cfg.get("steps"):
         return []
     rows = function_prompts(corpus_train, cfg["max_body_chars"])
-    examples = [training.encode(tokenizer, r["prompt"], r["response"], cfg["seq_len"]) for r in rows]
+    examples = [chat.encode_example(tokenizer, r["prompt"], r["response"], cfg["seq_len"]) for r in rows]
     train_idx, val_idx = training.split(len(examples), cfg["validation_fraction"], seed)
     bs, pad = cfg["batch_size"], tokenizer.pad_token_id
     val_set = [examples[i] for i in val_idx][: bs * train_cfg["eval_batches"]]

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import chat as chat_format
 from sd2.precision import precision_name, resolve_bf16
 
 
@@ -194,17 +193,6 @@ def write_csv(path, rows: list[dict]) -> None:
 # ---- prompt/response data (supervised stages: instruct tuning, fine-tuning) ----
 
 GROUP_BATCHES = 8  # batches sorted by length together (benchmarks/length_grouping.py)
-
-
-def encode(
-    tokenizer, prompt: str, response: str, seq_len: int, *, finished: bool = True, chat: dict | None = None
-) -> dict:
-    """Token ids of a prompt/response example in the tokenizer's own format (sd2.chat); labels only on the response.
-
-    The end-of-text (or the chat template's end-of-turn) is trained only on a finished
-    response, never on one cut off at a length limit.
-    """
-    return chat_format.encode_example(tokenizer, prompt, response, seq_len, finished=finished, chat=chat)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:

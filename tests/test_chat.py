@@ -3,7 +3,7 @@ import time
 import pytest
 from datasets import Dataset
 
-from sd2 import chat, training
+from sd2 import chat
 from sd2.models import load_tokenizer
 from sd2.prune import calibration_set
 
@@ -31,7 +31,7 @@ def test_no_template_means_the_ids_of_today(request, tokenizer):
         # The encoding training.encode made before sd2.chat existed.
         head = tok(prompt)["input_ids"]
         answer = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert training.encode(tok, prompt, response, 512) == {
+        assert chat.encode_example(tok, prompt, response, 512) == {
             "input_ids": head + answer,
             "labels": [-100] * len(head) + answer,
         }
@@ -98,10 +98,10 @@ def test_loss_on_assistant_tokens_end_of_turn_only_when_finished(request, family
     tok = load_tokenizer(request.getfixturevalue(family))
     prompt, response = "def f(x):\n", " return x "
     head = chat.prompt_ids(tok, prompt, None)
-    finished = training.encode(tok, prompt, response, 256, finished=True)
+    finished = chat.encode_example(tok, prompt, response, 256, finished=True)
     assert finished["input_ids"][: len(head)] == head and finished["labels"][: len(head)] == [-100] * len(head)
     assert answer_text(tok, finished) == answer + end
-    cut = training.encode(tok, prompt, response, 256, finished=False)
+    cut = chat.encode_example(tok, prompt, response, 256, finished=False)
     assert answer_text(tok, cut) == answer
     assert cut["input_ids"] == finished["input_ids"][: len(cut["input_ids"])]
     # The example is exactly the rendered conversation (minus the end-of-turn when cut off).
@@ -115,7 +115,7 @@ def test_loss_on_assistant_tokens_end_of_turn_only_when_finished(request, family
 
 def test_long_prompt_keeps_its_end_and_room_for_the_answer(qwen2_tokenizer_dir):
     tok = load_tokenizer(qwen2_tokenizer_dir)
-    example = training.encode(tok, "x = 1\n" * 200, "return x", 64, finished=True)
+    example = chat.encode_example(tok, "x = 1\n" * 200, "return x", 64, finished=True)
     assert len(example["input_ids"]) <= 64 and sum(label != -100 for label in example["labels"]) > 0
     assert tok.decode(example["input_ids"]).endswith("<|im_start|>assistant\nreturn x<|im_end|>\n")
 
