@@ -32,7 +32,15 @@ def walk(matches: list[bool], k: int, max_new_tokens: int, ended_by_eos: bool) -
     `matches` has one flag per token of the target's continuation y (len(y) <= max_new_tokens);
     `ended_by_eos` says whether y's last token is the end-of-text token.
     """
-    runs, length, steps, t = match_runs(matches), len(matches), [], 0
+    return walk_runs(match_runs(matches), k, max_new_tokens, ended_by_eos)
+
+
+def walk_runs(runs: list[int], k: int, max_new_tokens: int, ended_by_eos: bool) -> list[tuple[int, int]]:
+    """`walk` from runs[t]: how many of y[t], y[t+1], ... the draft's proposal at a step starting at
+    t gets right (for a chain, the run of matches from t; for a tree or a draft head fed the
+    target's states, whatever its own proposal there matched), one entry per token of y.
+    """
+    length, steps, t = len(runs), [], 0
     while t < length:
         drafted = max(0, min(k, max_new_tokens - t - 1))
         accepted = min(runs[t], drafted)
