@@ -79,11 +79,16 @@ def chunk_sum(fn, chunk_tokens: int, *rows: torch.Tensor) -> torch.Tensor:
     )
 
 
-def chunked_causal_lm_loss(model, batch, chunk_tokens: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions, as model(..., labels=...).loss computes it."""
-    hidden, labels, _ = labelled_hidden(model, batch)
+def chunked_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Mean cross-entropy of the output layer on `hidden` (n, hidden size) against `labels` (n,), in chunks."""
 
     def ce(h, y):
         return F.cross_entropy(output_logits(model, h).float(), y, reduction="sum")
 
     return chunk_sum(ce, chunk_tokens, hidden, labels) / max(1, labels.numel())
+
+
+def chunked_causal_lm_loss(model, batch, chunk_tokens: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, as model(..., labels=...).loss computes it."""
+    hidden, labels, _ = labelled_hidden(model, batch)
+    return chunked_cross_entropy(model, hidden, labels, chunk_tokens)

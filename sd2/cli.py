@@ -200,7 +200,9 @@ def finetune(p=None, a=None):
     if p:
         p.add_argument("--init", required=True, help="draft checkpoint to start from")
         p.add_argument("--data", required=True, help="dataset with prompt and response columns")
-        p.add_argument("--teacher", default=None, help="target checkpoint (for the kl and tvdpp losses)")
+        p.add_argument(
+            "--teacher", default=None, help="the target (losses kl, tvdpp, skd) or the dense draft (loss squarehead)"
+        )
         p.add_argument("--trust-remote-code", action="store_true")
         p.add_argument("--settings", type=_json, required=True, help="the config's finetune section as JSON")
         p.add_argument("--out", required=True)

@@ -4,8 +4,19 @@ Losses (settings["loss"]):
 - ce: cross-entropy on the response tokens (the paper's SD² fine-tuning);
 - kl: forward KL(p_target || q_draft) over the whole vocabulary, per response position;
 - tvdpp: TVD++ (Goel et al. 2024, arXiv 2403.00858), total-variation distance trained
-  with a policy-gradient estimator whose reward is normalised by its batch statistics.
-kl and tvdpp need the target's logits, so the draft and target must share a tokenizer.
+  with a policy-gradient estimator whose reward is normalised by its batch statistics;
+- squarehead: SquareHead distillation (Kurtic et al. 2023, arXiv 2310.06927), the response
+  cross-entropy plus, per decoder layer, the MSE between the draft's and the teacher's
+  hidden states normalised by the teacher's; here the teacher is the dense draft itself,
+  teaching its own sparse copy (teacher_dir: the dense draft, same architecture);
+- skd: Speculative Knowledge Distillation (Xu et al. 2024, arXiv 2410.11325), on-policy:
+  before each step the draft answers the batch's prompts, the target replacing every
+  draft token outside its top-K, and the draft is trained with forward KL to the target
+  on those interleaved responses (teacher_dir: the target).
+The SD² paper names the last two as future work. kl, tvdpp and skd need the target's
+logits and squarehead the dense draft's hidden states, so draft and teacher must share a
+tokenizer. Every loss sees the same prompts (the fine-tuning data) for the same number of
+optimizer steps, so a loss sweep compares them at matched data and steps.
 
 Validation loss is always the held-out cross-entropy of the responses, whatever the
 training loss, so curves of different losses can be compared.
@@ -23,14 +34,28 @@ from sd2.chunked_loss import (
     check_plain_logits,
     chunk_sum,
     chunked_causal_lm_loss,
+    chunked_cross_entropy,
     default_chunk_tokens,
     labelled_hidden,
     output_logits,
 )
+from sd2.engines import eos_ids
 from sd2.models import decoder_linears, default_device, load_model, load_tokenizer, same_tokenizer
 from sd2.provenance import provenance
 
-LOSSES = ("ce", "kl", "tvdpp")
+LOSSES = ("ce", "kl", "tvdpp", "squarehead", "skd")
+# The model each loss learns from (teacher_dir); ce needs none.
+TEACHERS = {"kl": "target", "tvdpp": "target", "skd": "target", "squarehead": "dense draft"}
+LOSS_DEFINITIONS = {
+    "ce": "cross-entropy of the data's responses",
+    "kl": "forward KL(target || draft) per response position, on the data's responses",
+    "tvdpp": "TVD++ (Goel et al. 2024): policy-gradient TV distance to the target, batch-normalised reward",
+    "squarehead": "response cross-entropy + SquareHead (Kurtic et al. 2023): sum over decoder layers of "
+    "MSE(draft hidden, dense-draft hidden) / MSE(dense-draft hidden, 0) on the response positions, weights 1 and 1",
+    "skd": "SKD (Xu et al. 2024): forward KL(target || draft) per response position, on responses the draft "
+    "generates for the data's prompts before each step, every draft token outside the target's top-K "
+    "replaced by the target's own token",
+}
 
 
 # ---- losses: pure functions on aligned logits (position t predicts token t + 1) ----
@@ -90,6 +115,48 @@ def tvdpp_loss(
     return -(advantage * log_q_x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def squarehead_layers(student_hidden, teacher_hidden, eps: float = torch.finfo(torch.float32).eps) -> torch.Tensor:
+    """SquareHead's per-layer terms: MSE(h_s, h_t) / MSE(h_t, 0) for each layer's (positions, hidden) states.
+
+    Normalising by the teacher's energy puts every layer on the same scale, whatever the
+    magnitude its activations grow to (Kurtic et al. 2023, Sec. 3); eps as in their code.
+    Raises unless both models give as many layers, of the same shapes.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(
+            f"squarehead: the draft has {len(student_hidden)} hidden-state layers, the teacher "
+            f"{len(teacher_hidden)}; the teacher must be the dense draft (same architecture)"
+        )
+    terms = []
+    for i, (h_s, h_t) in enumerate(zip(student_hidden, teacher_hidden)):
+        if h_s.shape != h_t.shape:
+            raise ValueError(
+                f"squarehead: layer {i} hidden states are {tuple(h_s.shape)} in the draft and {tuple(h_t.shape)} in "
+                "the teacher; the teacher must be the dense draft (same architecture)"
+            )
+        h_t = h_t.float()
+        terms.append((h_s.float() - h_t).pow(2).mean() / (h_t.pow(2).mean() + eps))
+    return torch.stack(terms)
+
+
+def replace_outside_top_k(proposals: torch.Tensor, teacher_logits: torch.Tensor, top_k: int, replacements):
+    """(tokens, replaced): each proposal kept where the teacher ranks it in its top K, else its replacement.
+
+    A proposal's rank is the number of tokens with a strictly higher teacher logit, so a tie
+    counts in the proposal's favour and K >= the vocabulary size replaces nothing.
+    """
+    proposed = teacher_logits.gather(-1, proposals.unsqueeze(-1))
+    replaced = (teacher_logits > proposed).sum(-1) >= top_k
+    return torch.where(replaced, replacements, proposals), replaced
+
+
+def pick(logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """One token per row: the argmax, or a draw from softmax(logits) (temperature 1)."""
+    if greedy:
+        return logits.argmax(-1)
+    return torch.distributions.Categorical(logits=logits.float()).sample()
+
+
 # ---- the same losses on a model pair, the output layers run in chunks of positions ----
 
 
@@ -144,14 +211,173 @@ def chunked_tvdpp(model, teacher, batch, chunk_tokens: int, tokens: torch.Tensor
     return chunk_sum(surrogate, chunk_tokens, hidden, torch.cat(sampled), advantage) / max(1, hidden.shape[0])
 
 
+def layer_states(model, batch, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder layer's output at the positions `keep` marks (the last after the final norm, as HF gives it)."""
+    out = model.base_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    return [h[:, :-1][keep] for h in out.hidden_states[1:]]  # [0] is the embeddings' output
+
+
+def chunked_squarehead(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
+    """SquareHead's loss: response cross-entropy + the sum over layers of squarehead_layers.
+
+    Both terms weigh 1, as in the authors' recipes (IST-DASLab/SparseFinetuning:
+    hardness_ce 1, hardness_squarehead 1, hardness_kldiv 0), and the layer terms are
+    summed, not averaged, as there. Kept from the task loss: the responses are the
+    target's, which the dense draft only approximates, so the hidden-state term pulls
+    the sparse draft back to what it computed before pruning while the cross-entropy
+    keeps it moving toward the target. The positions are those that predict a response
+    token (the authors use every non-padding position; the prompt is not trained on here).
+    """
+    check_plain_logits(model)
+    keep = batch["labels"][:, 1:] != -100
+    states = layer_states(model, batch, keep)
+    with torch.no_grad():
+        teacher_states = layer_states(teacher, batch, keep)
+    labels = batch["labels"][:, 1:][keep]
+    ce = chunked_cross_entropy(model, states[-1], labels, chunk_tokens)
+    return ce + squarehead_layers(states, teacher_states).sum()
+
+
+def check_same_architecture(model, teacher, teacher_dir) -> None:
+    """Raise unless `teacher` has the draft's layer count and hidden size (squarehead's dense draft)."""
+    for key in ("num_hidden_layers", "hidden_size"):
+        mine, theirs = getattr(model.config, key), getattr(teacher.config, key)
+        if mine != theirs:
+            raise ValueError(
+                f"loss 'squarehead' compares the hidden states of every layer, so the teacher must be the dense "
+                f"draft itself: {key} is {mine} in the draft and {theirs} in the teacher {teacher_dir}"
+            )
+
+
+# ---- SKD's interleaved responses, generated before each step ----
+
+
+def _step(model, ids, mask, positions, cache):
+    """(next-token logits, KV cache) after feeding `ids`; only the last position's logits are computed."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1], out.past_key_values
+
+
+@torch.no_grad()
+def interleaved_responses(
+    student, teacher, prompts: list[list[int]], limits: list[int], *, top_k: int, greedy: bool, stop_ids, pad_id: int
+) -> tuple[list[list[int]], int]:
+    """SKD's interleaved sampling (Xu et al. 2024, Algorithm 1) for a batch of prompts.
+
+    At each position the student proposes a token (its argmax, or a draw from it); where
+    the teacher does not rank it in its top `top_k` the teacher's own token (argmax, or a
+    draw) replaces it, and both models continue from the corrected prefix. Row i stops
+    after a token of `stop_ids` (kept) or `limits[i]` tokens. One left-padded batch, each
+    model with its own KV cache. Returns (responses, number of tokens replaced).
+    """
+    device = next(student.parameters()).device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Models of one family may pad their vocabularies to different sizes (see _distillation_rows).
+    vocab = min(student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
+    s_logits, s_cache = _step(student, ids, mask, positions, None)
+    t_logits, t_cache = _step(teacher, ids, mask, positions, None)
+    limit = torch.tensor(limits, device=device)
+    stop = torch.tensor(list(stop_ids), device=device)
+    done = limit <= 0
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    tokens, replaced_total = [], 0
+    for _ in range(max(limits) if not bool(done.all()) else 0):
+        s_logits, t_logits = s_logits[:, :vocab], t_logits[:, :vocab]
+        token, replaced = replace_outside_top_k(pick(s_logits, greedy), t_logits, top_k, pick(t_logits, greedy))
+        active = ~done
+        token = torch.where(active, token, torch.full_like(token, pad_id))
+        replaced_total += int((replaced & active).sum())
+        lengths += active.long()
+        tokens.append(token)
+        done = done | torch.isin(token, stop) | (lengths >= limit)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        s_logits, s_cache = _step(student, token[:, None], mask, positions, s_cache)
+        t_logits, t_cache = _step(teacher, token[:, None], mask, positions, t_cache)
+    new = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(n)]
+    return [row[:length] for row, length in zip(new, lengths.tolist())], replaced_total
+
+
+def skd_batch(model, teacher, batch: dict, *, settings: dict, stop_ids, pad_id: int) -> tuple[dict, int, int]:
+    """(batch, tokens generated, tokens replaced): `batch`'s prompts with the draft's interleaved responses.
+
+    The prompt of a row is what precedes its first labelled token. A response stops at
+    skd_max_new_tokens (null: the length of the row's response in the data, so the data's
+    length limit holds) and where prompt + response would pass seq_len.
+    """
+    prompts, limits = [], []
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        length = int(attention.sum())
+        labelled = (labels[:length] != -100).nonzero()
+        start = int(labelled[0]) if len(labelled) else length
+        prompts.append(ids[:start].tolist())
+        limit = settings["skd_max_new_tokens"] or len(labelled)
+        limits.append(max(0, min(limit, settings["seq_len"] - start)))
+    responses, replaced = interleaved_responses(
+        model,
+        teacher,
+        prompts,
+        limits,
+        top_k=settings["skd_top_k"],
+        greedy=settings["skd_decoding"] == "greedy",
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+    )
+    examples = [{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in zip(prompts, responses)]
+    device = batch["input_ids"].device
+    new = {k: v.to(device) for k, v in training.collate(examples, pad_id).items()}
+    return new, sum(map(len, responses)), replaced
+
+
+def skd_batches(model, teacher, batches, *, settings: dict, stop_ids, pad_id: int, counts: dict):
+    """training.train's batches for skd: each data batch's prompts answered by the current draft (on-policy).
+
+    The draft generates in eval mode (no dropout, KV cache), then goes back to training;
+    `counts` accumulates generated and replaced tokens for the provenance.
+    """
+    for batch in batches:
+        was_training = model.training
+        model.eval()
+        new, generated, replaced = skd_batch(model, teacher, batch, settings=settings, stop_ids=stop_ids, pad_id=pad_id)
+        model.train(was_training)
+        counts["generated_tokens"] += generated
+        counts["replaced_tokens"] += replaced
+        yield new
+
+
 def finetune_loss_fn(kind: str, teacher, chunk_tokens: int):
-    """A training.train loss_fn: ce, or kl / tvdpp against `teacher`, when training; CE when evaluating."""
+    """A training.train loss_fn: ce, or a loss against `teacher` (module docstring), when training; CE when evaluating.
+
+    skd's loss is kl: what makes it SKD is its batches (skd_batches).
+    """
 
     def loss_fn(model, batch):
         if kind == "ce" or not model.training:
             return chunked_causal_lm_loss(model, batch, chunk_tokens)
-        if kind == "kl":
+        if kind in ("kl", "skd"):
             return chunked_kl(model, teacher, batch, chunk_tokens)
+        if kind == "squarehead":
+            return chunked_squarehead(model, teacher, batch, chunk_tokens)
         return chunked_tvdpp(model, teacher, batch, chunk_tokens)
 
     return loss_fn
@@ -230,14 +456,17 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
 
     teacher = None
     if kind != "ce":
+        role = TEACHERS[kind]
         if teacher_dir is None:
-            raise ValueError(f"loss '{kind}' needs the target's logits: pass teacher_dir")
+            raise ValueError(f"loss '{kind}' learns from the {role}: pass teacher_dir")
         if not same_tokenizer(tokenizer, load_tokenizer(teacher_dir)):
             raise ValueError(
-                f"loss '{kind}' compares token distributions, so the draft ({init_dir}) and the target "
-                f"({teacher_dir}) must share a tokenizer; they do not. Use loss 'ce' across tokenizer families."
+                f"loss '{kind}' compares the two models position by position, so the draft ({init_dir}) and the "
+                f"{role} ({teacher_dir}) must share a tokenizer; they do not. Use loss 'ce' across tokenizer families."
             )
         teacher = load_model(teacher_dir, device=device)
+        if kind == "squarehead":
+            check_same_architecture(model, teacher, teacher_dir)
 
     data = load_from_disk(str(data_dir))
     # Self-distilled data in the target's format, original data in the draft's own (sd2.chat).
@@ -261,9 +490,16 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         f"{len(masks)} masked layers; micro-batches of {micro} ({math.ceil(bs / micro)} per step), "
         f"loss chunks of {chunk} positions, gradient checkpointing {settings['gradient_checkpointing']}"
     )
+    batches = training.shuffled_batches(train_set, bs, pad, seed, device)
+    skd_counts = {"generated_tokens": 0, "replaced_tokens": 0}
+    if kind == "skd":
+        # The same data batches as every other loss: their prompts, answered on-policy.
+        batches = skd_batches(
+            model, teacher, batches, settings=settings, stop_ids=eos_ids(init_dir), pad_id=pad, counts=skd_counts
+        )
     history = training.train(
         model,
-        training.shuffled_batches(train_set, bs, pad, seed, device),
+        batches,
         val_batches,
         steps=steps,
         lr=settings["lr"],
@@ -291,7 +527,18 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         teacher=None if teacher_dir is None else str(teacher_dir),
         finetune=settings,
     )
+    loss = {"name": kind, "definition": LOSS_DEFINITIONS[kind], "teacher": TEACHERS.get(kind)}
+    if kind == "skd":
+        generated = skd_counts["generated_tokens"]
+        loss.update(
+            top_k=settings["skd_top_k"],
+            decoding=settings["skd_decoding"],
+            max_new_tokens=settings["skd_max_new_tokens"],
+            generated_tokens=generated,
+            replaced_fraction=skd_counts["replaced_tokens"] / generated if generated else None,
+        )
     info.update(
+        loss=loss,
         steps=steps,
         train_examples=len(train_set),
         validation_examples=len(val_set),

@@ -6,7 +6,21 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 
-from sd2.finetune import check_masks, finetune, hold_masks, kl_loss, sparsity_masks, tvdpp_loss, zero_counts
+from sd2.chunked_loss import chunked_causal_lm_loss
+from sd2.finetune import (
+    check_masks,
+    chunked_squarehead,
+    finetune,
+    hold_masks,
+    interleaved_responses,
+    kl_loss,
+    layer_states,
+    replace_outside_top_k,
+    sparsity_masks,
+    squarehead_layers,
+    tvdpp_loss,
+    zero_counts,
+)
 from sd2.models import decoder_linears, load_model, load_tokenizer
 from sd2.prune import prune
 
@@ -222,3 +236,147 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
         for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"]):
             n = int(mask.sum())
             assert lengths[int(ids[0])] == n and (labels[n:] == -100).all()
+
+
+# ---- squarehead and skd ----
+
+SKD = dict(skd_top_k=25, skd_decoding="sample", skd_max_new_tokens=None)
+
+
+def response_batch(seed=0, n=3, prompt=6, width=14, vocab=500):
+    """Random ids, the first `prompt` positions unlabelled, the last row padded after 10 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, width), generator=gen)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    attention = torch.ones_like(ids)
+    attention[-1, 10:], labels[-1, 10:] = 0, -100
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def squarehead_term(model, teacher, batch):
+    return chunked_squarehead(model, teacher, batch, 64) - chunked_causal_lm_loss(model, batch, 64)
+
+
+def test_squarehead_is_zero_against_itself_and_positive_once_perturbed(tiny_llama_dir):
+    model, teacher = load_model(tiny_llama_dir), load_model(tiny_llama_dir)
+    batch = response_batch()
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        layers = squarehead_layers(layer_states(model, batch, keep), layer_states(teacher, batch, keep))
+        assert len(layers) == model.config.num_hidden_layers and layers.abs().max() < 1e-12
+        assert abs(squarehead_term(model, teacher, batch)) < 1e-6
+        torch.manual_seed(0)
+        for name, module in decoder_linears(model).items():
+            if ".layers.0." in name:
+                module.weight.add_(0.02 * torch.randn_like(module.weight))
+        perturbed = squarehead_layers(layer_states(model, batch, keep), layer_states(teacher, batch, keep))
+    assert (perturbed > 1e-3).all()  # the first layer's change reaches every later layer
+    assert squarehead_term(model, teacher, batch).item() == pytest.approx(perturbed.sum().item(), rel=1e-4)
+
+
+def test_squarehead_gradient_brings_the_sparse_draft_back_toward_the_dense_one(pruned_dir, tiny_llama_draft_dir):
+    model, teacher = load_model(pruned_dir).train(), load_model(tiny_llama_draft_dir)
+    masks = sparsity_masks(model)
+    after_step = hold_masks(model, masks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = response_batch(seed=1)
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        teacher_states = layer_states(teacher, batch, keep)
+    values = []
+    for _ in range(6):
+        loss = squarehead_layers(layer_states(model, batch, keep), teacher_states).sum()
+        values.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        after_step(model)
+    assert values[-1] < 0.5 * values[0] and all(b < a for a, b in zip(values, values[1:]))
+    for name, module in decoder_linears(model).items():
+        assert torch.equal(module.weight != 0, masks[name]), name
+
+
+def test_squarehead_needs_the_draft_s_own_shapes(pruned_dir, data_dir, tiny_llama_dir, tmp_path):
+    h = [torch.randn(5, 16), torch.randn(5, 16)]
+    with pytest.raises(ValueError, match="2 hidden-state layers, the teacher 1"):
+        squarehead_layers(h, h[:1])
+    with pytest.raises(ValueError, match=r"layer 1 hidden states are \(5, 16\) in the draft and \(5, 32\)"):
+        squarehead_layers(h, [h[0], torch.randn(5, 32)])
+    settings = {**SETTINGS, "loss": "squarehead"}
+    with pytest.raises(ValueError, match="num_hidden_layers is 1 in the draft and 2 in the teacher"):
+        finetune(pruned_dir, data_dir, tmp_path / "x", settings=settings, seed=0, teacher_dir=tiny_llama_dir)
+    assert not (tmp_path / "x").exists()
+
+
+def test_skd_replaces_exactly_the_tokens_outside_the_teacher_s_top_k():
+    teacher_logits = torch.tensor(
+        [
+            [5.0, 4.0, 3.0, 2.0, 1.0],  # ranks 0..4
+            [1.0, 2.0, 3.0, 4.0, 5.0],  # ranks 4..0
+            [2.0, 2.0, 2.0, 0.0, 0.0],  # a three-way tie for first
+        ]
+    )
+    replacements = torch.tensor([7, 8, 9])
+    proposals = torch.tensor([1, 1, 2])  # ranks 1, 3, 0
+    tokens, replaced = replace_outside_top_k(proposals, teacher_logits, 2, replacements)
+    assert replaced.tolist() == [False, True, False] and tokens.tolist() == [1, 8, 2]
+    tokens, replaced = replace_outside_top_k(torch.tensor([4, 0, 3]), teacher_logits, 1, replacements)
+    assert replaced.tolist() == [True, True, True] and tokens.tolist() == [7, 8, 9]
+    every = torch.tensor([4, 0, 4])  # the teacher's last choice in each row
+    tokens, replaced = replace_outside_top_k(every, teacher_logits, teacher_logits.shape[-1], replacements)
+    assert not replaced.any() and torch.equal(tokens, every)
+
+
+def greedy_reference(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_skd_interleaving_with_k_vocab_is_the_draft_s_and_with_k_1_the_teacher_s_greedy_text(
+    tiny_llama_draft_dir, tiny_llama_dir
+):
+    student, teacher = load_model(tiny_llama_draft_dir), load_model(tiny_llama_dir)
+    prompts, limits = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], [8, 5, 0]
+    vocab = student.config.vocab_size
+    for top_k, model in [(vocab, student), (1, teacher)]:
+        responses, replaced = interleaved_responses(
+            student, teacher, prompts, limits, top_k=top_k, greedy=True, stop_ids=[-1], pad_id=0
+        )
+        assert responses == [greedy_reference(model, p, n) for p, n in zip(prompts, limits)]
+        assert (replaced == 0) == (top_k == vocab)
+    # A stop token ends its row, and is kept; rows without it go on to their limit.
+    references = [greedy_reference(student, p, n) for p, n in zip(prompts, limits)]
+    first = references[0]
+    stop = first[next((j for j in range(1, len(first)) if first[j] not in first[:j]), 0)]
+    responses, _ = interleaved_responses(
+        student, teacher, prompts, limits, top_k=vocab, greedy=True, stop_ids=[stop], pad_id=0
+    )
+    assert responses == [r[: r.index(stop) + 1] if stop in r else r for r in references]
+    assert len(responses[0]) < limits[0]
+
+
+@pytest.mark.parametrize("loss", ["squarehead", "skd"])
+def test_finetune_with_squarehead_and_skd_keeps_the_zeros_and_records_the_loss(
+    pruned_dir, data_dir, tiny_llama_draft_dir, tiny_llama_dir, tmp_path, loss
+):
+    teacher = tiny_llama_draft_dir if loss == "squarehead" else tiny_llama_dir  # the dense draft; the target
+    settings = {**SETTINGS, **SKD, "loss": loss, "max_steps": 3, "eval_every": 3, "skd_max_new_tokens": 24}
+    out = tmp_path / loss
+    history = finetune(pruned_dir, data_dir, out, settings=settings, seed=0, teacher_dir=teacher)
+    assert [h["step"] for h in history] == [0, 3] and torch.isfinite(torch.tensor(history[-1]["train_loss"]))
+    before, after = load_model(pruned_dir), load_model(out)
+    for (name, b), a in zip(decoder_linears(before).items(), decoder_linears(after).values()):
+        assert torch.equal(b.weight != 0, a.weight != 0), name
+        assert not torch.equal(b.weight, a.weight)  # it did train
+    info = json.loads((out / "provenance.json").read_text())
+    assert info["settings"]["finetune"]["loss"] == loss and info["loss"]["name"] == loss
+    assert info["sparsity_before"] == info["sparsity_after"]
+    if loss == "skd":
+        assert info["loss"]["top_k"] == 25 and info["loss"]["generated_tokens"] > 0
+        assert 0 < info["loss"]["replaced_fraction"] <= 1  # two random models disagree somewhere
+    else:
+        assert info["loss"]["teacher"] == "dense draft"
