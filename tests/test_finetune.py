@@ -16,6 +16,7 @@ from sd2.finetune import (
     kl_loss,
     layer_states,
     replace_outside_top_k,
+    skd_batch,
     sparsity_masks,
     squarehead_layers,
     tvdpp_loss,
@@ -357,6 +358,25 @@ def test_skd_interleaving_with_k_vocab_is_the_draft_s_and_with_k_1_the_teacher_s
     )
     assert responses == [r[: r.index(stop) + 1] if stop in r else r for r in references]
     assert len(responses[0]) < limits[0]
+
+
+def test_skd_batch_answers_the_data_s_prompts_within_the_data_s_response_lengths(tiny_llama_draft_dir, tiny_llama_dir):
+    student, teacher = load_model(tiny_llama_draft_dir), load_model(tiny_llama_dir)
+    batch = response_batch(n=3, prompt=6, width=14)  # responses of 8, 8 and 4 tokens
+    settings = {**SKD, "skd_top_k": student.config.vocab_size, "skd_decoding": "greedy", "seq_len": 64}
+    new, generated, replaced = skd_batch(student, teacher, batch, settings=settings, stop_ids=[-1], pad_id=0)
+    prompts = [batch["input_ids"][i, :6].tolist() for i in range(3)]
+    expected = [greedy_reference(student, p, n) for p, n in zip(prompts, [8, 8, 4])]
+    assert generated == 20 and replaced == 0
+    for i in range(3):
+        n = int(new["attention_mask"][i].sum())
+        assert new["input_ids"][i, :n].tolist() == prompts[i] + expected[i]
+        assert new["labels"][i, :n].tolist() == [-100] * 6 + expected[i]
+    # seq_len and skd_max_new_tokens cut the responses shorter.
+    new, generated, _ = skd_batch(
+        student, teacher, batch, settings={**settings, "seq_len": 9, "skd_max_new_tokens": 2}, stop_ids=[-1], pad_id=0
+    )
+    assert generated == 6 and new["input_ids"].shape[1] == 8
 
 
 @pytest.mark.parametrize("loss", ["squarehead", "skd"])
