@@ -586,8 +586,10 @@ def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
         2, len(columns), f"MAL and improvement factor against draft-tree budget ({scope})", sharey="row"
     )
     for j, (eval_set, target, draft) in enumerate(columns):
-        where = (greedy["eval_set"] == eval_set) & (greedy["target"] == target) & (greedy["draft"] == draft)
-        panel, chain_panel = tree_rows[where], chains[where]
+        panel, chain_panel = (
+            rows[(rows["eval_set"] == eval_set) & (rows["target"] == target) & (rows["draft"] == draft)]
+            for rows in (tree_rows, chains)
+        )
         for combo in variant_order(panel, []).itertuples(index=False):
             variant = (panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)
             rows = panel[variant].sort_values("tree_budget")
