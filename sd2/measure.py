@@ -1,6 +1,6 @@
 """Rule measure: acceptance of one draft against one target on one eval set, with 95% CIs.
 
-Three estimators, each named in its records:
+Four estimators, each named in its records:
 - `teacher_forced_walk` (greedy, shared tokenizer): exact MAL for every k = 1..k_max on
   every prompt from one draft forward pass over the target's cached greedy
   continuations (sd2.acceptance). Cross-checked in the same job against transformers'
@@ -178,7 +178,7 @@ def tree_checks(target, draft, items: list[dict], generations: list, branching, 
 
 
 def tree_records(target, draft, items: list[dict], forced: list[dict], budgets: list[int], settings: dict) -> list:
-    """(k = budget, result, extra) per tree budget from the teacher-forced ranks, each cross-checked."""
+    """(budget, per-prompt steps, record fields) per tree budget from the teacher-forced ranks, each cross-checked."""
     if not budgets:
         return []
     max_new, n_check = settings["max_new_tokens"], settings["n_check"]
