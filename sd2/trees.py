@@ -30,6 +30,7 @@ from functools import cache
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from sd2 import acceptance
 
@@ -134,8 +135,8 @@ def tree_walk(ranks: list[int], branching, max_new_tokens: int, ended_by_eos: bo
 # ---------------------------------------------------------------- the decoding loop
 
 
-def _tree_mask(n_prefix: int, parents: list[int], dtype, device) -> torch.Tensor:
-    """(1, 1, n, n) additive mask: the prefix is causal, a node sees the prefix, its ancestors and itself."""
+def tree_visibility(n_prefix: int, parents: list[int]) -> torch.Tensor:
+    """(n, n) bool over prefix + nodes: the prefix is causal, a node sees the prefix, its ancestors and itself."""
     n = n_prefix + len(parents)
     allowed = torch.ones(n, n, dtype=torch.bool).tril()
     allowed[n_prefix:, n_prefix:] = False
@@ -145,27 +146,45 @@ def _tree_mask(n_prefix: int, parents: list[int], dtype, device) -> torch.Tensor
         while parent >= 0:
             allowed[row, n_prefix + parent] = True
             parent = parents[parent]
-    mask = torch.zeros(n, n, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].to(device)
+    return allowed
 
 
-def tree_logits(model, prefix: list[int], tokens: list[int], parents: list[int], depths: list[int]) -> torch.Tensor:
-    """Logits after the last prefix token (row 0) and after each node (row 1 + i), in one forward.
+class CachedModel:
+    """A model that reads prefix + tree nodes, computing each token once while it stays: a KV cache cropped
+    back to the committed prefix after every step.
 
-    transformers' Llama and Qwen2 take a 4D mask as given (masking_utils returns it as-is);
-    node i sits at position len(prefix) - 1 + depths[i], so its rotary position is the one
-    it would have on its own root path. No KV cache: every call recomputes the prefix (a
-    measuring instrument, not a fast decoder).
+    `forward` feeds the tokens from the cache's end up to `last` (of prefix + nodes) in one call,
+    with a 4D mask cut from `tree_visibility` (transformers' Llama and Qwen2 take a 4D mask as
+    given: masking_utils returns it as-is) and node i at position len(prefix) - 1 + depths[i],
+    the rotary position it would have on its own root path.
     """
-    ids = torch.tensor([prefix + tokens], device=model.device)
-    positions = list(range(len(prefix))) + [len(prefix) - 1 + d for d in depths]
-    out = model(
-        input_ids=ids,
-        attention_mask=_tree_mask(len(prefix), parents, model.dtype, model.device),
-        position_ids=torch.tensor([positions], device=model.device),
-        use_cache=False,
-    )
-    return out.logits[0, len(prefix) - 1 :].float()
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+
+    def forward(self, prefix, tokens, parents, depths, last: int) -> torch.Tensor:
+        """Logits after each token fed (prefix + tokens)[cached:last], as float (rows, vocab)."""
+        first = self.cache.get_seq_length()
+        ids = (prefix + tokens)[first:last]
+        positions = (list(range(len(prefix))) + [len(prefix) - 1 + d for d in depths])[first:last]
+        visible = tree_visibility(len(prefix), parents)[first:last, :last]
+        dtype, device = self.model.dtype, self.model.device
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=mask[None, None].to(device),
+            position_ids=torch.tensor([positions], device=device),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[0].float()
+
+    def keep(self, n: int) -> None:
+        """Drop the cached tokens after the first n (the nodes of the step just verified)."""
+        extra = self.cache.get_seq_length() - n
+        if extra > 0:
+            self.cache.crop(-extra)
 
 
 def eos_ids(model) -> set[int]:
@@ -184,24 +203,33 @@ def tree_generate(
     max_new_tokens; the target scores the root and all nodes in one forward with a tree
     attention mask; the longest root path of target argmaxes is committed with the target's
     token after it. A path that reaches an end-of-text token stops there, and the target
-    commits that token itself, as transformers' assisted generation does.
+    commits that token itself, as transformers' assisted generation does. Both models keep
+    a KV cache of the committed tokens; tokens committed by a step are fed again at the next
+    one (their cached copies sat among rejected nodes).
     """
     eos = eos_ids(target)
+    big, small = CachedModel(target), CachedModel(draft)
     seq, new, steps = list(prompt_ids), [], []
     while len(new) < max_new_tokens:
         depth = max(0, min(len(branching), max_new_tokens - len(new) - 1))
         tokens, parents, depths, frontier = [], [], [], [-1]  # -1: the root
         for d in range(depth):
-            logits = tree_logits(draft, seq, tokens, parents, depths)
+            # The uncommitted prefix (ending at the root) at the first level, then the level above.
+            logits = small.forward(seq, tokens, parents, depths, last=len(seq) + len(tokens))
+            rows = logits[-len(frontier) :]
             level = []
-            for node in frontier:
-                for token in logits[node + 1].topk(branching[d]).indices.tolist():
+            for node, row in zip(frontier, rows):
+                for token in row.topk(branching[d]).indices.tolist():
                     tokens.append(token)
                     parents.append(node)
                     depths.append(d + 1)
                     level.append(len(tokens) - 1)
             frontier = level
-        best = tree_logits(target, seq, tokens, parents, depths).argmax(-1).tolist()
+        small.keep(len(seq))
+        # Row r of `best`: the target's argmax after the root (r = 0) or after node r - 1.
+        best = big.forward(seq, tokens, parents, depths, last=len(seq) + len(tokens))
+        best = best[best.shape[0] - len(tokens) - 1 :].argmax(-1).tolist()
+        big.keep(len(seq))
         children = defaultdict(list)
         for i, parent in enumerate(parents):
             children[parent].append(i)
