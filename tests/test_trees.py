@@ -188,3 +188,11 @@ def test_check_steps_names_the_disagreement(models):
         trees.check_steps(target, item, off, walked, (2, 1), near_tie=1e-4, budget=4)
     # Within a huge near-tie threshold every boundary is a tie: counted, not fatal.
     assert not trees.check_steps(target, item, off, walked, (2, 1), near_tie=1e9, budget=4)
+
+
+def test_loop_equals_walk_on_qwen2(tiny_qwen_dir):
+    """Qwen2 takes the same 4D tree mask (and its own tokenizer); a perturbed copy as the draft."""
+    tok = load_tokenizer(tiny_qwen_dir)
+    target = _rescaled(load_model(tiny_qwen_dir), 0.2, 0)
+    accepted = _loop_equals_walk(target, _perturbed(target, 0.02, 5), tok, [(1, 1, 1), (3, 2)])
+    assert sum(accepted[(1, 1, 1)]) > 0
