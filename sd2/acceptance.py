@@ -82,19 +82,26 @@ def _continuation_logits(model, batch: list[tuple[list[int], list[int]]], pad_id
 def teacher_forced_matches(
     draft, items: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 16, progress=None
 ) -> list[dict]:
-    """For each (prompt_ids, continuation_ids): match flags and the draft's top-2 logit gap per position.
+    """For each (prompt_ids, continuation_ids): match flags, the draft's top-2 logit gap and the rank of y per position.
 
     The gap tells a genuine disagreement from a floating-point near-tie when the walk is
-    compared with incremental decoding.
+    compared with incremental decoding. rank[s] = the number of tokens the draft puts before
+    y[s] (a larger logit, or an equal one at a smaller id, argmax's tie order): rank 0 is a
+    match, and a draft tree with b children per node holds y[s] iff rank < b (sd2.trees).
     """
     out: list[dict | None] = [None] * len(items)
     for idx in _batches(items, batch_size):
         batch = [items[i] for i in idx]
         for i, (_, y), logits in zip(idx, batch, _continuation_logits(draft, batch, pad_id)):
             top = logits.topk(2, dim=-1).values if logits.shape[-1] > 1 else logits.repeat(1, 2)
+            ids = torch.tensor(y, dtype=torch.long, device=logits.device)
+            own = logits.gather(1, ids[:, None])
+            earlier = torch.arange(logits.shape[-1], device=logits.device) < ids[:, None]
+            rank = (logits > own).sum(-1) + ((logits == own) & earlier).sum(-1)
             out[i] = {
                 "matches": (logits.argmax(-1).cpu() == torch.tensor(y)).tolist(),
                 "gap": (top[:, 0] - top[:, 1]).cpu().tolist(),
+                "rank": rank.cpu().tolist(),
             }
         if progress is not None:
             progress.update(len(idx))

@@ -1,10 +1,13 @@
 """Rule measure: acceptance of one draft against one target on one eval set, with 95% CIs.
 
-Three estimators, each named in its records:
+Four estimators, each named in its records:
 - `teacher_forced_walk` (greedy, shared tokenizer): exact MAL for every k = 1..k_max on
   every prompt from one draft forward pass over the target's cached greedy
   continuations (sd2.acceptance). Cross-checked in the same job against transformers'
   assisted generation on the first n_check prompts, step by step.
+- `tree_walk` (greedy, shared tokenizer, measure.tree_budgets): the same pass's ranks give the
+  exact MAL of a static draft-token tree per node budget (sd2.trees), cross-checked on the
+  first n_check prompts against sd2.trees' own tree decoding loop, step by step.
 - `assisted_generation`: transformers' assisted generation, batch size 1, on the first
   n_assisted prompts: sampling (T > 0) and different-tokenizer pairs (UAG), where the
   walk does not apply.
@@ -16,7 +19,7 @@ Three estimators, each named in its records:
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import acceptance, continuations
+from sd2 import acceptance, continuations, trees
 from sd2.checkpoint import write_json
 from sd2.macs import model_macs
 from sd2.models import load_checkpoint
@@ -39,7 +42,16 @@ DEFINITIONS = {
     "target's greedy continuation (verified against assisted generation on checked_prompts); "
     "assisted_generation: transformers' assisted generation, batch size 1; tvd_estimate: alpha = mean over "
     "positions of sum_x min(p, q) along the target's greedy continuation, MAL estimated as "
-    "(1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance assumed.",
+    "(1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance assumed; tree_walk: exact greedy acceptance of a static "
+    "draft-token tree from the ranks of the same teacher-forced pass (verified against sd2.trees' tree decoding "
+    "loop on checked_prompts).",
+    "tree_walk": "k = tree_budget, the node budget; the tree (tree_branching: children per node at each depth, "
+    "tree_nodes <= tree_budget nodes, root excluded) accepts at a step the longest root path equal to the "
+    "target's greedy continuation. drafted_tokens counts tree nodes, acceptance_by_position has one entry per "
+    "depth, tree_nodes_expanded = nodes the draft runs a forward on (root and every non-leaf), "
+    "tree_verify_width = tokens the target verifies per step (nodes + 1), and the improvement factor is "
+    "MAL / (1 + tree_nodes_expanded * c). tree_rule says how the shape was chosen; tree_expected_mal is what "
+    "that rule's independence model predicted.",
     "acceptance_rate": "accepted draft tokens / drafted tokens over the counted steps. drafted = min(k, "
     "max_new_tokens - t - 1) per step (transformers' cap near max_new_tokens); for the walk a draft that would "
     "stop early at its own end-of-text after a rejected token still counts as drafting the full proposal.",
@@ -77,12 +89,18 @@ def per_prompt(generations: list[list[tuple[int, int]]]) -> dict:
     }
 
 
-def summarize(generations: list, k: int, cost_ratio: float, n_boot: int, seed: int) -> dict:
-    """MAL with its CI, acceptance statistics and improvement factor from per-prompt step lists."""
+def summarize(
+    generations: list, k: int, cost_ratio: float, n_boot: int, seed: int, draft_forwards: int | None = None
+) -> dict:
+    """MAL with its CI, acceptance statistics and improvement factor from per-prompt step lists.
+
+    k: the most draft tokens a step can accept; draft_forwards: the draft forwards per step
+    in the cost, k for a chain (a tree's expanded nodes).
+    """
     stats = step_stats(generations, k)
     prompts = per_prompt(generations)
     _, low, high = ratio_ci(prompts["accepted_tokens"], prompts["steps"], n_boot=n_boot, seed=seed)
-    scale = 1 / (1 + k * cost_ratio)
+    scale = 1 / (1 + (k if draft_forwards is None else draft_forwards) * cost_ratio)
     mal = stats["mal"]
     return {
         "n_prompts": len(generations),
@@ -141,6 +159,50 @@ def check_steps(
     )
 
 
+def tree_checks(target, draft, items: list[dict], generations: list, branching, budget: int, max_new: int) -> dict:
+    """Run sd2.trees' decoding loop on `items`: lossless, and the same committed counts per step as the walk."""
+    outputs_ok, steps_ok, steps = [], [], 0
+    for item, walked in zip(tqdm(items, desc=f"tree loop, budget {budget}", mininterval=5), generations):
+        tokens, real = trees.tree_generate(target, draft, item["prompt_ids"], branching, max_new)
+        outputs_ok.append(check_output(target, item, tokens, budget))
+        steps_ok.append(
+            outputs_ok[-1] and trees.check_steps(draft, item, real, walked, branching, near_tie=NEAR_TIE, budget=budget)
+        )
+        steps += len(real) if steps_ok[-1] else 0
+    return {
+        "checked_prompts": sum(steps_ok),
+        "checked_steps": steps,
+        "target_near_ties": outputs_ok.count(False),
+        "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
+    }
+
+
+def tree_records(target, draft, items: list[dict], forced: list[dict], budgets: list[int], settings: dict) -> list:
+    """(budget, per-prompt steps, record fields) per tree budget from the teacher-forced ranks, each cross-checked."""
+    if not budgets:
+        return []
+    max_new, n_check = settings["max_new_tokens"], settings["n_check"]
+    ranks = [f["rank"] for f in forced]
+    cdf = trees.rank_cdf(ranks, max(budgets))
+    out = []
+    for budget in budgets:
+        shape = trees.shape_for_budget(budget, cdf)
+        generations = [trees.tree_walk(r, shape, max_new, it["ended_by_eos"]) for r, it in zip(ranks, items)]
+        extra = {
+            "tree_budget": budget,
+            "tree_branching": trees.format_branching(shape),
+            "tree_depth": len(shape),
+            "tree_nodes": trees.tree_nodes(shape),
+            "tree_nodes_expanded": trees.expanded_nodes(shape),
+            "tree_verify_width": trees.verify_width(shape),
+            "tree_rule": trees.RULE,
+            "tree_expected_mal": 1 + trees.expected_accepted(shape, cdf),
+            **tree_checks(target, draft, items[:n_check], generations[:n_check], shape, budget, max_new),
+        }
+        out.append((budget, generations, extra))
+    return out
+
+
 def _speed(runs: list[dict], warmup: int) -> float | None:
     timed = runs[warmup:]
     seconds = sum(r["seconds"] for r in timed)
@@ -183,6 +245,9 @@ def measure(
         settings["max_new_tokens"],
     )
     ar_speed = cached["timing"]["ar_tokens_per_s"]
+    budgets = settings.get("tree_budgets") or []
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"measure.tree_budgets has repeated budgets: {budgets}")
     pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
     # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
     prompt_format = cached["provenance"]["settings"].get("chat")
@@ -261,6 +326,11 @@ def measure(
                     "teacher_forced_walk",
                     summarize(generations, k, cost_ratio, n_boot, seed),
                     **checks.get(k, {}),
+                )
+            for budget, generations, extra in tree_records(target, draft, items, forced, budgets, settings):
+                depth, expanded = extra["tree_depth"], extra["tree_nodes_expanded"]
+                add(
+                    0.0, budget, "tree_walk", summarize(generations, depth, cost_ratio, n_boot, seed, expanded), **extra
                 )
             continue
         n = max(settings["n_assisted"], n_check) if temperature == 0 else settings["n_assisted"]

@@ -55,6 +55,11 @@ MEASUREMENT_COLUMNS = KEYS + [
     "checked_steps",
     "draft_near_ties",
     "target_near_ties",
+    "tree_budget",
+    "tree_branching",
+    "tree_nodes",
+    "tree_nodes_expanded",
+    "tree_verify_width",
     "seed",
     "versions",
     "record_file",
@@ -114,7 +119,10 @@ def record_row(record: dict, record_file: str) -> dict:
         row[col] = json.dumps(record.get(col))
     prov = record.get("provenance") or {}
     # The k values the config reports (measure.k); the walk's other k values fill the MAL-vs-k curves.
-    row["headline_k"] = record["k"] in (prov.get("settings") or {}).get("k", [record["k"]])
+    # A tree's k is its node budget: tree rows belong to the tree-budget figure, not to the headline k.
+    row["headline_k"] = record["estimator"] != "tree_walk" and record["k"] in (prov.get("settings") or {}).get(
+        "k", [record["k"]]
+    )
     row["seed"] = prov.get("seed")
     row["versions"] = versions_string(prov.get("versions"))
     row["record_file"] = str(record_file)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sd2 import acceptance, continuations
+from sd2 import acceptance, continuations, trees
 from sd2 import measure as ms
 from sd2 import speculative as sp
 from sd2.distill import generate_batch
@@ -264,3 +264,40 @@ def test_output_that_is_not_the_cached_continuation_names_the_prompt(pair, outpu
     wrong[4] = (wrong[4] + 1) % 100
     with pytest.raises(AssertionError, match=r"prompt id 'p1' \(k=3\) at new token 4"):
         ms.check_output(target, item, wrong, 3)
+
+
+def test_measure_tree_budgets(tmp_path, pair, outputs):
+    """tree_walk records next to the chain's, from the same teacher-forced pass, each checked against the tree loop."""
+    settings = {**SETTINGS, "temperatures": [0.0], "k": [3], "tree_budgets": [1, 3, 6, 10]}
+    out = tmp_path / "r.json"
+    result = ms.measure(pair[0], pair[1], outputs, out, settings=settings, labels=LABELS, seed=0)
+    chain = {r["k"]: r for r in result["records"] if r["estimator"] == "teacher_forced_walk"}
+    tree = {r["k"]: r for r in result["records"] if r["estimator"] == "tree_walk"}
+    assert sorted(tree) == [1, 3, 6, 10]
+    for budget, r in tree.items():
+        shape = tuple(int(b) for b in r["tree_branching"].split(","))
+        assert r["tree_budget"] == budget and r["tree_depth"] == len(shape) and r["tree_nodes"] <= budget
+        assert r["tree_nodes"] == trees.tree_nodes(shape) and r["tree_verify_width"] == r["tree_nodes"] + 1
+        assert r["tree_nodes_expanded"] == trees.expanded_nodes(shape)
+        assert r["improvement_factor"] == pytest.approx(r["mal"] / (1 + r["tree_nodes_expanded"] * r["macs_ratio"]))
+        assert r["mal_ci_low"] <= r["mal"] <= r["mal_ci_high"] and 1 <= r["mal"] <= len(shape) + 1
+        assert len(r["acceptance_by_position"]) == len(shape)
+        assert r["checked_prompts"] == SETTINGS["n_check"] and r["checked_steps"] > 0
+        assert r["draft_near_ties"] == 0 and r["target_near_ties"] == 0
+        if budget in chain and shape == trees.chain(budget):  # the chain itself: the same numbers as the walk's
+            assert r["mal"] == chain[budget]["mal"] and r["per_prompt"] == chain[budget]["per_prompt"]
+    assert tree[1]["tree_branching"] == "1" and tree[1]["mal"] == chain[1]["mal"]
+    # A tree holds its chain of as many nodes where the shape is no wider: never below it here.
+    assert tree[6]["mal"] >= chain[1]["mal"] and any(r["tree_branching"].split(",")[0] != "1" for r in tree.values())
+    assert sum(r["best_k"] for r in tree.values()) == 1 and sum(r["best_k"] for r in chain.values()) == 1
+    table = collect_measurements([out], tmp_path / "m.csv")
+    rows = table[table["estimator"] == "tree_walk"]
+    assert len(rows) == 4 and not rows["headline_k"].any()  # a tree's k is its budget, not a headline k
+    assert list(rows["tree_branching"]) == [tree[b]["tree_branching"] for b in (1, 3, 6, 10)]
+    assert table.loc[table["estimator"] == "teacher_forced_walk", "tree_budget"].isna().all()
+
+
+def test_default_measure_has_no_tree_records(tmp_path, pair, outputs):
+    settings = {**SETTINGS, "temperatures": [0.0], "tree_budgets": []}
+    result = ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0)
+    assert {r["estimator"] for r in result["records"]} == {"teacher_forced_walk"}

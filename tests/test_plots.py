@@ -25,6 +25,7 @@ from sd2.plots import (
     plot_mal_vs_k,
     plot_mal_vs_macs,
     plot_mal_vs_sparsity,
+    plot_mal_vs_tree_budget,
     plot_tokenizer_comparison,
     save_figure,
     variant_label,
@@ -195,3 +196,49 @@ def test_mal_vs_k_without_walk_rows(measurements):
     assert is_empty_figure(
         plot_mal_vs_k(measurements[measurements["estimator"] != "teacher_forced_walk"]), "no teacher-forced walk rows"
     )
+
+
+def _with_tree_rows(measurements):
+    """The synthetic walk rows of k = 2, 4, 6 relabelled as trees of those budgets, each a bit better than the chain."""
+    walk = measurements[(measurements["estimator"] == "teacher_forced_walk") & measurements["k"].isin([2, 4, 6])]
+    shapes = {2: "2", 4: "2,1", 6: "3,1"}
+    tree_rows = walk.assign(
+        estimator="tree_walk",
+        tree_budget=walk["k"],
+        tree_branching=walk["k"].map(shapes),
+        mal=walk["mal"] + 0.3,
+        mal_ci_low=walk["mal_ci_low"] + 0.3,
+        mal_ci_high=walk["mal_ci_high"] + 0.3,
+        headline_k=False,
+    )
+    return pd.concat([measurements, tree_rows], ignore_index=True), tree_rows
+
+
+def test_mal_vs_tree_budget_lines_bands_and_chain_reference(measurements):
+    both, tree_rows = _with_tree_rows(measurements)
+    fig = plot_mal_vs_tree_budget(both)
+    assert len(fig.axes) == 2 * 2  # MAL and improvement factor x two eval sets of the one walk pair
+    top, bottom = fig.axes[0], fig.axes[2]
+    assert top.get_title() == "humaneval: d_small → t_llama" and "improvement factor" in bottom.get_ylabel()
+    chains = measurements[
+        (measurements["estimator"] == "teacher_forced_walk") & (measurements["eval_set"] == "humaneval")
+    ]
+    shown = tree_rows[tree_rows["eval_set"] == "humaneval"]
+    for ax, value in ((top, "mal"), (bottom, "improvement_factor")):
+        solid = {line.get_label(): line for line in ax.get_lines() if line.get_linestyle() == "-"}
+        dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":" and len(line.get_xdata())]
+        assert len(dotted) == len(VARIANTS) and len(ax.collections) == len(VARIANTS)  # a chain and a band per variant
+        for method, sparsity in VARIANTS:
+            rows = shown[(shown["method"] == method) & (shown["sparsity"] == sparsity)].sort_values("tree_budget")
+            line = solid[variant_label(method, sparsity)]
+            assert list(line.get_xdata()) == [2, 4, 6] and np.allclose(line.get_ydata(), rows[value])
+            ref = chains[(chains["method"] == method) & (chains["sparsity"] == sparsity) & chains["k"].isin([2, 4, 6])]
+            assert any(np.allclose(d.get_ydata(), ref.sort_values("k")[value]) for d in dotted)
+    assert sorted({t.get_text() for t in top.texts}) == ["2", "2,1", "3,1"]  # the branching at each point
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[-2:] == ["tree (shape per budget)", "chain of as many nodes (k = n)"]
+
+
+def test_mal_vs_tree_budget_without_tree_rows(measurements):
+    assert is_empty_figure(plot_mal_vs_tree_budget(measurements), "no tree_walk rows")
+    assert "mal_vs_tree_budget" in FIGURES and FIGURES[-1] == "mal_vs_tree_budget"
