@@ -105,8 +105,8 @@ def baseline_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
 
 def loss_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
     """The rows of comparisons.csv that compare a loss variant with the ce variant of its method."""
-    if "loss" not in compared.columns:
-        return compared.iloc[0:0]
+    if "loss" not in compared.columns:  # a table written before losses were a sweep axis: none
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
     return compared[compared["loss"].notna() & (compared["loss"] != methods.DEFAULT_LOSS)]
 
 
@@ -474,7 +474,8 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         mode = "greedy" if temperature == 0 else f"sampling, T={temperature:g}"
         table = summary_table(measurements, temperature)
         evals = [c[len("mal_") :] for c in table.columns if c.startswith("mal_")]
-        shown = table[["target", "draft", "method", "loss", "sparsity", "k", "estimator"]].copy()
+        # The method's label names a loss other than its own ('sd2 (kl)'), and Direct Alignment as such.
+        shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
         shown["method"] = [methods.label(m, loss) for m, loss in zip(table["method"], table["loss"])]
         for e in evals:
             shown[f"MAL {e} [95% CI]"] = [
