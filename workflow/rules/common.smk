@@ -35,9 +35,11 @@ NAME = r"[A-Za-z0-9_.-]+"
 _DRAFT_METHODS = "|".join(m.name for m in methods.METHODS if m.kind == "draft")
 VARIANT = rf"(?:{_DRAFT_METHODS})(?:\{methods.SEPARATOR}(?:{'|'.join(methods.LOSSES)}))?"
 TUNED_VARIANT = rf"(?:{'|'.join(m.name for m in methods.METHODS if m.kind == 'draft' and m.tuned)})(?:\{methods.SEPARATOR}(?:{'|'.join(methods.LOSSES)}))?"
-# Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said once, not an error.
-for _skip in methods.skipped(config):
-    print(f"sd2: not made for {_skip['draft']} -> {_skip['target']}: {_skip['method']} with loss {_skip['loss']}: {_skip['reason']}", file=sys.stderr)
+# Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
+# main process (not again in every job), not an error.
+if workflow.is_main_process:
+    for _skip in methods.skipped(config):
+        print(f"sd2: not made for {_skip['draft']} -> {_skip['target']}: {_skip['method']} with loss {_skip['loss']}: {_skip['reason']}", file=sys.stderr)
 # Only what the target's continuations depend on (the prompt format included): changing
 # n_assisted must not regenerate them, changing the chat settings must.
 TARGET_OUTPUT_SETTINGS = {
