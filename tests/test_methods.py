@@ -11,7 +11,7 @@ from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
 from sd2 import export, finetune, methods, plots, results
-from sd2.config import SCHEMA_PATH, ConfigError
+from sd2.config import SCHEMA_PATH
 
 
 def schema() -> dict:
@@ -142,13 +142,6 @@ def test_hub_pairs_share_a_tokenizer_by_vocabulary_size():
     tiny = config()
     assert methods.shares_tokenizer(tiny, "tiny-draft", "tiny-llama")
     assert not methods.shares_tokenizer(tiny, "tiny-draft", "tiny-qwen")
-
-
-def test_old_finetune_loss_key_says_to_use_losses():
-    raw = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    raw["finetune"]["loss"] = "kl"
-    with pytest.raises(ConfigError, match=r"finetune\.loss.*losses: \[kl\]"):
-        sd2_config.validate(raw)
 
 
 def finetune_jobs(text: str) -> list[dict]:
