@@ -36,34 +36,28 @@ class Method:
     sparse: bool  # made at every level of `sparsities` (else at sparsity 0)
     loss: str | None  # a fixed fine-tuning loss; None = the config's `losses` (when tuned)
     color: str  # one colour per method in every figure
-    reference: str = ""
 
     @property
     def tuned(self) -> bool:
         return self.data is not None
 
 
-# Table and legend order: baselines first, the paper's method last.
+# Table and legend order: baselines first, the paper's method last. The SD² paper's own methods
+# keep their names as labels (the figures of earlier runs).
 METHODS = (
-    Method("dense", "dense", "draft", "dense", None, False, None, "#7f7f7f", "the dense draft as it is"),
-    Method("dense_sd", "dense_sd", "draft", "dense", "target", False, None, "#1f77b4", "SD² paper, dense ablation"),
-    Method(
-        "direct_align",
-        "Direct Alignment",
-        "draft",
-        "dense",
-        "target",
-        False,
-        "tvdpp",
-        "#2ca02c",
-        "Goel et al. 2024, arXiv 2403.00858",
-    ),
-    Method("redrafter", "ReDrafter", "head", None, "target", False, None, "#8c564b", "Zhang et al. 2024"),
-    Method("moa", "MoA", "head", None, "target", False, None, "#e377c2", "Zimmer et al. 2024"),
-    Method("sparse_oneshot", "sparse_oneshot", "draft", "pruned", None, True, None, "#bcbd22", "SparseGPT, untuned"),
-    Method("sparse_sft", "sparse_sft", "draft", "pruned", "original", True, None, "#9467bd", "SD² paper ablation"),
-    Method("layer_pruned", "layer_pruned", "draft", "layer_pruned", "target", True, None, "#ff7f0e", "SD² paper"),
-    Method("sd2", "sd2", "draft", "pruned", "target", True, None, "#d62728", "SD², arXiv 2504.08838"),
+    Method("dense", "dense", "draft", "dense", None, False, None, "#7f7f7f"),
+    Method("dense_sd", "dense_sd", "draft", "dense", "target", False, None, "#1f77b4"),
+    # Direct Alignment (Goel et al. 2024, arXiv 2403.00858): TVD++ on the target's own answers.
+    Method("direct_align", "Direct Alignment", "draft", "dense", "target", False, "tvdpp", "#2ca02c"),
+    # Target-dependent draft heads (ReDrafter, Zhang et al. 2024; Mixture of Attentions, Zimmer et al.
+    # 2024), trained on the target's self-distilled data by their own rules.
+    Method("redrafter", "ReDrafter", "head", None, "target", False, None, "#8c564b"),
+    Method("moa", "MoA", "head", None, "target", False, None, "#e377c2"),
+    Method("sparse_oneshot", "sparse_oneshot", "draft", "pruned", None, True, None, "#bcbd22"),
+    Method("sparse_sft", "sparse_sft", "draft", "pruned", "original", True, None, "#9467bd"),
+    Method("layer_pruned", "layer_pruned", "draft", "layer_pruned", "target", True, None, "#ff7f0e"),
+    # SD² (arXiv 2504.08838): SparseGPT-pruned on the target's answers, then self-distilled.
+    Method("sd2", "sd2", "draft", "pruned", "target", True, None, "#d62728"),
 )
 BY_NAME = {m.name: m for m in METHODS}
 NAMES = tuple(BY_NAME)
@@ -108,16 +102,21 @@ def loss_rank(loss) -> int:
 
 
 def default_loss(name: str) -> str | None:
-    """The loss a method's own name stands for: its fixed loss, ce when tuned, None when not tuned."""
+    """The loss a method's own name stands for: its fixed loss, ce when tuned, None when not tuned
+    (and for a head, whose training is its own rules')."""
     m = BY_NAME.get(name)
-    if m is None or not m.tuned:
+    if m is None or not m.tuned or m.kind != "draft":
         return None
     return m.loss or DEFAULT_LOSS
 
 
 def variant_name(name: str, loss: str | None) -> str:
     """'sd2' for sd2 with ce (the names of earlier runs), 'sd2+kl' with kl."""
-    return name if loss is None or loss == default_loss(name) else f"{name}{SEPARATOR}{loss}"
+    if loss is None or loss == default_loss(name):
+        return name
+    variant = f"{name}{SEPARATOR}{loss}"
+    parse_variant(variant)  # refuses a loss the method is not made with
+    return variant
 
 
 def parse_variant(variant: str) -> tuple[str, str | None]:
@@ -127,6 +126,10 @@ def parse_variant(variant: str) -> tuple[str, str | None]:
     if sep:
         if loss not in LOSSES:
             raise ValueError(f"'{variant}': unknown loss '{loss}' (known: {', '.join(LOSSES)})")
+        if name in BY_NAME and not takes_losses(BY_NAME[name]):
+            raise ValueError(f"'{variant}': {name} is not fine-tuned with the `losses` axis")
+        if loss == default_loss(name):
+            raise ValueError(f"'{variant}': {name} with {loss} is named '{name}'")
         return name, loss
     return name, default_loss(name)
 
@@ -147,16 +150,32 @@ def ce_counterpart(name: str) -> str | None:
     """The method whose ce variant a loss variant of `name` is compared with: `name` itself, or for a
     fixed-loss method the method made the same way without a fixed loss (direct_align -> dense_sd)."""
     m = BY_NAME.get(name)
-    if m is None or not m.tuned:
+    if m is None or default_loss(name) is None:
         return None
     if m.loss is None:
         return name
-    same = [o.name for o in METHODS if o.loss is None and (o.kind, o.init, o.data, o.sparse) == same_make(m)]
+    same = [o.name for o in METHODS if o.loss is None and recipe(o) == recipe(m)]
     return same[0] if same else None
 
 
-def same_make(m: Method) -> tuple:
+def recipe(m: Method) -> tuple:
+    """What makes a method's checkpoint, its loss aside: two methods with the same recipe and loss are one draft."""
     return (m.kind, m.init, m.data, m.sparse)
+
+
+def takes_losses(m: Method) -> bool:
+    """Whether the `losses` axis fans the method out: a tuned draft without a loss of its own."""
+    return m.kind == "draft" and m.tuned and m.loss is None
+
+
+def variant_pattern(tuned_only: bool = False) -> str:
+    """A regular expression of every draft variant name ('sd2', 'sd2+kl'; heads excluded), for the
+    rules' wildcard constraints; `tuned_only`: the variants the finetune rule makes."""
+    drafts = [m for m in METHODS if m.kind == "draft" and (m.tuned or not tuned_only)]
+    fixed = "|".join(m.name for m in drafts if not takes_losses(m))
+    axis = "|".join(m.name for m in drafts if takes_losses(m))
+    others = "|".join(loss for loss in LOSSES if loss != DEFAULT_LOSS)
+    return rf"(?:{fixed}|(?:{axis})(?:\{SEPARATOR}(?:{others}))?)"
 
 
 # ---------------------------------------------------------------- the sweep's variants
@@ -197,7 +216,7 @@ def skip_reason(config: dict, target: str, draft: str, name: str, loss: str | No
     if teacher == "draft" and m.init != "pruned":
         return f"loss {loss} pairs the dense draft's layers with its masked copy's, and {name} is not a masked copy"
     if loss and m.loss is None:
-        same = [o.name for o in map(BY_NAME.get, config["methods"]) if o.loss == loss and same_make(o) == same_make(m)]
+        same = [o.name for o in map(BY_NAME.get, config["methods"]) if o.loss == loss and recipe(o) == recipe(m)]
         if same:
             return f"{name} with {loss} is {same[0]}, made under that name"
     return None
@@ -220,7 +239,7 @@ def candidates(config: dict):
         m = BY_NAME[name]
         if m.kind != "draft":
             continue  # heads are made by their own rules (workflow/rules/heads.smk)
-        if not m.tuned or m.loss:
+        if not takes_losses(m):
             yield name, m.loss
         else:
             yield from ((name, loss) for loss in config["losses"])

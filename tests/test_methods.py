@@ -72,15 +72,36 @@ def test_variant_names_round_trip(name):
     )
     assert methods.variant_name(name, methods.default_loss(name)) == name  # earlier runs' paths and records
     for loss in methods.LOSSES:
-        if tuned and loss != methods.default_loss(name):
+        if methods.takes_losses(methods.BY_NAME[name]) and loss != "ce":
             assert methods.variant_name(name, loss) == f"{name}+{loss}"
             assert methods.parse_variant(f"{name}+{loss}") == (name, loss)
-    assert methods.default_loss(name) == (methods.BY_NAME[name].loss or "ce" if tuned else None)
+        elif loss != methods.default_loss(name):
+            with pytest.raises(ValueError):
+                methods.variant_name(name, loss)
+    # A head's training is its own rules': no loss of the axis.
+    own = methods.BY_NAME[name].loss or "ce" if tuned and methods.BY_NAME[name].kind == "draft" else None
+    assert methods.default_loss(name) == own
 
 
-def test_unknown_loss_in_a_variant_name_is_refused():
+def test_variant_names_that_are_not_made_are_refused():
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
         methods.parse_variant("sd2+l2")
+    with pytest.raises(ValueError, match="is named 'sd2'"):
+        methods.parse_variant("sd2+ce")  # one name per checkpoint: today's paths for ce
+    with pytest.raises(ValueError, match="not fine-tuned with the `losses` axis"):
+        methods.parse_variant("direct_align+kl")
+
+
+def test_wildcard_patterns_match_exactly_the_variant_names():
+    pattern, tuned = methods.variant_pattern(), methods.variant_pattern(tuned_only=True)
+    cfg = config(losses=list(methods.LOSSES), methods=list(methods.NAMES))
+    made = {v.name for t in cfg["targets"] for v in methods.variants(cfg, t, "tiny-draft")}
+    assert {"sd2+kl", "sd2+squarehead", "direct_align", "dense"} <= made
+    for name in made:
+        assert re.fullmatch(pattern, name)
+        assert bool(re.fullmatch(tuned, name)) == methods.BY_NAME[methods.parse_variant(name)[0]].tuned
+    for name in ("sd2+ce", "direct_align+kl", "dense+kl", "redrafter", "sd2+l2", "sd2-s50"):
+        assert not re.fullmatch(pattern, name), name
 
 
 def test_labels_name_the_loss_when_it_is_not_the_methods_own():

@@ -32,9 +32,8 @@ if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployme
 shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
-_DRAFT_METHODS = "|".join(m.name for m in methods.METHODS if m.kind == "draft")
-VARIANT = rf"(?:{_DRAFT_METHODS})(?:\{methods.SEPARATOR}(?:{'|'.join(methods.LOSSES)}))?"
-TUNED_VARIANT = rf"(?:{'|'.join(m.name for m in methods.METHODS if m.kind == 'draft' and m.tuned)})(?:\{methods.SEPARATOR}(?:{'|'.join(methods.LOSSES)}))?"
+VARIANT = methods.variant_pattern()
+TUNED_VARIANT = methods.variant_pattern(tuned_only=True)
 # Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
 # main process (not again in every job), not an error.
 if workflow.is_main_process:
