@@ -142,10 +142,6 @@ def label(name: str, loss=None) -> str:
     return base
 
 
-def color(name: str) -> str:
-    return BY_NAME[name].color if name in BY_NAME else UNKNOWN_COLOR
-
-
 def ce_counterpart(name: str) -> str | None:
     """The method whose ce variant a loss variant of `name` is compared with: `name` itself, or for a
     fixed-loss method the method made the same way without a fixed loss (direct_align -> dense_sd)."""

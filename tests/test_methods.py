@@ -229,3 +229,18 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         teacher = {"target": f"work/models/{data}", "draft": f"work/models/{draft}", None: None}
         assert job.get("--teacher") == teacher[methods.LOSSES[loss].teacher], job
         assert job["--out"] == f"work/drafts/{data}/{draft}/{name}-s{sparsity}"
+
+
+def test_memory_plans_load_the_teachers_the_variants_need():
+    """sd2.memory sizes each finetune job with the model its loss reads: none for ce, the target for
+    Direct Alignment (same-tokenizer targets only), the dense draft itself for square-head."""
+    from sd2.memory import job_plans
+
+    def teachers(cfg):
+        return {(p.models["draft"], p.models.get("teacher")) for p in job_plans(cfg) if p.rule == "finetune"}
+
+    paper = config("paper.yaml")
+    drafts = paper["drafts"]
+    llama = [t for t in paper["targets"] if t.startswith("llama")]
+    assert teachers(paper) == {(d, t) for d in drafts for t in [None, *llama]}
+    assert teachers(config(methods=["dense", "sd2"], losses=["squarehead"])) == {("tiny-draft", "tiny-draft")}
