@@ -6,6 +6,7 @@ import jsonschema
 import yaml
 
 from sd2 import fields
+from sd2.methods import BY_NAME
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 FINETUNE_FIELDS = ["prompt_field", "response_field"]
@@ -39,6 +40,11 @@ def _key(path) -> str:
 
 def validate(config: dict) -> dict:
     """Fill defaults into `config` in place and check it; raise ConfigError naming the bad key."""
+    if isinstance(config.get("finetune"), dict) and "loss" in config["finetune"]:
+        raise ConfigError(
+            "config error at finetune.loss: the fine-tuning loss is a sweep axis now; remove finetune.loss "
+            f"and list the losses at the top level, e.g. `losses: [{config['finetune']['loss']}]`"
+        )
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     # Errors are reported in a stable order, most specific key first.
@@ -140,14 +146,11 @@ def _check_data(config: dict) -> None:
                 f"config error at {where}.source: these prompts are functions of the stdlib corpus, "
                 f"but data.corpus.source is '{data['corpus']['source']}'"
             )
-    if (
-        data["finetune"]["source"] != "stdlib"
-        and not data["finetune"]["response_field"]
-        and "sparse_sft" in config["methods"]
-    ):
+    on_original = [m for m in config["methods"] if BY_NAME[m].data == "original"]
+    if data["finetune"]["source"] != "stdlib" and not data["finetune"]["response_field"] and on_original:
         raise ConfigError(
-            "config error at data.finetune.response_field: the sparse_sft method trains on the original "
-            "responses; name their field or leave sparse_sft out of methods"
+            f"config error at data.finetune.response_field: the {', '.join(on_original)} method trains on the "
+            f"original responses; name their field or leave {', '.join(on_original)} out of methods"
         )
 
 

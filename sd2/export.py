@@ -3,7 +3,7 @@
 The export is what `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` and
 vLLM's `draft_model` speculative method load: the checkpoint's safetensors (hard links, so the
 bytes and the dtype are the ones the sweep stored, zeros included), config.json,
-generation_config.json and the tokenizer files, plus sd2_draft.json: target, draft, method,
+generation_config.json and the tokenizer files, plus sd2_draft.json: target, draft, method, loss,
 sparsity, the MAL measured at the headline k on every eval set (with its CI), the k that served
 best, the vLLM command for that k, and the source checkpoint's provenance. sd2's own files
 (provenance.json, training.csv) stay behind; their content is in sd2_draft.json.
@@ -16,13 +16,14 @@ import shlex
 import shutil
 from pathlib import Path
 
+from sd2 import methods
 from sd2.checkpoint import atomic_path, write_json
 from sd2.provenance import provenance
 
 METADATA = "sd2_draft.json"
 SD2_FILES = {"provenance.json", "training.csv"}
-# Methods whose decoder linears carry pruning masks (layer_pruned drops whole layers instead).
-MASKED_METHODS = ("sd2", "sparse_sft", "sparse_oneshot")
+# Methods whose decoder linears carry pruning masks: SparseGPT-pruned copies (layer_pruned drops whole layers instead).
+MASKED_METHODS = tuple(m.name for m in methods.METHODS if m.init == "pruned")
 # Per (eval set, temperature), the measurement reported: exact ones first; tvd_estimate is a model of acceptance.
 ESTIMATORS = ("teacher_forced_walk", "assisted_generation")
 LABELS = ("target", "draft", "method", "sparsity")
@@ -218,7 +219,9 @@ def export_draft(
             GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(tmp)
             files["generation_config.json"] = "written"
         check_tokenizer(tmp, draft_dir)
-        masked = labels["method"] in MASKED_METHODS and labels["sparsity"] > 0
+        # labels["method"] is the workflow's variant name (sd2+kl): the registry's method and its loss.
+        method, loss = methods.parse_variant(labels["method"])
+        masked = method in MASKED_METHODS and labels["sparsity"] > 0
         tensors = tensor_summary(tmp, labels["sparsity"] if masked else None)
         draft_vocab, target_vocab = _vocab_size(tmp), _vocab_size(target, trust_remote_code)
         heterogeneous = not same_tokenizer.pop() or draft_vocab != target_vocab
@@ -226,6 +229,8 @@ def export_draft(
         source_prov = draft_dir / "provenance.json"
         metadata = {
             **{key: labels[key] for key in LABELS},
+            "method": method,
+            "loss": loss,
             "target_model": str(target),
             "run_name": run_name,
             "seed": seed,

@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sd2 import methods
 from sd2.config import ConfigError
 
 GB = 10**9
@@ -432,7 +433,6 @@ def job_plans(config: dict) -> list[Plan]:
     """The plan of every kind of model job in `config` (one per rule and models loaded)."""
     models, targets, drafts = config["models"], config["targets"], config["drafts"]
     scratch = [name for name, spec in models.items() if "hub" not in spec]
-    teachers = targets if config["finetune"]["loss"] != "ce" else [None]
     plans = [plan_job("pretrain", {"model": m}, config) for m in scratch]
     if scratch:
         plans.append(plan_job("model_report", {f"model{i}": m for i, m in enumerate(scratch)}, config))
@@ -440,6 +440,9 @@ def job_plans(config: dict) -> list[Plan]:
         plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs")]
     for d in drafts:
         plans += [plan_job(rule, {"draft": d}, config) for rule in ("prune", "layer_prune")]
+        # A loss that reads another model's outputs loads it beside the draft: the target or the draft itself.
+        tuned = [(t, v) for t in targets for v in methods.variants(config, t, d) if methods.BY_NAME[v.method].tuned]
+        teachers = dict.fromkeys({"target": t, "draft": d}.get(methods.LOSSES[v.loss].teacher) for t, v in tuned)
         plans += [plan_job("finetune", {"draft": d, "teacher": t}, config) for t in teachers]
         plans += [plan_job("measure", {"target": t, "draft": d}, config) for t in targets if t != d]
     return plans

@@ -21,8 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
+from sd2 import methods
 from sd2.checkpoint import atomic_path
-from sd2.results import METHOD_ORDER, method_rank
+from sd2.results import method_rank, with_loss
 
 MAL_LABEL = "MAL τ (tokens per verification step)"
 IMPROVEMENT_LABEL = "improvement factor (×, from MACs)"
@@ -32,8 +33,10 @@ PANEL_SIZE = (4.0, 3.0)  # inches per panel
 MAX_K_COLUMNS = 4  # mal_vs_k shows one eval set only when all of them would need more columns
 CI_NOTE = "error bars: 95% bootstrap CI over prompts."
 
-# One colour per method in every figure.
-METHOD_COLORS = dict(zip(METHOD_ORDER, ("#7f7f7f", "#1f77b4", "#bcbd22", "#9467bd", "#ff7f0e", "#d62728")))
+# One colour per method in every figure (the registry's); a loss variant is a shade of its method's colour.
+METHOD_COLORS = {m.name: m.color for m in methods.METHODS}
+# Per loss other than the method's own: how far its colour moves toward white (> 0) or black (< 0).
+LOSS_SHADES = {"kl": 0.45, "tvdpp": -0.4, "squarehead": 0.7, "skd": -0.65}
 MARKERS = "os^Dv<>p*h"
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -79,9 +82,9 @@ FIGURES = tuple(CAPTIONS)
 
 
 def load_tables(tables_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """measurements.csv and training.csv of `tables_dir`."""
+    """measurements.csv and training.csv of `tables_dir` (with a `loss` column, even in tables written before it)."""
     tables_dir = Path(tables_dir)
-    return pd.read_csv(tables_dir / "measurements.csv"), pd.read_csv(tables_dir / "training.csv")
+    return with_loss(pd.read_csv(tables_dir / "measurements.csv")), with_loss(pd.read_csv(tables_dir / "training.csv"))
 
 
 def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> pd.DataFrame:
@@ -106,9 +109,22 @@ def slice_title(what: str, df: pd.DataFrame, temperature: float) -> str:
     return f"{what} (temperature {temperature:g}{k})"
 
 
-def variant_label(method: str, sparsity) -> str:
-    """'dense', 'dense_sd', or 'sd2 s50': a draft-making method at a sparsity level."""
-    return method if method in ("dense", "dense_sd") else f"{method} s{int(sparsity)}"
+def is_dense(method: str) -> bool:
+    """A method made at sparsity 0 only (dense, dense_sd, direct_align): no level in its label."""
+    return method in methods.BY_NAME and not methods.BY_NAME[method].sparse
+
+
+def variant_label(method: str, sparsity, loss=None) -> str:
+    """'dense', 'Direct Alignment', 'sd2 s50' or 'sd2 (kl) s50': a draft-making method, with its loss
+    where it is not the method's own, at a sparsity level."""
+    name = methods.label(method, loss)
+    return name if is_dense(method) else f"{name} s{int(sparsity)}"
+
+
+def same_variant(df: pd.DataFrame, method: str, loss, sparsity=None) -> pd.Series:
+    """Rows of one method and loss (an untuned draft's empty loss included), at one sparsity if given."""
+    mask = (df["method"] == method) & (df["loss"].isna() if not isinstance(loss, str) else df["loss"] == loss)
+    return mask if sparsity is None else mask & (df["sparsity"] == sparsity)
 
 
 def ci_yerr(rows: pd.DataFrame, value: str) -> np.ndarray | None:
@@ -130,10 +146,11 @@ def sparsity_styles(df: pd.DataFrame) -> dict:
 
 
 def variant_order(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Unique (keys..., method, sparsity) combinations in table order (methods by METHOD_ORDER)."""
-    combos = df[keys + ["method", "sparsity"]].drop_duplicates()
-    combos = combos.assign(_rank=combos["method"].map(method_rank))
-    return combos.sort_values(keys + ["_rank", "method", "sparsity"]).drop(columns="_rank")
+    """Unique (keys..., method, loss, sparsity) combinations in table order (methods by the registry, ce first)."""
+    combos = df[keys + ["method", "loss", "sparsity"]].drop_duplicates()
+    combos = combos.assign(_rank=combos["method"].map(method_rank), _loss_rank=combos["loss"].map(methods.loss_rank))
+    by = keys + ["_rank", "method", "_loss_rank", "sparsity"]
+    return combos.sort_values(by).drop(columns=["_rank", "_loss_rank"])
 
 
 def pareto_front(points: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
@@ -196,8 +213,13 @@ def panel_grid(df: pd.DataFrame, row_key: str, col_keys: list[str], title: str, 
     return fig
 
 
-def color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#17becf")
+def color(method: str, loss=None) -> str:
+    """The method's colour; a loss other than the method's own shades it (toward white or black)."""
+    base = METHOD_COLORS.get(method, methods.UNKNOWN_COLOR)
+    shade = LOSS_SHADES.get(loss, 0.0) if isinstance(loss, str) and loss != methods.default_loss(method) else 0.0
+    rgb = np.array([int(base[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
+    rgb = rgb + (255 - rgb) * shade if shade > 0 else rgb * (1 + shade)
+    return "#" + "".join(f"{int(round(v)):02x}" for v in rgb)
 
 
 def mean_row(rows: pd.DataFrame) -> pd.DataFrame:
@@ -210,11 +232,18 @@ def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
     with its CI when the table has one."""
     combos = variant_order(df, ["draft"])
     for x, c in enumerate(combos.itertuples(index=False)):
-        point = mean_row(df[(df["draft"] == c.draft) & (df["method"] == c.method) & (df["sparsity"] == c.sparsity)])
-        ax.bar(x, point[value], yerr=ci_yerr(point, value), capsize=3, color=color(c.method), label=c.method)
+        point = mean_row(df[(df["draft"] == c.draft) & same_variant(df, c.method, c.loss, c.sparsity)])
+        ax.bar(
+            x,
+            point[value],
+            yerr=ci_yerr(point, value),
+            capsize=3,
+            color=color(c.method, c.loss),
+            label=methods.label(c.method, c.loss),
+        )
     # The draft's name only matters when a panel holds more than one draft model.
     several = combos["draft"].nunique() > 1
-    labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity) for c in combos.itertuples()]
+    labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity, c.loss) for c in combos.itertuples()]
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
 
 
@@ -228,22 +257,26 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
     if df.empty:
         return empty_figure(title)
 
+    lines = variant_order(df, [])[["method", "loss"]].drop_duplicates()
+
     def draw(ax, panel, eval_set, column, j):
-        for method in sorted(panel["method"].unique(), key=method_rank):
-            rows = panel[panel["method"] == method].sort_values("sparsity")
-            if method in ("dense", "dense_sd"):
+        for n, line in enumerate(lines.itertuples(index=False)):
+            rows = panel[same_variant(panel, line.method, line.loss)].sort_values("sparsity")
+            if rows.empty:
+                continue
+            if is_dense(line.method):
                 # Dense drafts exist only at 0%: a reference level for the sparse ones.
-                ax.axhline(rows["mal"].mean(), color=color(method), linestyle=":", linewidth=1)
-            # Methods share sparsity levels: a small sideways shift per method keeps their error bars apart.
-            shift = (method_rank(method) - (len(METHOD_ORDER) - 1) / 2) * 0.8
+                ax.axhline(rows["mal"].mean(), color=color(line.method, line.loss), linestyle=":", linewidth=1)
+            # Lines share sparsity levels: a small sideways shift per line keeps their error bars apart.
+            shift = (n - (len(lines) - 1) / 2) * 0.8
             ax.errorbar(
                 rows["sparsity"] + shift,
                 rows["mal"],
                 yerr=ci_yerr(rows, "mal"),
                 marker="o",
                 capsize=3,
-                color=color(method),
-                label=method,
+                color=color(line.method, line.loss),
+                label=methods.label(line.method, line.loss),
             )
         ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
         ax.set_xlabel(SPARSITY_LABEL)
@@ -262,9 +295,9 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
     drafts = sorted(df["draft"].unique())
 
     def draw(ax, panel, eval_set, column, j):
-        for method in sorted(panel["method"].unique(), key=method_rank):
+        for line in variant_order(panel, [])[["method", "loss"]].drop_duplicates().itertuples(index=False):
             for d, draft in enumerate(drafts):
-                rows = panel[(panel["method"] == method) & (panel["draft"] == draft)]
+                rows = panel[same_variant(panel, line.method, line.loss) & (panel["draft"] == draft)]
                 if len(rows):
                     ax.errorbar(
                         rows["draft_macs_per_token"],
@@ -272,8 +305,8 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
                         yerr=ci_yerr(rows, "mal"),
                         fmt=MARKERS[d % len(MARKERS)],
                         capsize=3,
-                        color=color(method),
-                        label=method,
+                        color=color(line.method, line.loss),
+                        label=methods.label(line.method, line.loss),
                         zorder=3,
                     )
         front = pareto_front(panel, "draft_macs_per_token", "mal")
@@ -338,15 +371,15 @@ def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0
 def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
     """`value` against k, one line per draft variant with its CI as a band, a star at the variant's best k."""
     for combo in variant_order(panel, []).itertuples(index=False):
-        rows = panel[(panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)].sort_values("k")
-        c = color(combo.method)
+        rows = panel[same_variant(panel, combo.method, combo.loss, combo.sparsity)].sort_values("k")
+        c = color(combo.method, combo.loss)
         ax.plot(
             rows["k"],
             rows[value],
             styles[combo.sparsity],
             marker=".",
             color=c,
-            label=variant_label(combo.method, combo.sparsity),
+            label=variant_label(combo.method, combo.sparsity, combo.loss),
         )
         ax.fill_between(rows["k"], rows[f"{value}_ci_low"], rows[f"{value}_ci_high"], color=c, alpha=0.12, linewidth=0)
         best = rows[rows["best_k"].eq(True)]
@@ -397,15 +430,15 @@ def plot_acceptance_by_position(measurements: pd.DataFrame, temperature: float =
 
     def draw(ax, panel, eval_set, column, j):
         for row in variant_order(panel, []).itertuples(index=False):
-            record = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].iloc[0]
+            record = panel[same_variant(panel, row.method, row.loss, row.sparsity)].iloc[0]
             rates = json.loads(record["acceptance_by_position"])
             ax.plot(
                 range(1, len(rates) + 1),
                 rates,
                 styles[row.sparsity],
                 marker="o",
-                color=color(row.method),
-                label=variant_label(row.method, row.sparsity),
+                color=color(row.method, row.loss),
+                label=variant_label(row.method, row.sparsity, row.loss),
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
@@ -437,9 +470,7 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
             tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, UAG"
             for x, combo in enumerate(combos.itertuples(index=False)):
                 rows = panel[
-                    (panel["target"] == target.target)
-                    & (panel["method"] == combo.method)
-                    & (panel["sparsity"] == combo.sparsity)
+                    (panel["target"] == target.target) & same_variant(panel, combo.method, combo.loss, combo.sparsity)
                 ]
                 if len(rows):
                     point = mean_row(rows)
@@ -456,7 +487,7 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
                     )
         ax.set_xticks(
             range(len(combos)),
-            [variant_label(c.method, c.sparsity) for c in combos.itertuples()],
+            [variant_label(c.method, c.sparsity, c.loss) for c in combos.itertuples()],
             rotation=60,
             ha="right",
             fontsize="small",
@@ -504,16 +535,16 @@ def plot_loss_curves(training: pd.DataFrame) -> Figure:
         ax = axes[0, j]
         panel = tune[(tune["data"] == data) & (tune["draft"] == draft)]
         for row in variant_order(panel, []).itertuples(index=False):
-            curve = panel[(panel["method"] == row.method) & (panel["sparsity"] == row.sparsity)].sort_values("step")
+            curve = panel[same_variant(panel, row.method, row.loss, row.sparsity)].sort_values("step")
             ax.plot(
                 curve["step"],
                 curve["val_loss"],
-                color=color(row.method),
-                label=variant_label(row.method, row.sparsity),
+                color=color(row.method, row.loss),
+                label=variant_label(row.method, row.sparsity, row.loss),
                 marker=marks.get(row.sparsity),
                 markersize=4,
             )
-            ax.plot(curve["step"], curve["train_loss"], "--", color=color(row.method), alpha=0.6)
+            ax.plot(curve["step"], curve["train_loss"], "--", color=color(row.method, row.loss), alpha=0.6)
         ax.set_title(f"fine-tuning {draft} on {data} data", fontsize="medium")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss on responses (nats per token)")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sd2.results import markdown_table, summary_markdown
+from sd2 import methods
+from sd2.results import baseline_comparisons, loss_comparisons, markdown_table, summary_markdown, with_loss
 
 
 def run_time(results: Path) -> str:
@@ -89,10 +90,11 @@ def aims(results: Path) -> str:
     )
     meas = results / "tables" / "measurements.csv"
     if meas.exists():
-        df = pd.read_csv(meas)
+        df = with_loss(pd.read_csv(meas))
         first_set = df["eval_set"].iloc[0]
         sd = df[
             (df["method"] == "dense_sd")
+            & (df["loss"] == methods.DEFAULT_LOSS)
             & df["headline_k"]
             & (df["temperature"] == 0)
             & (df["eval_set"] == first_set)
@@ -130,7 +132,12 @@ def _share(df: pd.DataFrame, column: str) -> str:
 def significance(results: Path) -> str:
     """What the paired comparisons say, in sentences, greedy decoding."""
     compared = pd.read_csv(results / "tables" / "comparisons.csv")
-    greedy = compared[compared["temperature"] == 0]
+    # Each kind of row leaves the other kind's *_significant empty, so pandas reads those columns as objects.
+    flags = [c for c in ("ratio_significant", "change_significant", "vs_ce_significant") if c in compared]
+    compared[flags] = compared[flags].eq(True)
+    by_loss = loss_comparisons(compared[compared["temperature"] == 0])
+    by_loss = by_loss.dropna(subset=["vs_ce_ci_low"]) if len(by_loss) else by_loss
+    greedy = baseline_comparisons(compared[compared["temperature"] == 0])
     if not len(greedy):
         return "No comparisons in the tables."
     ratio, change = greedy.dropna(subset=["ratio_ci_low"]), greedy.dropna(subset=["change_ci_low"])
@@ -152,6 +159,15 @@ def significance(results: Path) -> str:
         if len(quiet):
             where = "; ".join(f"{r.target}/{r.draft} s{r.sparsity} {r.eval_set}" for r in quiet.itertuples())
             lines.append(f"  Not significant ({'vs layer-pruned' if name == 'ratio' else 'vs dense_sd'}): {where}.")
+    for (method, loss), cells in by_loss.groupby(["method", "loss"], sort=False):
+        up = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_low"] > 1)]
+        down = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_high"] < 1)]
+        lines.append(
+            f"- **{methods.label(method, loss)} / {methods.label(cells['ce_method'].iloc[0], 'ce')} (ce) MAL** "
+            f"(greedy, {len(cells)} cells, same steps and data): ratio {cells['mal_ratio_vs_ce'].min():.2f} to "
+            f"{cells['mal_ratio_vs_ce'].max():.2f}; significantly above 1 in {len(up)} cells, below 1 in "
+            f"{len(down)}, not significant in {len(cells) - len(up) - len(down)}."
+        )
     return "\n".join(lines)
 
 

@@ -13,14 +13,18 @@ import json
 
 import pandas as pd
 
+from sd2 import methods
 from sd2.checkpoint import atomic_path
 from sd2.stats import excludes, paired_ratio_ci
 
-# Baselines first, the method last: tables and legends read in this order.
-METHOD_ORDER = ("dense", "dense_sd", "sparse_oneshot", "sparse_sft", "layer_pruned", "sd2")
-DENSE_METHODS = ("dense", "dense_sd")
+# Baselines first, the method last: tables and legends read in the registry's order (sd2.methods).
+METHOD_ORDER = methods.NAMES
+# Drafts as dense as the draft model itself: their MACs are the reference of macs_reduction.
+DENSE_METHODS = tuple(m.name for m in methods.METHODS if m.kind == "draft" and m.init == "dense")
 
-KEYS = ["target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k"]
+# `method` is the registry's method, `loss` its fine-tuning loss (empty for an untuned draft):
+# records and curves name a loss variant `<method>+<loss>` (sd2.methods.variant_name), split here.
+KEYS = ["target", "draft", "method", "loss", "sparsity", "eval_set", "temperature", "estimator", "k"]
 MEASUREMENT_COLUMNS = KEYS + [
     "headline_k",
     "best_k",
@@ -75,7 +79,7 @@ CURVE_COLUMNS = [
     "tokens_per_s",
     "precision",
 ]
-CURVE_LABELS = ["stage", "model", "target", "draft", "method", "sparsity"]
+CURVE_LABELS = ["stage", "model", "target", "draft", "method", "loss", "sparsity"]
 TRAINING_COLUMNS = CURVE_LABELS + CURVE_COLUMNS
 
 
@@ -85,16 +89,54 @@ MIN_PROMPTS_FOR_SIGNIFICANCE = 20
 
 def method_rank(method: str) -> int:
     """Position of a method in METHOD_ORDER; unknown methods sort after the known ones."""
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return methods.rank(method)
+
+
+def with_loss(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as it is, or one written before losses were a sweep axis with the `loss` column it lacks
+    (each method's own: ce for a tuned method, none for an untuned one)."""
+    if "loss" in df.columns:
+        return df
+    loss = df["method"].map(lambda m: methods.default_loss(m) if isinstance(m, str) else None)
+    return df.assign(loss=loss)
+
+
+def baseline_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
+    """The rows of comparisons.csv that compare sd2 (ce) with its baselines."""
+    if "loss" not in compared.columns:  # a table written before losses were a sweep axis has no others
+        return compared
+    return compared[(compared["method"] == "sd2") & (compared["loss"] == methods.DEFAULT_LOSS)]
+
+
+def loss_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
+    """The rows of comparisons.csv that compare a loss variant with the ce variant of its method."""
+    if "loss" not in compared.columns:  # a table written before losses were a sweep axis: none
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    return compared[compared["loss"].notna() & (compared["loss"] != methods.DEFAULT_LOSS)]
+
+
+def with_rank(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """`df` with rank columns, and the sort keys: the registry's method order, no loss then ce first."""
+    by = []
+    for key in keys:
+        if key == "method":
+            by += ["_rank", "method"]  # the name after the rank orders unknown methods alphabetically
+        elif key == "loss":
+            by += ["_loss_rank", "loss"]
+        else:
+            by.append(key)
+    ranked = df.assign(_rank=df["method"].map(method_rank))
+    if "loss" in df.columns:
+        ranked = ranked.assign(_loss_rank=df["loss"].map(methods.loss_rank))
+    return ranked, by
 
 
 def sort_measurements(df: pd.DataFrame) -> pd.DataFrame:
-    """Deterministic order: target, draft, method (METHOD_ORDER), sparsity, eval set, temperature, estimator, k."""
-    keys = [c for c in KEYS if c in df.columns]
-    # The rank orders known methods; the name after it orders unknown ones alphabetically.
-    by = [c for key in keys for c in (["_rank", "method"] if key == "method" else [key])]
-    ranked = df.assign(_rank=df["method"].map(method_rank))
-    return ranked.sort_values(by, kind="mergesort").drop(columns="_rank").reset_index(drop=True)
+    """Deterministic order: target, draft, method (METHOD_ORDER), loss, sparsity, eval set, temperature,
+    estimator, k."""
+    ranked, by = with_rank(df, [c for c in KEYS if c in df.columns])
+    ranked = ranked.sort_values(by, kind="mergesort", na_position="first")
+    return ranked.drop(columns=[c for c in ("_rank", "_loss_rank") if c in ranked]).reset_index(drop=True)
 
 
 def versions_string(versions: dict | None) -> str:
@@ -111,10 +153,11 @@ def record_row(record: dict, record_file: str) -> dict:
 
     Optional fields may be missing (empty cells); the identifying keys and the MACs may not.
     """
-    missing = [c for c in REQUIRED if record.get(c) is None]
+    missing = [c for c in REQUIRED if c != "loss" and record.get(c) is None]
     if missing:
         raise ValueError(f"{record_file}: record without {missing}")
     row = {c: record.get(c) for c in MEASUREMENT_COLUMNS}
+    row["method"], row["loss"] = methods.parse_variant(record["method"])
     for col in ("acceptance_by_position", "accepted_length_histogram"):
         row[col] = json.dumps(record.get(col))
     prov = record.get("provenance") or {}
@@ -179,6 +222,8 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
             raise ValueError(f"{curve['path']}: missing columns {sorted(missing)}")
         # A from-scratch model's file names its own stages (pretrain, then instruct).
         labels = {c: curve.get(c) for c in CURVE_LABELS if not (c == "stage" and "stage" in log.columns)}
+        if curve.get("method"):
+            labels["method"], labels["loss"] = methods.parse_variant(curve["method"])
         frames.append(log.assign(**labels)[TRAINING_COLUMNS])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
     if len(df):
@@ -187,11 +232,12 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
         df = df.assign(
             _stage=df["stage"].map(order).fillna(3),
             _rank=df["method"].map(lambda m: method_rank(m) if isinstance(m, str) else -1),
+            _loss_rank=df["loss"].map(methods.loss_rank),
         )
-        by = ["_stage", "model", "target", "draft", "_rank", "method", "sparsity", "step"]
+        by = ["_stage", "model", "target", "draft", "_rank", "method", "_loss_rank", "sparsity", "step"]
         df = (
             df.sort_values(by, kind="mergesort", na_position="first")
-            .drop(columns=["_stage", "_rank"])
+            .drop(columns=["_stage", "_rank", "_loss_rank"])
             .reset_index(drop=True)
         )
     write_table(df, out_csv)
@@ -199,18 +245,21 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
 
 
 def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.DataFrame:
-    """One row per target x draft x method x sparsity x reported k at one temperature, measured estimators only.
+    """One row per target x draft x method x loss x sparsity x reported k at one temperature, measured estimators only.
 
     Columns: the estimator; per eval set its MAL with the 95% CI and the number of prompts;
     then the mean over eval sets of acceptance rate, improvement factor and speed-up, and
     the draft's MACs per token and MACs reduction.
     """
+    measurements = with_loss(measurements)
     at_t = measurements[
         (measurements["temperature"] == temperature)
         & (measurements["estimator"] != "tvd_estimate")
         & measurements["headline_k"].astype(bool)
     ]
-    group = ["target", "draft", "method", "sparsity", "k", "estimator"]
+    # An untuned draft has no loss; grouping drops empty keys, so it groups as "" and is emptied again below.
+    at_t = at_t.assign(loss=at_t["loss"].fillna(""))
+    group = ["target", "draft", "method", "loss", "sparsity", "k", "estimator"]
     parts = []
     for value, name in (("mal", "mal"), ("mal_ci_low", "ci_low"), ("mal_ci_high", "ci_high"), ("n_prompts", "n")):
         wide = at_t.pivot_table(index=group, columns="eval_set", values=value, aggfunc="first")
@@ -224,12 +273,14 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     means = at_t.groupby(group)[
         ["acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"]
     ].mean()
-    return sort_measurements(wide.join(means).reset_index())
+    table = wide.join(means).reset_index()
+    return sort_measurements(table.assign(loss=table["loss"].mask(table["loss"] == "")))
 
 
-COMPARISON_KEYS = ["target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"]
-COMPARISON_COLUMNS = COMPARISON_KEYS + [
-    "n_prompts",
+COMPARISON_KEYS = ["target", "draft", "method", "loss", "sparsity", "eval_set", "temperature", "estimator", "k"]
+# Rows with loss ce compare SD² with its baselines (the paper's comparisons); rows with another loss
+# compare that loss variant with the ce variant of the same method (ce_method: direct_align's is dense_sd).
+BASELINE_COLUMNS = [
     "sd2_mal",
     "sd2_mal_ci_low",
     "sd2_mal_ci_high",
@@ -249,6 +300,20 @@ COMPARISON_COLUMNS = COMPARISON_KEYS + [
     "change_ci_high",
     "change_significant",
 ]
+LOSS_COLUMNS = [
+    "ce_method",
+    "mal",
+    "mal_ci_low",
+    "mal_ci_high",
+    "ce_mal",
+    "ce_mal_ci_low",
+    "ce_mal_ci_high",
+    "mal_ratio_vs_ce",
+    "vs_ce_ci_low",
+    "vs_ce_ci_high",
+    "vs_ce_significant",
+]
+COMPARISON_COLUMNS = COMPARISON_KEYS + ["n_prompts"] + BASELINE_COLUMNS + LOSS_COLUMNS
 
 
 def read_records(record_paths) -> list[tuple[dict, list, str]]:
@@ -279,14 +344,18 @@ def _paired(a: dict, ids_a, b: dict, ids_b) -> tuple[float, float, float]:
 
 
 def comparisons(record_paths) -> pd.DataFrame:
-    """The paper's comparisons with paired 95% bootstrap CIs, per target, draft, sparsity, eval set,
-    temperature, estimator and reported k (the tvd_estimate has no per-prompt steps and is left out).
+    """Paired comparisons with 95% bootstrap CIs, per target, draft, sparsity, eval set, temperature,
+    estimator and reported k (the tvd_estimate has no per-prompt steps and is left out).
 
+    Rows of sd2 with loss ce, the paper's comparisons:
     - mal_ratio_vs_layer_pruned = MAL(sd2) / MAL(layer_pruned at the same sparsity level, i.e.
       layers dropped to match that sparse draft's MACs); the paper reports 1.59.
     - macs_reduction_pct = 100 * (1 - MACs(sd2) / MACs(dense_sd)); the paper reports 43.87.
     - mal_change_pct = 100 * (MAL(sd2) / MAL(dense_sd) - 1); the paper reports -8.36.
-    Both MAL comparisons resample the same prompts on both sides; *_significant says whether
+    Rows of every other loss variant (a tuned method with a loss other than ce, direct_align included):
+    - mal_ratio_vs_ce = MAL(variant) / MAL(ce_method with ce at the same sparsity), the same steps
+      and data (the workflow fine-tunes every loss with the same settings on the same data).
+    Every MAL comparison resamples the same prompts on both sides; *_significant says whether
     the 95% interval excludes no difference, and is False below MIN_PROMPTS_FOR_SIGNIFICANCE
     prompts: a bootstrap over a handful of prompts undercovers badly. Missing counterparts give NaN.
     """
@@ -295,56 +364,83 @@ def comparisons(record_paths) -> pd.DataFrame:
         settings = (record.get("provenance") or {}).get("settings") or {}
         if record.get("estimator") == "tvd_estimate" or record["k"] not in settings.get("k", [record["k"]]):
             continue
-        index[
-            tuple(
-                record[c]
-                for c in ("target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator", "k")
-            )
-        ] = (record, ids)
+        method, loss = methods.parse_variant(record["method"])
+        cell = tuple(record[c] for c in ("target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"))
+        index[(method, loss, *cell)] = (record, ids)
     rows = []
-    for (target, draft, method, sparsity, eval_set, temperature, estimator, k), (sd2, ids) in index.items():
-        if method != "sd2":
+    for (method, loss, *cell), (rec, ids) in index.items():
+        if method == "sd2" and loss == methods.DEFAULT_LOSS:
+            others = {"sd2": (rec, ids)}
+            for base, level in (("layer_pruned", cell[2]), ("dense_sd", 0)):
+                found = index.get((base, methods.DEFAULT_LOSS, cell[0], cell[1], level, *cell[3:]))
+                if found:
+                    others[base] = found
+            extra = _baseline_row(others)
+        elif loss not in (None, methods.DEFAULT_LOSS) and methods.ce_counterpart(method):
+            ce_method = methods.ce_counterpart(method)
+            extra = _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, *cell)))
+        else:
             continue
-        row = {
-            "target": target,
-            "draft": draft,
-            "sparsity": sparsity,
-            "eval_set": eval_set,
-            "temperature": temperature,
-            "estimator": estimator,
-            "k": k,
-            "n_prompts": sd2.get("n_prompts"),
-        }
-        others = {"sd2": (sd2, ids)}
-        for base, level in (("layer_pruned", sparsity), ("dense_sd", 0)):
-            found = index.get((target, draft, base, level, eval_set, temperature, estimator, k))
-            if found:
-                others[base] = found
-        for name in ("sd2", "layer_pruned", "dense_sd"):
-            rec = others.get(name, ({}, None))[0]
-            for col in ("mal", "mal_ci_low", "mal_ci_high"):
-                row[f"{name}_{col}"] = rec.get(col, float("nan"))
-        nan3 = (float("nan"),) * 3
-        enough = (sd2.get("n_prompts") or 0) >= MIN_PROMPTS_FOR_SIGNIFICANCE
-        ratio = _paired(sd2, ids, *others["layer_pruned"]) if "layer_pruned" in others else nan3
-        change = _paired(sd2, ids, *others["dense_sd"]) if "dense_sd" in others else nan3
-        row.update(
-            mal_ratio_vs_layer_pruned=ratio[0],
-            ratio_ci_low=ratio[1],
-            ratio_ci_high=ratio[2],
-            ratio_significant=enough and excludes(ratio[1], ratio[2], 1.0),
+        rows.append(
+            {
+                **dict(zip(COMPARISON_KEYS, (cell[0], cell[1], method, loss, *cell[2:]))),
+                "n_prompts": rec.get("n_prompts"),
+                **extra,
+            }
         )
-        dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
-        row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
-        row.update(
-            mal_change_pct=100.0 * (change[0] - 1),
-            change_ci_low=100.0 * (change[1] - 1),
-            change_ci_high=100.0 * (change[2] - 1),
-            change_significant=enough and excludes(change[1], change[2], 1.0),
-        )
-        rows.append(row)
     df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    return df.sort_values(COMPARISON_KEYS, kind="mergesort").reset_index(drop=True) if len(df) else df
+    if not len(df):
+        return df
+    ranked, by = with_rank(df, COMPARISON_KEYS)
+    return ranked.sort_values(by, kind="mergesort").drop(columns=["_rank", "_loss_rank"]).reset_index(drop=True)
+
+
+def _enough(record: dict) -> bool:
+    return (record.get("n_prompts") or 0) >= MIN_PROMPTS_FOR_SIGNIFICANCE
+
+
+def _baseline_row(others: dict) -> dict:
+    """sd2 (ce) against layer_pruned at its sparsity and dense_sd (ce), from {name: (record, prompt ids)}."""
+    sd2, ids = others["sd2"]
+    row = {}
+    for name in ("sd2", "layer_pruned", "dense_sd"):
+        rec = others.get(name, ({}, None))[0]
+        for col in ("mal", "mal_ci_low", "mal_ci_high"):
+            row[f"{name}_{col}"] = rec.get(col, float("nan"))
+    row.update(mal=sd2.get("mal"), mal_ci_low=sd2.get("mal_ci_low"), mal_ci_high=sd2.get("mal_ci_high"))
+    nan3 = (float("nan"),) * 3
+    ratio = _paired(sd2, ids, *others["layer_pruned"]) if "layer_pruned" in others else nan3
+    change = _paired(sd2, ids, *others["dense_sd"]) if "dense_sd" in others else nan3
+    row.update(
+        mal_ratio_vs_layer_pruned=ratio[0],
+        ratio_ci_low=ratio[1],
+        ratio_ci_high=ratio[2],
+        ratio_significant=_enough(sd2) and excludes(ratio[1], ratio[2], 1.0),
+    )
+    dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
+    row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
+    row.update(
+        mal_change_pct=100.0 * (change[0] - 1),
+        change_ci_low=100.0 * (change[1] - 1),
+        change_ci_high=100.0 * (change[2] - 1),
+        change_significant=_enough(sd2) and excludes(change[1], change[2], 1.0),
+    )
+    return row
+
+
+def _loss_row(rec: dict, ids, ce_method: str, ce) -> dict:
+    """A loss variant against `ce_method` with ce in the same cell (`ce`: its (record, prompt ids), or None)."""
+    ce_rec = ce[0] if ce else {}
+    ratio = _paired(rec, ids, *ce) if ce else (float("nan"),) * 3
+    return {
+        "ce_method": ce_method,
+        **{col: rec.get(col) for col in ("mal", "mal_ci_low", "mal_ci_high")},
+        **{f"ce_{col}": ce_rec.get(col, float("nan")) for col in ("mal", "mal_ci_low", "mal_ci_high")},
+        "mal_ratio_vs_ce": ratio[0],
+        "vs_ce_ci_low": ratio[1],
+        "vs_ce_ci_high": ratio[2],
+        "vs_ce_significant": _enough(rec) and excludes(ratio[1], ratio[2], 1.0),
+    }
 
 
 def collect_comparisons(record_paths, out_csv) -> pd.DataFrame:
@@ -379,13 +475,16 @@ def with_ci(value, low, high) -> str:
 
 
 def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
-    """The README's result tables, as produced by the run: per-draft MAL with CIs, and the paper's comparisons."""
+    """The README's result tables, as produced by the run: per-draft MAL with CIs, the paper's comparisons,
+    and each loss variant against the ce variant of its method."""
     parts = []
     for temperature in sorted(measurements["temperature"].unique()):
         mode = "greedy" if temperature == 0 else f"sampling, T={temperature:g}"
         table = summary_table(measurements, temperature)
         evals = [c[len("mal_") :] for c in table.columns if c.startswith("mal_")]
+        # The method's label names a loss other than its own ('sd2 (kl)'), and Direct Alignment as such.
         shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
+        shown["method"] = [methods.label(m, loss) for m, loss in zip(table["method"], table["loss"])]
         for e in evals:
             shown[f"MAL {e} [95% CI]"] = [
                 with_ci(*v) for v in zip(table[f"mal_{e}"], table[f"ci_low_{e}"], table[f"ci_high_{e}"])
@@ -394,7 +493,7 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         for col in ("acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"):
             shown[col] = table[col]
         parts.append(f"### Per draft ({mode})\n\n{markdown_table(shown)}")
-        cmp_t = compared[compared["temperature"] == temperature]
+        cmp_t = baseline_comparisons(compared[compared["temperature"] == temperature])
         if len(cmp_t):
             view = cmp_t[["target", "draft", "sparsity", "eval_set", "k", "estimator", "n_prompts"]].copy()
             view["SD² / layer-pruned MAL [95% CI]"] = [
@@ -410,5 +509,25 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
             parts.append(
                 f"### SD² vs layer-pruned and dense_sd ({mode}; paired bootstrap over prompts)\n\n"
                 f"{markdown_table(view)}"
+            )
+        by_loss = loss_comparisons(compared[compared["temperature"] == temperature])
+        if len(by_loss):
+            view = by_loss[["target", "draft"]].copy()
+            view["draft variant"] = [methods.label(m, loss) for m, loss in zip(by_loss["method"], by_loss["loss"])]
+            view["against"] = by_loss["ce_method"].map(lambda m: methods.label(m, methods.DEFAULT_LOSS) + " (ce)")
+            view = view.join(by_loss[["sparsity", "eval_set", "k", "estimator", "n_prompts"]])
+            view["MAL [95% CI]"] = [
+                with_ci(*v) for v in zip(by_loss["mal"], by_loss["mal_ci_low"], by_loss["mal_ci_high"])
+            ]
+            view["MAL with ce [95% CI]"] = [
+                with_ci(*v) for v in zip(by_loss["ce_mal"], by_loss["ce_mal_ci_low"], by_loss["ce_mal_ci_high"])
+            ]
+            view["ratio to ce [95% CI]"] = [
+                with_ci(*v) for v in zip(by_loss["mal_ratio_vs_ce"], by_loss["vs_ce_ci_low"], by_loss["vs_ce_ci_high"])
+            ]
+            view["significant"] = by_loss["vs_ce_significant"].map({True: "yes", False: "no"})
+            parts.append(
+                f"### Loss variants vs cross-entropy ({mode}; same steps and data, paired bootstrap over prompts)"
+                f"\n\n{markdown_table(view)}"
             )
     return "\n".join(parts)

@@ -19,18 +19,31 @@ TARGET_MACS = 10_000_000
 DENSE_DRAFT_MACS = 1_000_000
 # target -> same tokenizer as the drafts?
 TARGETS = {"t_llama": True, "t_qwen": False}
+# (name, sparsity) as the workflow names records: a loss variant is <method>+<loss> (sd2.methods).
 VARIANTS = [
     ("dense", 0),
     ("dense_sd", 0),
+    ("direct_align", 0),
     ("sparse_oneshot", 50),
     ("sparse_sft", 50),
     ("layer_pruned", 50),
     ("layer_pruned", 70),
     ("sd2", 50),
     ("sd2", 70),
+    ("sd2+kl", 50),
+    ("sd2+kl", 70),
 ]
 # Made up, but physical: every MAL stays within 1..k+1.
-BASE_MAL = {"dense": 2.6, "dense_sd": 3.6, "sparse_oneshot": 2.2, "sparse_sft": 2.8, "layer_pruned": 2.4, "sd2": 3.4}
+BASE_MAL = {
+    "dense": 2.6,
+    "dense_sd": 3.6,
+    "direct_align": 3.8,
+    "sparse_oneshot": 2.2,
+    "sparse_sft": 2.8,
+    "layer_pruned": 2.4,
+    "sd2": 3.4,
+    "sd2+kl": 3.5,
+}
 EVAL_SETS = ("humaneval", "stdlib_heldout")
 PROMPT_IDS = [f"p{i}" for i in range(N_PROMPTS)]
 
@@ -185,7 +198,7 @@ def synthetic_curves(root) -> list[dict]:
         {"stage": "pretrain", "model": m, "path": write_training_log(root / "models" / m / "training.csv", start=s)}
         for m, s in (("t_llama", 6.0), ("d_small", 7.0))
     ]
-    for method, sparsity in [("dense_sd", 0), ("sd2", 50), ("layer_pruned", 50)]:
+    for method, sparsity in [("dense_sd", 0), ("sd2", 50), ("sd2+kl", 50), ("layer_pruned", 50)]:
         path = write_training_log(
             root / "drafts" / "t_llama" / "d_small" / f"{method}-s{sparsity}" / "training.csv",
             n=3,

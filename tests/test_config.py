@@ -28,7 +28,7 @@ def test_defaults_are_filled(test_config):
     cfg = validate(test_config)
     assert cfg["prune"]["pruner"] == "sparsegpt"
     assert cfg["models"]["tiny-llama"]["train"]["lr"] == 0.003
-    assert cfg["finetune"]["loss"] == "ce"
+    assert cfg["losses"] == ["ce"]
     assert cfg["models"]["tiny-llama"]["train"]["bf16"] == "auto" and cfg["finetune"]["bf16"] == "auto"
 
 
@@ -41,6 +41,10 @@ BAD = [
     (lambda c: c["models"]["tiny-llama"].update(hidden_size="big"), "models.tiny-llama.hidden_size", "big"),
     (lambda c: c["wandb"].update(mode="loud"), "wandb.mode", "loud"),
     (lambda c: c.update(methods=["sd2", "magic"]), "methods.1", "magic"),
+    (lambda c: c.update(losses=["ce", "l2"]), "losses.1", "l2"),
+    (lambda c: c.update(losses=[]), "losses", "non-empty"),
+    # The loss was one setting before it became a sweep axis: the old key says where it went.
+    (lambda c: c["finetune"].update(loss="kl"), "finetune.loss", "losses: [kl]"),
     (lambda c: c.update(targets=["nope"]), "targets.0", "nope"),
     (lambda c: c["models"]["tiny-llama"].update(tokenizer="klingon"), "models.tiny-llama.tokenizer", "klingon"),
     (lambda c: c["models"]["tiny-draft"].update(hub="org/model"), "models.tiny-draft", "hub model"),

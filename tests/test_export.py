@@ -88,6 +88,7 @@ def test_export_is_a_plain_checkpoint_with_the_same_weights(sparse_bf16_draft, t
     saved = json.loads((out / METADATA).read_text())
     assert saved["source"]["provenance"] == json.loads((sparse_bf16_draft / "provenance.json").read_text())
     assert (saved["method"], saved["sparsity"], saved["run_name"], saved["seed"]) == ("sparse_oneshot", 50, "r", 3)
+    assert saved["loss"] is None  # an untuned draft
     assert saved["eval_sets"] == sorted(EVAL_SETS)
 
 
@@ -160,6 +161,21 @@ def test_records_of_another_draft_are_refused(sparse_bf16_draft, tiny_llama_dir,
             seed=0,
         )
     assert not (tmp_path / "export").exists()
+
+
+def test_a_loss_variant_is_exported_as_its_method_and_loss(sparse_bf16_draft, tiny_llama_dir, tmp_path):
+    """The workflow names a loss variant sd2+kl (sd2.methods); the export says sd2 with kl, its masks checked."""
+    records = write_records(tmp_path / "records", "t_llama", method="sd2+kl")
+    saved = export_draft(
+        sparse_bf16_draft,
+        records,
+        tmp_path / "export",
+        target=str(tiny_llama_dir),
+        labels=labels("t_llama", method="sd2+kl"),
+        run_name="r",
+        seed=0,
+    )
+    assert (saved["method"], saved["loss"]) == ("sd2", "kl") and saved["decoder_linear_sparsity"] >= 0.5
 
 
 def test_a_lost_mask_is_refused(sparse_bf16_draft, tiny_llama_dir, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from synthetic import K_MAX, VARIANTS, K, write_synthetic_tables
 
+from sd2.methods import parse_variant
 from sd2.plots import (
     CAPTIONS,
     CI_NOTE,
@@ -30,6 +31,7 @@ from sd2.plots import (
     save_figure,
     variant_label,
 )
+from sd2.plots import color as variant_color
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
@@ -118,7 +120,7 @@ def test_main_slice_keeps_measured_rows_at_the_reported_k(measurements):
     greedy = main_slice(measurements)
     assert set(greedy["k"]) == {K} and greedy["headline_k"].all()
     assert set(greedy["estimator"]) == {"teacher_forced_walk", "assisted_generation"}
-    assert len(greedy) == len(greedy.drop_duplicates(["target", "draft", "method", "sparsity", "eval_set"]))
+    assert len(greedy) == len(greedy.drop_duplicates(["target", "draft", "method", "loss", "sparsity", "eval_set"]))
     sampled = main_slice(measurements, temperature=1.0)
     assert set(sampled["estimator"]) == {"assisted_generation"}  # the tvd_estimate is not a measurement
     assert main_slice(measurements, k=1).empty  # the walk measures k = 1, but the config does not report it
@@ -170,9 +172,13 @@ def test_mal_vs_k_lines_bands_and_best_k(measurements):
     ]
     for ax, value in ((top, "mal"), (bottom, "improvement_factor")):
         lines = {line.get_label(): line for line in ax.get_lines()}
-        for method, sparsity in VARIANTS:
-            rows = walk[(walk["method"] == method) & (walk["sparsity"] == sparsity)].sort_values("k")
-            line = lines[variant_label(method, sparsity)]
+        for name, sparsity in VARIANTS:
+            method, loss = parse_variant(name)
+            rows = walk[
+                (walk["method"] == method) & (walk["loss"].fillna("") == (loss or "")) & (walk["sparsity"] == sparsity)
+            ]
+            line = lines[variant_label(method, sparsity, loss)]
+            rows = rows.sort_values("k")
             assert list(line.get_xdata()) == list(range(1, K_MAX + 1))
             assert np.allclose(line.get_ydata(), rows[value])
         stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
@@ -180,6 +186,22 @@ def test_mal_vs_k_lines_bands_and_best_k(measurements):
         assert len(ax.collections) == len(VARIANTS)  # one CI band per draft variant
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[-1].startswith("best k") and legend.count(legend[-1]) == 1
+
+
+def test_loss_variants_and_direct_alignment_are_labelled_apart(measurements):
+    """Legends name Direct Alignment and each loss variant; a loss variant is a shade of its method's colour."""
+    assert variant_label("direct_align", 0, "tvdpp") == "Direct Alignment"
+    assert variant_label("sd2", 50, "kl") == "sd2 (kl) s50" and variant_label("sd2", 50, "ce") == "sd2 s50"
+    assert variant_label("dense", 0, None) == "dense"
+    assert variant_color("sd2", "kl") != variant_color("sd2", "ce") == variant_color("sd2")
+    assert variant_color("direct_align", "tvdpp") == variant_color("direct_align")  # its own loss: no shade
+    fig = plot_mal_vs_sparsity(measurements)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "Direct Alignment" in legend and "sd2 (kl)" in legend and "sd2" in legend
+    bars = {c.get_label(): c.lines[0].get_color() for c in fig.axes[0].containers}
+    assert bars["sd2 (kl)"] != bars["sd2"] == variant_color("sd2")
+    ticks = [t.get_text() for t in plot_improvement_factor(measurements).axes[0].get_xticklabels()]
+    assert ticks[-2:] == ["sd2 (kl) s50", "sd2 (kl) s70"] and "Direct Alignment" in ticks
 
 
 def test_mal_vs_k_keeps_one_eval_set_when_columns_would_crowd(measurements):

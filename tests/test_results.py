@@ -62,15 +62,19 @@ def test_collect_measurements_sorted_deterministically(tmp_path):
     b = collect_measurements(list(reversed(paths)), tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     first = a[(a["target"] == "t_llama") & (a["eval_set"] == "humaneval") & (a["temperature"] == 0) & (a["k"] == K)]
-    assert list(zip(first["method"], first["sparsity"])) == [
-        ("dense", 0),
-        ("dense_sd", 0),
-        ("sparse_oneshot", 50),
-        ("sparse_sft", 50),
-        ("layer_pruned", 50),
-        ("layer_pruned", 70),
-        ("sd2", 50),
-        ("sd2", 70),
+    # The registry's order (sd2.methods), ce before another loss; records' variant names split into method and loss.
+    assert list(zip(first["method"], first["loss"].fillna("-"), first["sparsity"])) == [
+        ("dense", "-", 0),
+        ("dense_sd", "ce", 0),
+        ("direct_align", "tvdpp", 0),
+        ("sparse_oneshot", "-", 50),
+        ("sparse_sft", "ce", 50),
+        ("layer_pruned", "ce", 50),
+        ("layer_pruned", "ce", 70),
+        ("sd2", "ce", 50),
+        ("sd2", "ce", 70),
+        ("sd2", "kl", 50),
+        ("sd2", "kl", 70),
     ]
     assert list(a["target"].unique()) == ["t_llama", "t_qwen"]
     head = b[(b["target"] == "t_qwen")].iloc[:2]
@@ -81,6 +85,7 @@ def test_macs_reduction_against_dense_draft(measurements):
     row = measurements[(measurements["method"] == "sd2") & (measurements["sparsity"] == 70)].iloc[0]
     assert row["macs_reduction"] == pytest.approx(1 - DENSE_DRAFT_MACS * (1 - 0.63) / DENSE_DRAFT_MACS)
     assert (measurements.loc[measurements["method"] == "dense", "macs_reduction"] == 0).all()
+    assert (measurements.loc[measurements["method"] == "direct_align", "macs_reduction"] == 0).all()
 
 
 def test_duplicate_records_fail_loudly(tmp_path):
@@ -102,11 +107,13 @@ def test_empty_inputs_still_write_headers(tmp_path):
 def test_collect_training_long_table(tmp_path):
     df = collect_training(synthetic_curves(tmp_path), tmp_path / "t.csv")
     assert list(df.columns) == TRAINING_COLUMNS
-    assert len(df) == 2 * 4 + 4 * 3
+    assert len(df) == 2 * 4 + 5 * 3
     assert list(df["stage"].unique()) == ["pretrain", "finetune"]
-    assert df.loc[df["stage"] == "pretrain", "method"].isna().all()
-    sd2 = df[df["method"] == "sd2"]
+    assert df.loc[df["stage"] == "pretrain", ["method", "loss"]].isna().all().all()
+    sd2 = df[(df["method"] == "sd2") & (df["loss"] == "ce")]
     assert sd2["step"].tolist() == [0, 10, 20] and sd2["val_loss"].iloc[-1] == pytest.approx(3.5 - 0.8)
+    # The workflow's label sd2+kl is the method sd2 with the loss kl, after its ce curve.
+    assert df.loc[df["method"] == "sd2", "loss"].tolist() == ["ce"] * 3 + ["kl"] * 3
     # the workflow labels fine-tuning on the original responses with target 'original'
     assert df.loc[df["stage"] == "finetune", "method"].iloc[0] == "sparse_sft"
 
@@ -114,6 +121,10 @@ def test_collect_training_long_table(tmp_path):
 def test_summary_table(measurements):
     s = summary_table(measurements)
     assert len(s) == len(TARGETS) * len(VARIANTS)
+    assert s.loc[s["method"] == "dense", "loss"].isna().all() and set(s.loc[s["method"] == "sd2", "loss"]) == {
+        "ce",
+        "kl",
+    }
     assert {
         "mal_humaneval",
         "ci_low_humaneval",
@@ -143,14 +154,15 @@ def compared(tmp_path):
 
 def test_comparisons_by_hand(compared):
     assert list(compared.columns) == COMPARISON_COLUMNS
+    baseline = compared[compared["loss"] == "ce"]
     # per target: two eval sets x two sd2 levels x (greedy + sampled assisted); tvd estimates are not compared
-    assert len(compared) == len(TARGETS) * len(EVAL_SETS) * 2 * 2
+    assert len(baseline) == len(TARGETS) * len(EVAL_SETS) * 2 * 2 and set(baseline["method"]) == {"sd2"}
     assert set(compared["k"]) == {K}
-    row = compared[
-        (compared["target"] == "t_llama")
-        & (compared["eval_set"] == "humaneval")
-        & (compared["sparsity"] == 50)
-        & (compared["temperature"] == 0)
+    row = baseline[
+        (baseline["target"] == "t_llama")
+        & (baseline["eval_set"] == "humaneval")
+        & (baseline["sparsity"] == 50)
+        & (baseline["temperature"] == 0)
     ].iloc[0]
     assert row["estimator"] == "teacher_forced_walk" and row["n_prompts"] == N_PROMPTS
     assert row["mal_ratio_vs_layer_pruned"] == pytest.approx(row["sd2_mal"] / row["layer_pruned_mal"])
@@ -161,9 +173,34 @@ def test_comparisons_by_hand(compared):
     assert row["change_ci_low"] < row["mal_change_pct"] < row["change_ci_high"] < 0
 
 
+def test_loss_variants_against_their_ce_variant(compared):
+    """sd2+kl against sd2 (ce) at the same sparsity, direct_align against dense_sd (ce): paired ratios."""
+    by_loss = compared[compared["loss"] != "ce"]
+    # per target: two eval sets x (greedy + sampled assisted) x (direct_align + sd2+kl at two levels)
+    assert len(by_loss) == len(TARGETS) * len(EVAL_SETS) * 2 * 3
+    assert by_loss["mal_ratio_vs_layer_pruned"].isna().all() and compared["mal_ratio_vs_ce"].notna().sum() == len(
+        by_loss
+    )
+    assert dict(zip(by_loss["method"], by_loss["ce_method"])) == {"direct_align": "dense_sd", "sd2": "sd2"}
+    kl = by_loss[(by_loss["method"] == "sd2") & (by_loss["sparsity"] == 70) & (by_loss["temperature"] == 0)].iloc[0]
+    assert kl["loss"] == "kl" and kl["mal_ratio_vs_ce"] == pytest.approx(kl["mal"] / kl["ce_mal"])
+    assert kl["vs_ce_ci_low"] < kl["mal_ratio_vs_ce"] < kl["vs_ce_ci_high"]
+    assert kl["vs_ce_significant"]  # 3.5 against 3.4 per prompt, the prompt effect cancelled
+    align = by_loss[(by_loss["method"] == "direct_align") & (by_loss["temperature"] == 0)].iloc[0]
+    assert align["loss"] == "tvdpp" and align["sparsity"] == 0
+    assert align["mal_ratio_vs_ce"] == pytest.approx(align["mal"] / align["ce_mal"]) and align["mal_ratio_vs_ce"] > 1
+
+
+def test_loss_variant_without_its_ce_variant_is_nan(tmp_path):
+    paths = write_synthetic_records(tmp_path, targets=("t_llama",), variants=[("sd2+kl", 50)], eval_sets=("humaneval",))
+    c = collect_comparisons(paths, tmp_path / "c.csv")
+    assert len(c) == 2 and c["ce_mal"].isna().all() and c["mal_ratio_vs_ce"].isna().all()
+    assert not c["vs_ce_significant"].any() and c["mal"].notna().all()
+
+
 def test_paired_interval_is_narrower_than_the_unpaired_ones(compared):
     """The prompt effect is shared, so the paired ratio's CI is tighter than the two MALs' CIs suggest."""
-    row = compared.iloc[0]
+    row = compared[compared["loss"] == "ce"].iloc[0]
     unpaired_low = row["sd2_mal_ci_low"] / row["layer_pruned_mal_ci_high"]
     unpaired_high = row["sd2_mal_ci_high"] / row["layer_pruned_mal_ci_low"]
     assert row["ratio_ci_high"] - row["ratio_ci_low"] < 0.5 * (unpaired_high - unpaired_low)
@@ -201,6 +238,7 @@ def test_comparison_missing_baseline_is_nan(tmp_path):
     )
     c = collect_comparisons(paths, tmp_path / "c.csv")
     assert len(c) == 2 and c["mal_ratio_vs_layer_pruned"].isna().all() and not c["ratio_significant"].any()
+    assert c["ce_method"].isna().all() and c["mal_ratio_vs_ce"].isna().all()
     assert c["macs_reduction_pct"].iloc[0] == pytest.approx(45.0)
 
 
@@ -209,6 +247,9 @@ def test_summary_markdown_says_what_is_significant(measurements, compared):
     assert "### Per draft (greedy)" in md and "paired bootstrap" in md
     assert "significant (ratio)" in md and "| yes |" in md
     assert "[" in md and "MAL humaneval [95% CI]" in md
+    # Loss variants and Direct Alignment by their labels, and their own comparison with ce.
+    assert "| Direct Alignment |" in md and "| sd2 (kl) |" in md
+    assert "### Loss variants vs cross-entropy (greedy" in md and "| dense_sd (ce) |" in md
 
 
 def test_record_without_keys_fails_loudly(tmp_path):

@@ -9,25 +9,29 @@ import yaml
 from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
+from sd2 import methods
 
-# What the rules make at each sparsity level (workflow/rules/common.smk).
-SPARSE_METHODS = {"layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"}
+# What the rules make at each sparsity level (the registry, sd2/methods.py).
+SPARSE_METHODS = {m.name for m in methods.METHODS if m.kind == "draft" and m.sparse}
 
 
 def load(configfile) -> dict:
     return sd2_config.load(REPO / configfile)
 
 
-def variants(cfg, sparsities=None) -> list[tuple[str, int]]:
-    """(method, sparsity) of every draft of one (target, draft) pair."""
-    levels = cfg["sparsities"] if sparsities is None else sparsities
-    return [(m, s) for m in cfg["methods"] for s in (levels if m in SPARSE_METHODS else [0])]
+def pairs(cfg) -> list[tuple[str, str]]:
+    """(target, draft) pairs: a model never drafts for itself."""
+    return [(t, d) for t in cfg["targets"] for d in cfg["drafts"] if d != t]
+
+
+def n_variants(cfg) -> int:
+    """Drafts made over all pairs: (variant, sparsity) per pair (sd2.methods.variants)."""
+    return sum(len(methods.variants(cfg, t, d)) for t, d in pairs(cfg))
 
 
 def n_cells(cfg) -> int:
-    """Measured cells: eval set x (target, draft) pair (a model never drafts for itself) x (method, sparsity)."""
-    pairs = sum(d != t for t in cfg["targets"] for d in cfg["drafts"])
-    return len(cfg["data"]["eval_sets"]) * pairs * len(variants(cfg))
+    """Measured cells: eval set x (target, draft) pair x (variant, sparsity)."""
+    return len(cfg["data"]["eval_sets"]) * n_variants(cfg)
 
 
 def dry_run(workdir, configfile="config/test.yaml", *args):
@@ -62,12 +66,21 @@ def test_all_outputs(tiny_run):
     # Rows per record file: same tokenizer, the walk at k = 1..k_max + sampled assisted generation
     # + the TVD estimate at k = 1..k_max; across tokenizers, assisted generation greedy + sampled.
     models = cfg["models"]
-    same = sum(models[t]["tokenizer"] == models[d]["tokenizer"] for t in cfg["targets"] for d in cfg["drafts"])
-    other = len(cfg["targets"]) * len(cfg["drafts"]) - same
-    per_pair = len(cfg["data"]["eval_sets"]) * len(variants(cfg))
+    same = [(t, d) for t, d in pairs(cfg) if models[t]["tokenizer"] == models[d]["tokenizer"]]
+    other = [p for p in pairs(cfg) if p not in same]
     assert same and other  # the tiny config covers both decoding paths
-    assert len(table) == per_pair * (same * (2 * measure["k_max"] + 1) + other * 2)
+    per_file = {p: 2 * measure["k_max"] + 1 if p in same else 2 for p in pairs(cfg)}
+    assert len(table) == len(cfg["data"]["eval_sets"]) * sum(
+        len(methods.variants(cfg, t, d)) * per_file[(t, d)] for t, d in pairs(cfg)
+    )
     assert set(table["method"]) == set(cfg["methods"])
+    # Direct Alignment (TVD++ against the target's logits) only where the tokenizers match.
+    align = table[table["method"] == "direct_align"]
+    assert set(align["target"]) == {t for t, _ in same} and set(align["loss"]) == {"tvdpp"}
+    assert (
+        set(table.loc[table["method"] == "sd2", "loss"]) == {"ce"}
+        and table.loc[table["method"] == "dense", "loss"].isna().all()
+    )
     assert set(table["sparsity"]) == {0, 50}
     assert (table["mal"] <= table["k"] + 1).all() and (table["mal"] >= 1).all()
     walk = table[table["estimator"] == "teacher_forced_walk"]
@@ -82,15 +95,15 @@ def test_all_outputs(tiny_run):
     outputs = sorted((tiny_run / "work" / "target_outputs").rglob("*.json"))
     assert len(outputs) == len(cfg["targets"]) * len(cfg["data"]["eval_sets"])  # shared by every draft
     comparisons = pd.read_csv(tiny_run / "results" / "tables" / "comparisons.csv")
-    # One row per (target, draft, sparsity, eval set) and temperature.
-    n_comparisons = (
-        len(cfg["targets"])
-        * len(cfg["drafts"])
-        * len(cfg["sparsities"])
-        * len(cfg["data"]["eval_sets"])
-        * len(measure["temperatures"])
-    )
-    assert len(comparisons) == n_comparisons and comparisons["mal_ratio_vs_layer_pruned"].notna().all()
+    # One row per (target, draft, sparsity, eval set) and temperature for sd2 against its baselines,
+    # one per (same-tokenizer pair, eval set) and temperature for Direct Alignment against dense_sd (ce).
+    per_pair = len(cfg["data"]["eval_sets"]) * len(measure["temperatures"])
+    baseline = comparisons[comparisons["loss"] == "ce"]
+    assert len(baseline) == len(pairs(cfg)) * len(cfg["sparsities"]) * per_pair
+    assert baseline["mal_ratio_vs_layer_pruned"].notna().all()
+    by_loss = comparisons[comparisons["loss"] != "ce"]
+    assert len(by_loss) == len(same) * per_pair and set(by_loss["ce_method"]) == {"dense_sd"}
+    assert by_loss["mal_ratio_vs_ce"].notna().all()
     sparse = table[table["sparsity"] == 50]
     assert (sparse["draft_macs_per_token"] < table[table["method"] == "dense"]["draft_macs_per_token"].max()).all()
     for name in ("mal_vs_sparsity", "mal_vs_macs", "loss_curves"):
@@ -103,7 +116,7 @@ def test_all_outputs(tiny_run):
     assert "Mean Accepted Length" in json.dumps(record["definitions"])
     # Every draft is exported (the tiny drafts are trained here, the dense one too), with its vLLM command.
     exports = sorted((tiny_run / "work" / "export").glob("*/*/*/sd2_draft.json"))
-    assert len(exports) == sum(d != t for t in cfg["targets"] for d in cfg["drafts"]) * len(variants(cfg))
+    assert len(exports) == n_variants(cfg)
     assert all("draft_model" in json.loads(p.read_text())["vllm"]["serve"] for p in exports)
     assert record["records"][0]["provenance"]["seed"] == 0
 
@@ -136,6 +149,7 @@ def test_changing_one_sparsity_reruns_only_its_jobs(tiny_run, tmp_path):
         "all": 1,
     }
     assert cfg["methods"] == load("config/test.yaml")["methods"] and set(cfg["methods"]) >= SPARSE_METHODS
+    assert cfg["losses"] == ["ce"]
     assert counts == expect, counts
 
 

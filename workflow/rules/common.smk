@@ -5,7 +5,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from sd2 import memory
+from sd2 import memory, methods
 from sd2.config import validate
 from sd2.hub import is_local, job_env
 from sd2.plots import FIGURES
@@ -30,9 +30,15 @@ PREFIX = "".join(f"export {k}={shlex.quote(v)}; " for k, v in job_env(config["hu
 if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployment_method", ()):
     PREFIX += f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
 shell.prefix(PREFIX)
-SPARSE_METHODS = ["layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
-TUNED_METHODS = ["dense_sd", "layer_pruned", "sd2", "sparse_sft"]
 NAME = r"[A-Za-z0-9_.-]+"
+# A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
+VARIANT = methods.variant_pattern()
+TUNED_VARIANT = methods.variant_pattern(tuned_only=True)
+# Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
+# main process (not again in every job), not an error.
+if workflow.is_main_process:
+    for _skip in methods.skipped(config):
+        print(f"sd2: not made for {_skip['draft']} -> {_skip['target']}: {_skip['method']} with loss {_skip['loss']}: {_skip['reason']}", file=sys.stderr)
 # Only what the target's continuations depend on (the prompt format included): changing
 # n_assisted must not regenerate them, changing the chat settings must.
 TARGET_OUTPUT_SETTINGS = {
@@ -76,23 +82,33 @@ def data_path(data):
     return f"{W}/data/finetune" if data == "original" else f"{W}/distill/{data}"
 
 
-def draft_path(target, draft, method, sparsity):
-    """The checkpoint a (target, draft, method, sparsity) measurement uses."""
-    if method == "dense":
+def data_dir(target, name):
+    """What a tuned method's paths call its data: the target, or 'original' for the original responses."""
+    return "original" if methods.BY_NAME[name].data == "original" else target
+
+
+def draft_path(target, draft, variant, sparsity):
+    """The checkpoint a (target, draft, variant, sparsity) measurement uses."""
+    m = methods.method(methods.parse_variant(variant)[0])
+    if m.tuned:
+        return f"{W}/drafts/{data_dir(target, m.name)}/{draft}/{variant}-s{sparsity}"
+    if m.init == "dense":
         return model_path(draft)
-    if method == "sparse_oneshot":
-        return f"{W}/pruned/{target}/{draft}/s{sparsity}"
-    data = "original" if method == "sparse_sft" else target
-    return f"{W}/drafts/{data}/{draft}/{method}-s{sparsity}"
+    if m.init == "layer_pruned":
+        return f"{W}/layer_pruned/{draft}/s{sparsity}"
+    # An untuned pruned draft is calibrated on the target's self-distilled data.
+    return f"{W}/pruned/{target}/{draft}/s{sparsity}"
 
 
-def draft_variants():
-    """(method, sparsity) pairs of the sweep: dense methods at 0, the others at every level."""
-    for method in config["methods"]:
-        if method in SPARSE_METHODS:
-            yield from ((method, s) for s in config["sparsities"])
-        else:
-            yield method, 0
+def draft_input(target, draft, variant, sparsity):
+    """What a job that loads this draft depends on (the dense draft: its checkpoint or download)."""
+    path = draft_path(target, draft, variant, sparsity)
+    return model_input(draft) if path == model_path(draft) else [path]
+
+
+def draft_variants(target, draft):
+    """(variant, sparsity) of the pair's drafts (sd2.methods.variants: methods, losses, sparsity levels)."""
+    return [(v.name, v.sparsity) for v in methods.variants(config, target, draft)]
 
 
 def record_paths():
@@ -102,7 +118,7 @@ def record_paths():
         for t in config["targets"]
         for d in config["drafts"]
         if d != t
-        for m, s in draft_variants()
+        for m, s in draft_variants(t, d)
     ]
 
 
@@ -111,10 +127,11 @@ def tuned_drafts():
     seen = {}
     for t in config["targets"]:
         for d in config["drafts"]:
-            for m, s in draft_variants():
-                if m in TUNED_METHODS:
+            for m, s in draft_variants(t, d):
+                name = methods.parse_variant(m)[0]
+                if methods.BY_NAME[name].tuned:
                     path = draft_path(t, d, m, s)
-                    seen[path] = {"stage": "finetune", "model": d, "target": "original" if m == "sparse_sft" else t, "draft": d, "method": m, "sparsity": s}
+                    seen[path] = {"stage": "finetune", "model": d, "target": data_dir(t, name), "draft": d, "method": m, "sparsity": s}
     return seen
 
 
@@ -134,7 +151,7 @@ def job_models(rule_name, w):
     if rule_name in ("prune", "layer_prune"):
         return {"draft": w.draft}
     if rule_name == "finetune":
-        return {"draft": w.draft, "teacher": w.data if teacher(w) else None}
+        return {"draft": w.draft, "teacher": teacher_model(w)}
     return {"target": w.target, "draft": w.draft}
 
 
@@ -198,10 +215,18 @@ def training_curves():
     return curves
 
 
+def finetune_method(w):
+    """The registry entry and the loss of a finetune job's variant (the `method` wildcard)."""
+    name, loss = methods.parse_variant(w.method)
+    return methods.method(name), loss
+
+
 def finetune_init(w):
-    if w.method == "dense_sd":
+    """The checkpoint fine-tuning starts from: the registry's init (pruned on the job's data)."""
+    init = finetune_method(w)[0].init
+    if init == "dense":
         return model_input(w.draft)
-    if w.method == "layer_pruned":
+    if init == "layer_pruned":
         return [f"{W}/layer_pruned/{w.draft}/s{w.sparsity}"]
     return [f"{W}/pruned/{w.data}/{w.draft}/s{w.sparsity}"]
 
@@ -210,11 +235,22 @@ def finetune_init_path(w):
     return finetune_init(w)[0] if finetune_init(w) else model_path(w.draft)
 
 
+def finetune_settings(w):
+    """config.finetune with the variant's loss (the job reads it as settings["loss"])."""
+    return as_arg({**config["finetune"], "loss": finetune_method(w)[1], "chat": config["chat"]})
+
+
+def teacher_model(w):
+    """The model whose outputs the variant's loss reads: the target (kl, tvdpp, skd), the dense draft
+    itself (squarehead), or None (ce)."""
+    role = methods.LOSSES[finetune_method(w)[1]].teacher
+    return {"target": w.data, "draft": w.draft}.get(role)
+
+
 def teacher(w):
-    """Distillation losses other than cross-entropy need the target's logits."""
-    if config["finetune"]["loss"] == "ce" or w.data == "original":
-        return ""
-    return f"--teacher {model_path(w.data)} {trust(w.data)}"
+    """--teacher for a loss that reads another model's outputs."""
+    name = teacher_model(w)
+    return f"--teacher {model_path(name)} {trust(name)}" if name else ""
 
 
 def export_paths():
@@ -224,8 +260,8 @@ def export_paths():
         for t in config["targets"]
         for d in config["drafts"]
         if d != t
-        for m, s in draft_variants()
-        if m != "dense" or d in SCRATCH
+        for m, s in draft_variants(t, d)
+        if draft_path(t, d, m, s) != model_path(d) or d in SCRATCH
     ]
 
 

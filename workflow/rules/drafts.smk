@@ -79,17 +79,17 @@ rule finetune:
     input:
         init=finetune_init,
         data=lambda w: data_path(w.data),
-        teacher=lambda w: model_input(w.data) if teacher(w) else [],
+        teacher=lambda w: model_input(teacher_model(w)) if teacher_model(w) else [],
     output:
         directory(f"{W}/drafts/{{data}}/{{draft}}/{{method}}-s{{sparsity}}"),
     wildcard_constraints:
-        method="|".join(TUNED_METHODS),
+        method=TUNED_VARIANT,
     params:
         sd2=SD2,
         placement=lambda w: placement("finetune", w),
         init=finetune_init_path,
         teacher=teacher,
-        settings=as_arg({**config["finetune"], "chat": config["chat"]}),
+        settings=finetune_settings,
         wandb=wandb_arg(),
         labels=lambda w: as_arg({"target": w.data, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         seed=config["seed"],

@@ -9,7 +9,7 @@ rule export_draft:
     output:
         directory(f"{W}/export/{{target}}/{{draft}}/{{method}}-s{{sparsity}}"),
     wildcard_constraints:
-        method="|".join(config["methods"]),
+        method=VARIANT,
     params:
         sd2=SD2,
         target=lambda w: model_path(w.target),

@@ -30,10 +30,13 @@ rule target_outputs:
 rule measure:
     input:
         target=lambda w: model_input(w.target),
-        draft=lambda w: model_input(w.draft) if w.method == "dense" else [draft_path(w.target, w.draft, w.method, w.sparsity)],
+        draft=lambda w: draft_input(w.target, w.draft, w.method, w.sparsity),
         outputs=f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
     output:
         f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
+    # Draft variants of sd2.methods (heads are measured by their own rules).
+    wildcard_constraints:
+        method=VARIANT,
     params:
         sd2=SD2,
         placement=lambda w: placement("measure", w),

@@ -1,0 +1,266 @@
+"""The one registry of draft-making methods and fine-tuning losses, and the sweep's draft variants.
+
+A method says how a draft is made: from which checkpoint (`init`: the dense draft, its
+SparseGPT-pruned copy, or its layer-pruned copy), tuned on which data (`data`: the target's
+self-distilled answers, the original responses, or None for an untuned draft), at every
+level of `sparsities` or at 0 only (`sparse`), with a fixed loss or the config's `losses`.
+The Snakemake rules, the tables (sd2.results), the figures (sd2.plots), the exports and the
+schema's `methods` enum all read it; tests/test_methods.py checks that they agree.
+
+Loss is a sweep axis: a tuned method without a fixed loss is fine-tuned once per entry of
+the config's `losses`. The ce variant keeps the method's own name (the paths and records of
+earlier runs); any other is named `<method>+<loss>` (e.g. `sd2+kl`) in paths, records and
+the `method` label of the rules, and sd2.results splits that name back into `method` and
+`loss`. A variant that cannot be made for a (target, draft) pair is skipped, not an error
+(`skipped` says which and why):
+- kl, tvdpp and skd read the target's logits: only for methods tuned on the target's own data,
+  and only where draft and target share a tokenizer (`shares_tokenizer`);
+- squarehead matches the dense draft's hidden states layer by layer: only for masked copies of
+  the dense draft (init "pruned"), not for the layer-pruned baseline, whose layers no longer pair;
+- a variant identical to a listed method with that fixed loss (dense_sd+tvdpp is direct_align)
+  is made once, under that method's name.
+
+No torch here: the DAG, the tables and the figures import this module.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # what tables and figures call it
+    kind: str  # "draft": made by workflow/rules/drafts.smk; "head": a target-dependent draft head (heads.smk)
+    init: str | None  # "dense", "pruned" (SparseGPT), "layer_pruned"; None for a head
+    data: str | None  # fine-tuning data: "target" (self-distilled), "original" (responses), None (not tuned)
+    sparse: bool  # made at every level of `sparsities` (else at sparsity 0)
+    loss: str | None  # a fixed fine-tuning loss; None = the config's `losses` (when tuned)
+    color: str  # one colour per method in every figure
+
+    @property
+    def tuned(self) -> bool:
+        return self.data is not None
+
+
+# Table and legend order: baselines first, the paper's method last. The SD² paper's own methods
+# keep their names as labels (the figures of earlier runs).
+METHODS = (
+    Method("dense", "dense", "draft", "dense", None, False, None, "#7f7f7f"),
+    Method("dense_sd", "dense_sd", "draft", "dense", "target", False, None, "#1f77b4"),
+    # Direct Alignment (Goel et al. 2024, arXiv 2403.00858): TVD++ on the target's own answers.
+    Method("direct_align", "Direct Alignment", "draft", "dense", "target", False, "tvdpp", "#2ca02c"),
+    # Target-dependent draft heads (ReDrafter, Zhang et al. 2024; Mixture of Attentions, Zimmer et al.
+    # 2024), trained on the target's self-distilled data by their own rules.
+    Method("redrafter", "ReDrafter", "head", None, "target", False, None, "#8c564b"),
+    Method("moa", "MoA", "head", None, "target", False, None, "#e377c2"),
+    Method("sparse_oneshot", "sparse_oneshot", "draft", "pruned", None, True, None, "#bcbd22"),
+    Method("sparse_sft", "sparse_sft", "draft", "pruned", "original", True, None, "#9467bd"),
+    Method("layer_pruned", "layer_pruned", "draft", "layer_pruned", "target", True, None, "#ff7f0e"),
+    # SD² (arXiv 2504.08838): SparseGPT-pruned on the target's answers, then self-distilled.
+    Method("sd2", "sd2", "draft", "pruned", "target", True, None, "#d62728"),
+)
+BY_NAME = {m.name: m for m in METHODS}
+NAMES = tuple(BY_NAME)
+UNKNOWN_COLOR = "#17becf"
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    teacher: str | None  # "target": the target's logits; "draft": the dense draft itself; None: no teacher
+    description: str
+
+
+# Order of loss variants in tables and legends; ce is the default of every tuned method.
+LOSSES = {
+    "ce": Loss("ce", None, "cross-entropy on the responses"),
+    "kl": Loss("kl", "target", "forward KL to the target's logits"),
+    "tvdpp": Loss("tvdpp", "target", "TVD++ (Goel et al. 2024)"),
+    "squarehead": Loss("squarehead", "draft", "per-layer MSE to the dense draft's normalised hidden states"),
+    "skd": Loss("skd", "target", "speculative knowledge distillation (on-policy, the target corrects the draft)"),
+}
+DEFAULT_LOSS = "ce"
+SEPARATOR = "+"
+
+
+def method(name: str) -> Method:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(NAMES)})")
+    return BY_NAME[name]
+
+
+def rank(name: str) -> int:
+    """Position in the table/legend order; unknown methods after the known ones."""
+    return NAMES.index(name) if name in BY_NAME else len(NAMES)
+
+
+def loss_rank(loss) -> int:
+    """ce first, then LOSSES order; no loss (an untuned draft) before all of them."""
+    if not isinstance(loss, str):
+        return -1
+    return list(LOSSES).index(loss) if loss in LOSSES else len(LOSSES)
+
+
+def default_loss(name: str) -> str | None:
+    """The loss a method's own name stands for: its fixed loss, ce when tuned, None when not tuned
+    (and for a head, whose training is its own rules')."""
+    m = BY_NAME.get(name)
+    if m is None or not m.tuned or m.kind != "draft":
+        return None
+    return m.loss or DEFAULT_LOSS
+
+
+def variant_name(name: str, loss: str | None) -> str:
+    """'sd2' for sd2 with ce (the names of earlier runs), 'sd2+kl' with kl."""
+    if loss is None or loss == default_loss(name):
+        return name
+    variant = f"{name}{SEPARATOR}{loss}"
+    parse_variant(variant)  # refuses a loss the method is not made with
+    return variant
+
+
+def parse_variant(variant: str) -> tuple[str, str | None]:
+    """'sd2+kl' -> ('sd2', 'kl'); 'sd2' -> ('sd2', 'ce'); 'direct_align' -> ('direct_align', 'tvdpp');
+    'dense' -> ('dense', None): the registry's method and the loss of its fine-tuning."""
+    name, sep, loss = variant.partition(SEPARATOR)
+    if sep:
+        if loss not in LOSSES:
+            raise ValueError(f"'{variant}': unknown loss '{loss}' (known: {', '.join(LOSSES)})")
+        if name in BY_NAME and not takes_losses(BY_NAME[name]):
+            raise ValueError(f"'{variant}': {name} is not fine-tuned with the `losses` axis")
+        if loss == default_loss(name):
+            raise ValueError(f"'{variant}': {name} with {loss} is named '{name}'")
+        return name, loss
+    return name, default_loss(name)
+
+
+def label(name: str, loss=None) -> str:
+    """'Direct Alignment', 'sd2', 'sd2 (kl)': the method's label, with the loss when it is not the method's own."""
+    base = BY_NAME[name].label if name in BY_NAME else name
+    if isinstance(loss, str) and loss != default_loss(name):
+        return f"{base} ({loss})"
+    return base
+
+
+def ce_counterpart(name: str) -> str | None:
+    """The method whose ce variant a loss variant of `name` is compared with: `name` itself, or for a
+    fixed-loss method the method made the same way without a fixed loss (direct_align -> dense_sd)."""
+    m = BY_NAME.get(name)
+    if m is None or default_loss(name) is None:
+        return None
+    if m.loss is None:
+        return name
+    same = [o.name for o in METHODS if o.loss is None and recipe(o) == recipe(m)]
+    return same[0] if same else None
+
+
+def recipe(m: Method) -> tuple:
+    """What makes a method's checkpoint, its loss aside: two methods with the same recipe and loss are one draft."""
+    return (m.kind, m.init, m.data, m.sparse)
+
+
+def takes_losses(m: Method) -> bool:
+    """Whether the `losses` axis fans the method out: a tuned draft without a loss of its own."""
+    return m.kind == "draft" and m.tuned and m.loss is None
+
+
+def variant_pattern(tuned_only: bool = False) -> str:
+    """A regular expression of every draft variant name ('sd2', 'sd2+kl'; heads excluded), for the
+    rules' wildcard constraints; `tuned_only`: the variants the finetune rule makes."""
+    drafts = [m for m in METHODS if m.kind == "draft" and (m.tuned or not tuned_only)]
+    fixed = "|".join(m.name for m in drafts if not takes_losses(m))
+    axis = "|".join(m.name for m in drafts if takes_losses(m))
+    others = "|".join(loss for loss in LOSSES if loss != DEFAULT_LOSS)
+    return rf"(?:{fixed}|(?:{axis})(?:\{SEPARATOR}(?:{others}))?)"
+
+
+# ---------------------------------------------------------------- the sweep's variants
+
+
+def shares_tokenizer(config: dict, a: str, b: str) -> bool:
+    """Whether models `a` and `b` of the config share a tokenizer, decided before any job runs.
+
+    From-scratch models: the same `tokenizer` family (one tokenizer is trained per family).
+    Hub models: the same vocabulary size (their `shape` or a local checkpoint's config.json);
+    a size that cannot be known without downloading counts as different. Fine-tuning checks
+    the tokenizers themselves (sd2.models.same_tokenizer) and stops where a guess was wrong.
+    A from-scratch model never shares a tokenizer with a hub model.
+    """
+    spec_a, spec_b = config["models"][a], config["models"][b]
+    if "hub" not in spec_a and "hub" not in spec_b:
+        return spec_a["tokenizer"] == spec_b["tokenizer"]
+    if "hub" not in spec_a or "hub" not in spec_b:
+        return False
+    from sd2.config import ConfigError
+    from sd2.memory import model_shape
+
+    try:
+        return model_shape(a, config).vocab_size == model_shape(b, config).vocab_size
+    except ConfigError:
+        return False
+
+
+def skip_reason(config: dict, target: str, draft: str, name: str, loss: str | None) -> str | None:
+    """Why (method, loss) is not made for this (target, draft) pair, or None when it is."""
+    m = BY_NAME[name]
+    teacher = LOSSES[loss].teacher if loss else None
+    if teacher == "target":
+        if m.data != "target":
+            return f"loss {loss} reads the target's logits, and {name} is tuned on {m.data} data, not the target's"
+        if not shares_tokenizer(config, draft, target):
+            return f"loss {loss} compares token distributions, and {draft} and {target} do not share a tokenizer"
+    if teacher == "draft" and m.init != "pruned":
+        return f"loss {loss} pairs the dense draft's layers with its masked copy's, and {name} is not a masked copy"
+    if loss and m.loss is None:
+        same = [o.name for o in map(BY_NAME.get, config["methods"]) if o.loss == loss and recipe(o) == recipe(m)]
+        if same:
+            return f"{name} with {loss} is {same[0]}, made under that name"
+    return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One draft of a (target, draft) pair: `name` is what paths, records and rules call it."""
+
+    name: str
+    method: str
+    loss: str | None
+    sparsity: int
+
+
+def candidates(config: dict):
+    """(method, loss) of every listed draft-kind method: fixed-loss and untuned methods once,
+    the others once per entry of `losses`, in config order."""
+    for name in config["methods"]:
+        m = BY_NAME[name]
+        if m.kind != "draft":
+            continue  # heads are made by their own rules (workflow/rules/heads.smk)
+        if not takes_losses(m):
+            yield name, m.loss
+        else:
+            yield from ((name, loss) for loss in config["losses"])
+
+
+def variants(config: dict, target: str, draft: str) -> list[Variant]:
+    """Every draft the sweep makes for one (target, draft) pair: methods in config order, then
+    losses in config order, then sparsity levels (0 only for dense methods)."""
+    out = []
+    for name, loss in candidates(config):
+        if skip_reason(config, target, draft, name, loss) is None:
+            levels = config["sparsities"] if BY_NAME[name].sparse else [0]
+            out += [Variant(variant_name(name, loss), name, loss, s) for s in levels]
+    return out
+
+
+def skipped(config: dict) -> list[dict]:
+    """Every (target, draft, method, loss) the config asks for but the sweep cannot make, with the reason."""
+    out = []
+    for target in config["targets"]:
+        for draft in config["drafts"]:
+            if draft == target:
+                continue
+            for name, loss in candidates(config):
+                reason = skip_reason(config, target, draft, name, loss)
+                if reason:
+                    out.append({"target": target, "draft": draft, "method": name, "loss": loss, "reason": reason})
+    return out
