@@ -334,6 +334,7 @@ def measure_head(p=None, a=None):
         return
     from sd2.drafters.heads import measure_head
 
+    run = _run(a, "measure_head")
     measure_head(
         a.target,
         a.head,
@@ -343,10 +344,12 @@ def measure_head(p=None, a=None):
         labels=a.labels,
         seed=a.seed,
         beam_width=a.beam_width,
+        run=run,
         trust_remote_code=a.trust_remote_code,
         dtype=a.dtype,
         device_map=a.device_map,
     )
+    run.finish()
 
 
 @step("download-model", "check access to a hub model and fetch what loading needs into the hub cache (once)")

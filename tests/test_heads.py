@@ -49,7 +49,7 @@ TRAIN = {
     "max_examples": None,
     "log_every": 1,
 }
-SIZES = {"redrafter": {"layers": 1}, "moa": {"layers": 1, "hidden": 16, "attention_heads": 2}}
+SIZES = {"redrafter": {"layers": 1}, "moa": {"layers": 1, "width": 0.5, "attention_heads": None}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,7 +211,8 @@ def test_macs_by_hand(target_dir):
     redrafter = heads.build_head("redrafter", {"layers": 2}, target)
     # U, W: 2 x 32x32; two ResBlocks 64x64; projection 64x32; the shared lm_head.
     assert redrafter.macs_per_token() == 2 * 1024 + 2 * 4096 + 2048 + lm_head
-    moa = heads.build_head("moa", {"layers": 1, "hidden": 16, "attention_heads": 2}, target)
+    moa = heads.build_head("moa", {"layers": 1, "width": 0.5, "attention_heads": None}, target)
+    assert (moa.width, moa.heads) == (16, 2)  # half the target's hidden size and of its 4 heads
     # input (32+16)x16; layer: 8 x 16x16 attention maps + 3 x 16x32 MLP; output 16x32;
     # LSA over 3 levels: 3 x (32x16 + 4 x 16x16); the shared lm_head.
     layer = 8 * 256 + 3 * 512
@@ -252,4 +253,36 @@ def test_moa_refuses_beams(target_dir, trained, outputs, tmp_path):
     with pytest.raises(ValueError, match="only ReDrafter proposes beams"):
         heads.measure_head(
             target_dir, trained / "moa", outputs, tmp_path / "r.json", settings=MEASURE, labels={}, seed=0, beam_width=2
+        )
+
+
+def test_config_heads_default_to_none_and_sizes_are_checked():
+    import yaml
+
+    from sd2.config import ConfigError, validate
+
+    config = validate(yaml.safe_load(open("config/test.yaml")))
+    assert config["heads"]["methods"] == [] and config["heads"]["sizes"]["moa"]["small"]["width"] == 0.25
+    bad = yaml.safe_load(open("config/test.yaml"))
+    bad["heads"] = {"methods": ["moa"], "sizes": {"moa": {"small-1": {"layers": 1}}}}
+    with pytest.raises(ConfigError, match="heads.sizes.moa"):
+        validate(bad)
+    bad["heads"] = {"methods": ["redrafter"], "sizes": {"redrafter": {"small": {"layers": 1, "width": 0.5}}}}
+    with pytest.raises(ConfigError, match="heads.sizes.redrafter.small"):
+        validate(bad)
+
+
+def test_training_on_data_that_is_not_self_distilled_is_refused(target_dir, tmp_path):
+    data = tmp_path / "original"
+    Dataset.from_list([{"id": "p0", "prompt": "x", "response": "y"}]).save_to_disk(str(data))
+    with pytest.raises(ValueError, match="not a self-distilled dataset"):
+        heads.train_head(
+            target_dir,
+            data,
+            tmp_path / "head",
+            head_name="redrafter-small",
+            size={"layers": 1},
+            settings=TRAIN,
+            chat_settings=None,
+            seed=0,
         )

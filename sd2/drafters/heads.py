@@ -80,7 +80,8 @@ class DraftHead(torch.nn.Module):
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         head = self._shared[1]
-        return head(x.to(head.weight.device, head.weight.dtype)).float()
+        # Back to the head's device: with device_map auto the target's lm_head may sit on another GPU.
+        return head(x.to(head.weight.device, head.weight.dtype)).float().to(x.device)
 
     @property
     def param_dtype(self):
@@ -210,7 +211,7 @@ def decode(head, target, prompt: list[int], *, k: int, beams: int, max_new_token
             cache.batch_repeat_interleave(rows)
         fed = torch.cat([torch.full((rows, 1), token, device=target.device), paths], dim=1)
         out = target_forward(target, fed, past_key_values=cache, use_cache=True)
-        greedy = out.logits.argmax(-1)
+        greedy = out.logits.argmax(-1).to(paths.device)
         accepted = (paths == greedy[:, :-1]).long().cumprod(-1).sum(-1)
         best = int(accepted.argmax())
         a = int(accepted[best])
@@ -219,7 +220,8 @@ def decode(head, target, prompt: list[int], *, k: int, beams: int, max_new_token
         end = next((i for i, tok in enumerate(new) if tok in eos_ids), None)
         new = new if end is None else new[: end + 1]
         if rows > 1:
-            cache.batch_select_indices(torch.tensor([best], device=target.device))
+            # A CPU index: with device_map auto the cache's layers sit on several devices.
+            cache.batch_select_indices(torch.tensor([best]))
         if drafted > a:
             cache.crop(-(drafted - a))
         verified = tuple(h[best : best + 1, : a + 1] for h in out.hidden_states)
@@ -266,8 +268,12 @@ def distill_loss(head, target, batch: dict, depth: int) -> tuple[torch.Tensor, i
 
 
 def build_head(method: str, size: dict, target):
-    """A fresh head of `method` with the config's size entry (e.g. {layers: 1})."""
-    return head_class(method)(target, **size)
+    """A fresh head of `method` with its heads.sizes entry (e.g. {layers: 1}); null values take the default."""
+    given = {key: value for key, value in size.items() if value is not None}
+    try:
+        return head_class(method)(target, **given)
+    except TypeError as err:
+        raise ValueError(f"{method}: size {size} has a key this head does not take ({err})") from err
 
 
 def train_head(
@@ -406,6 +412,7 @@ def measure_head(
     labels: dict,
     seed: int,
     beam_width: int | None = None,
+    run=None,
     trust_remote_code: bool = False,
     device: str | None = None,
     dtype="auto",
@@ -494,6 +501,9 @@ def measure_head(
         for k in ks
     ]
     mark_best_k(records)
+    if run is not None:
+        for record in records:
+            run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     output = {"definitions": HEAD_DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": records}
     write_json(out_path, output, indent=None)
     return output

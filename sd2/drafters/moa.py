@@ -10,8 +10,8 @@ Three attentions, as in the paper:
   tokens drafted so far (causal).
 A drafter token's input is Linear([e(token); c_{n-1}]), e the target's input embedding; its
 output goes through a final norm and a projection to the target's hidden size into the target's
-lm_head (both embeddings shared with the target and frozen). Sizes (heads.sizes): layers, and
-optionally hidden (D, default the target's) and attention_heads (default the target's).
+lm_head (both embeddings shared with the target and frozen). Sizes (heads.sizes.moa): layers, width
+(D as a fraction of the target's hidden size) and attention_heads (null: the target's heads x width).
 
 Simplifications against the paper, named:
 - LSA projects every layer's activation to D with one shared linear map, adds a learned layer
@@ -100,13 +100,16 @@ class MoALayer(nn.Module):
 class MixtureOfAttentions(DraftHead):
     method = "moa"
 
-    def __init__(self, target, layers: int = 1, hidden: int | None = None, attention_heads: int | None = None):
+    def __init__(self, target, layers: int = 1, width: float = 1.0, attention_heads: int | None = None):
         super().__init__(target)
         config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-        width = hidden or self.target_hidden
-        heads = attention_heads or config.num_attention_heads
-        if layers < 1 or width % heads:
-            raise ValueError(f"moa: need layers >= 1 and hidden ({width}) divisible by attention_heads ({heads})")
+        heads = attention_heads or max(1, round(config.num_attention_heads * width))
+        fraction, width = width, round(width * self.target_hidden)
+        if layers < 1 or not 0 < fraction <= 1 or width % heads:
+            raise ValueError(
+                f"moa: need layers >= 1 (got {layers}), width in (0, 1] (got {fraction}) and a width of "
+                f"{width} = width x target hidden divisible by attention_heads ({heads})"
+            )
         self.width, self.heads, self.layers = width, heads, layers
         levels = self.target_layers + 1
         self.lsa_in = nn.Linear(self.target_hidden, width, bias=False)

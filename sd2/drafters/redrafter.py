@@ -14,7 +14,8 @@ beam_width 1 is a chain); verification takes the longest beam prefix the target 
 Simplifications against the paper, named:
 - The paper's drafter has its own vocabulary projection from [s; h] (2H x vocab); here a learned
   projection P (2H -> H) feeds the target's shared lm_head (H x vocab), a much smaller head at
-  large vocabularies. Sizes (heads.sizes) set the number of ResBlocks.
+  large vocabularies. Sizes (heads.sizes.redrafter) set the number of ResBlocks; the recurrent state
+  has the target's hidden size, as in the paper.
 - Dynamic tree attention (deduplicating the beams' shared prefixes before verification) is left
   out: every beam is verified as its own row of one batched target forward.
 - Training is distillation against the target's softmax over the head's depth with teacher-forced
