@@ -288,6 +288,8 @@ def train_head(p=None, a=None):
         p.add_argument("--settings", type=_json, required=True, help="the config's heads.train section as JSON")
         p.add_argument("--chat", type=_json, default=None, help="the config's chat section as JSON")
         p.add_argument("--beam-width", type=int, default=1, help="beams the head proposes when measured (ReDrafter)")
+        p.add_argument("--init", default=None, help="a trained dense head to prune (with --sparsity)")
+        p.add_argument("--sparsity", type=int, default=0, help="percent of the head's own linear weights pruned")
         p.add_argument("--out", required=True)
         _placement(p, dtype=["--dtype"], device_map=True)
         return
@@ -304,6 +306,8 @@ def train_head(p=None, a=None):
         chat_settings=a.chat,
         seed=a.seed,
         beam_width=a.beam_width,
+        init_dir=a.init,
+        sparsity=a.sparsity,
         run=run,
         trust_remote_code=a.trust_remote_code,
         dtype=a.dtype,

@@ -41,6 +41,7 @@ MEASURE = {
 }
 TRAIN = {
     "steps": 30,
+    "sparse_steps": 10,
     "batch_size": 3,
     "lr": 1e-2,
     "warmup": 3,
@@ -209,18 +210,58 @@ def test_macs_by_hand(target_dir):
     assert (target.config.hidden_size, target.config.num_hidden_layers, target.config.vocab_size) == (32, 2, 512)
     lm_head = 512 * 32
     redrafter = heads.build_head("redrafter", {"layers": 2}, target)
+    moa = heads.build_head("moa", {"layers": 1, "width": 0.5, "attention_heads": None}, target)
+    # Trained weights are non-zero (ReDrafter's ResBlocks start at zero, which would count as pruned).
+    for head in (redrafter, moa):
+        for module in head.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight)
     # U, W: 2 x 32x32; two ResBlocks 64x64; projection 64x32; the shared lm_head.
     assert redrafter.macs_per_token() == 2 * 1024 + 2 * 4096 + 2048 + lm_head
-    moa = heads.build_head("moa", {"layers": 1, "width": 0.5, "attention_heads": None}, target)
     assert (moa.width, moa.heads) == (16, 2)  # half the target's hidden size and of its 4 heads
     # input (32+16)x16; layer: 8 x 16x16 attention maps + 3 x 16x32 MLP; output 16x32;
     # LSA over 3 levels: 3 x (32x16 + 4 x 16x16); the shared lm_head.
     layer = 8 * 256 + 3 * 512
     assert moa.macs_per_token() == 48 * 16 + layer + 512 + 3 * (512 + 1024) + lm_head
-    # Every linear weight of the head is in the count once (LSA's once per target level).
-    weights = {name: m.weight.numel() for name, m in moa.named_modules() if isinstance(m, torch.nn.Linear)}
-    lsa = sum(v for n, v in weights.items() if n.startswith("lsa"))
-    assert moa.macs_per_token() == sum(weights.values()) + 2 * lsa + lm_head
+    # Pruned heads cost their non-zeros: half of every own linear layer, the shared lm_head dense.
+    for head in (redrafter, moa):
+        dense = head.macs_per_token()
+        heads.apply_masks(head, heads.magnitude_masks(head, 0.5))
+        assert head.macs_per_token() == lm_head + (dense - lm_head) // 2
+        assert head.macs_per_token(dense=True) == dense
+
+
+def test_sparse_head_keeps_its_masks_and_lowers_the_loss(target_dir, trained, distilled, tmp_path):
+    out = tmp_path / "redrafter-small-s50"
+    cli.main(
+        ["train-head", "--target", str(target_dir), "--data", str(distilled), "--head", "redrafter-small"]
+        + ["--size", json.dumps(SIZES["redrafter"]), "--settings", json.dumps(TRAIN), "--out", str(out)]
+        + ["--init", str(trained / "redrafter"), "--sparsity", "50"]
+    )
+    info = json.loads((out / heads.HEAD_CONFIG).read_text())
+    target, head = _head(target_dir, tmp_path, out.name)
+    # Every own linear layer exactly half zeros after training (the zero-initialised ResBlock rounds the same way).
+    for module in head.modules():
+        if isinstance(module, torch.nn.Linear):
+            assert int((module.weight == 0).sum()) == round(module.weight.numel() * 0.5)
+    assert info["sparsity"] == 50 and info["macs_per_token"] == head.macs_per_token() < info["dense_macs_per_token"]
+    dense = json.loads((trained / "redrafter" / heads.HEAD_CONFIG).read_text())
+    assert info["dense_history"] == dense["history"] and len(info["history"]) == TRAIN["sparse_steps"]
+    losses = [row["train_loss"] for row in info["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    with pytest.raises(ValueError, match="is a redrafter-small head"):
+        heads.train_head(
+            target_dir,
+            distilled,
+            tmp_path / "x",
+            head_name="redrafter-large",
+            size={"layers": 2},
+            settings=TRAIN,
+            chat_settings=None,
+            seed=0,
+            init_dir=trained / "redrafter",
+            sparsity=50,
+        )
 
 
 def test_measure_head_records_have_the_chain_columns(target_dir, trained, outputs, tmp_path):

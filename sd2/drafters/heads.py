@@ -60,7 +60,8 @@ class DraftHead(torch.nn.Module):
     logits(state) -> (Q, vocab) float logits of the next drafted token.
     advance(state, tokens) -> state with tokens (Q,) appended as drafted.
     index(state, idx) -> state of the queries idx (beam expansion and reordering).
-    macs_per_token() -> this head's linear-layer weight MACs per drafted token (sd2.macs conventions).
+    linear_uses() -> {linear layer: runs per drafted token} where a layer runs other than once
+        (macs_per_token counts the non-zero weights of every linear layer times its uses).
     """
 
     method = ""
@@ -87,9 +88,19 @@ class DraftHead(torch.nn.Module):
     def param_dtype(self):
         return next(self.parameters()).dtype
 
-    def shared_macs(self) -> int:
-        """The shared lm_head's MACs: the head computes it for every drafted token (the embedding lookup is free)."""
-        return self.vocab * self.target_hidden
+    def linear_uses(self) -> dict:
+        """How many times each of the head's linear layers runs per drafted token (default: once)."""
+        return {module: 1 for module in self.modules() if isinstance(module, torch.nn.Linear)}
+
+    def macs_per_token(self, dense: bool = False) -> int:
+        """Linear-layer weight MACs per drafted token (sd2.macs conventions): the head's own linear layers
+        at their non-zero weights (dense: all weights) times their uses, plus the shared lm_head (vocab x
+        hidden, dense: the head computes it for every drafted token; the embedding lookup is free)."""
+        own = sum(
+            (module.weight.numel() if dense else int(torch.count_nonzero(module.weight))) * uses
+            for module, uses in self.linear_uses().items()
+        )
+        return own + self.vocab * self.target_hidden
 
 
 # ---- the target's side ----
@@ -276,34 +287,32 @@ def build_head(method: str, size: dict, target):
         raise ValueError(f"{method}: size {size} has a key this head does not take ({err})") from err
 
 
-def train_head(
-    target_dir,
-    data_dir,
-    out_dir,
-    *,
-    head_name: str,
-    size: dict,
-    settings: dict,
-    chat_settings: dict | None,
-    seed: int,
-    beam_width: int = 1,
-    run=None,
-    trust_remote_code: bool = False,
-    device: str | None = None,
-    dtype="auto",
-    device_map=None,
-) -> dict:
-    """Train head `head_name` (<method>-<size>) on the target's self-distilled data; write it to out_dir.
+def magnitude_masks(head, sparsity: float) -> dict:
+    """Per linear layer of the head (not the shared embeddings), a mask keeping its largest |weights|, 1 - sparsity."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"head sparsity must be a fraction in [0, 1), got {sparsity}")
+    masks = {}
+    for name, module in head.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight.detach()
+            drop = round(weight.numel() * sparsity)
+            mask = torch.ones_like(weight, dtype=torch.bool)
+            if drop:
+                mask.view(-1)[weight.abs().view(-1).argsort()[:drop]] = False
+            masks[name] = mask
+    return masks
 
-    settings: the config's heads.train (steps, batch_size, lr, warmup, seq_len, depth, max_examples,
-    log_every). The target is frozen; its hidden states and logits are computed per batch.
-    """
+
+def apply_masks(head, masks: dict) -> None:
+    with torch.no_grad():
+        for name, module in head.named_modules():
+            if name in masks:
+                module.weight.mul_(masks[name])
+
+
+def _examples(tokenizer, target_dir, data_dir, settings, chat_settings):
     from datasets import load_from_disk
 
-    method, _ = split_name(head_name)
-    torch.manual_seed(seed)
-    target, tokenizer = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
-    target.eval().requires_grad_(False)
     data = load_from_disk(str(data_dir))
     if not chat.is_self_distilled(data):
         raise ValueError(f"{data_dir} is not a self-distilled dataset (no target_prompt column): see sd2/distill.py")
@@ -315,13 +324,16 @@ def train_head(
     examples = [e for e in examples if sum(label != -100 for label in e["labels"][2:])]
     if not examples:
         raise ValueError(f"{data_dir}: no example has an answer token past its first two positions")
-    head = build_head(method, size, target).to(target.get_input_embeddings().weight.device)
+    return examples, fmt
+
+
+def _fit(head, target, batches, settings, steps: int, desc: str, run=None, masks=None) -> list[dict]:
+    """AdamW with warmup and cosine decay on distill_loss; masked weights stay zero (re-applied after every step)."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings["lr"], weight_decay=0.0)
-    batches = shuffled_batches(examples, settings["batch_size"], tokenizer.pad_token_id, seed, device=target.device)
     history, started = [], time.time()
-    bar = tqdm(range(settings["steps"]), desc=f"train {head_name}", mininterval=5)
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:
-        lr = lr_at(step, settings["steps"], settings["lr"], settings["warmup"])
+        lr = lr_at(step, steps, settings["lr"], settings["warmup"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, count = distill_loss(head, target, next(batches), settings["depth"])
@@ -329,7 +341,9 @@ def train_head(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
-        if step % settings["log_every"] == 0 or step == settings["steps"] - 1:
+        if masks:
+            apply_masks(head, masks)
+        if step % settings["log_every"] == 0 or step == steps - 1:
             row = {
                 "step": step,
                 "train_loss": loss.item(),
@@ -341,20 +355,75 @@ def train_head(
             bar.set_postfix(loss=f"{row['train_loss']:.3f}")
             if run is not None:
                 run.log(row)
+    return history
+
+
+def train_head(
+    target_dir,
+    data_dir,
+    out_dir,
+    *,
+    head_name: str,
+    size: dict,
+    settings: dict,
+    chat_settings: dict | None,
+    seed: int,
+    beam_width: int = 1,
+    init_dir=None,
+    sparsity: int = 0,
+    run=None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    dtype="auto",
+    device_map=None,
+) -> dict:
+    """Train head `head_name` (<method>-<size>) on the target's self-distilled data; write it to out_dir.
+
+    settings: the config's heads.train (steps, sparse_steps, batch_size, lr, warmup, seq_len, depth,
+    max_examples, log_every). The target is frozen; its hidden states and logits are computed per batch.
+    With init_dir (a trained dense head) and sparsity (percent): that head's own linear layers are
+    magnitude-pruned per layer to `sparsity` and trained sparse_steps more steps with the masks fixed.
+    """
+    method, _ = split_name(head_name)
+    torch.manual_seed(seed)
+    target, tokenizer = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
+    target.eval().requires_grad_(False)
+    examples, fmt = _examples(tokenizer, target_dir, data_dir, settings, chat_settings)
+    batches = shuffled_batches(examples, settings["batch_size"], tokenizer.pad_token_id, seed, device=target.device)
+    masks, dense = None, None
+    if init_dir is None:
+        if sparsity:
+            raise ValueError(f"{head_name}: a sparse head ({sparsity}%) starts from a trained dense head (init_dir)")
+        head = build_head(method, size, target).to(target.get_input_embeddings().weight.device)
+        history = _fit(head, target, batches, settings, settings["steps"], f"train {head_name}", run)
+    else:
+        head, dense = load_head(init_dir, target)
+        if dense["method"] != method or dense["size"] != size:
+            raise ValueError(f"{init_dir} is a {dense['head']} head with size {dense['size']}, not {head_name} {size}")
+        head.train()
+        masks = magnitude_masks(head, sparsity / 100)
+        apply_masks(head, masks)
+        desc = f"train {head_name} at {sparsity}% sparsity"
+        history = _fit(head, target, batches, settings, settings["sparse_steps"], desc, run, masks)
     info = {
         "head": head_name,
         "method": method,
         "size": size,
+        "sparsity": sparsity,
+        "init": None if init_dir is None else str(init_dir),
         "beam_width": beam_width,
         "target": str(target_dir),
         "target_hidden_size": head.target_hidden,
         "target_layers": head.target_layers,
         "vocab": head.vocab,
         "parameters": sum(p.numel() for p in head.parameters()),
+        "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in head.parameters()),
         "macs_per_token": head.macs_per_token(),
+        "dense_macs_per_token": head.macs_per_token(dense=True),
         "shared_with_target": "input embedding and lm_head (the target's own weights, frozen, not saved here)",
         "data_format": fmt,
         "history": history,
+        "dense_history": None if dense is None else dense["history"],
         "provenance": provenance(seed=seed, **settings, chat=chat_settings),
     }
     with atomic_path(out_dir) as tmp:

@@ -158,8 +158,7 @@ class MixtureOfAttentions(DraftHead):
     def index(self, state, idx):
         return {key: value if key == "context" else value[idx] for key, value in state.items()}
 
-    def macs_per_token(self) -> int:
-        width, hidden = self.width, self.target_hidden
-        per_layer = 4 * width**2 + 2 * width**2 + 2 * width**2 + 3 * width * 2 * width
-        lsa = (self.target_layers + 1) * (hidden * width + 4 * width**2)
-        return (hidden + width) * width + self.layers * per_layer + width * hidden + lsa + self.shared_macs()
+    def linear_uses(self) -> dict:
+        # LSA projects and attends over every one of the target's L + 1 activations of a position.
+        lsa = {self.lsa_in, self.lsa.q, self.lsa.k, self.lsa.v, self.lsa.o}
+        return {module: len(self.layer_embedding) if module in lsa else 1 for module in super().linear_uses()}

@@ -75,7 +75,3 @@ class ReDrafter(DraftHead):
 
     def index(self, state, idx):
         return {key: value[idx] for key, value in state.items()}
-
-    def macs_per_token(self) -> int:
-        hidden = self.target_hidden
-        return 2 * hidden * hidden + self.layers * (2 * hidden) ** 2 + 2 * hidden * hidden + self.shared_macs()
