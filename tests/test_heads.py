@@ -15,7 +15,7 @@ from sd2 import cli, continuations
 from sd2.distill import self_distill
 from sd2.drafters import heads
 from sd2.models import load_model, load_tokenizer
-from sd2.results import MEASUREMENT_COLUMNS, collect_measurements
+from sd2.results import MEASUREMENT_COLUMNS, collect_comparisons, collect_measurements, summary_markdown
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -288,6 +288,9 @@ def test_measure_head_records_have_the_chain_columns(target_dir, trained, output
     table = collect_measurements([out], tmp_path / "m.csv")
     assert list(table.columns) == MEASUREMENT_COLUMNS and len(table) == len(records)
     assert set(table.loc[table["headline_k"], "k"]) == set(MEASURE["k"])
+    # The rest of rule collect takes head records too.
+    summary = summary_markdown(table, collect_comparisons([out], tmp_path / "c.csv"))
+    assert "redrafter-small" in summary
 
 
 def test_moa_refuses_beams(target_dir, trained, outputs, tmp_path):

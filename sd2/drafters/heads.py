@@ -464,6 +464,13 @@ HEAD_DEFINITIONS = {
     "draft_macs_per_token": "the head's linear-layer weight MACs per drafted token (sd2.macs conventions; the "
     "shared lm_head counted, embedding lookups free, the target's activations reused and not counted) times "
     "beam_width (every beam computes its token): the cost of one drafted position.",
+    "checks": "checked_prompts/checked_steps: prompts and verification steps where our decoding loop committed the "
+    "target's cached greedy continuation with the walk's per-step counts. target_near_ties: prompts whose output "
+    "differs where the target's top two logits differ by less than 1e-4; draft_near_ties: prompts whose counts "
+    "differ where the head's rollout margin (top-2 log-prob gap, or for beams the gap between the last kept and "
+    "the first dropped candidate) up to the first miss is below 1e-4.",
+    "sparsity": "for a head: percent of its own linear weights pruned by magnitude (the target's shared embedding "
+    "and lm_head stay dense); 0 = the dense head.",
     "tokens_per_s": "greedy, batch size 1, the first n_check prompts but the first warmup_prompts: ar = the "
     "target alone (from the target_outputs job), sd = our decoding loop with this head (sd2.drafters.heads.decode); "
     "speedup = sd_tokens_per_s / ar_tokens_per_s. With beams the target verifies beam_width paths per step, which "
