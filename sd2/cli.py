@@ -279,6 +279,85 @@ def measure(p=None, a=None):
     run.finish()
 
 
+@step("train-head", "train a draft head (ReDrafter, MoA) on the target's self-distilled data", tracked=True)
+def train_head(p=None, a=None):
+    if p:
+        p.add_argument("--target", required=True, help="checkpoint dir or hub id (frozen; the head reads its states)")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--data", required=True, help="the target's self-distilled dataset (rule self_distill)")
+        p.add_argument("--head", required=True, help="<method>-<size>, e.g. redrafter-small")
+        p.add_argument("--size", type=_json, required=True, help="the head's heads.sizes entry as JSON")
+        p.add_argument("--settings", type=_json, required=True, help="the config's heads.train section as JSON")
+        p.add_argument("--chat", type=_json, default=None, help="the config's chat section as JSON")
+        p.add_argument("--beam-width", type=int, default=1, help="beams the head proposes when measured (ReDrafter)")
+        p.add_argument("--init", default=None, help="a trained dense head to prune (with --sparsity)")
+        p.add_argument("--sparsity", type=int, default=0, help="percent of the head's own linear weights pruned")
+        p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"], device_map=True)
+        return
+    from sd2.drafters.heads import train_head
+
+    run = _run(a, "train_head")
+    info = train_head(
+        a.target,
+        a.data,
+        a.out,
+        head_name=a.head,
+        size=a.size,
+        settings=a.settings,
+        chat_settings=a.chat,
+        seed=a.seed,
+        beam_width=a.beam_width,
+        init_dir=a.init,
+        sparsity=a.sparsity,
+        run=run,
+        trust_remote_code=a.trust_remote_code,
+        dtype=a.dtype,
+        device_map=a.device_map,
+    )
+    run.finish()
+    print(
+        f"{a.head}: {info['parameters']} parameters, loss {info['history'][0]['train_loss']:.3f} -> "
+        f"{info['history'][-1]['train_loss']:.3f} -> {a.out}"
+    )
+
+
+@step(
+    "measure-head",
+    "acceptance of a draft head: batched rollouts walked for every k, checked by our decoding loop",
+    tracked=True,
+)
+def measure_head(p=None, a=None):
+    if p:
+        p.add_argument("--target", required=True)
+        p.add_argument("--head", required=True, help="the trained head's directory (rule train_head)")
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.add_argument("--target-outputs", required=True, help="the target_outputs JSON of this target and eval set")
+        p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
+        p.add_argument("--beam-width", type=int, default=None, help="beams to propose (default: the head's own)")
+        p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"], device_map=True)
+        return
+    from sd2.drafters.heads import measure_head
+
+    run = _run(a, "measure_head")
+    measure_head(
+        a.target,
+        a.head,
+        a.target_outputs,
+        a.out,
+        settings=a.settings,
+        labels=a.labels,
+        seed=a.seed,
+        beam_width=a.beam_width,
+        run=run,
+        trust_remote_code=a.trust_remote_code,
+        dtype=a.dtype,
+        device_map=a.device_map,
+    )
+    run.finish()
+
+
 @step("download-model", "check access to a hub model and fetch what loading needs into the hub cache (once)")
 def download_model(p=None, a=None):
     if p:
