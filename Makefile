@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run test figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run families test figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ install-gpu: $(GPU_STAMP)
 CONFIG := config/config.yaml
 run: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config $(CONFIG) --cores 2 --threads 2
+
+# The other drafter families (config/families.yaml), on top of `make run`'s work/: its own jobs
+# only, timed into results/families/run_time.json.
+families: $(STAMP)
+	$(BIN)/python -m sd2 sweep --config config/families.yaml --cores 2 --on-top
 
 test: $(STAMP)
 	$(BIN)/pytest

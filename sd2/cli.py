@@ -489,10 +489,15 @@ def sweep(p=None, a=None):
     if p:
         p.add_argument("--config", required=True, help="workflow config file")
         p.add_argument("--cores", type=int, default=2)
+        p.add_argument(
+            "--on-top",
+            action="store_true",
+            help="a config sharing the default run's workdir (config/families.yaml): run and time only its own jobs",
+        )
         return
-    from sd2.sweep_time import run_sweep
+    from sd2.sweep_time import run_on_top, run_sweep
 
-    sys.exit(run_sweep(a.config, cores=a.cores))
+    sys.exit((run_on_top if a.on_top else run_sweep)(a.config, cores=a.cores))
 
 
 @step("job-times", "per-job wall time and memory from Snakemake's benchmark files, as a table")

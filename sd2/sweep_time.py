@@ -161,12 +161,17 @@ def record(seconds: int, found: dict, out, invocations: int = 1) -> dict:
     return rec
 
 
-def job_times(benchmark_dir) -> pd.DataFrame:
-    """One row per job from Snakemake's benchmark files: rule, job (its wildcards' path), wall seconds, peak RSS."""
+def job_times(benchmark_dir, since: float | None = None) -> pd.DataFrame:
+    """One row per job from Snakemake's benchmark files: rule, job (its wildcards' path), wall seconds, peak RSS.
+
+    `since` (a time.time()): only the jobs whose benchmark file was written after it.
+    """
 
     rows = []
     root = Path(benchmark_dir)
     for tsv in sorted(root.rglob("*.tsv")):
+        if since is not None and tsv.stat().st_mtime < since:
+            continue
         table = pd.read_csv(tsv, sep="\t")
         rel = tsv.relative_to(root).with_suffix("")
         rows.append(
@@ -178,6 +183,61 @@ def job_times(benchmark_dir) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
+
+
+def run_on_top(config_path, *, cores: int) -> int:
+    """A second config that shares the default run's workdir (config/families.yaml): run only its own jobs.
+
+    The default run's checkpoints, self-distilled data and target continuations are reused as they
+    are (`--rerun-triggers mtime`: a later change of code or settings elsewhere does not rebuild them),
+    and the wall time of this invocation alone, with the jobs it ran, is recorded in
+    <results_dir>/run_time.json and <results_dir>/tables/job_times.csv.
+    """
+    import subprocess
+    import sys
+
+    from sd2.config import load
+    from sd2.results import write_table
+
+    config = load(config_path)
+    work, results = Path(config["workdir"]), Path(config["results_dir"])
+    if not (work / "models").is_dir():
+        raise SystemExit(
+            f"{config_path} runs on top of the default run, but {work}/models does not exist: run `make run` first"
+        )
+    start_wall, start = time.time(), time.monotonic()
+    # The tables and figures, not `all`: its data manifest and model table belong to the default
+    # run, and making them here would prepare the data again and so rebuild everything after it.
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "collect",
+        "figures",
+        "--rerun-triggers",
+        "mtime",
+        "--cores",
+        str(cores),
+    ]
+    status = subprocess.run([*command, "--configfile", str(config_path)]).returncode
+    if status == 0:
+        seconds = round(time.monotonic() - start)
+        jobs = job_times("logs/benchmarks", since=start_wall)
+        write_table(jobs, results / "tables" / "job_times.csv")
+        write_json(
+            results / "run_time.json",
+            {
+                "seconds": seconds,
+                "on_top_of": str(work),
+                "jobs": len(jobs),
+                "job_seconds": round(float(jobs["seconds"].sum())),
+                "machine": machine(),
+                "config_digest": config_digest(config),
+                "provenance": provenance(settings={"config": str(config_path), "cores": cores}),
+            },
+        )
+        print(f"{config_path}: {seconds} s on top of {work}/ ({len(jobs)} jobs) -> {results / 'run_time.json'}")
+    return status
 
 
 def run_sweep(config_path, *, cores: int) -> int:

@@ -1,6 +1,6 @@
 rule collect:
     input:
-        records=record_paths(),
+        records=record_paths() + head_record_paths(),
         checkpoints=list(training_curves()),
     output:
         measurements=f"{R}/tables/measurements.csv",
