@@ -183,7 +183,7 @@ def job_resources(text):
 
 def test_dry_run_builds_every_shipped_config(tmp_path):
     outs = {}
-    for name in ("config/config.yaml", "config/test.yaml", "config/paper.yaml"):
+    for name in ("config/config.yaml", "config/test.yaml", "config/paper.yaml", "config/families.yaml"):
         proc = subprocess.run(
             snakemake_cmd(tmp_path / name.replace("/", "_"), "-n", "-p", configfile=name),
             capture_output=True,
@@ -208,6 +208,15 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     # The 70B target is spread over its GPUs; the jobs check for CUDA at once.
     assert "--target meta-llama/Llama-3.1-70B-Instruct" in out and "--gpus 4 --device-map auto" in out
     assert not re.search(r"sd2 layer-prune [^\n]*--gpus", out)
+    # Issue 13's families: heads for every target at both sizes, trees in the measure jobs.
+    counts = job_counts(out)
+    heads = len(load("config/paper.yaml")["targets"]) * 4
+    assert counts["train_head"] == heads and counts["measure_head"] == heads * len(
+        load("config/paper.yaml")["data"]["eval_sets"]
+    )
+    assert '"tree_budgets": [4, 8, 16]' in out
+    families = job_counts(outs["config/families.yaml"])
+    assert families["train_head"] == 8 and families["train_sparse_head"] == 8 and families["measure_head"] == 16
 
 
 def test_report(tiny_run, tmp_path):
