@@ -12,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 
 from sd2 import methods
-from sd2.results import baseline_comparisons, loss_comparisons, markdown_table, summary_markdown, with_loss
+from sd2.results import (
+    baseline_comparisons,
+    family_comparisons,
+    loss_comparisons,
+    markdown_table,
+    summary_markdown,
+    with_ci,
+    with_loss,
+)
 
 
 def run_time(results: Path) -> str:
@@ -274,6 +282,100 @@ def paper_plan(results: Path) -> str:
     return markdown_table(table) + "\n(`python -m sd2 memory-plan --config config/paper.yaml`)"
 
 
+def _families_dir(results: Path) -> Path:
+    return results / "families"
+
+
+def families(results: Path) -> str:
+    """config/families.yaml's run: its time, and every drafter family against the dense self-distilled draft."""
+    fam = _families_dir(results)
+    path = fam / "run_time.json"
+    if not path.exists():
+        return "Not run yet: `make families` (after `make run`) writes `results/families/`."
+    rec = json.loads(path.read_text())
+    machine = rec["machine"]
+    lines = [
+        f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** "
+        f"wall, {rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} cores "
+        f"({rec['provenance']['created'][:10]}, `results/families/run_time.json`).",
+        "",
+    ]
+    df = family_comparisons(sorted((fam / "records").rglob("*.json")))
+    if not len(df):
+        return "\n".join([*lines, "No greedy records in `results/families/records/`."])
+    view = pd.DataFrame(
+        {
+            "target": df["target"],
+            "eval set": df["eval_set"],
+            "k": df["k"],
+            "drafter": [methods.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
+            "draft": df["draft"],
+            "sparsity": df["sparsity"],
+            "estimator": df["estimator"],
+            "n": df["n_prompts"],
+            "MAL [95% CI]": [with_ci(*v) for v in zip(df["mal"], df["mal_ci_low"], df["mal_ci_high"])],
+            "draft MACs/token": df["draft_macs_per_token"].map(lambda v: f"{v:,.0f}"),
+            "improvement factor [95% CI]": [
+                with_ci(*v)
+                for v in zip(
+                    df["improvement_factor"], df["improvement_factor_ci_low"], df["improvement_factor_ci_high"]
+                )
+            ],
+            "MAL / dense_sd [paired 95% CI]": [
+                with_ci(*v)
+                for v in zip(df["mal_ratio_vs_dense_sd"], df["vs_dense_sd_ci_low"], df["vs_dense_sd_ci_high"])
+            ],
+            "significant": df["vs_dense_sd_significant"].map({True: "yes", False: "no"}),
+            "checked": df["checked_prompts"].map(lambda v: "–" if v != v else f"{v:.0f}"),
+        }
+    )
+    return "\n".join([*lines, markdown_table(view)])
+
+
+def families_trees(results: Path) -> str:
+    """Draft-token trees of config/families.yaml: MAL and improvement factor per node budget, beside the chain."""
+    path = _families_dir(results) / "tables" / "measurements.csv"
+    if not path.exists():
+        return "Not run yet: `make families` (after `make run`) writes `results/families/`."
+    df = with_loss(pd.read_csv(path))
+    greedy = df[df["temperature"] == 0]
+    trees = greedy[greedy["estimator"] == "tree_walk"]
+    if not len(trees):
+        return "No tree rows in `results/families/tables/measurements.csv`."
+    chain = greedy[greedy["estimator"] == "teacher_forced_walk"].set_index(
+        ["target", "draft", "method", "sparsity", "eval_set", "k"]
+    )["mal"]
+    rows = []
+    for r in trees.itertuples():
+        key = (r.target, r.draft, r.method, r.sparsity, r.eval_set, r.tree_budget)
+        rows.append(
+            {
+                "target": r.target,
+                "eval set": r.eval_set,
+                "drafter": methods.label(*methods.parse_variant(r.method)),
+                "draft": r.draft,
+                "sparsity": r.sparsity,
+                "budget (nodes)": r.tree_budget,
+                "branching": r.tree_branching,
+                "MAL [95% CI]": with_ci(r.mal, r.mal_ci_low, r.mal_ci_high),
+                "chain MAL, k = budget": f"{chain[key]:.2f}" if key in chain.index else "–",
+                "improvement factor [95% CI]": with_ci(
+                    r.improvement_factor, r.improvement_factor_ci_low, r.improvement_factor_ci_high
+                ),
+                "checked": "–" if r.checked_prompts != r.checked_prompts else f"{r.checked_prompts:.0f}",
+            }
+        )
+    return markdown_table(pd.DataFrame(rows))
+
+
+def families_significance(results: Path) -> str:
+    """The loss variants against their ce variant, in config/families.yaml's run."""
+    fam = _families_dir(results)
+    if not (fam / "tables" / "comparisons.csv").exists():
+        return "Not run yet: `make families` (after `make run`) writes `results/families/`."
+    return significance(fam)
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -292,6 +394,9 @@ BLOCKS = {
     "per_draft": per_draft,
     "significance": significance,
     "measure_time": measure_time,
+    "families": families,
+    "families_trees": families_trees,
+    "families_significance": families_significance,
 }
 
 

@@ -395,6 +395,79 @@ def comparisons(record_paths) -> pd.DataFrame:
     return ranked.sort_values(by, kind="mergesort").drop(columns=["_rank", "_loss_rank"]).reset_index(drop=True)
 
 
+FAMILY_COLUMNS = [
+    "target",
+    "eval_set",
+    "k",
+    "method",
+    "loss",
+    "draft",
+    "sparsity",
+    "estimator",
+    "n_prompts",
+    "mal",
+    "mal_ci_low",
+    "mal_ci_high",
+    "draft_macs_per_token",
+    "improvement_factor",
+    "improvement_factor_ci_low",
+    "improvement_factor_ci_high",
+    "checked_prompts",
+    "reference_draft",
+    "mal_ratio_vs_dense_sd",
+    "vs_dense_sd_ci_low",
+    "vs_dense_sd_ci_high",
+    "vs_dense_sd_significant",
+]
+
+
+def family_comparisons(record_paths, reference: str = "dense_sd") -> pd.DataFrame:
+    """Every drafter family side by side, greedy, at each reported k: one row per exact greedy record
+    (the chains' teacher-forced walk, the heads' rollout walk; not trees, whose k is a node budget),
+    with MAL(drafter) / MAL(`reference` (ce) draft) and its paired bootstrap CI over the same prompts.
+    A chain draft is compared with the reference of its own size; a head, which has no draft size,
+    with its target's first reference in file order (reference_draft names it).
+    """
+    exact = ("teacher_forced_walk", "rollout_walk")
+    kept = []
+    for record, ids, _ in read_records(record_paths):
+        settings = (record.get("provenance") or {}).get("settings") or {}
+        if record["temperature"] != 0 or record["estimator"] not in exact or record["k"] not in settings.get("k", []):
+            continue
+        kept.append((record, ids))
+    refs = {}
+    for record, ids in kept:
+        method, loss = methods.parse_variant(record["method"])
+        if method == reference and loss == methods.DEFAULT_LOSS:
+            cell = (record["target"], record["eval_set"], record["k"])
+            refs[(*cell, record["draft"])] = (record, ids)
+            refs.setdefault(cell, (record, ids))
+    rows = []
+    for record, ids in kept:
+        method, loss = methods.parse_variant(record["method"])
+        cell = (record["target"], record["eval_set"], record["k"])
+        head = methods.BY_NAME[method].kind == "head" if method in methods.BY_NAME else False
+        ref = refs.get(cell) if head else refs.get((*cell, record["draft"]))
+        ratio = _paired(record, ids, *ref) if ref else (float("nan"),) * 3
+        rows.append(
+            {
+                **{c: record.get(c) for c in FAMILY_COLUMNS},
+                "method": method,
+                "loss": loss,
+                "reference_draft": ref[0]["draft"] if ref else None,
+                "mal_ratio_vs_dense_sd": ratio[0],
+                "vs_dense_sd_ci_low": ratio[1],
+                "vs_dense_sd_ci_high": ratio[2],
+                "vs_dense_sd_significant": _enough(record) and excludes(ratio[1], ratio[2], 1.0),
+            }
+        )
+    df = pd.DataFrame(rows, columns=FAMILY_COLUMNS)
+    if not len(df):
+        return df
+    ranked, by = with_rank(df, ["target", "eval_set", "k", "method", "loss", "draft", "sparsity", "estimator"])
+    return ranked.sort_values(by, kind="mergesort").drop(columns=["_rank", "_loss_rank"]).reset_index(drop=True)
+
+
 def _enough(record: dict) -> bool:
     return (record.get("n_prompts") or 0) >= MIN_PROMPTS_FOR_SIGNIFICANCE
 

@@ -164,3 +164,38 @@ def test_committed_readme_matches_the_committed_tables(tmp_path):
     found = update(copy, repo / "results")
     assert {"run_time", "models", "aims", "per_draft", "significance"} <= set(found)
     assert copy.read_text() == (repo / "README.md").read_text(), "README is stale: run `make readme`"
+
+
+def test_families_blocks(tmp_path):
+    """config/families.yaml's blocks: every greedy exact record against dense_sd of its draft, paired."""
+    from sd2.readme import families, families_significance, families_trees
+    from sd2.results import family_comparisons
+
+    assert families(tmp_path).startswith("Not run yet") and families_trees(tmp_path).startswith("Not run yet")
+    fam = tmp_path / "families"
+    write_synthetic_tables(fam)
+    (fam / "run_time.json").write_text(
+        json.dumps(
+            {
+                "seconds": 1800,
+                "jobs": 12,
+                "job_seconds": 3000,
+                "machine": {"cpu": "Test CPU", "cores": 2, "native_bf16": False},
+                "provenance": {"created": "2026-11-26T08:00:00"},
+            }
+        )
+    )
+    df = family_comparisons(sorted((fam / "records").rglob("*.json")))
+    assert set(df["estimator"]) == {"teacher_forced_walk"}
+    ref = df[df["method"] == "dense_sd"]
+    assert (ref["mal_ratio_vs_dense_sd"] == 1).all() and not ref["vs_dense_sd_significant"].any()
+    da = df[(df["method"] == "direct_align") & (df["target"] == "t_llama")].iloc[0]
+    sd = df[(df["method"] == "dense_sd") & (df["target"] == "t_llama") & (df["eval_set"] == da["eval_set"])].iloc[0]
+    assert da["mal_ratio_vs_dense_sd"] == pytest.approx(da["mal"] / sd["mal"], rel=0.05)
+    assert da["vs_dense_sd_ci_low"] <= da["mal_ratio_vs_dense_sd"] <= da["vs_dense_sd_ci_high"]
+    text = families(tmp_path)
+    assert "**1800 s (30 min)**" in text and "12 jobs, 3,000 job-seconds" in text
+    assert "| Direct Alignment |" in text and "| sd2 (kl) |" in text
+    assert text.count("\n| t_") == len(df)
+    assert families_trees(tmp_path).startswith("No tree rows")
+    assert "sd2 (kl) / sd2 (ce) MAL" in families_significance(tmp_path)
