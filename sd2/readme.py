@@ -151,17 +151,22 @@ def significance(results: Path) -> str:
     ratio, change = greedy.dropna(subset=["ratio_ci_low"]), greedy.dropna(subset=["change_ci_low"])
     up = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_low"] > 1)]
     down = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_high"] < 1)]
-    lines = [
-        f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
-        f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
-        f"ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to {ratio['mal_ratio_vs_layer_pruned'].max():.2f}; "
-        f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, "
-        f"not significant in {len(ratio) - len(up) - len(down)}.",
-        f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% "
-        f"to {-change['macs_reduction_pct'].min():.1f}%, "
-        f"MAL change {change['mal_change_pct'].min():+.1f}% to {change['mal_change_pct'].max():+.1f}%; "
-        f"significant in {_share(change, 'change_significant')} cells.",
-    ]
+    lines = []
+    if len(ratio):
+        lines.append(
+            f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
+            f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
+            f"ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to {ratio['mal_ratio_vs_layer_pruned'].max():.2f}; "
+            f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, "
+            f"not significant in {len(ratio) - len(up) - len(down)}."
+        )
+    if len(change):
+        lines.append(
+            f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% "
+            f"to {-change['macs_reduction_pct'].min():.1f}%, "
+            f"MAL change {change['mal_change_pct'].min():+.1f}% to {change['mal_change_pct'].max():+.1f}%; "
+            f"significant in {_share(change, 'change_significant')} cells."
+        )
     for name, df in (("ratio", ratio), ("change", change)):
         quiet = df[~df[f"{name}_significant"]]
         if len(quiet):
