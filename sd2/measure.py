@@ -203,6 +203,19 @@ def tree_records(target, draft, items: list[dict], forced: list[dict], budgets: 
     return out
 
 
+def check_summary(outputs_ok: list[bool], steps_ok: list[bool], runs: list[dict], sd_speed, ar_speed) -> dict:
+    """A record's cross-check columns: prompts and steps whose replay agreed, near-ties on either side, speed."""
+    return {
+        "checked_prompts": sum(steps_ok),
+        "checked_steps": sum(len(r["steps"]) for ok, r in zip(steps_ok, runs) if ok),
+        "target_near_ties": outputs_ok.count(False),
+        "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
+        "ar_tokens_per_s": ar_speed,
+        "sd_tokens_per_s": sd_speed,
+        "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
+    }
+
+
 def _speed(runs: list[dict], warmup: int) -> float | None:
     timed = runs[warmup:]
     seconds = sum(r["seconds"] for r in timed)
@@ -309,16 +322,7 @@ def measure(
                     ok and check_steps(it, r["steps"], walks[k][i], forced[i]["gap"], k)
                     for i, (ok, it, r) in enumerate(zip(outputs_ok, items, runs))
                 ]
-                sd_speed = _speed(runs, warmup)
-                checks[k] = {
-                    "checked_prompts": sum(steps_ok),
-                    "checked_steps": sum(len(r["steps"]) for ok, r in zip(steps_ok, runs) if ok),
-                    "target_near_ties": outputs_ok.count(False),
-                    "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
-                    "ar_tokens_per_s": ar_speed,
-                    "sd_tokens_per_s": sd_speed,
-                    "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
-                }
+                checks[k] = check_summary(outputs_ok, steps_ok, runs, _speed(runs, warmup), ar_speed)
             for k, generations in walks.items():
                 add(
                     0.0,

@@ -40,7 +40,7 @@ from sd2 import acceptance, chat, continuations
 from sd2.checkpoint import atomic_path, write_json
 from sd2.drafters import head_class, split_name
 from sd2.macs import model_macs
-from sd2.measure import DEFINITIONS, check_output, check_steps, mark_best_k, summarize
+from sd2.measure import DEFINITIONS, check_output, check_steps, check_summary, mark_best_k, summarize
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 from sd2.training import lr_at, shuffled_batches
@@ -542,16 +542,7 @@ def measure_head(
         ]
         timed = slice(warmup, None)
         sd_speed = sum(len(r["tokens"]) for r in real[timed]) / sum(seconds[timed]) if sum(seconds[timed]) else None
-        ar_speed = cached["timing"]["ar_tokens_per_s"]
-        checks[k] = {
-            "checked_prompts": sum(steps_ok),
-            "checked_steps": sum(len(r["steps"]) for ok, r in zip(steps_ok, real) if ok),
-            "target_near_ties": outputs_ok.count(False),
-            "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
-            "ar_tokens_per_s": ar_speed,
-            "sd_tokens_per_s": sd_speed,
-            "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
-        }
+        checks[k] = check_summary(outputs_ok, steps_ok, real, sd_speed, cached["timing"]["ar_tokens_per_s"])
     base = {
         **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
         "draft_macs_per_token": draft_macs,
