@@ -272,3 +272,41 @@ def all_targets():
     exports = export_paths() if config["export"]["enabled"] else []
     return [f"{R}/data/manifest.json", *model_table, *figure_paths(), *exports]
 
+
+# Target-dependent draft heads (workflow/rules/heads.smk).
+HEADS = config["heads"]
+HEAD = r"(redrafter|moa)-[A-Za-z0-9_.]+"
+
+
+def head_names():
+    return [f"{m}-{size}" for m in HEADS["methods"] for size in HEADS["sizes"][m]]
+
+
+def head_record_paths():
+    """Every head's records on every eval set, target and sparsity (empty when heads.methods is [])."""
+    return [
+        f"{R}/records/{e}/{t}/{h}/{h.split('-', 1)[0]}-s{s}.json"
+        for e in config["data"]["eval_sets"]
+        for t in config["targets"]
+        for h in head_names()
+        for s in [0, *HEADS["sparsities"]]
+    ]
+
+
+def head_size(head):
+    method, _, size = head.partition("-")
+    if size not in HEADS["sizes"][method]:
+        raise ValueError(f"head {head}: no size {size!r} in heads.sizes.{method}")
+    return HEADS["sizes"][method][size]
+
+
+def head_dir(w):
+    """The trained head a record of (target, head, method, sparsity) reads; the method must be the head's."""
+    if not w.head.startswith(f"{w.method}-"):
+        raise ValueError(f"record {w.head}/{w.method}-s{w.sparsity}.json: head {w.head} is not a {w.method} head")
+    return f"{W}/heads/{w.target}/{w.head}" + (f"-s{w.sparsity}" if int(w.sparsity) else "")
+
+
+def head_beams(head):
+    """ReDrafter proposes heads.beam_width beams; MoA a chain."""
+    return HEADS["beam_width"] if head.startswith("redrafter-") else 1
