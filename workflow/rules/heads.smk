@@ -1,6 +1,6 @@
 # Target-dependent draft heads (sd2.drafters): ReDrafter and Mixture of Attentions, trained per
 # target on its self-distilled data and measured greedily with the rollout walk. Include after
-# common.smk; rule collect takes head_record_paths() among its record inputs. A head is named
+# common.smk, which holds the heads' helpers; rule collect takes head_record_paths() among its record inputs. A head is named
 # <method>-<size> (heads.sizes.<method>); its records use draft = the head name and sparsity 0,
 # or s for the sparse head pruned from it (heads.sparsities, workdir/heads/<target>/<head>-s<s>).
 
