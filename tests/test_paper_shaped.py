@@ -53,8 +53,22 @@ def paper_shaped_config(root, models: dict) -> dict:
     cfg["prune"].update(calibration_samples=4, calibration_seq_len=64)
     cfg["finetune"].update(batch_size=4, micro_batch_size=2, seq_len=96, max_steps=2, eval_every=1)
     cfg["measure"].update(
-        k_max=3, k=[2], temperatures=[0.0], max_new_tokens=8, n_check=1, n_assisted=1, batch_size=2, bootstrap=1000
+        k_max=3,
+        k=[2],
+        temperatures=[0.0],
+        max_new_tokens=8,
+        n_check=1,
+        n_assisted=1,
+        batch_size=2,
+        bootstrap=1000,
+        tree_budgets=[2],
     )
+    # paper.yaml's heads and trees, one small size each and a few steps: the code path on the real formats.
+    cfg["heads"] = {
+        **cfg["heads"],
+        "sizes": {"redrafter": {"small": {"layers": 1}}, "moa": {"small": {"layers": 1, "width": 0.25}}},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 64, "warmup": 1, "log_every": 1},
+    }
     return cfg
 
 
@@ -80,10 +94,19 @@ def test_every_eval_set_and_target_is_measured(paper_run):
     root, cfg = paper_run
     table = pd.read_csv(root / cfg["results_dir"] / "tables" / "measurements.csv")
     cells = table.groupby(["eval_set", "target", "method"]).size()
-    assert len(cells) == len(cfg["data"]["eval_sets"]) * len(TARGETS) * len(METHODS), cells
+    heads = ["redrafter", "moa"]
+    assert cfg["heads"]["methods"] == heads
+    assert len(cells) == len(cfg["data"]["eval_sets"]) * len(TARGETS) * len(METHODS + heads), cells
     assert (table["mal"] >= 1).all() and table["mal_ci_low"].notna().all()
-    assert set(table[table["target"] == TARGETS[0]]["estimator"]) >= {"teacher_forced_walk"}
-    assert set(table[table["target"] == TARGETS[1]]["estimator"]) == {"assisted_generation"}  # other tokenizer
+    chains = table[table["method"].isin(METHODS)]
+    assert set(chains[chains["target"] == TARGETS[0]]["estimator"]) == {"teacher_forced_walk", "tree_walk"}
+    assert set(chains[chains["target"] == TARGETS[1]]["estimator"]) == {"assisted_generation"}  # other tokenizer
+    # A head is fed its own target's states, so every target gets them, whatever its tokenizer.
+    head_rows = table[table["method"].isin(heads)]
+    assert set(head_rows["estimator"]) == {"rollout_walk"} and set(head_rows["target"]) == set(TARGETS)
+    # The decoding loop replayed its n_check prompt: agreed, or a float near-tie said why not.
+    checked = head_rows[head_rows["headline_k"]]
+    assert len(checked) and (checked[["checked_prompts", "target_near_ties", "draft_near_ties"]].sum(axis=1) == 1).all()
 
 
 def test_real_dataset_layouts_and_decontamination(paper_run):
