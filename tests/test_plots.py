@@ -71,7 +71,7 @@ def test_make_figures_writes_every_figure_without_torch(tables_dir, tmp_path):
         "assert not bad, bad; print(json.dumps([p.name for p in paths]))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True, text=True
+        [sys.executable, "-c", code], check=True, cwd=REPO, timeout=600, capture_output=True, text=True
     )
     assert json.loads(result.stdout) == EXPECTED
     for name in EXPECTED:
