@@ -216,7 +216,7 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     )
     assert '"tree_budgets": [4, 8, 16]' in out
     families = job_counts(outs["config/families.yaml"])
-    assert families["train_head"] == 8 and "train_sparse_head" not in families and families["measure_head"] == 8
+    assert families["train_head"] == 4 and "train_sparse_head" not in families and families["measure_head"] == 4
 
 
 def test_report(tiny_run, tmp_path):
