@@ -295,17 +295,24 @@ def families(results: Path) -> str:
     """config/families.yaml's run: its time, and every drafter family against the dense self-distilled draft."""
     fam = _families_dir(results)
     path = fam / "run_time.json"
-    if not path.exists():
+    records = sorted((fam / "records").rglob("*.json"))
+    if not path.exists() and not records:
         return "Not run yet: `make families` (after `make run`) writes `results/families/`."
-    rec = json.loads(path.read_text())
-    machine = rec["machine"]
-    lines = [
-        f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** "
-        f"wall, {rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} cores "
-        f"({rec['provenance']['created'][:10]}, `results/families/run_time.json`).",
-        "",
-    ]
-    df = family_comparisons(sorted((fam / "records").rglob("*.json")))
+    if path.exists():
+        rec = json.loads(path.read_text())
+        machine = rec["machine"]
+        first = (
+            f"`make families` on top of the default run's `work/`: "
+            f"**{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** wall, {rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} "
+            f"cores ({rec['provenance']['created'][:10]}, `results/families/run_time.json`)."
+        )
+    else:
+        first = (
+            f"**`make families` has not completed** (no `results/families/run_time.json`): the rows below are the "
+            f"{len(records)} record files it had written."
+        )
+    lines = [first, ""]
+    df = family_comparisons(records)
     if not len(df):
         return "\n".join([*lines, "No greedy records in `results/families/records/`."])
     view = pd.DataFrame(
