@@ -303,8 +303,8 @@ def families(results: Path) -> str:
         machine = rec["machine"]
         first = (
             f"`make families` on top of the default run's `work/`: "
-            f"**{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** wall, {rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} "
-            f"cores ({rec['provenance']['created'][:10]}, `results/families/run_time.json`)."
+            f"**{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** wall, {rec['jobs']} jobs, "
+            f"{rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}, `results/families/run_time.json`)."
         )
     else:
         first = (
