@@ -301,10 +301,11 @@ def families(results: Path) -> str:
     if path.exists():
         rec = json.loads(path.read_text())
         machine = rec["machine"]
+        minutes = rec["seconds"] / 60
+        where = f"{machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}"
         first = (
-            f"`make families` on top of the default run's `work/`: "
-            f"**{rec['seconds']} s ({rec['seconds'] / 60:.0f} min)** wall, {rec['jobs']} jobs, "
-            f"{rec['job_seconds']:,} job-seconds, on {machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}, `results/families/run_time.json`)."
+            f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({minutes:.0f} min)** wall, "
+            f"{rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {where}, `results/families/run_time.json`)."
         )
     else:
         first = (
