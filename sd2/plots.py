@@ -622,14 +622,12 @@ def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
             for rows in (tree_rows, chains)
         )
         for combo in variant_order(panel, []).itertuples(index=False):
-            variant = (panel["method"] == combo.method) & (panel["sparsity"] == combo.sparsity)
-            rows = panel[variant].sort_values("tree_budget")
+            rows = panel[same_variant(panel, combo.method, combo.loss, combo.sparsity)].sort_values("tree_budget")
             ref = chain_panel[
-                (chain_panel["method"] == combo.method)
-                & (chain_panel["sparsity"] == combo.sparsity)
+                same_variant(chain_panel, combo.method, combo.loss, combo.sparsity)
                 & chain_panel["k"].isin(rows["tree_budget"])
             ].sort_values("k")
-            c, marker = color(combo.method), marks[combo.sparsity]
+            c, marker = color(combo.method, combo.loss), marks[combo.sparsity]
             for i, value in enumerate(("mal", "improvement_factor")):
                 ax = axes[i, j]
                 ax.plot(
@@ -638,7 +636,7 @@ def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
                     "-",
                     marker=marker,
                     color=c,
-                    label=variant_label(combo.method, combo.sparsity),
+                    label=variant_label(combo.method, combo.sparsity, combo.loss),
                 )
                 ax.fill_between(
                     rows["tree_budget"],

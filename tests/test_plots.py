@@ -28,6 +28,7 @@ from sd2.plots import (
     plot_mal_vs_sparsity,
     plot_mal_vs_tree_budget,
     plot_tokenizer_comparison,
+    same_variant,
     save_figure,
     variant_label,
 )
@@ -250,11 +251,12 @@ def test_mal_vs_tree_budget_lines_bands_and_chain_reference(measurements):
         solid = {line.get_label(): line for line in ax.get_lines() if line.get_linestyle() == "-"}
         dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":" and len(line.get_xdata())]
         assert len(dotted) == len(VARIANTS) and len(ax.collections) == len(VARIANTS)  # a chain and a band per variant
-        for method, sparsity in VARIANTS:
-            rows = shown[(shown["method"] == method) & (shown["sparsity"] == sparsity)].sort_values("tree_budget")
-            line = solid[variant_label(method, sparsity)]
+        for name, sparsity in VARIANTS:
+            method, loss = parse_variant(name)
+            rows = shown[same_variant(shown, method, loss, sparsity)].sort_values("tree_budget")
+            line = solid[variant_label(method, sparsity, loss)]
             assert list(line.get_xdata()) == [2, 4, 6] and np.allclose(line.get_ydata(), rows[value])
-            ref = chains[(chains["method"] == method) & (chains["sparsity"] == sparsity) & chains["k"].isin([2, 4, 6])]
+            ref = chains[same_variant(chains, method, loss, sparsity) & chains["k"].isin([2, 4, 6])]
             assert any(np.allclose(d.get_ydata(), ref.sort_values("k")[value]) for d in dotted)
     assert sorted({t.get_text() for t in top.texts}) == ["2", "2,1", "3,1"]  # the branching at each point
     legend = [t.get_text() for t in fig.legends[0].get_texts()]

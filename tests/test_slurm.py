@@ -274,9 +274,11 @@ def reduced_tree(dest: Path) -> Path:
 
 
 # Columns that depend on which methods or targets a config has, not on a row's own jobs:
-# the comparison with dense_sd (left out of the reduced config) and a model's role.
+# the comparison with dense_sd (left out of the reduced config), the loss variants' comparison with
+# their ce variant (the full config's direct_align; empty, so read back as floats, in the reduced one)
+# and a model's role.
 CONFIG_DEPENDENT = {
-    "comparisons.csv": re.compile(r"^(dense_sd_|macs_reduction_pct|mal_change_pct|change_)"),
+    "comparisons.csv": re.compile(r"^(dense_sd_|macs_reduction_pct|mal_change_pct|change_|ce_|mal_ratio_vs_ce|vs_ce_)"),
     "models.csv": re.compile(r"^role$"),
 }
 
