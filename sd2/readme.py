@@ -355,17 +355,26 @@ def families_trees(results: Path) -> str:
     trees = greedy[greedy["estimator"] == "tree_walk"]
     if not len(trees):
         return "No tree rows in `results/families/tables/measurements.csv`."
-    chain = greedy[greedy["estimator"] == "teacher_forced_walk"].set_index(
-        ["target", "draft", "method", "sparsity", "eval_set", "k"]
+    walk = greedy[greedy["estimator"] == "teacher_forced_walk"]
+    chain = walk.assign(loss=walk["loss"].fillna("")).set_index(
+        ["target", "draft", "method", "loss", "sparsity", "eval_set", "k"]
     )["mal"]
     rows = []
     for r in trees.itertuples():
-        key = (r.target, r.draft, r.method, r.sparsity, r.eval_set, r.tree_budget)
+        key = (
+            r.target,
+            r.draft,
+            r.method,
+            r.loss if isinstance(r.loss, str) else "",
+            r.sparsity,
+            r.eval_set,
+            r.tree_budget,
+        )
         rows.append(
             {
                 "target": r.target,
                 "eval set": r.eval_set,
-                "drafter": methods.label(*methods.parse_variant(r.method)),
+                "drafter": methods.label(r.method, r.loss),
                 "draft": r.draft,
                 "sparsity": r.sparsity,
                 "budget (nodes)": r.tree_budget,
