@@ -61,6 +61,11 @@ def _placement(p, dtype=(), device_map=False, gpus=True):
         )
 
 
+def _loading(a) -> dict:
+    """How a model-loading step loads its target: the values of the flags _placement adds."""
+    return {"trust_remote_code": a.trust_remote_code, "dtype": a.dtype, "device_map": a.device_map}
+
+
 def _run(args, job_type):
     from sd2.tracking import start_run
 
@@ -157,9 +162,7 @@ def self_distill(p=None, a=None):
         a.out,
         settings=a.settings,
         seed=a.seed,
-        trust_remote_code=a.trust_remote_code,
-        dtype=a.dtype,
-        device_map=a.device_map,
+        **_loading(a),
         gpus=a.gpus,
     )
 
@@ -236,9 +239,7 @@ def target_outputs(p=None, a=None):
         a.out,
         settings=a.settings,
         seed=a.seed,
-        trust_remote_code=a.trust_remote_code,
-        dtype=a.dtype,
-        device_map=a.device_map,
+        **_loading(a),
         gpus=a.gpus,
     )
 
@@ -271,10 +272,8 @@ def measure(p=None, a=None):
         labels=a.labels,
         seed=a.seed,
         run=run,
-        trust_remote_code=a.trust_remote_code,
-        dtype=a.dtype,
         draft_dtype=a.draft_dtype,
-        device_map=a.device_map,
+        **_loading(a),
     )
     run.finish()
 
@@ -311,9 +310,7 @@ def train_head(p=None, a=None):
         init_dir=a.init,
         sparsity=a.sparsity,
         run=run,
-        trust_remote_code=a.trust_remote_code,
-        dtype=a.dtype,
-        device_map=a.device_map,
+        **_loading(a),
     )
     run.finish()
     print(
@@ -351,9 +348,7 @@ def measure_head(p=None, a=None):
         seed=a.seed,
         beam_width=a.beam_width,
         run=run,
-        trust_remote_code=a.trust_remote_code,
-        dtype=a.dtype,
-        device_map=a.device_map,
+        **_loading(a),
     )
     run.finish()
 

@@ -392,6 +392,17 @@ def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
     ax.grid(alpha=0.3)
 
 
+def panel_columns(rows: pd.DataFrame, scope: str) -> tuple[list, str]:
+    """The (eval set, target, draft) panels of a per-k figure, and its scope: one eval set only
+    when all of them would need more than MAX_K_COLUMNS columns."""
+    columns = sorted(set(zip(rows["eval_set"], rows["target"], rows["draft"])))
+    if len(columns) > MAX_K_COLUMNS:
+        first = columns[0][0]
+        columns = [c for c in columns if c[0] == first]
+        scope += f", eval set {first} only"
+    return columns, scope
+
+
 def plot_mal_vs_k(measurements: pd.DataFrame) -> Figure:
     """Rows: MAL, improvement factor. Columns: eval set x target x draft. Greedy walk rows, every k."""
     df = measurements[(measurements["temperature"] == 0) & (measurements["estimator"] == "teacher_forced_walk")]
@@ -401,11 +412,7 @@ def plot_mal_vs_k(measurements: pd.DataFrame) -> Figure:
             f"MAL and improvement factor against k ({scope})",
             "no teacher-forced walk rows (greedy decoding of same-tokenizer pairs)",
         )
-    columns = sorted(set(zip(df["eval_set"], df["target"], df["draft"])))
-    if len(columns) > MAX_K_COLUMNS:
-        first = columns[0][0]
-        columns = [c for c in columns if c[0] == first]
-        scope += f", eval set {first} only"
+    columns, scope = panel_columns(df, scope)
     styles = sparsity_styles(df)
     fig, axes = new_figure(2, len(columns), f"MAL and improvement factor against k ({scope})", sharey="row")
     for j, (eval_set, target, draft) in enumerate(columns):
@@ -607,11 +614,7 @@ def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
             f"MAL and improvement factor against draft-tree budget ({scope})",
             "no tree_walk rows (measure.tree_budgets is empty)",
         )
-    columns = sorted(set(zip(tree_rows["eval_set"], tree_rows["target"], tree_rows["draft"])))
-    if len(columns) > MAX_K_COLUMNS:
-        first = columns[0][0]
-        columns = [c for c in columns if c[0] == first]
-        scope += f", eval set {first} only"
+    columns, scope = panel_columns(tree_rows, scope)
     marks = {s: MARKERS[n % len(MARKERS)] for n, s in enumerate(sorted(set(tree_rows["sparsity"])))}
     fig, axes = new_figure(
         2, len(columns), f"MAL and improvement factor against draft-tree budget ({scope})", sharey="row"

@@ -14,6 +14,7 @@ import pandas as pd
 from sd2 import methods
 from sd2.results import (
     baseline_comparisons,
+    ci_column,
     family_comparisons,
     loss_comparisons,
     markdown_table,
@@ -326,18 +327,14 @@ def families(results: Path) -> str:
             "sparsity": df["sparsity"],
             "estimator": df["estimator"],
             "n": df["n_prompts"],
-            "MAL [95% CI]": [with_ci(*v) for v in zip(df["mal"], df["mal_ci_low"], df["mal_ci_high"])],
+            "MAL [95% CI]": ci_column(df, "mal", "mal_ci_low", "mal_ci_high"),
             "draft MACs/token": df["draft_macs_per_token"].map(lambda v: f"{v:,.0f}"),
-            "improvement factor [95% CI]": [
-                with_ci(*v)
-                for v in zip(
-                    df["improvement_factor"], df["improvement_factor_ci_low"], df["improvement_factor_ci_high"]
-                )
-            ],
-            "MAL / dense_sd [paired 95% CI]": [
-                with_ci(*v)
-                for v in zip(df["mal_ratio_vs_dense_sd"], df["vs_dense_sd_ci_low"], df["vs_dense_sd_ci_high"])
-            ],
+            "improvement factor [95% CI]": ci_column(
+                df, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
+            ),
+            "MAL / dense_sd [paired 95% CI]": ci_column(
+                df, "mal_ratio_vs_dense_sd", "vs_dense_sd_ci_low", "vs_dense_sd_ci_high"
+            ),
             "significant": df["vs_dense_sd_significant"].map({True: "yes", False: "no"}),
             "checked": df["checked_prompts"].map(lambda v: "–" if v != v else f"{v:.0f}"),
         }

@@ -547,6 +547,11 @@ def with_ci(value, low, high) -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]" if low == low else f"{value:.2f}"
 
 
+def ci_column(df: pd.DataFrame, value: str, low: str, high: str) -> list[str]:
+    """with_ci of every row of df's columns value, low and high."""
+    return [with_ci(*v) for v in zip(df[value], df[low], df[high])]
+
+
 def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
     """The README's result tables, as produced by the run: per-draft MAL with CIs, the paper's comparisons,
     and each loss variant against the ce variant of its method."""
@@ -559,9 +564,7 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
         shown["method"] = [methods.label(m, loss) for m, loss in zip(table["method"], table["loss"])]
         for e in evals:
-            shown[f"MAL {e} [95% CI]"] = [
-                with_ci(*v) for v in zip(table[f"mal_{e}"], table[f"ci_low_{e}"], table[f"ci_high_{e}"])
-            ]
+            shown[f"MAL {e} [95% CI]"] = ci_column(table, f"mal_{e}", f"ci_low_{e}", f"ci_high_{e}")
             shown[f"n {e}"] = table[f"n_{e}"].astype("Int64")
         for col in ("acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"):
             shown[col] = table[col]
@@ -569,15 +572,14 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         cmp_t = baseline_comparisons(compared[compared["temperature"] == temperature])
         if len(cmp_t):
             view = cmp_t[["target", "draft", "sparsity", "eval_set", "k", "estimator", "n_prompts"]].copy()
-            view["SD² / layer-pruned MAL [95% CI]"] = [
-                with_ci(*v)
-                for v in zip(cmp_t["mal_ratio_vs_layer_pruned"], cmp_t["ratio_ci_low"], cmp_t["ratio_ci_high"])
-            ]
+            view["SD² / layer-pruned MAL [95% CI]"] = ci_column(
+                cmp_t, "mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high"
+            )
             view["significant (ratio)"] = cmp_t["ratio_significant"].map({True: "yes", False: "no"})
             view["MACs change vs dense_sd %"] = -cmp_t["macs_reduction_pct"]
-            view["MAL change vs dense_sd % [95% CI]"] = [
-                with_ci(*v) for v in zip(cmp_t["mal_change_pct"], cmp_t["change_ci_low"], cmp_t["change_ci_high"])
-            ]
+            view["MAL change vs dense_sd % [95% CI]"] = ci_column(
+                cmp_t, "mal_change_pct", "change_ci_low", "change_ci_high"
+            )
             view["significant (change)"] = cmp_t["change_significant"].map({True: "yes", False: "no"})
             parts.append(
                 f"### SD² vs layer-pruned and dense_sd ({mode}; paired bootstrap over prompts)\n\n"
@@ -589,15 +591,9 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
             view["draft variant"] = [methods.label(m, loss) for m, loss in zip(by_loss["method"], by_loss["loss"])]
             view["against"] = by_loss["ce_method"].map(lambda m: methods.label(m, methods.DEFAULT_LOSS) + " (ce)")
             view = view.join(by_loss[["sparsity", "eval_set", "k", "estimator", "n_prompts"]])
-            view["MAL [95% CI]"] = [
-                with_ci(*v) for v in zip(by_loss["mal"], by_loss["mal_ci_low"], by_loss["mal_ci_high"])
-            ]
-            view["MAL with ce [95% CI]"] = [
-                with_ci(*v) for v in zip(by_loss["ce_mal"], by_loss["ce_mal_ci_low"], by_loss["ce_mal_ci_high"])
-            ]
-            view["ratio to ce [95% CI]"] = [
-                with_ci(*v) for v in zip(by_loss["mal_ratio_vs_ce"], by_loss["vs_ce_ci_low"], by_loss["vs_ce_ci_high"])
-            ]
+            view["MAL [95% CI]"] = ci_column(by_loss, "mal", "mal_ci_low", "mal_ci_high")
+            view["MAL with ce [95% CI]"] = ci_column(by_loss, "ce_mal", "ce_mal_ci_low", "ce_mal_ci_high")
+            view["ratio to ce [95% CI]"] = ci_column(by_loss, "mal_ratio_vs_ce", "vs_ce_ci_low", "vs_ce_ci_high")
             view["significant"] = by_loss["vs_ce_significant"].map({True: "yes", False: "no"})
             parts.append(
                 f"### Loss variants vs cross-entropy ({mode}; same steps and data, paired bootstrap over prompts)"

@@ -104,6 +104,20 @@ def trained(target_dir, distilled, tmp_path_factory):
     return root
 
 
+def _train_redrafter(target_dir, data, tmp_path, size, layers=1, **sparse):
+    return heads.train_head(
+        target_dir,
+        data,
+        tmp_path / "head",
+        head_name=f"redrafter-{size}",
+        size={"layers": layers},
+        settings=TRAIN,
+        chat_settings=None,
+        seed=0,
+        **sparse,
+    )
+
+
 @pytest.mark.parametrize("method", list(SIZES))
 def test_training_lowers_the_distillation_loss(trained, method):
     info = json.loads((trained / method / heads.HEAD_CONFIG).read_text())
@@ -250,17 +264,8 @@ def test_sparse_head_keeps_its_masks_and_lowers_the_loss(target_dir, trained, di
     losses = [row["train_loss"] for row in info["history"]]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
     with pytest.raises(ValueError, match="is a redrafter-small head"):
-        heads.train_head(
-            target_dir,
-            distilled,
-            tmp_path / "x",
-            head_name="redrafter-large",
-            size={"layers": 2},
-            settings=TRAIN,
-            chat_settings=None,
-            seed=0,
-            init_dir=trained / "redrafter",
-            sparsity=50,
+        _train_redrafter(
+            target_dir, distilled, tmp_path, "large", layers=2, init_dir=trained / "redrafter", sparsity=50
         )
 
 
@@ -320,13 +325,4 @@ def test_training_on_data_that_is_not_self_distilled_is_refused(target_dir, tmp_
     data = tmp_path / "original"
     Dataset.from_list([{"id": "p0", "prompt": "x", "response": "y"}]).save_to_disk(str(data))
     with pytest.raises(ValueError, match="not a self-distilled dataset"):
-        heads.train_head(
-            target_dir,
-            data,
-            tmp_path / "head",
-            head_name="redrafter-small",
-            size={"layers": 1},
-            settings=TRAIN,
-            chat_settings=None,
-            seed=0,
-        )
+        _train_redrafter(target_dir, data, tmp_path, "small")
