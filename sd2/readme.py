@@ -306,8 +306,13 @@ def families(results: Path) -> str:
         where = f"{machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}"
         first = (
             f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({minutes:.0f} min)** wall, "
-            f"{rec['jobs']} jobs, {rec['job_seconds']:,} job-seconds, on {where}, `results/families/run_time.json`)."
+            f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, `results/families/run_time.json`)."
         )
+        if not rec.get("whole_config", True):
+            first += (
+                " That invocation resumed one that was cut before timing was recorded: it ran only the jobs still "
+                "missing, so its time covers those alone, not the whole config."
+            )
     else:
         first = (
             f"**`make families` has not completed** (no `results/families/run_time.json`): the rows below are the "

@@ -190,8 +190,8 @@ def run_on_top(config_path, *, cores: int) -> int:
 
     The default run's checkpoints, self-distilled data and target continuations are reused as they
     are (`--rerun-triggers mtime`: a later change of code or settings elsewhere does not rebuild them),
-    and the wall time of this invocation alone, with the jobs it ran, is recorded in
-    <results_dir>/run_time.json and <results_dir>/tables/job_times.csv.
+    and the wall time of the invocations that made this config's results (added up over cut ones),
+    with the jobs they ran, is recorded in <results_dir>/run_time.json and <results_dir>/tables/job_times.csv.
     """
     import subprocess
     import sys
@@ -205,6 +205,16 @@ def run_on_top(config_path, *, cores: int) -> int:
         raise SystemExit(
             f"{config_path} runs on top of the default run, but {work}/models does not exist: run `make run` first"
         )
+    # A marker written when none of this config's records exist yet adds up the wall time of every
+    # invocation until one completes; records without it mean an untimed earlier invocation was cut.
+    marker = results / ".on-top-run.json"
+    if marker.exists():
+        state = json.loads(marker.read_text())
+    elif not any((results / "records").rglob("*.json")):
+        state = {"seconds": 0, "invocations": 0, "since": time.time()}
+        write_json(marker, state)
+    else:
+        state = None
     start_wall, start = time.time(), time.monotonic()
     # The tables and figures, not `all`: its data manifest and model table belong to the default
     # run, and making them here would prepare the data again and so rebuild everything after it.
@@ -219,15 +229,23 @@ def run_on_top(config_path, *, cores: int) -> int:
         "--cores",
         str(cores),
     ]
-    status = subprocess.run([*command, "--configfile", str(config_path)]).returncode
+    try:
+        status = subprocess.run([*command, "--configfile", str(config_path)]).returncode
+    finally:
+        if state is not None:
+            state["seconds"] += round(time.monotonic() - start)
+            state["invocations"] += 1
+            write_json(marker, state)
     if status == 0:
-        seconds = round(time.monotonic() - start)
-        jobs = job_times("logs/benchmarks", since=start_wall)
+        seconds = state["seconds"] if state else round(time.monotonic() - start)
+        jobs = job_times("logs/benchmarks", since=state["since"] if state else start_wall)
         write_table(jobs, results / "tables" / "job_times.csv")
         write_json(
             results / "run_time.json",
             {
                 "seconds": seconds,
+                "invocations": state["invocations"] if state else 1,
+                "whole_config": state is not None,
                 "on_top_of": str(work),
                 "jobs": len(jobs),
                 "job_seconds": round(float(jobs["seconds"].sum())),
@@ -236,6 +254,7 @@ def run_on_top(config_path, *, cores: int) -> int:
                 "provenance": provenance(settings={"config": str(config_path), "cores": cores}),
             },
         )
+        marker.unlink(missing_ok=True)
         print(f"{config_path}: {seconds} s on top of {work}/ ({len(jobs)} jobs) -> {results / 'run_time.json'}")
     return status
 

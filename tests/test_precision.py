@@ -138,3 +138,27 @@ def test_make_run_from_nothing_resumed_then_recorded(tmp_path, monkeypatch):
     (tmp_path / "results" / "run_time.json").write_text("{}")
     assert sweep_time.run_sweep("config.yaml", cores=2) == 0
     assert (tmp_path / "results" / "run_time.json").read_text() == "{}"
+
+
+def test_on_top_run_adds_up_cut_invocations(tmp_path, monkeypatch):
+    """make families: a cut invocation's time counts towards the one that completes; a run resumed
+    from records made before any timing says its time is not the whole config's."""
+    results = tmp_path / "results" / "families"
+    cfg = {"workdir": str(tmp_path / "work"), "results_dir": str(results)}
+    (tmp_path / "work" / "models").mkdir(parents=True)
+    outcomes = iter([1, 0])
+    monkeypatch.setattr("sd2.config.load", lambda path: cfg)
+    monkeypatch.setattr("subprocess.run", lambda cmd: type("Done", (), {"returncode": next(outcomes)})())
+    monkeypatch.setattr(sweep_time, "config_digest", lambda config: "x")
+    monkeypatch.chdir(tmp_path)
+    assert sweep_time.run_on_top("families.yaml", cores=2) == 1
+    assert json.loads((results / ".on-top-run.json").read_text())["invocations"] == 1
+    assert not (results / "run_time.json").exists()
+    (results / "records").mkdir(parents=True)
+    (results / "records" / "r.json").write_text("{}")  # what the cut invocation wrote
+    assert sweep_time.run_on_top("families.yaml", cores=2) == 0
+    rec = json.loads((results / "run_time.json").read_text())
+    assert rec["invocations"] == 2 and rec["whole_config"] and not (results / ".on-top-run.json").exists()
+    outcomes = iter([0])
+    assert sweep_time.run_on_top("families.yaml", cores=2) == 0
+    assert not json.loads((results / "run_time.json").read_text())["whole_config"]
