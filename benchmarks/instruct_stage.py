@@ -17,9 +17,9 @@ import torch
 from datasets import load_from_disk
 
 from sd2.config import load
-from sd2.model_report import bits_per_byte, distinct_4gram_share, greedy_completions, parses, writes_body
 from sd2.models import count_parameters, load_model, load_tokenizer
 from sd2.pretrain import instruct, pretrain
+from sd2.report.model_report import bits_per_byte, distinct_4gram_share, greedy_completions, parses, writes_body
 
 
 def completion_metrics(model, tok, prompts: list[str], val_texts: list[str], seq_len: int, max_new_tokens: int) -> dict:

@@ -4,7 +4,7 @@ Both paths measure the same draft against the same target's greedy continuations
 (a target_outputs file of `make run`), side by side in one run:
 - assisted generation: transformers' assisted generation, batch size 1, at one k;
 - walk: one teacher-forced pass of the draft over the continuations, then the walk for
-  every k = 1..k_max (sd2.acceptance), plus the continuations' own generation cost
+  every k = 1..k_max (sd2.measure.acceptance), plus the continuations' own generation cost
   shared among the drafts of one target (the file records it).
 
     python benchmarks/measurement_throughput.py                       # the default run's files
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from sd2 import acceptance, continuations
+from sd2.measure import acceptance, continuations
+from sd2.measure.speculative import assisted_runs
 from sd2.models import load_checkpoint
-from sd2.speculative import assisted_runs
 
 
 def main():

@@ -8,7 +8,7 @@ otherwise it is the raw text, tokenized as before templates existed (the demo's
 from-scratch tokenizers have no template, so the demo sees exactly the ids it always did).
 
 Self-distilled data (columns `target_prompt`, `target_prompt_text`, `finished`,
-`end_token`, written by sd2.distill) is trained on in the target's format: a draft with
+`end_token`, written by sd2.drafts.distill) is trained on in the target's format: a draft with
 the target's tokenizer reads `target_prompt`, the decoded prompt ids with their special
 tokens, tokenized without adding any (so it gets the target's exact ids); a draft with
 another tokenizer reads `target_prompt_text`, the prompt ids decoded without special

@@ -138,7 +138,7 @@ def model_report(p=None, a=None):
         p.add_argument("--examples", required=True)
         _placement(p)
         return
-    from sd2.model_report import report
+    from sd2.report.model_report import report
 
     table = report(dict(m.split("=", 1) for m in a.models), a.roles, a.corpus, a.prompts, a.table, a.examples)
     print(table.to_string(index=False))
@@ -154,7 +154,7 @@ def self_distill(p=None, a=None):
         p.add_argument("--out", required=True)
         _placement(p, dtype=["--dtype"], device_map=True)
         return
-    from sd2.distill import self_distill
+    from sd2.drafts.distill import self_distill
 
     self_distill(
         a.target,
@@ -177,7 +177,7 @@ def prune(p=None, a=None):
         p.add_argument("--out", required=True)
         _placement(p, dtype=["--dtype"])
         return
-    from sd2.prune import prune
+    from sd2.drafts.prune import prune
 
     summary = prune(a.model, a.calibration, a.out, sparsity=a.sparsity, settings=a.settings, seed=a.seed, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
@@ -192,7 +192,7 @@ def layer_prune(p=None, a=None):
         p.add_argument("--out", required=True)
         _placement(p, dtype=["--dtype"], gpus=False)
         return
-    from sd2.layer_prune import layer_prune
+    from sd2.drafts.layer_prune import layer_prune
 
     summary = layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
@@ -211,7 +211,7 @@ def finetune(p=None, a=None):
         p.add_argument("--out", required=True)
         _placement(p)
         return
-    from sd2.finetune import finetune
+    from sd2.drafts.finetune import finetune
 
     run = _run(a, "finetune")
     finetune(a.init, a.data, a.out, settings=a.settings, seed=a.seed, teacher_dir=a.teacher, run=run)
@@ -231,7 +231,7 @@ def target_outputs(p=None, a=None):
         p.add_argument("--out", required=True, help="JSON file")
         _placement(p, dtype=["--dtype"], device_map=True)
         return
-    from sd2.continuations import target_outputs
+    from sd2.measure.continuations import target_outputs
 
     target_outputs(
         a.target,
@@ -260,7 +260,7 @@ def measure(p=None, a=None):
         # --dtype and --device-map are the target's; the draft sits on the first GPU.
         _placement(p, dtype=["--dtype", "--draft-dtype"], device_map=True)
         return
-    from sd2.measure import measure
+    from sd2.measure.drafts import measure
 
     run = _run(a, "measure")
     measure(
@@ -422,7 +422,7 @@ def macs(p=None, a=None):
             "--sparsity", type=float, default=None, help="unstructured sparsity in percent for every decoder linear"
         )
         return
-    from sd2.macs import cli
+    from sd2.measure.macs import cli
 
     print(json.dumps(cli(a.model, a.sparsity), indent=2))
 
@@ -438,7 +438,7 @@ def collect(p=None, a=None):
         p.add_argument("--summary", required=True, help="markdown summary tables")
         return
     from sd2.checkpoint import atomic_path
-    from sd2.results import collect_comparisons, collect_measurements, collect_training, summary_markdown
+    from sd2.report.results import collect_comparisons, collect_measurements, collect_training, summary_markdown
 
     measurements = collect_measurements(a.records, a.measurements)
     print(f"{len(measurements)} measurement rows -> {a.measurements}")
@@ -455,7 +455,7 @@ def figures(p=None, a=None):
         p.add_argument("--tables", required=True)
         p.add_argument("--out", required=True)
         return
-    from sd2.plots import make_figures
+    from sd2.report.plots import make_figures
 
     for path in make_figures(a.tables, a.out):
         print(path)
@@ -501,7 +501,7 @@ def job_times(p=None, a=None):
         p.add_argument("benchmarks", help="the benchmark directory (logs/benchmarks)")
         p.add_argument("--out", required=True, help="CSV: rule, job, seconds, max_rss_mb")
         return
-    from sd2.results import write_table
+    from sd2.report.results import write_table
     from sd2.sweep_time import job_times
 
     table = job_times(a.benchmarks)
@@ -515,7 +515,7 @@ def readme(p=None, a=None):
         p.add_argument("--readme", default="README.md")
         p.add_argument("--results", default="results")
         return
-    from sd2.readme import update
+    from sd2.report.readme import update
 
     print(f"{a.readme}: regenerated {', '.join(update(a.readme, a.results))}")
 

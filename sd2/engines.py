@@ -2,7 +2,7 @@
 
 The config's `engine` section picks it (engine.name: transformers, the default, or vllm).
 vLLM gets the SAME prompt ids as the transformers path (sd2.chat.prompt_ids) and exactly
-greedy or pure sampling, and its outputs are mapped to the rows of sd2.distill.generate_batch,
+greedy or pure sampling, and its outputs are mapped to the rows of sd2.drafts.distill.generate_batch,
 so the files the rules write have one format whichever engine made them.
 
 NOT RUN ON A GPU WITH vLLM: vLLM is not installed where this was written; tests/test_engines.py
@@ -15,7 +15,7 @@ checks the glue against a fake `vllm` module. The API used was read in vLLM's so
 - vllm/config/model.py (ModelConfig, whose fields EngineArgs in vllm/engine/arg_utils.py and
   LLM's keywords pass on): generation_config="auto" loads the checkpoint's
   generation_config.json as default sampling settings; "vllm" loads none (vLLM's neutral
-  defaults), the hygiene sd2.speculative applies to transformers.
+  defaults), the hygiene sd2.measure.speculative applies to transformers.
 - vllm/sampling_params.py: temperature 0 is greedy; top_p 1 and top_k 0 or -1 ("consider all
   tokens"; -1 is also what older releases accept), min_p 0, repetition_penalty 1 disable
   every filter; stop_token_ids, ignore_eos, max_tokens, seed (per request).
@@ -26,7 +26,8 @@ checks the glue against a fake `vllm` module. The API used was read in vLLM's so
 """
 
 # distill imports this module: import it as a module (its attributes are read at call time).
-from sd2 import chat, distill
+from sd2 import chat
+from sd2.drafts import distill
 
 
 def resolve(settings: dict | None) -> dict:
@@ -111,7 +112,7 @@ def generate(
     seeds: list[int],
     chat_settings: dict | None = None,
 ) -> list[dict]:
-    """sd2.distill.generate_batch's rows (response, new_tokens, finished, prompt_ids, new_ids) from one
+    """sd2.drafts.distill.generate_batch's rows (response, new_tokens, finished, prompt_ids, new_ids) from one
     llm.generate call. Each prompt samples with its own seed, so its answer does not depend on the
     others in the call (and a resumed run draws what an uninterrupted one does)."""
     vllm = import_vllm()

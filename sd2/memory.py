@@ -64,7 +64,7 @@ HOST_BASE = 8 * GB
 PROMPT_TOKENS = 2048
 # sd2.chunked_loss: one chunk's fp32 logits hold 2^27 entries; about four such tensors live at once.
 CHUNK_LOGITS = 2**27
-# Prompts the model report continues, 16 at a time, for 128 tokens (sd2.model_report.report).
+# Prompts the model report continues, 16 at a time, for 128 tokens (sd2.report.model_report.report).
 REPORT_BATCH, REPORT_NEW_TOKENS = 16, 128
 GATED_MLP = {"llama", "mistral", "qwen2", "qwen3"}
 PLAIN_MLP = {"gpt_neox"}

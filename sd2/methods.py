@@ -4,13 +4,13 @@ A method says how a draft is made: from which checkpoint (`init`: the dense draf
 SparseGPT-pruned copy, or its layer-pruned copy), tuned on which data (`data`: the target's
 self-distilled answers, the original responses, or None for an untuned draft), at every
 level of `sparsities` or at 0 only (`sparse`), with a fixed loss or the config's `losses`.
-The Snakemake rules, the tables (sd2.results), the figures (sd2.plots), the exports and the
+The Snakemake rules, the tables (sd2.report.results), the figures (sd2.report.plots), the exports and the
 schema's `methods` enum all read it; tests/test_methods.py checks that they agree.
 
 Loss is a sweep axis: a tuned method without a fixed loss is fine-tuned once per entry of
 the config's `losses`. The ce variant keeps the method's own name (the paths and records of
 earlier runs); any other is named `<method>+<loss>` (e.g. `sd2+kl`) in paths, records and
-the `method` label of the rules, and sd2.results splits that name back into `method` and
+the `method` label of the rules, and sd2.report.results splits that name back into `method` and
 `loss`. A variant that cannot be made for a (target, draft) pair is skipped, not an error
 (`skipped` says which and why):
 - kl, tvdpp and skd read the target's logits: only for methods tuned on the target's own data,

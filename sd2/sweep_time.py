@@ -197,7 +197,7 @@ def run_on_top(config_path, *, cores: int) -> int:
     import sys
 
     from sd2.config import load
-    from sd2.results import write_table
+    from sd2.report.results import write_table
 
     config = load(config_path)
     work, results = Path(config["workdir"]), Path(config["results_dir"])
@@ -274,7 +274,7 @@ def run_sweep(config_path, *, cores: int) -> int:
     import sys
 
     from sd2.config import load
-    from sd2.results import write_table
+    from sd2.report.results import write_table
 
     config = load(config_path)
     work, results = Path(config["workdir"]), Path(config["results_dir"])

@@ -8,8 +8,8 @@ import json
 
 import pandas as pd
 
-from sd2.results import collect_comparisons, collect_measurements, collect_training
-from sd2.stats import ratio_ci
+from sd2.measure.stats import ratio_ci
+from sd2.report.results import collect_comparisons, collect_measurements, collect_training
 
 K = 5
 K_MAX = 6
@@ -132,7 +132,7 @@ def synthetic_record(target, draft, method, sparsity, eval_set, temperature, est
 
 
 def records_of(target, draft, method, sparsity, eval_set) -> list[dict]:
-    """What sd2.measure writes: the walk for every k (same tokenizer) or assisted generation at K,
+    """What sd2.measure.drafts writes: the walk for every k (same tokenizer) or assisted generation at K,
     greedy and sampled."""
     if TARGETS[target]:
         greedy = [

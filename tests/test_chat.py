@@ -4,8 +4,8 @@ import pytest
 from datasets import Dataset
 
 from sd2 import chat
+from sd2.drafts.prune import calibration_set
 from sd2.models import load_tokenizer
-from sd2.prune import calibration_set
 
 PROMPTS = [
     'def add(a, b):\n    """Return a + b."""\n',

@@ -5,10 +5,11 @@ import torch
 from datasets import Dataset, load_from_disk
 from hub_models import save_hub_model
 
-from sd2 import chat, distill
-from sd2.distill import decode_response, generate_batch, partial_dir, self_distill
+from sd2 import chat
+from sd2.drafts import distill
+from sd2.drafts.distill import decode_response, generate_batch, partial_dir, self_distill
+from sd2.drafts.prune import calibration_set
 from sd2.models import load_model, load_tokenizer
-from sd2.prune import calibration_set
 
 PROMPTS = [
     'def add(a, b):\n    """Return a + b."""\n',

@@ -15,8 +15,10 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from sd2 import chat, continuations, distill, engines
-from sd2.distill import partial_dir, self_distill
+from sd2 import chat, engines
+from sd2.drafts import distill
+from sd2.drafts.distill import partial_dir, self_distill
+from sd2.measure import continuations
 from sd2.models import load_model, load_tokenizer
 
 PROMPTS = [

@@ -10,9 +10,9 @@ from synthetic import K_MAX, PROMPT_IDS, K, synthetic_record
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sd2.cli import main
+from sd2.drafts.prune import prune
 from sd2.export import METADATA, best_k, export_draft
 from sd2.models import decoder_linears
-from sd2.prune import prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_SETS = ("humaneval", "mt_bench")

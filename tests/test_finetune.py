@@ -7,7 +7,7 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from sd2.chunked_loss import chunked_causal_lm_loss
-from sd2.finetune import (
+from sd2.drafts.finetune import (
     check_masks,
     chunked_squarehead,
     finetune,
@@ -22,8 +22,8 @@ from sd2.finetune import (
     tvdpp_loss,
     zero_counts,
 )
+from sd2.drafts.prune import prune
 from sd2.models import decoder_linears, load_model, load_tokenizer
-from sd2.prune import prune
 
 SETTINGS = dict(
     loss="ce",

@@ -11,11 +11,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sd2 import cli, continuations
-from sd2.distill import self_distill
+from sd2 import cli
 from sd2.drafters import heads
+from sd2.drafts.distill import self_distill
+from sd2.measure import continuations
 from sd2.models import load_model, load_tokenizer
-from sd2.results import MEASUREMENT_COLUMNS, collect_comparisons, collect_measurements, summary_markdown
+from sd2.report.results import MEASUREMENT_COLUMNS, collect_comparisons, collect_measurements, summary_markdown
 
 PROMPTS = [
     "def add(a, b):\n    return",

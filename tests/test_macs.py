@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-from sd2 import macs
+from sd2.measure import macs
 
 
 def tiny_llama(**kw):

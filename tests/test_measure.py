@@ -12,12 +12,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sd2 import acceptance, continuations, trees
-from sd2 import measure as ms
-from sd2 import speculative as sp
-from sd2.distill import generate_batch
+from sd2.drafts.distill import generate_batch
+from sd2.measure import acceptance, continuations, trees
+from sd2.measure import drafts as ms
+from sd2.measure import speculative as sp
 from sd2.models import load_model, load_tokenizer
-from sd2.results import collect_measurements
+from sd2.report.results import collect_measurements
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -15,9 +15,9 @@ from conftest import REPO, TINY
 from sd2 import memory
 from sd2.cli import main
 from sd2.config import ConfigError, load, validate
-from sd2.layer_prune import layer_prune
+from sd2.drafts.layer_prune import layer_prune
+from sd2.drafts.prune import prune
 from sd2.models import build_model, count_parameters, load_model, load_tokenizer
-from sd2.prune import prune
 
 GB = 10**9
 USABLE = 72 * GB

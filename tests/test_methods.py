@@ -10,8 +10,10 @@ import yaml
 from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
-from sd2 import export, finetune, methods, plots, results
+from sd2 import export, methods
 from sd2.config import SCHEMA_PATH
+from sd2.drafts import finetune
+from sd2.report import plots, results
 
 
 def schema() -> dict:
@@ -30,7 +32,7 @@ def test_schema_enums_are_the_registry():
     assert props["losses"]["items"]["enum"] == list(methods.LOSSES)
     assert "loss" not in props["finetune"]["properties"]  # one home for the loss: the sweep axis `losses`
     # Every loss the fine-tuning code knows is a loss of the registry (the registry may name one before
-    # sd2.finetune implements it; such a variant fails in its job, not in the DAG).
+    # sd2.drafts.finetune implements it; such a variant fails in its job, not in the DAG).
     assert set(finetune.LOSSES) == set(methods.LOSSES)
 
 

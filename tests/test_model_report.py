@@ -1,6 +1,6 @@
 """The model report's measures of whether greedy continuations read as Python."""
 
-from sd2.model_report import distinct_4gram_share, parses, writes_body
+from sd2.report.model_report import distinct_4gram_share, parses, writes_body
 
 
 def test_distinct_4grams():

@@ -1,4 +1,4 @@
-"""sd2.plots: every figure from small synthetic tables, PNG + PDF, no torch."""
+"""sd2.report.plots: every figure from small synthetic tables, PNG + PDF, no torch."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ from matplotlib.container import ErrorbarContainer
 from synthetic import K_MAX, VARIANTS, K, write_synthetic_tables
 
 from sd2.methods import parse_variant
-from sd2.plots import (
+from sd2.report.plots import (
     CAPTIONS,
     CI_NOTE,
     FIGURES,
@@ -32,7 +32,7 @@ from sd2.plots import (
     save_figure,
     variant_label,
 )
-from sd2.plots import color as variant_color
+from sd2.report.plots import color as variant_color
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
@@ -66,7 +66,7 @@ def test_make_figures_writes_every_figure_without_torch(tables_dir, tmp_path):
     """In a fresh interpreter, as the figures rule runs: every file, and neither torch nor transformers imported."""
     out = tmp_path / "figures"
     code = (
-        "import sys, json; from sd2.plots import make_figures; "
+        "import sys, json; from sd2.report.plots import make_figures; "
         f"paths = make_figures({str(tables_dir)!r}, {str(out)!r}); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad; print(json.dumps([p.name for p in paths]))"
@@ -93,7 +93,7 @@ def test_saved_figures_are_reproducible(tables_dir, tmp_path):
 def test_empty_tables_still_give_every_figure(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
-    from sd2.results import MEASUREMENT_COLUMNS, TRAINING_COLUMNS
+    from sd2.report.results import MEASUREMENT_COLUMNS, TRAINING_COLUMNS
 
     pd.DataFrame(columns=MEASUREMENT_COLUMNS).to_csv(tables / "measurements.csv", index=False)
     pd.DataFrame(columns=TRAINING_COLUMNS).to_csv(tables / "training.csv", index=False)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
+from sd2.drafts.prune import exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
 from sd2.models import decoder_linears, load_model
-from sd2.prune import exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from synthetic import write_synthetic_tables
 
-from sd2.readme import update
+from sd2.report.readme import update
 
 README = """# Title
 
@@ -168,8 +168,8 @@ def test_committed_readme_matches_the_committed_tables(tmp_path):
 
 def test_families_blocks(tmp_path):
     """config/families.yaml's blocks: every greedy exact record against dense_sd of its draft, paired."""
-    from sd2.readme import families, families_significance, families_trees
-    from sd2.results import family_comparisons
+    from sd2.report.readme import families, families_significance, families_trees
+    from sd2.report.results import family_comparisons
 
     assert families(tmp_path).startswith("Not run yet") and families_trees(tmp_path).startswith("Not run yet")
     fam = tmp_path / "families"

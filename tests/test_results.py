@@ -1,4 +1,4 @@
-"""sd2.results: records -> measurements.csv and comparisons.csv, training logs -> training.csv."""
+"""sd2.report.results: records -> measurements.csv and comparisons.csv, training logs -> training.csv."""
 
 import json
 
@@ -18,7 +18,7 @@ from synthetic import (
     write_synthetic_records,
 )
 
-from sd2.results import (
+from sd2.report.results import (
     COMPARISON_COLUMNS,
     MEASUREMENT_COLUMNS,
     MIN_PROMPTS_FOR_SIGNIFICANCE,

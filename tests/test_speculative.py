@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from sd2 import speculative as sp
+from sd2.measure import speculative as sp
 from sd2.models import build_model, load_model, load_tokenizer
 from sd2.tokenization import train_tokenizer
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sd2.stats import excludes, paired_ratio_ci, ratio_ci
+from sd2.measure.stats import excludes, paired_ratio_ci, ratio_ci
 
 
 def _prompts(rng, n, mal):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sd2.chunked_loss import chunked_causal_lm_loss, default_chunk_tokens
-from sd2.finetune import chunked_kl, chunked_tvdpp, finetune_loss_fn, kl_loss, tvdpp_loss
+from sd2.drafts.finetune import chunked_kl, chunked_tvdpp, finetune_loss_fn, kl_loss, tvdpp_loss
 from sd2.models import build_model, load_model
 from sd2.training import accumulate_gradients, causal_lm_loss, collate, label_tokens, micro_batches
 

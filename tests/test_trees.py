@@ -1,4 +1,4 @@
-"""sd2.trees: static draft-token trees, the exact rank walk against our own tree decoding loop.
+"""sd2.measure.trees: static draft-token trees, the exact rank walk against our own tree decoding loop.
 
 Tiny random models (tests/conftest.py): a target with its layers re-initialised at a larger
 scale (at init scale a tied random model just repeats its last token, test_measure.py), and
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_measure import PROMPTS, _perturbed, _rescaled
 
-from sd2 import acceptance, trees
-from sd2.distill import generate_batch
+from sd2.drafts.distill import generate_batch
+from sd2.measure import acceptance, trees
 from sd2.models import load_model, load_tokenizer
 
 N = 16

@@ -14,18 +14,18 @@ In training the same holds at every position j of a sequence x: context x[:j] (h
 0..j-1), last token x[j], depth d predicts x[j+d] against the target's logits at j+d-1.
 
 Offline measurement (estimator `rollout_walk`): a head's proposal at t depends on the target's
-state at t, so the teacher-forced shortcut of sd2.acceptance does not apply. For each cached
+state at t, so the teacher-forced shortcut of sd2.measure.acceptance does not apply. For each cached
 item one target forward over prompt + y gives every hidden state; the head's k-token rollouts
 from every start t run batched over t; runs[t] = the matched prefix length of the proposal at t
 (the longest over beams). `walk` = the prefill step (1 committed, 0 drafted) followed by
-sd2.acceptance.walk_runs over the starts t >= 1. Beam search of length k is not a prefix of
+sd2.measure.acceptance.walk_runs over the starts t >= 1. Beam search of length k is not a prefix of
 beam search of length k + 1, so with beams each k has its own rollouts; a chain (one beam)
 rolls out once to k_max.
 
 `decode` is our own greedy decoding loop (target KV cache, the head's proposal, one batched
 target forward over the paths); `measure_head` checks on the first n_check prompts that it
 commits the cached greedy continuation and that its per-step committed counts equal the walk's,
-leaving out float near-ties (top-2 gaps below sd2.measure.NEAR_TIE) as sd2.measure does.
+leaving out float near-ties (top-2 gaps below sd2.measure.drafts.NEAR_TIE) as sd2.measure.drafts does.
 """
 
 import json
@@ -36,11 +36,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import acceptance, chat, continuations
+from sd2 import chat
 from sd2.checkpoint import atomic_path, write_json
 from sd2.drafters import head_class, split_name
-from sd2.macs import model_macs
-from sd2.measure import DEFINITIONS, check_output, check_steps, check_summary, mark_best_k, summarize
+from sd2.measure import acceptance, continuations
+from sd2.measure.drafts import (
+    DEFINITIONS,
+    check_output,
+    check_steps,
+    check_summary,
+    mark_best_k,
+    summarize,
+)
+from sd2.measure.macs import model_macs
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 from sd2.training import lr_at, shuffled_batches
@@ -93,7 +101,7 @@ class DraftHead(torch.nn.Module):
         return {module: 1 for module in self.modules() if isinstance(module, torch.nn.Linear)}
 
     def macs_per_token(self, dense: bool = False) -> int:
-        """Linear-layer weight MACs per drafted token (sd2.macs conventions): the head's own linear layers
+        """Linear-layer weight MACs per drafted token (sd2.measure.macs conventions): the head's own linear layers
         at their non-zero weights (dense: all weights) times their uses, plus the shared lm_head (vocab x
         hidden, dense: the head computes it for every drafted token; the embedding lookup is free)."""
         own = sum(
@@ -190,7 +198,7 @@ def item_runs(head, target, prompt: list[int], y: list[int], ks: list[int], beam
 
 
 def walk(runs: list[int], k: int, max_new_tokens: int, ended_by_eos: bool) -> list[tuple[int, int]]:
-    """(committed, drafted) per step: the prefill commits y[0] alone, then sd2.acceptance.walk_runs from t = 1."""
+    """(committed, drafted) per step: the prefill commits y[0] alone, then acceptance.walk_runs from t = 1."""
     if not runs:
         return []
     return [(1, 0)] + acceptance.walk_runs(runs[1:], k, max_new_tokens - 1, ended_by_eos)
@@ -315,7 +323,9 @@ def _examples(tokenizer, target_dir, data_dir, settings, chat_settings):
 
     data = load_from_disk(str(data_dir))
     if not chat.is_self_distilled(data):
-        raise ValueError(f"{data_dir} is not a self-distilled dataset (no target_prompt column): see sd2/distill.py")
+        raise ValueError(
+            f"{data_dir} is not a self-distilled dataset (no target_prompt column): see sd2/drafts/distill.py"
+        )
     if settings["max_examples"]:
         data = data.select(range(min(settings["max_examples"], len(data))))
     examples, fmt = chat.encode_dataset(tokenizer, data, data_dir, chat_settings, settings["seq_len"])
@@ -459,9 +469,9 @@ HEAD_DEFINITIONS = {
     "estimator": "rollout_walk: a draft head's proposal at every start t comes from its own k-token rollout "
     "(beam search, one beam = a chain) fed the target's hidden states of prompt + y[:t-1] from one target "
     "forward over prompt + the cached greedy continuation y; runs[t] = the longest proposal prefix matching "
-    "y; steps: the prefill (1 committed, 0 drafted), then sd2.acceptance.walk_runs from t = 1. Checked "
+    "y; steps: the prefill (1 committed, 0 drafted), then sd2.measure.acceptance.walk_runs from t = 1. Checked "
     "against our own decoding loop (sd2.drafters.heads.decode) on checked_prompts.",
-    "draft_macs_per_token": "the head's linear-layer weight MACs per drafted token (sd2.macs conventions; the "
+    "draft_macs_per_token": "the head's linear-layer weight MACs per drafted token (sd2.measure.macs conventions; the "
     "shared lm_head counted, embedding lookups free, the target's activations reused and not counted) times "
     "beam_width (every beam computes its token): the cost of one drafted position.",
     "checks": "checked_prompts/checked_steps: prompts and verification steps where our decoding loop committed the "

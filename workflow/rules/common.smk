@@ -8,7 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 from sd2 import memory, methods
 from sd2.config import validate
 from sd2.hub import is_local, job_env
-from sd2.plots import FIGURES
+from sd2.report.plots import FIGURES
 
 # Fills defaults in place; an unknown key, wrong type or bad value stops here, before any job.
 validate(config)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path
-from sd2.stats import excludes, paired_ratio_ci
+from sd2.measure.stats import excludes, paired_ratio_ci
 
 # Baselines first, the method last: tables and legends read in the registry's order (sd2.methods).
 METHOD_ORDER = methods.NAMES

@@ -3,11 +3,11 @@
 Four estimators, each named in its records:
 - `teacher_forced_walk` (greedy, shared tokenizer): exact MAL for every k = 1..k_max on
   every prompt from one draft forward pass over the target's cached greedy
-  continuations (sd2.acceptance). Cross-checked in the same job against transformers'
+  continuations (sd2.measure.acceptance). Cross-checked in the same job against transformers'
   assisted generation on the first n_check prompts, step by step.
 - `tree_walk` (greedy, shared tokenizer, measure.tree_budgets): the same pass's ranks give the
-  exact MAL of a static draft-token tree per node budget (sd2.trees), cross-checked on the
-  first n_check prompts against sd2.trees' own tree decoding loop, step by step.
+  exact MAL of a static draft-token tree per node budget (sd2.measure.trees), cross-checked on the
+  first n_check prompts against sd2.measure.trees' own tree decoding loop, step by step.
 - `assisted_generation`: transformers' assisted generation, batch size 1, on the first
   n_assisted prompts: sampling (T > 0) and different-tokenizer pairs (UAG), where the
   walk does not apply.
@@ -19,13 +19,13 @@ Four estimators, each named in its records:
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import acceptance, continuations, trees
 from sd2.checkpoint import write_json
-from sd2.macs import model_macs
+from sd2.measure import acceptance, continuations, trees
+from sd2.measure.macs import model_macs
+from sd2.measure.speculative import assisted_runs, decoding_path, step_stats
+from sd2.measure.stats import ratio_ci
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
-from sd2.speculative import assisted_runs, decoding_path, step_stats
-from sd2.stats import ratio_ci
 
 # A teacher-forced pass and incremental decoding use different kernels: where the top two
 # logits are closer than this, their argmaxes may legitimately differ (GUIDE section 7).
@@ -43,8 +43,8 @@ DEFINITIONS = {
     "assisted_generation: transformers' assisted generation, batch size 1; tvd_estimate: alpha = mean over "
     "positions of sum_x min(p, q) along the target's greedy continuation, MAL estimated as "
     "(1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance assumed; tree_walk: exact greedy acceptance of a static "
-    "draft-token tree from the ranks of the same teacher-forced pass (verified against sd2.trees' tree decoding "
-    "loop on checked_prompts).",
+    "draft-token tree from the ranks of the same teacher-forced pass (verified against "
+    "sd2.measure.trees' tree decoding loop on checked_prompts).",
     "tree_walk": "k = tree_budget, the node budget; the tree (tree_branching: children per node at each depth, "
     "tree_nodes <= tree_budget nodes, root excluded) accepts at a step the longest root path equal to the "
     "target's greedy continuation. drafted_tokens counts tree nodes, acceptance_by_position has one entry per "
@@ -60,7 +60,7 @@ DEFINITIONS = {
     "different_tokenizers": "for a draft with a different tokenizer (Universal Assisted Generation), drafted "
     "tokens, positions, MAL and the histogram are counted in TARGET tokens.",
     "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
-    "from the non-zero weights of the checkpoint (sd2.macs.model_macs); embedding lookups cost 0; "
+    "from the non-zero weights of the checkpoint (sd2.measure.macs.model_macs); embedding lookups cost 0; "
     "attention-score MACs grow with context and are not included (see `python -m sd2 macs`).",
     "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
     "per token; its CI is the MAL CI scaled the same way. best_k marks the k with the largest improvement "
@@ -160,7 +160,7 @@ def check_steps(
 
 
 def tree_checks(target, draft, items: list[dict], generations: list, branching, budget: int, max_new: int) -> dict:
-    """Run sd2.trees' decoding loop on `items`: lossless, and the same committed counts per step as the walk."""
+    """Run sd2.measure.trees' decoding loop on `items`: lossless, and the same committed counts per step as the walk."""
     outputs_ok, steps_ok, steps = [], [], 0
     for item, walked in zip(tqdm(items, desc=f"tree loop, budget {budget}", mininterval=5), generations):
         tokens, real = trees.tree_generate(target, draft, item["prompt_ids"], branching, max_new)

@@ -10,7 +10,7 @@ does, so the only root path that can be accepted at a step starting at t is y[t]
 ...; the draft's distribution at the node y[t:t+j] is its teacher-forced distribution at
 position t+j. The step therefore accepts the largest d with rank(y[t+j]) < b_{j+1} for all
 j < d, rank(s) = the rank of y[s] among the draft's teacher-forced logits at s. One
-teacher-forced pass (sd2.acceptance.teacher_forced_matches, which returns the ranks)
+teacher-forced pass (sd2.measure.acceptance.teacher_forced_matches, which returns the ranks)
 gives every tree exactly, and acceptance.walk_runs with k = D turns those runs into steps
 (its caps at max_new_tokens and end-of-text are what `tree_generate` does).
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from sd2 import acceptance
+from sd2.measure import acceptance
 
 RULE = (
     "static tree, one branching per depth; for a budget of n nodes, the branching with at most n nodes that "

@@ -23,7 +23,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path
-from sd2.results import method_rank, with_loss
+from sd2.report.results import method_rank, with_loss
 
 MAL_LABEL = "MAL τ (tokens per verification step)"
 IMPROVEMENT_LABEL = "improvement factor (×, from MACs)"
@@ -596,7 +596,7 @@ def make_figures(tables_dir, out_dir) -> list[Path]:
     return paths
 
 
-# ---------------------------------------------------------------- draft-token trees (sd2.trees)
+# ---------------------------------------------------------------- draft-token trees (sd2.measure.trees)
 
 TREE_BUDGET_LABEL = "tree budget n (draft tokens per step)"
 

@@ -87,7 +87,7 @@ def teacher_forced_matches(
     The gap tells a genuine disagreement from a floating-point near-tie when the walk is
     compared with incremental decoding. rank[s] = the number of tokens the draft puts before
     y[s] (a larger logit, or an equal one at a smaller id, argmax's tie order): rank 0 is a
-    match, and a draft tree with b children per node holds y[s] iff rank < b (sd2.trees).
+    match, and a draft tree with b children per node holds y[s] iff rank < b (sd2.measure.trees).
     """
     out: list[dict | None] = [None] * len(items)
     for idx in _batches(items, batch_size):

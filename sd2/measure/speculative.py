@@ -1,6 +1,6 @@
 """transformers' assisted generation as a measuring instrument (batch size 1), not a copy of its loop.
 
-sd2.measure uses it where the teacher-forced walk does not apply (sampling, different
+sd2.measure.drafts uses it where the teacher-forced walk does not apply (sampling, different
 tokenizers) and to cross-check the walk step by step.
 Two small observers read what it does:
 - `StepStreamer` (a BaseStreamer): `generate()` puts the prompt once, then

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from sd2 import chat, engines
 from sd2.checkpoint import write_json
-from sd2.distill import generate_batch
+from sd2.drafts.distill import generate_batch
+from sd2.measure.speculative import ar_generate, decoding_kwargs, load_prompts
 from sd2.models import default_device, load_model, load_tokenizer
 from sd2.provenance import provenance
-from sd2.speculative import ar_generate, decoding_kwargs, load_prompts
 
 
 def generate_all(
@@ -48,7 +48,7 @@ def generate_all(
 
 
 def _item(prompt: dict, row: dict) -> dict:
-    """One continuation record from a row of sd2.distill.generate_batch (or sd2.engines.generate)."""
+    """One continuation record from a row of sd2.drafts.distill.generate_batch (or sd2.engines.generate)."""
     if not row["prompt_ids"]:
         raise ValueError(f"prompt id {prompt['id']!r} is empty after tokenization")
     return {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from sd2 import methods
-from sd2.results import (
+from sd2.report.results import (
     baseline_comparisons,
     ci_column,
     family_comparisons,
@@ -306,7 +306,8 @@ def families(results: Path) -> str:
         where = f"{machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}"
         first = (
             f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({minutes:.0f} min)** wall, "
-            f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, `results/families/run_time.json`)."
+            f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, "
+            "`results/families/run_time.json`)."
         )
         if not rec.get("whole_config", True):
             first += (

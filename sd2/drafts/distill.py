@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from sd2 import chat, engines
 from sd2.checkpoint import atomic_path, write_json
+from sd2.measure.speculative import check_shipped_generation, generation_config
 from sd2.models import default_device, load_model, load_tokenizer
 from sd2.provenance import provenance
-from sd2.speculative import check_shipped_generation, generation_config
 
 
 def decode_response(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
@@ -50,7 +50,7 @@ def generate_batch(
     """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it.
 
     Each prompt is formatted by sd2.chat (its chat template where the tokenizer has one and
-    chat_settings allow it); the decoding is exactly greedy or pure sampling (sd2.speculative).
+    chat_settings allow it); the decoding is exactly greedy or pure sampling (sd2.measure.speculative).
     """
     check_shipped_generation(model)
     tokenizer.padding_side = "left"

@@ -1,0 +1,10 @@
+"""Measuring the drafts: acceptance (MAL with CIs), cost (MACs) and speed.
+
+- `continuations`: the target's cached greedy continuations of every eval prompt.
+- `acceptance`: the exact teacher-forced walk over those continuations (every k at once).
+- `trees`: static draft-token trees, measured exactly from the draft's ranks.
+- `drafts`: rule measure, every record of one draft model (walks, trees, assisted generation).
+- `speculative`: our own speculative decoding loops and latency.
+- `macs`: multiply-accumulates per token of targets, drafts and heads.
+- `stats`: bootstrap confidence intervals, paired comparisons.
+"""
