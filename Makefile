@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run families test figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run families quantization test figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ run: $(STAMP)
 # only, timed into results/families/run_time.json.
 families: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config config/families.yaml --cores 2 --on-top
+
+# Quantized drafts and weight bytes per token (config/quantization.yaml), on top of `make run`'s
+# work/ likewise, timed into results/quantization/run_time.json.
+quantization: $(STAMP)
+	$(BIN)/python -m sd2 sweep --config config/quantization.yaml --cores 2 --on-top
 
 test: $(STAMP)
 	$(BIN)/pytest

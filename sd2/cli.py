@@ -183,6 +183,29 @@ def prune(p=None, a=None):
     print(json.dumps(summary, indent=2, default=str))
 
 
+@step("quantize", "quantize a draft's decoder linears (llm-compressor), its zeros held, compressed-tensors format")
+def quantize(p=None, a=None):
+    if p:
+        p.add_argument("--model", required=True, help="the draft checkpoint as made (dense or sparse)")
+        p.add_argument("--calibration", required=True, help="the target's self-distilled dataset (gptq)")
+        p.add_argument("--scheme", required=True, help="w8a16 or w4a16")
+        p.add_argument("--settings", type=_json, required=True, help="the config's quantize section as JSON")
+        p.add_argument("--out", required=True)
+        return
+    from sd2.drafts.quantize import quantize
+
+    summary = quantize(
+        a.model,
+        a.out,
+        scheme=a.scheme,
+        method=a.settings["algorithm"],
+        calibration=a.calibration,
+        settings=a.settings,
+        seed=a.seed,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+
+
 @step("layer-prune", "drop decoder layers to match a sparse draft's MACs")
 def layer_prune(p=None, a=None):
     if p:

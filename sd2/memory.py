@@ -68,7 +68,17 @@ CHUNK_LOGITS = 2**27
 REPORT_BATCH, REPORT_NEW_TOKENS = 16, 128
 GATED_MLP = {"llama", "mistral", "qwen2", "qwen3"}
 PLAIN_MLP = {"gpt_neox"}
-RULES = ("pretrain", "model_report", "self_distill", "target_outputs", "prune", "layer_prune", "finetune", "measure")
+RULES = (
+    "pretrain",
+    "model_report",
+    "self_distill",
+    "target_outputs",
+    "prune",
+    "layer_prune",
+    "quantize",
+    "finetune",
+    "measure",
+)
 SHAPE_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -327,15 +337,16 @@ def plan_job(rule: str, models: dict, config: dict) -> Plan:
                 best = found
         parts = best  # the models are reported one after another
         host += best.get("weights", 0)
-    elif rule == "prune":
-        s, dt, p = shapes["draft"], dtypes["draft"], config["prune"]
-        # Two copies on the host: prune.py's (the originals, and what is saved) and llm-compressor's.
+    elif rule in ("prune", "quantize"):
+        # GPTQ, like SparseGPT, walks the layers with one Hessian per linear input; rtn, like magnitude, needs none.
+        s, dt, p = shapes["draft"], dtypes["draft"], config[rule]
+        # Two copies on the host: our module's (the originals, and what is saved) and llm-compressor's.
         host += 2 * weight_bytes(s, dt)
-        if p["pruner"] == "magnitude":
+        if p.get("pruner", p.get("algorithm")) in ("magnitude", "rtn"):
             on_gpu = False
             parts = {"weights_twice": 2 * weight_bytes(s, dt)}
         else:
-            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=p["pruner"] == "sparsegpt")
+            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=p.get("pruner") != "wanda")
             cached = 2 * p["calibration_samples"] * p["calibration_seq_len"] * s.hidden_size * DTYPE_BYTES[dt]
             host += cached
             parts["host_calibration_cache"] = cached
@@ -440,6 +451,8 @@ def job_plans(config: dict) -> list[Plan]:
         plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs")]
     for d in drafts:
         plans += [plan_job(rule, {"draft": d}, config) for rule in ("prune", "layer_prune")]
+        if set(config.get("quantization", [])) - {methods.NO_QUANTIZATION}:
+            plans.append(plan_job("quantize", {"draft": d}, config))
         # A loss that reads another model's outputs loads it beside the draft: the target or the draft itself.
         tuned = [(t, v) for t in targets for v in methods.variants(config, t, d) if methods.BY_NAME[v.method].tuned]
         teachers = dict.fromkeys({"target": t, "draft": d}.get(methods.LOSSES[v.loss].teacher) for t, v in tuned)

@@ -81,6 +81,11 @@ LOSSES = {
 }
 DEFAULT_LOSS = "ce"
 SEPARATOR = "+"
+# Weight quantization after the draft is made (sd2.drafts.quantize): a sweep axis like the losses.
+# "none" keeps the variant's name; any other is named `<variant>@<scheme>` (e.g. `sd2+kl@w4a16`).
+QUANTIZATIONS = ("none", "w8a16", "w4a16")
+NO_QUANTIZATION = "none"
+QUANT_SEPARATOR = "@"
 
 
 def method(name: str) -> Method:
@@ -119,10 +124,26 @@ def variant_name(name: str, loss: str | None) -> str:
     return variant
 
 
+def split_quantization(variant: str) -> tuple[str, str]:
+    """'sd2+kl@w4a16' -> ('sd2+kl', 'w4a16'); 'sd2' -> ('sd2', 'none')."""
+    base, sep, scheme = variant.partition(QUANT_SEPARATOR)
+    if not sep:
+        return base, NO_QUANTIZATION
+    if scheme not in QUANTIZATIONS or scheme == NO_QUANTIZATION:
+        raise ValueError(f"'{variant}': unknown quantization '{scheme}' (known: {', '.join(QUANTIZATIONS[1:])})")
+    return base, scheme
+
+
+def quantized_name(variant: str, scheme: str) -> str:
+    """'sd2' with 'w4a16' -> 'sd2@w4a16'; with 'none' -> 'sd2'."""
+    return variant if scheme == NO_QUANTIZATION else f"{variant}{QUANT_SEPARATOR}{scheme}"
+
+
 def parse_variant(variant: str) -> tuple[str, str | None]:
     """'sd2+kl' -> ('sd2', 'kl'); 'sd2' -> ('sd2', 'ce'); 'direct_align' -> ('direct_align', 'tvdpp');
-    'dense' -> ('dense', None): the registry's method and the loss of its fine-tuning."""
-    name, sep, loss = variant.partition(SEPARATOR)
+    'dense' -> ('dense', None): the registry's method and the loss of its fine-tuning (a quantized
+    variant's too: split_quantization gives its scheme)."""
+    name, sep, loss = split_quantization(variant)[0].partition(SEPARATOR)
     if sep:
         if loss not in LOSSES:
             raise ValueError(f"'{variant}': unknown loss '{loss}' (known: {', '.join(LOSSES)})")
@@ -134,12 +155,20 @@ def parse_variant(variant: str) -> tuple[str, str | None]:
     return name, default_loss(name)
 
 
-def label(name: str, loss=None) -> str:
-    """'Direct Alignment', 'sd2', 'sd2 (kl)': the method's label, with the loss when it is not the method's own."""
+def label(name: str, loss=None, quantization=None) -> str:
+    """'Direct Alignment', 'sd2', 'sd2 (kl)', 'sd2 w4a16': the method's label, with the loss when it is
+    not the method's own and the quantization when there is one."""
     base = BY_NAME[name].label if name in BY_NAME else name
     if isinstance(loss, str) and loss != default_loss(name):
-        return f"{base} ({loss})"
+        base = f"{base} ({loss})"
+    if isinstance(quantization, str) and quantization != NO_QUANTIZATION:
+        base = f"{base} {quantization}"
     return base
+
+
+def quantization_rank(scheme) -> int:
+    """Unquantized first, then QUANTIZATIONS order."""
+    return QUANTIZATIONS.index(scheme) if scheme in QUANTIZATIONS else 0
 
 
 def ce_counterpart(name: str) -> str | None:
@@ -164,14 +193,19 @@ def takes_losses(m: Method) -> bool:
     return m.kind == "draft" and m.tuned and m.loss is None
 
 
-def variant_pattern(tuned_only: bool = False) -> str:
+def variant_pattern(tuned_only: bool = False, quantized: bool = False) -> str:
     """A regular expression of every draft variant name ('sd2', 'sd2+kl'; heads excluded), for the
-    rules' wildcard constraints; `tuned_only`: the variants the finetune rule makes."""
+    rules' wildcard constraints; `tuned_only`: the variants the finetune rule makes; `quantized`:
+    with an optional '@<scheme>' (the variants rule measure reads)."""
     drafts = [m for m in METHODS if m.kind == "draft" and (m.tuned or not tuned_only)]
     fixed = "|".join(m.name for m in drafts if not takes_losses(m))
     axis = "|".join(m.name for m in drafts if takes_losses(m))
     others = "|".join(loss for loss in LOSSES if loss != DEFAULT_LOSS)
-    return rf"(?:{fixed}|(?:{axis})(?:\{SEPARATOR}(?:{others}))?)"
+    pattern = rf"(?:{fixed}|(?:{axis})(?:\{SEPARATOR}(?:{others}))?)"
+    if quantized:
+        schemes = "|".join(QUANTIZATIONS[1:])
+        pattern = rf"{pattern}(?:{QUANT_SEPARATOR}(?:{schemes}))?"
+    return pattern
 
 
 # ---------------------------------------------------------------- the sweep's variants
@@ -226,6 +260,7 @@ class Variant:
     method: str
     loss: str | None
     sparsity: int
+    quantization: str = NO_QUANTIZATION
 
 
 def candidates(config: dict):
@@ -241,14 +276,18 @@ def candidates(config: dict):
             yield from ((name, loss) for loss in config["losses"])
 
 
-def variants(config: dict, target: str, draft: str) -> list[Variant]:
+def variants(config: dict, target: str, draft: str, quantized: bool = False) -> list[Variant]:
     """Every draft the sweep makes for one (target, draft) pair: methods in config order, then
-    losses in config order, then sparsity levels (0 only for dense methods)."""
+    losses in config order, then sparsity levels (0 only for dense methods). `quantized`: each
+    also once per quantization scheme of the config's `quantization` (after its unquantized self)."""
+    schemes = config.get("quantization", [NO_QUANTIZATION]) if quantized else [NO_QUANTIZATION]
     out = []
     for name, loss in candidates(config):
         if skip_reason(config, target, draft, name, loss) is None:
             levels = config["sparsities"] if BY_NAME[name].sparse else [0]
-            out += [Variant(variant_name(name, loss), name, loss, s) for s in levels]
+            out += [
+                Variant(quantized_name(variant_name(name, loss), q), name, loss, s, q) for s in levels for q in schemes
+            ]
     return out
 
 

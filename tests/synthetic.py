@@ -43,6 +43,7 @@ BASE_MAL = {
     "layer_pruned": 2.4,
     "sd2": 3.4,
     "sd2+kl": 3.5,
+    "sd2@w4a16": 3.3,
 }
 EVAL_SETS = ("humaneval", "stdlib_heldout")
 PROMPT_IDS = [f"p{i}" for i in range(N_PROMPTS)]

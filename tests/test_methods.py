@@ -246,3 +246,27 @@ def test_memory_plans_load_the_teachers_the_variants_need():
     llama = [t for t in paper["targets"] if t.startswith("llama")]
     assert teachers(paper) == {(d, t) for d in drafts for t in [None, *llama]}
     assert teachers(config(methods=["dense", "sd2"], losses=["squarehead"])) == {("tiny-draft", "tiny-draft")}
+
+
+def test_quantized_variant_names():
+    """<variant>@<scheme>: split back, matched by the measure rule's pattern, not by finetune's."""
+    assert methods.split_quantization("sd2+kl@w4a16") == ("sd2+kl", "w4a16")
+    assert methods.split_quantization("sd2") == ("sd2", "none")
+    assert methods.parse_variant("sd2+kl@w4a16") == ("sd2", "kl")
+    assert methods.quantized_name("dense_sd", "none") == "dense_sd"
+    assert methods.label("sd2", "kl", "w8a16") == "sd2 (kl) w8a16"
+    with pytest.raises(ValueError, match="unknown quantization 'w2a16'"):
+        methods.split_quantization("sd2@w2a16")
+    measured, tuned = methods.variant_pattern(quantized=True), methods.variant_pattern(tuned_only=True)
+    assert re.fullmatch(measured, "sd2+kl@w4a16") and re.fullmatch(measured, "dense@w8a16")
+    assert not re.fullmatch(tuned, "sd2@w4a16") and not re.fullmatch(measured, "sd2@none")
+    cfg = {
+        "methods": ["dense_sd", "sd2"],
+        "losses": ["ce"],
+        "sparsities": [50],
+        "quantization": ["none", "w4a16"],
+        "models": {"t": {"tokenizer": "a"}, "d": {"tokenizer": "a"}},
+    }
+    names = [v.name for v in methods.variants(cfg, "t", "d", quantized=True)]
+    assert names == ["dense_sd", "dense_sd@w4a16", "sd2", "sd2@w4a16"]
+    assert [v.name for v in methods.variants(cfg, "t", "d")] == ["dense_sd", "sd2"]

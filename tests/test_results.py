@@ -282,3 +282,31 @@ def test_few_prompts_are_never_significant(tmp_path):
     few = collect_comparisons(paths, tmp_path / "few.csv")
     assert (few["mal_ratio_vs_layer_pruned"] > 1.1).all()
     assert not few["ratio_significant"].any() and not few["change_significant"].any()
+
+
+def test_quantized_drafts_are_their_own_rows_compared_with_the_unquantized_draft(tmp_path):
+    """sd2@w4a16: method sd2, quantization w4a16; compared with sd2 as made, paired; bytes-based
+    improvement factor from the records' byte counts; left out of the baseline comparisons."""
+    paths = write_synthetic_records(
+        tmp_path, targets=("t_llama",), variants=[("sd2", 50), ("sd2@w4a16", 50), ("layer_pruned", 50)]
+    )
+    for path in paths:
+        doc = json.loads(path.read_text())
+        for r in doc["records"]:
+            draft_bytes = 300_000 if "@w4a16" in r["method"] else 1_000_000
+            r.update(draft_weight_bytes_per_token=draft_bytes, target_weight_bytes_per_token=10_000_000)
+            r["weight_bytes_ratio"] = draft_bytes / 10_000_000
+        path.write_text(json.dumps(doc))
+    m = collect_measurements(paths, tmp_path / "m.csv")
+    assert set(m["quantization"]) == {"none", "w4a16"} and set(m["method"]) == {"sd2", "layer_pruned"}
+    walk = m[m["estimator"] == "teacher_forced_walk"]
+    expected = walk["mal"] / (1 + walk["k"] * walk["weight_bytes_ratio"])
+    assert walk["improvement_factor_bytes"].tolist() == pytest.approx(expected.tolist())
+    c = collect_comparisons(paths, tmp_path / "c.csv")
+    q = c[(c["quantization"] == "w4a16") & (c["temperature"] == 0) & (c["eval_set"] == "humaneval")].iloc[0]
+    assert q["method"] == "sd2" and q["mal_ratio_vs_unquantized"] == pytest.approx(q["mal"] / q["unquantized_mal"])
+    assert q["vs_unquantized_ci_low"] < q["mal_ratio_vs_unquantized"] < q["vs_unquantized_ci_high"] < 1
+    assert q["vs_unquantized_significant"] and q["weight_bytes_ratio_vs_unquantized"] == pytest.approx(0.3)
+    # The paper's comparison stays between drafts as made.
+    base = c[c["mal_ratio_vs_layer_pruned"].notna()]
+    assert len(base) and set(base["quantization"]) == {"none"}

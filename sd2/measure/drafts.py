@@ -19,11 +19,13 @@ Four estimators, each named in its records:
 import torch
 from tqdm.auto import tqdm
 
+from sd2 import methods
 from sd2.checkpoint import write_json
 from sd2.measure import acceptance, continuations, trees
 from sd2.measure.macs import model_macs
 from sd2.measure.speculative import assisted_runs, decoding_path, step_stats
 from sd2.measure.stats import ratio_ci
+from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 
@@ -65,6 +67,11 @@ DEFINITIONS = {
     "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
     "per token; its CI is the MAL CI scaled the same way. best_k marks the k with the largest improvement "
     "factor for this draft, estimator and temperature.",
+    "weight_bytes_per_token": "bytes of weights read per generated token (sd2.measure.weight_bytes): every "
+    "linear layer once, each in its smallest stored layout (dense, bitmask, CSR), 16-bit weights or the draft's "
+    "quantization (`quantization`: w8a16, w4a16, with 16-bit scales); weight_bytes_ratio = draft / target. The "
+    "tables' improvement_factor_bytes is MAL / (1 + k * weight_bytes_ratio). A quantized draft is measured "
+    "with its quantized weights, dequantised in the forward pass.",
     "tokens_per_s": "greedy, batch size 1, the first n_check prompts but the first warmup_prompts: "
     "ar = the target alone (timed once per target and eval set by the target_outputs job), sd = assisted "
     "generation with this draft; speedup = sd_tokens_per_s / ar_tokens_per_s.",
@@ -251,6 +258,8 @@ def measure(
     path = decoding_path(target, draft, target_tok, draft_tok)
     target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
     cost_ratio = draft_macs / target_macs
+    quantization = methods.split_quantization(labels.get("method") or "")[1]
+    draft_bytes, target_bytes = model_weight_bytes(draft, quantization), model_weight_bytes(target)
     n_boot, n_check, warmup, max_new = (
         settings["bootstrap"],
         settings["n_check"],
@@ -269,6 +278,11 @@ def measure(
         "draft_macs_per_token": draft_macs,
         "target_macs_per_token": target_macs,
         "macs_ratio": cost_ratio,
+        "quantization": quantization,
+        "draft_weight_bytes_per_token": draft_bytes["weight_bytes_per_token"],
+        "target_weight_bytes_per_token": target_bytes["weight_bytes_per_token"],
+        "weight_bytes_ratio": draft_bytes["weight_bytes_per_token"] / target_bytes["weight_bytes_per_token"],
+        "draft_weight_layouts": draft_bytes["weight_layouts"],
         "same_tokenizer": path == "assisted",
         "decoding_path": path,
         "device": str(target.device),

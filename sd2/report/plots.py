@@ -23,7 +23,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path
-from sd2.report.results import method_rank, with_loss
+from sd2.report.results import method_rank, unquantized, with_variant_columns
 
 MAL_LABEL = "MAL τ (tokens per verification step)"
 IMPROVEMENT_LABEL = "improvement factor (×, from MACs)"
@@ -76,6 +76,7 @@ CAPTIONS = {
     ),
 }
 FIGURES = tuple(CAPTIONS)
+ALL_QUANTIZATIONS = ("mal_vs_weight_bytes",)
 
 
 # ---------------------------------------------------------------- table helpers
@@ -84,7 +85,9 @@ FIGURES = tuple(CAPTIONS)
 def load_tables(tables_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """measurements.csv and training.csv of `tables_dir` (with a `loss` column, even in tables written before it)."""
     tables_dir = Path(tables_dir)
-    return with_loss(pd.read_csv(tables_dir / "measurements.csv")), with_loss(pd.read_csv(tables_dir / "training.csv"))
+    return with_variant_columns(pd.read_csv(tables_dir / "measurements.csv")), with_variant_columns(
+        pd.read_csv(tables_dir / "training.csv")
+    )
 
 
 def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> pd.DataFrame:
@@ -591,7 +594,11 @@ def make_figures(tables_dir, out_dir) -> list[Path]:
     measurements, training = load_tables(tables_dir)
     paths = []
     for stem in FIGURES:
-        fig = plot_loss_curves(training) if stem == "loss_curves" else PLOTS[stem](measurements)
+        if stem == "loss_curves":
+            fig = plot_loss_curves(training)
+        else:
+            # Quantized drafts only in the bytes figure: elsewhere a line per method would mix them.
+            fig = PLOTS[stem](measurements if stem in ALL_QUANTIZATIONS else unquantized(measurements))
         paths += save_figure(fig, out_dir, stem)
     return paths
 
@@ -683,4 +690,64 @@ CAPTIONS["mal_vs_tree_budget"] = (
     "shaded bands: 95% bootstrap CI over prompts."
 )
 PLOTS["mal_vs_tree_budget"] = plot_mal_vs_tree_budget
+FIGURES = tuple(CAPTIONS)
+
+
+# ---------------------------------------------------------------- weight bytes, quantization (sd2.measure.weight_bytes)
+
+BYTES_LABEL = "draft weight bytes read per token"
+QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w4a16": "^"}
+
+
+def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
+    """Rows: eval sets. Columns: targets. Every draft (quantized ones too) as a point at the bytes of
+    weights it reads per token in its smallest stored layout; marker = quantization, colour = method;
+    the Pareto front as a step line."""
+    df = main_slice(measurements, temperature, k)
+    df = df[df["draft_weight_bytes_per_token"].notna()] if "draft_weight_bytes_per_token" in df else df.iloc[:0]
+    title = slice_title("MAL against the weight bytes a draft reads per token", df, temperature)
+    if df.empty:
+        return empty_figure(title, "no records with weight bytes (measured before bytes were counted)")
+
+    def draw(ax, panel, eval_set, column, j):
+        for c in variant_order(panel, ["draft", "quantization"]).itertuples(index=False):
+            rows = panel[same_variant(panel, c.method, c.loss, c.sparsity) & (panel["draft"] == c.draft)]
+            rows = rows[rows["quantization"] == c.quantization]
+            ax.errorbar(
+                rows["draft_weight_bytes_per_token"],
+                rows["mal"],
+                yerr=ci_yerr(rows, "mal"),
+                fmt=QUANTIZATION_MARKERS.get(c.quantization, "D"),
+                capsize=3,
+                color=color(c.method, c.loss),
+                label=methods.label(c.method, c.loss),
+                zorder=3,
+            )
+        front = pareto_front(panel, "draft_weight_bytes_per_token", "mal")
+        ax.step(front["draft_weight_bytes_per_token"], front["mal"], where="post", color="0.5", label="Pareto front")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        ax.set_title(f"{eval_set}: target {column[0]}", fontsize="medium")
+        ax.set_xlabel(BYTES_LABEL)
+        ax.set_ylabel(MAL_LABEL if j == 0 else "")
+        ax.grid(alpha=0.3)
+
+    fig = panel_grid(df, "eval_set", ["target"], title, draw)
+    shown = [q for q in QUANTIZATION_MARKERS if q in set(df["quantization"])]
+    fig.text(
+        0.99,
+        0.01,
+        "markers: " + ", ".join(f"{QUANTIZATION_MARKERS[q]} {q}" for q in shown),
+        ha="right",
+        fontsize="small",
+    )
+    return fig
+
+
+CAPTIONS["mal_vs_weight_bytes"] = (
+    "MAL against the bytes of weights each draft reads per generated token (log scale): 16-bit weights, "
+    "quantized decoder layers at 8 or 4 bits with their scales, sparse layers in a bitmask layout where it is "
+    "smaller; marker = quantization, colour = method; the grey step line is the Pareto front; " + CI_NOTE
+)
+PLOTS["mal_vs_weight_bytes"] = plot_mal_vs_weight_bytes
 FIGURES = tuple(CAPTIONS)

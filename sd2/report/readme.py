@@ -20,7 +20,7 @@ from sd2.report.results import (
     markdown_table,
     summary_markdown,
     with_ci,
-    with_loss,
+    with_variant_columns,
 )
 
 
@@ -99,7 +99,7 @@ def aims(results: Path) -> str:
     )
     meas = results / "tables" / "measurements.csv"
     if meas.exists():
-        df = with_loss(pd.read_csv(meas))
+        df = with_variant_columns(pd.read_csv(meas))
         first_set = df["eval_set"].iloc[0]
         sd = df[
             (df["method"] == "dense_sd")
@@ -353,7 +353,7 @@ def families_trees(results: Path) -> str:
     path = _families_dir(results) / "tables" / "measurements.csv"
     if not path.exists():
         return "Not run yet: `make families` (after `make run`) writes `results/families/`."
-    df = with_loss(pd.read_csv(path))
+    df = with_variant_columns(pd.read_csv(path))
     greedy = df[df["temperature"] == 0]
     trees = greedy[greedy["estimator"] == "tree_walk"]
     if not len(trees):

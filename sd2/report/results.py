@@ -22,9 +22,10 @@ METHOD_ORDER = methods.NAMES
 # Drafts as dense as the draft model itself: their MACs are the reference of macs_reduction.
 DENSE_METHODS = tuple(m.name for m in methods.METHODS if m.kind == "draft" and m.init == "dense")
 
-# `method` is the registry's method, `loss` its fine-tuning loss (empty for an untuned draft):
-# records and curves name a loss variant `<method>+<loss>` (sd2.methods.variant_name), split here.
-KEYS = ["target", "draft", "method", "loss", "sparsity", "eval_set", "temperature", "estimator", "k"]
+# `method` is the registry's method, `loss` its fine-tuning loss (empty for an untuned draft),
+# `quantization` its weight quantization ("none" for none): records and curves name a variant
+# `<method>+<loss>@<scheme>` (sd2.methods.variant_name, quantized_name), split here.
+KEYS = ["target", "draft", "method", "loss", "quantization", "sparsity", "eval_set", "temperature", "estimator", "k"]
 MEASUREMENT_COLUMNS = KEYS + [
     "headline_k",
     "best_k",
@@ -50,6 +51,12 @@ MEASUREMENT_COLUMNS = KEYS + [
     "improvement_factor",
     "improvement_factor_ci_low",
     "improvement_factor_ci_high",
+    "draft_weight_bytes_per_token",
+    "target_weight_bytes_per_token",
+    "weight_bytes_ratio",
+    "improvement_factor_bytes",
+    "improvement_factor_bytes_ci_low",
+    "improvement_factor_bytes_ci_high",
     "ar_tokens_per_s",
     "sd_tokens_per_s",
     "speedup",
@@ -92,19 +99,29 @@ def method_rank(method: str) -> int:
     return methods.rank(method)
 
 
-def with_loss(df: pd.DataFrame) -> pd.DataFrame:
-    """A table as it is, or one written before losses were a sweep axis with the `loss` column it lacks
-    (each method's own: ce for a tuned method, none for an untuned one)."""
-    if "loss" in df.columns:
+def with_variant_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as it is, or one written before losses or quantization were sweep axes with the
+    columns it lacks: `loss` (each method's own: ce for a tuned method, none for an untuned one)
+    and `quantization` ("none")."""
+    if "loss" not in df.columns:
+        df = df.assign(loss=df["method"].map(lambda m: methods.default_loss(m) if isinstance(m, str) else None))
+    if "quantization" not in df.columns:
+        df = df.assign(quantization=methods.NO_QUANTIZATION)
+    return df
+
+
+def unquantized(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of drafts served with their weights as made (the comparisons between methods)."""
+    if "quantization" not in df.columns:
         return df
-    loss = df["method"].map(lambda m: methods.default_loss(m) if isinstance(m, str) else None)
-    return df.assign(loss=loss)
+    return df[df["quantization"].isna() | (df["quantization"] == methods.NO_QUANTIZATION)]
 
 
 def baseline_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
     """The rows of comparisons.csv that compare sd2 (ce) with its baselines."""
     if "loss" not in compared.columns:  # a table written before losses were a sweep axis has no others
         return compared
+    compared = unquantized(compared)
     return compared[(compared["method"] == "sd2") & (compared["loss"] == methods.DEFAULT_LOSS)]
 
 
@@ -112,7 +129,15 @@ def loss_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
     """The rows of comparisons.csv that compare a loss variant with the ce variant of its method."""
     if "loss" not in compared.columns:  # a table written before losses were a sweep axis: none
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    compared = unquantized(compared)
     return compared[compared["loss"].notna() & (compared["loss"] != methods.DEFAULT_LOSS)]
+
+
+def quantization_comparisons(compared: pd.DataFrame) -> pd.DataFrame:
+    """The rows of comparisons.csv that compare a quantized draft with the same draft unquantized."""
+    if "quantization" not in compared.columns:
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    return compared[compared["quantization"].notna() & (compared["quantization"] != methods.NO_QUANTIZATION)]
 
 
 def with_rank(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -123,12 +148,23 @@ def with_rank(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str
             by += ["_rank", "method"]  # the name after the rank orders unknown methods alphabetically
         elif key == "loss":
             by += ["_loss_rank", "loss"]
+        elif key == "quantization":
+            by.append("_quantization_rank")
         else:
             by.append(key)
     ranked = df.assign(_rank=df["method"].map(method_rank))
     if "loss" in df.columns:
         ranked = ranked.assign(_loss_rank=df["loss"].map(methods.loss_rank))
+    if "quantization" in df.columns:
+        ranked = ranked.assign(_quantization_rank=df["quantization"].map(methods.quantization_rank))
     return ranked, by
+
+
+def drop_ranks(ranked: pd.DataFrame) -> pd.DataFrame:
+    """A sorted frame without with_rank's columns, renumbered."""
+    return ranked.drop(columns=[c for c in ("_rank", "_loss_rank", "_quantization_rank") if c in ranked]).reset_index(
+        drop=True
+    )
 
 
 def sort_measurements(df: pd.DataFrame) -> pd.DataFrame:
@@ -136,7 +172,7 @@ def sort_measurements(df: pd.DataFrame) -> pd.DataFrame:
     estimator, k."""
     ranked, by = with_rank(df, [c for c in KEYS if c in df.columns])
     ranked = ranked.sort_values(by, kind="mergesort", na_position="first")
-    return ranked.drop(columns=[c for c in ("_rank", "_loss_rank") if c in ranked]).reset_index(drop=True)
+    return drop_ranks(ranked)
 
 
 def versions_string(versions: dict | None) -> str:
@@ -153,11 +189,12 @@ def record_row(record: dict, record_file: str) -> dict:
 
     Optional fields may be missing (empty cells); the identifying keys and the MACs may not.
     """
-    missing = [c for c in REQUIRED if c != "loss" and record.get(c) is None]
+    missing = [c for c in REQUIRED if c not in ("loss", "quantization") and record.get(c) is None]
     if missing:
         raise ValueError(f"{record_file}: record without {missing}")
     row = {c: record.get(c) for c in MEASUREMENT_COLUMNS}
     row["method"], row["loss"] = methods.parse_variant(record["method"])
+    row["quantization"] = methods.split_quantization(record["method"])[1]
     for col in ("acceptance_by_position", "accepted_length_histogram"):
         row[col] = json.dumps(record.get(col))
     prov = record.get("provenance") or {}
@@ -183,6 +220,20 @@ def add_macs_reduction(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(macs_reduction=1.0 - df["draft_macs_per_token"] / reference)
 
 
+def add_bytes_improvement(df: pd.DataFrame) -> pd.DataFrame:
+    """improvement_factor_bytes = MAL / (1 + f x draft bytes / target bytes), with weight bytes read
+    per token (sd2.measure.weight_bytes) as the cost instead of MACs; f = draft forwards per step
+    (k for a chain, the expanded nodes for a tree). NaN where a record has no byte counts (heads,
+    and records measured before bytes were counted)."""
+    forwards = df["k"].where(df["estimator"] != "tree_walk", df["tree_nodes_expanded"])
+    scale = 1.0 / (1.0 + forwards * df["weight_bytes_ratio"])
+    return df.assign(
+        improvement_factor_bytes=df["mal"] * scale,
+        improvement_factor_bytes_ci_low=df["mal_ci_low"] * scale,
+        improvement_factor_bytes_ci_high=df["mal_ci_high"] * scale,
+    )
+
+
 def write_table(df: pd.DataFrame, out_csv) -> None:
     """CSV written to a temporary sibling and renamed: readers never see half a table."""
     with atomic_path(out_csv) as tmp:
@@ -198,7 +249,7 @@ def collect_measurements(record_paths: list, out_csv) -> pd.DataFrame:
     rows = [record_row(r, path) for r, _, path in read_records(record_paths)]
     df = pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)
     if len(df):
-        df = add_macs_reduction(df)
+        df = add_bytes_improvement(add_macs_reduction(df))
         duplicated = df[df.duplicated(KEYS, keep=False)]
         if len(duplicated):
             raise ValueError(f"duplicate measurements for {KEYS}:\n{duplicated[KEYS + ['record_file']]}")
@@ -251,7 +302,7 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     then the mean over eval sets of acceptance rate, improvement factor and speed-up, and
     the draft's MACs per token and MACs reduction.
     """
-    measurements = with_loss(measurements)
+    measurements = with_variant_columns(measurements)
     at_t = measurements[
         (measurements["temperature"] == temperature)
         & (measurements["estimator"] != "tvd_estimate")
@@ -259,7 +310,7 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     ]
     # An untuned draft has no loss; grouping drops empty keys, so it groups as "" and is emptied again below.
     at_t = at_t.assign(loss=at_t["loss"].fillna(""))
-    group = ["target", "draft", "method", "loss", "sparsity", "k", "estimator"]
+    group = ["target", "draft", "method", "loss", "quantization", "sparsity", "k", "estimator"]
     parts = []
     for value, name in (("mal", "mal"), ("mal_ci_low", "ci_low"), ("mal_ci_high", "ci_high"), ("n_prompts", "n")):
         wide = at_t.pivot_table(index=group, columns="eval_set", values=value, aggfunc="first")
@@ -277,7 +328,18 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     return sort_measurements(table.assign(loss=table["loss"].mask(table["loss"] == "")))
 
 
-COMPARISON_KEYS = ["target", "draft", "method", "loss", "sparsity", "eval_set", "temperature", "estimator", "k"]
+COMPARISON_KEYS = [
+    "target",
+    "draft",
+    "method",
+    "loss",
+    "quantization",
+    "sparsity",
+    "eval_set",
+    "temperature",
+    "estimator",
+    "k",
+]
 # Rows with loss ce compare SD² with its baselines (the paper's comparisons); rows with another loss
 # compare that loss variant with the ce variant of the same method (ce_method: direct_align's is dense_sd).
 BASELINE_COLUMNS = [
@@ -313,7 +375,18 @@ LOSS_COLUMNS = [
     "vs_ce_ci_high",
     "vs_ce_significant",
 ]
-COMPARISON_COLUMNS = COMPARISON_KEYS + ["n_prompts"] + BASELINE_COLUMNS + LOSS_COLUMNS
+# Rows of a quantized draft compare it with the same draft unquantized (same method, loss, sparsity).
+QUANTIZATION_COLUMNS = [
+    "unquantized_mal",
+    "unquantized_mal_ci_low",
+    "unquantized_mal_ci_high",
+    "mal_ratio_vs_unquantized",
+    "vs_unquantized_ci_low",
+    "vs_unquantized_ci_high",
+    "vs_unquantized_significant",
+    "weight_bytes_ratio_vs_unquantized",
+]
+COMPARISON_COLUMNS = COMPARISON_KEYS + ["n_prompts"] + BASELINE_COLUMNS + LOSS_COLUMNS + QUANTIZATION_COLUMNS
 
 
 def read_records(record_paths) -> list[tuple[dict, list, str]]:
@@ -365,25 +438,29 @@ def comparisons(record_paths) -> pd.DataFrame:
         if record.get("estimator") == "tvd_estimate" or record["k"] not in settings.get("k", [record["k"]]):
             continue
         method, loss = methods.parse_variant(record["method"])
+        scheme = methods.split_quantization(record["method"])[1]
         cell = tuple(record[c] for c in ("target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"))
-        index[(method, loss, *cell)] = (record, ids)
+        index[(method, loss, scheme, *cell)] = (record, ids)
+    none = methods.NO_QUANTIZATION
     rows = []
-    for (method, loss, *cell), (rec, ids) in index.items():
-        if method == "sd2" and loss == methods.DEFAULT_LOSS:
+    for (method, loss, scheme, *cell), (rec, ids) in index.items():
+        if scheme != none:
+            extra = _quantization_row(rec, ids, index.get((method, loss, none, *cell)))
+        elif method == "sd2" and loss == methods.DEFAULT_LOSS:
             others = {"sd2": (rec, ids)}
             for base, level in (("layer_pruned", cell[2]), ("dense_sd", 0)):
-                found = index.get((base, methods.DEFAULT_LOSS, cell[0], cell[1], level, *cell[3:]))
+                found = index.get((base, methods.DEFAULT_LOSS, none, cell[0], cell[1], level, *cell[3:]))
                 if found:
                     others[base] = found
             extra = _baseline_row(others)
         elif loss not in (None, methods.DEFAULT_LOSS) and methods.ce_counterpart(method):
             ce_method = methods.ce_counterpart(method)
-            extra = _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, *cell)))
+            extra = _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, none, *cell)))
         else:
             continue
         rows.append(
             {
-                **dict(zip(COMPARISON_KEYS, (cell[0], cell[1], method, loss, *cell[2:]))),
+                **dict(zip(COMPARISON_KEYS, (cell[0], cell[1], method, loss, scheme, *cell[2:]))),
                 "n_prompts": rec.get("n_prompts"),
                 **extra,
             }
@@ -392,7 +469,7 @@ def comparisons(record_paths) -> pd.DataFrame:
     if not len(df):
         return df
     ranked, by = with_rank(df, COMPARISON_KEYS)
-    return ranked.sort_values(by, kind="mergesort").drop(columns=["_rank", "_loss_rank"]).reset_index(drop=True)
+    return drop_ranks(ranked.sort_values(by, kind="mergesort"))
 
 
 FAMILY_COLUMNS = [
@@ -465,7 +542,28 @@ def family_comparisons(record_paths, reference: str = "dense_sd") -> pd.DataFram
     if not len(df):
         return df
     ranked, by = with_rank(df, ["target", "eval_set", "k", "method", "loss", "draft", "sparsity", "estimator"])
-    return ranked.sort_values(by, kind="mergesort").drop(columns=["_rank", "_loss_rank"]).reset_index(drop=True)
+    return drop_ranks(ranked.sort_values(by, kind="mergesort"))
+
+
+def _quantization_row(rec: dict, ids, unquantized) -> dict:
+    """A quantized draft against the same draft unquantized, paired over the same prompts."""
+    if unquantized is None:
+        return {}
+    base, base_ids = unquantized
+    ratio = _paired(rec, ids, base, base_ids)
+    own = {col: rec.get(col) for col in ("mal", "mal_ci_low", "mal_ci_high")}
+    base_bytes, own_bytes = base.get("draft_weight_bytes_per_token"), rec.get("draft_weight_bytes_per_token")
+    return {
+        **own,
+        "unquantized_mal": base.get("mal"),
+        "unquantized_mal_ci_low": base.get("mal_ci_low"),
+        "unquantized_mal_ci_high": base.get("mal_ci_high"),
+        "mal_ratio_vs_unquantized": ratio[0],
+        "vs_unquantized_ci_low": ratio[1],
+        "vs_unquantized_ci_high": ratio[2],
+        "vs_unquantized_significant": _enough(rec) and excludes(ratio[1], ratio[2], 1.0),
+        "weight_bytes_ratio_vs_unquantized": own_bytes / base_bytes if own_bytes and base_bytes else float("nan"),
+    }
 
 
 def _enough(record: dict) -> bool:

@@ -32,8 +32,9 @@ if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployme
 shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
-VARIANT = methods.variant_pattern()
+VARIANT = methods.variant_pattern(quantized=True)
 TUNED_VARIANT = methods.variant_pattern(tuned_only=True)
+QUANTIZED_VARIANT = methods.variant_pattern() + rf"@(?:{'|'.join(methods.QUANTIZATIONS[1:])})"
 # Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
 # main process (not again in every job), not an error.
 if workflow.is_main_process:
@@ -89,6 +90,9 @@ def data_dir(target, name):
 
 def draft_path(target, draft, variant, sparsity):
     """The checkpoint a (target, draft, variant, sparsity) measurement uses."""
+    if methods.split_quantization(variant)[1] != methods.NO_QUANTIZATION:
+        # Quantized on the target's self-distilled data, so per target even where the draft is not.
+        return f"{W}/quantized/{target}/{draft}/{variant}-s{sparsity}"
     m = methods.method(methods.parse_variant(variant)[0])
     if m.tuned:
         return f"{W}/drafts/{data_dir(target, m.name)}/{draft}/{variant}-s{sparsity}"
@@ -106,9 +110,10 @@ def draft_input(target, draft, variant, sparsity):
     return model_input(draft) if path == model_path(draft) else [path]
 
 
-def draft_variants(target, draft):
-    """(variant, sparsity) of the pair's drafts (sd2.methods.variants: methods, losses, sparsity levels)."""
-    return [(v.name, v.sparsity) for v in methods.variants(config, target, draft)]
+def draft_variants(target, draft, quantized=False):
+    """(variant, sparsity) of the pair's drafts (sd2.methods.variants: methods, losses, sparsity levels;
+    `quantized`: each also per scheme of `quantization`)."""
+    return [(v.name, v.sparsity) for v in methods.variants(config, target, draft, quantized)]
 
 
 def record_paths():
@@ -118,7 +123,7 @@ def record_paths():
         for t in config["targets"]
         for d in config["drafts"]
         if d != t
-        for m, s in draft_variants(t, d)
+        for m, s in draft_variants(t, d, quantized=True)
     ]
 
 
@@ -148,7 +153,7 @@ def job_models(rule_name, w):
         return {f"model{i}": m for i, m in enumerate(SCRATCH)}
     if rule_name in ("self_distill", "target_outputs"):
         return {"target": w.target}
-    if rule_name in ("prune", "layer_prune"):
+    if rule_name in ("prune", "layer_prune", "quantize"):
         return {"draft": w.draft}
     if rule_name == "finetune":
         return {"draft": w.draft, "teacher": teacher_model(w)}

@@ -52,6 +52,36 @@ rule prune:
         " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
+# A draft quantized after it is made (sd2.drafts.quantize): its variant is <variant>@<scheme>, its
+# input the unquantized variant's checkpoint, its calibration data the target's self-distilled answers.
+rule quantize:
+    input:
+        draft=lambda w: draft_input(w.target, w.draft, methods.split_quantization(w.method)[0], w.sparsity),
+        calibration=lambda w: data_path(w.target),
+    output:
+        directory(f"{W}/quantized/{{target}}/{{draft}}/{{method}}-s{{sparsity}}"),
+    wildcard_constraints:
+        method=QUANTIZED_VARIANT,
+    params:
+        sd2=SD2,
+        model=lambda w: draft_path(w.target, w.draft, methods.split_quantization(w.method)[0], w.sparsity),
+        scheme=lambda w: methods.split_quantization(w.method)[1],
+        settings=as_arg({**config["quantize"], "chat": config["chat"]}),
+        seed=config["seed"],
+    threads: model_threads()
+    resources:
+        **model_resources("quantize"),
+    log:
+        "logs/quantize/{target}/{draft}/{method}-s{sparsity}.log",
+    benchmark:
+        "logs/benchmarks/quantize/{target}/{draft}/{method}-s{sparsity}.tsv"
+    conda:
+        "../envs/sd2.yaml"
+    shell:
+        "{params.sd2} quantize --model {params.model} --calibration {input.calibration} --scheme {params.scheme}"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+
+
 rule layer_prune:
     input:
         draft=lambda w: model_input(w.draft),
