@@ -18,7 +18,7 @@ def test_config():
     return yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "paper.yaml", "families.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "paper.yaml", "families.yaml", "quantization.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load(ROOT / "config" / name)
     assert cfg["targets"] and cfg["drafts"]

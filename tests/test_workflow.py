@@ -30,8 +30,8 @@ def n_variants(cfg) -> int:
 
 
 def n_cells(cfg) -> int:
-    """Measured cells: eval set x (target, draft) pair x (variant, sparsity)."""
-    return len(cfg["data"]["eval_sets"]) * n_variants(cfg)
+    """Measured cells: eval set x (target, draft) pair x (variant, sparsity, quantization)."""
+    return len(cfg["data"]["eval_sets"]) * sum(len(methods.variants(cfg, t, d, quantized=True)) for t, d in pairs(cfg))
 
 
 def dry_run(workdir, configfile="config/test.yaml", *args):
@@ -183,7 +183,8 @@ def job_resources(text):
 
 def test_dry_run_builds_every_shipped_config(tmp_path):
     outs = {}
-    for name in ("config/config.yaml", "config/test.yaml", "config/paper.yaml", "config/families.yaml"):
+    shipped = ("config/config.yaml", "config/test.yaml", "config/paper.yaml", "config/families.yaml")
+    for name in (*shipped, "config/quantization.yaml"):
         proc = subprocess.run(
             snakemake_cmd(tmp_path / name.replace("/", "_"), "-n", "-p", configfile=name),
             capture_output=True,
@@ -217,6 +218,10 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     assert '"tree_budgets": [4, 8, 16]' in out
     families = job_counts(outs["config/families.yaml"])
     assert families["train_head"] == 4 and "train_sparse_head" not in families and families["measure_head"] == 4
+    # Issue 15's quantized drafts: every (draft, variant, sparsity) of both llama drafts once per scheme.
+    quantized = job_counts(outs["config/quantization.yaml"])
+    assert quantized["quantize"] == 2 * 5 * 2 and quantized["measure"] == 2 * 5 * 3
+    assert "quantize" not in job_counts(outs["config/config.yaml"])
 
 
 def test_report(tiny_run, tmp_path):

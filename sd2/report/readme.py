@@ -292,33 +292,42 @@ def _families_dir(results: Path) -> Path:
     return results / "families"
 
 
+def on_top_header(results: Path, name: str) -> tuple[str | None, list]:
+    """The first line of a block of a config run on top of the default run (`make <name>`, writing
+    results/<name>/): its recorded time, or that it has not completed; and its record files.
+    None when it has not run at all."""
+    sub = results / name
+    path = sub / "run_time.json"
+    records = sorted((sub / "records").rglob("*.json"))
+    if not path.exists() and not records:
+        return None, records
+    if not path.exists():
+        return (
+            f"**`make {name}` has not completed** (no `results/{name}/run_time.json`): the rows below are the "
+            f"{len(records)} record files it had written."
+        ), records
+    rec = json.loads(path.read_text())
+    machine = rec["machine"]
+    minutes = rec["seconds"] / 60
+    where = f"{machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}"
+    first = (
+        f"`make {name}` on top of the default run's `work/`: **{rec['seconds']} s ({minutes:.0f} min)** wall, "
+        f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, "
+        f"`results/{name}/run_time.json`)."
+    )
+    if not rec.get("whole_config", True):
+        first += (
+            " That invocation resumed one that was cut before timing was recorded: it ran only the jobs still "
+            "missing, so its time covers those alone, not the whole config."
+        )
+    return first, records
+
+
 def families(results: Path) -> str:
     """config/families.yaml's run: its time, and every drafter family against the dense self-distilled draft."""
-    fam = _families_dir(results)
-    path = fam / "run_time.json"
-    records = sorted((fam / "records").rglob("*.json"))
-    if not path.exists() and not records:
+    first, records = on_top_header(results, "families")
+    if first is None:
         return "Not run yet: `make families` (after `make run`) writes `results/families/`."
-    if path.exists():
-        rec = json.loads(path.read_text())
-        machine = rec["machine"]
-        minutes = rec["seconds"] / 60
-        where = f"{machine['cpu']}, {machine['cores']} cores ({rec['provenance']['created'][:10]}"
-        first = (
-            f"`make families` on top of the default run's `work/`: **{rec['seconds']} s ({minutes:.0f} min)** wall, "
-            f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, "
-            "`results/families/run_time.json`)."
-        )
-        if not rec.get("whole_config", True):
-            first += (
-                " That invocation resumed one that was cut before timing was recorded: it ran only the jobs still "
-                "missing, so its time covers those alone, not the whole config."
-            )
-    else:
-        first = (
-            f"**`make families` has not completed** (no `results/families/run_time.json`): the rows below are the "
-            f"{len(records)} record files it had written."
-        )
     lines = [first, ""]
     df = family_comparisons(records)
     if not len(df):
@@ -401,6 +410,64 @@ def families_significance(results: Path) -> str:
     return significance(fam)
 
 
+def quantization(results: Path) -> str:
+    """config/quantization.yaml's run: every draft as made and quantized, greedy at the reported k: MAL,
+    weight bytes and MACs per token, the improvement factor with either cost, and each quantized draft
+    against the same draft unquantized (paired over the same prompts)."""
+    first, _ = on_top_header(results, "quantization")
+    tables = results / "quantization" / "tables"
+    if first is None or not (tables / "measurements.csv").exists():
+        return "Not run yet: `make quantization` (after `make run`) writes `results/quantization/`."
+    df = with_variant_columns(pd.read_csv(tables / "measurements.csv"))
+    df = df[(df["temperature"] == 0) & (df["estimator"] == "teacher_forced_walk") & df["headline_k"].eq(True)]
+    compared = with_variant_columns(pd.read_csv(tables / "comparisons.csv"))
+    keys = ["target", "draft", "method", "loss", "quantization", "sparsity", "eval_set", "k"]
+    vs = compared[compared["mal_ratio_vs_unquantized"].notna()][
+        keys
+        + ["mal_ratio_vs_unquantized", "vs_unquantized_ci_low", "vs_unquantized_ci_high", "vs_unquantized_significant"]
+    ]
+    df = df.merge(vs, on=keys, how="left")
+    view = pd.DataFrame(
+        {
+            "target": df["target"],
+            "eval set": df["eval_set"],
+            "k": df["k"],
+            "draft": df["draft"],
+            "method": [methods.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
+            "sparsity": df["sparsity"],
+            "quantization": df["quantization"],
+            "n": df["n_prompts"],
+            "MAL [95% CI]": ci_column(df, "mal", "mal_ci_low", "mal_ci_high"),
+            "weight bytes/token": df["draft_weight_bytes_per_token"].map(lambda v: f"{v:,.0f}"),
+            "MACs/token": df["draft_macs_per_token"].map(lambda v: f"{v:,.0f}"),
+            "IF, MACs [95% CI]": ci_column(
+                df, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
+            ),
+            "IF, bytes [95% CI]": ci_column(
+                df, "improvement_factor_bytes", "improvement_factor_bytes_ci_low", "improvement_factor_bytes_ci_high"
+            ),
+            "MAL / unquantized [paired 95% CI]": ci_column(
+                df, "mal_ratio_vs_unquantized", "vs_unquantized_ci_low", "vs_unquantized_ci_high"
+            ),
+            "significant": df["vs_unquantized_significant"].map({True: "yes", False: "no"}).fillna("–"),
+        }
+    )
+    quantized = vs[vs["quantization"] != methods.NO_QUANTIZATION]
+    worse = quantized[quantized["vs_unquantized_significant"].eq(True) & (quantized["mal_ratio_vs_unquantized"] < 1)]
+    better = quantized[quantized["vs_unquantized_significant"].eq(True) & (quantized["mal_ratio_vs_unquantized"] > 1)]
+    summary = (
+        f"Quantized against unquantized (paired): {len(quantized)} drafts; MAL significantly lower in "
+        f"{len(worse)}, significantly higher in {len(better)}, not distinguishable in "
+        f"{len(quantized) - len(worse) - len(better)}."
+    )
+    for scheme, rows in quantized.groupby("quantization", sort=False):
+        summary += (
+            f" {scheme}: MAL ratio {rows['mal_ratio_vs_unquantized'].min():.3f} to "
+            f"{rows['mal_ratio_vs_unquantized'].max():.3f}."
+        )
+    return "\n".join([first, "", summary, "", markdown_table(view)])
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -422,6 +489,7 @@ BLOCKS = {
     "families": families,
     "families_trees": families_trees,
     "families_significance": families_significance,
+    "quantization": quantization,
 }
 
 
