@@ -11,6 +11,7 @@ from sd2.drafts.quantize import (
     _run_oneshot,
     check_mask,
     fake_quantize,
+    fake_quantized,
     load_quantized,
     masked_quantize_weight,
     quantize,
@@ -224,6 +225,25 @@ def test_fake_quantize_maths_and_gradient():
     groups = torch.randn(2, 256)
     groups[:, 128:] *= 100  # the second group's scale does not touch the first's values
     assert torch.equal(fake_quantize(groups, "w4a16")[:, :128], fake_quantize(groups[:, :128], "w4a16"))
+
+
+def test_fake_quantized_forward_for_training(sparse_draft_dir, tmp_path, one_thread):
+    """Inside fake_quantized: the logits of the round-to-nearest checkpoint, gradients reach the weights."""
+    from sd2.drafts.finetune import hold_masks, sparsity_masks
+
+    _quantize(sparse_draft_dir, tmp_path / "q", "w4a16", "rtn", None)
+    quantized, model = load_quantized(tmp_path / "q"), load_model(sparse_draft_dir).train()
+    masks = sparsity_masks(model)
+    hold_masks(model, masks)  # finetune's gradient hooks on the weights keep working
+    ids = load_tokenizer(sparse_draft_dir)("def f(x):\n    return x", return_tensors="pt")["input_ids"]
+    plain = model(ids).logits.detach()
+    with fake_quantized(model, "w4a16"):
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, quantized(ids).logits)
+        logits.logsumexp(-1).sum().backward()
+    for name, module in decoder_linears(model).items():
+        assert module.weight.grad.abs().sum() > 0 and not module.weight.grad[~masks[name]].any(), name
+    assert torch.equal(model(ids).logits, plain)  # the plain forward is back
 
 
 def test_weight_bits_match_the_checkpoint(sparse_draft_dir, tmp_path, one_thread):

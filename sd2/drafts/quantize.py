@@ -38,6 +38,7 @@ bitmask/CSR layout would save are counted analytically (rule-side, from the mask
 
 import contextlib
 import copy
+import functools
 import inspect
 import time
 import warnings
@@ -120,6 +121,29 @@ def fake_quantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     q = torch.round(torch.clamp(w / scale, q_min, q_max)) * scale
     # q + (w - w.detach()): exactly q in the forward pass, the identity's gradient in the backward.
     return q.flatten(-2) + (weight - weight.detach())
+
+
+@contextlib.contextmanager
+def fake_quantized(model, scheme: str):
+    """Within the block the decoder linears compute with fake_quantize(weight): quantization-aware training.
+
+    Only the forward changes: each weight stays the same leaf Parameter (optimizer state, gradient
+    hooks such as finetune.hold_masks', state dict untouched) and receives the straight-through
+    gradient; scales follow the weights as they train, as they will when the result is quantized.
+    """
+    scheme_spec(scheme)
+    linears = decoder_linears(model)
+    for module in linears.values():
+        module.forward = functools.partial(_fake_quantized_linear, module, scheme)
+    try:
+        yield model
+    finally:
+        for module in linears.values():
+            del module.forward  # the instance attribute: nn.Linear.forward again
+
+
+def _fake_quantized_linear(module: torch.nn.Linear, scheme: str, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, fake_quantize(module.weight, scheme), module.bias)
 
 
 # ---- the mask ----
