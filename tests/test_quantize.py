@@ -203,6 +203,8 @@ def test_bad_arguments(sparse_draft_dir, tmp_path):
     with pytest.raises(ValueError, match="layer.x: 200 inputs are not a multiple of w4a16's group size 128"):
         quantized_weight_bytes(4, 200, "w4a16", layer="layer.x")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="not a compressed-tensors checkpoint"):
+        load_quantized(sparse_draft_dir)
 
 
 def test_check_mask_names_the_layer(sparse_draft_dir):

@@ -1,9 +1,9 @@
 """Rule quantize: weight-only quantization of a (sparse) draft's decoder linears, saved for vLLM.
 
 Schemes (ours -> the weights' format; activations stay 16-bit):
-  w8a16: int8, symmetric, one scale per output row (per-channel). llm-compressor's own "W8A16"
-         preset is per-group (128) in 0.14; per-channel is what we want here: no group overhead and
-         int8 loses little anyway. vLLM runs both through its WNA16 (Marlin) kernels.
+  w8a16: int8, symmetric, one scale per output row (per-channel). The "W8A16" preset of
+         compressed-tensors 0.19 is per-group (128); per-channel is what we want here: no group
+         overhead, and int8 loses little anyway. vLLM runs both through its WNA16 (Marlin) kernels.
   w4a16: int4, symmetric, one scale per group of 128 consecutive inputs (the "W4A16" preset), or of
          the whole row where a layer is narrower than 128 (the tiny test drafts).
 "none" means no quantization: the workflow skips this step, `quantize` refuses it.
@@ -19,16 +19,18 @@ integers ("pack-quantized") plus scales, and a `quantization_config` with
 
 The sparsity mask: round to nearest keeps zeros (0 / scale rounds to 0, and a symmetric scheme has
 no zero point). llm-compressor's GPTQ does not: its error feedback adds a correction to every
-not-yet-quantized column, zeros included (measured on the demo's 70%-sparse SD² draft: 35k of its
-426k zeros came out non-zero), and 0.14 has no option to hold a mask. Zeroing them again afterwards
-throws that correction away (w4a16: KL to the unquantized draft 0.0053/token, no better than round
-to nearest's 0.0062). So "gptq" here is mask-aware GPTQ, as SparseGPT quantizes jointly with a fixed
-mask: a pruned weight quantizes to 0 and its error, like any other, is compensated by the columns
-after it (KL 0.0044, top-1 agreement 93.9% against 93.1%). It is llm-compressor's eager GPTQ loop
-with that one change (`masked_quantize_weight`), swapped into its GPTQModifier for the call; on a
-dense model it is bitwise llm-compressor's GPTQ. `check_mask` verifies on the saved checkpoint,
-loaded back, that every zero of the input is a zero of the output (rounding adds zeros: weights
-under half a step round to 0; those are counted, not an error).
+not-yet-quantized column, zeros included, and 0.14 has no option to hold a mask. Measured on the
+demo's 70%-sparse SD² draft (llama-draft-m, 64 calibration rows of 256 tokens, w4a16, next-token
+distributions on 60 held-out prompts against the unquantized draft): 35k of its 426k zeros came out
+non-zero; zeroing them again afterwards throws their correction away (KL 0.0053/token, top-1
+agreement 93.1%, no better than round to nearest's 0.0062 and 93.2%). So "gptq" here is mask-aware
+GPTQ, as SparseGPT quantizes jointly with a fixed mask: a pruned weight quantizes to 0 and its
+error, like any other, is compensated by the columns after it (KL 0.0044, top-1 agreement 93.9%;
+GPTQ left to fill the zeros, i.e. a denser draft: 0.0028, 95.5%). It is llm-compressor's eager
+GPTQ loop with that one change (`masked_quantize_weight`), swapped into its GPTQModifier for the
+call; on a dense model it is bitwise llm-compressor's GPTQ. `check_mask` verifies on the saved
+checkpoint, loaded back, that every zero of the input is a zero of the output (rounding adds zeros:
+weights under half a step round to 0; those are counted, not an error).
 
 Sparse + quantized storage: compressed-tensors 0.19 dropped its sparse compressors (bitmask,
 2:4, marlin-24 are "legacy formats", its ModelCompressor writes `sparsity_config: {}`) and vLLM
@@ -40,8 +42,10 @@ import contextlib
 import copy
 import functools
 import inspect
+import json
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -114,10 +118,11 @@ def fake_quantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
     size = group_size(scheme, cols)
     q_min, q_max = -(2 ** (spec["num_bits"] - 1)), 2 ** (spec["num_bits"] - 1) - 1
     w = weight.detach().unflatten(-1, (cols // size, size))
-    half_range = torch.tensor(q_max - q_min, dtype=w.dtype) / 2
+    half_range = torch.tensor(q_max - q_min, dtype=w.dtype, device=w.device) / 2
     scale = w.abs().amax(dim=-1, keepdim=True) / half_range
     # An all-zero group: compressed-tensors replaces the zero scale with the dtype's eps (0 stays 0).
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype), scale)
+    eps = torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype, device=w.device)
+    scale = torch.where(scale == 0, eps, scale)
     q = torch.round(torch.clamp(w / scale, q_min, q_max)) * scale
     # q + (w - w.detach()): exactly q in the forward pass, the identity's gradient in the backward.
     return q.flatten(-2) + (weight - weight.detach())
@@ -415,6 +420,9 @@ def load_quantized(path, dtype="auto", device: str = "cpu"):
     from compressed_tensors.quantization import QuantizationMetadata
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    qconfig = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if qconfig.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path}: not a compressed-tensors checkpoint (no quantization_config); use load_model")
     with warnings.catch_warnings():
         # Passing a config to a quantized checkpoint warns that only its loading flags are used: as intended.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
