@@ -27,7 +27,7 @@ from sd2.models import decoder_linears
 from sd2.provenance import provenance
 from sd2.tokenization import train_tokenizer
 
-# The published configs of the paper's drafts (hidden, intermediate, layers, heads, kv heads).
+# The published configs of the paper's drafts (hidden, intermediate, layers, heads, kv heads, head size).
 SHAPES = {
     "llama-3.2-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
@@ -45,7 +45,6 @@ SHAPES = {
 def build(name: str, tokenizer_dir: Path, out: Path, sparsity: float, device: str) -> None:
     config = LlamaConfig(
         **SHAPES[name],
-        head_dim=128,
         vocab_size=128256,
         max_position_embeddings=8192,
         rope_theta=500000.0,
