@@ -5,30 +5,31 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.drafts.prune import magnitude_mask
-from sd2.measure.weight_bytes import layer_bytes, model_weight_bytes, scheme_bits
+from sd2.measure.weight_bytes import layer_bytes, model_weight_bytes
 
 
 def test_layouts_by_hand():
     # 64 x 256 at 50%: 8,192 non-zeros of 16,384.
-    b = layer_bytes(64, 256, 8192, 16, None, quantized=False)
+    b = layer_bytes(64, 256, 8192)
     assert b["dense"] == 16384 * 2
     assert b["bitmask"] == 16384 / 8 + 8192 * 2
     assert b["csr"] == 8192 * (2 + 2) + 65 * 4
     # w4a16, groups of 128 inputs: 2 scales per row, 16 bits each.
-    q = layer_bytes(64, 256, 8192, 4, 128, quantized=True)
+    q = layer_bytes(64, 256, 8192, "w4a16")
     assert q["dense"] == 16384 / 2 + 64 * 2 * 2
     assert q["bitmask"] == 16384 / 8 + 8192 / 2 + 64 * 2 * 2
     # w8a16: one scale per row; a group wider than the row is one group.
-    assert layer_bytes(64, 256, 0, 8, None, quantized=True)["dense"] == 16384 + 64 * 2
-    assert layer_bytes(64, 100, 0, 4, 128, quantized=True)["dense"] == 6400 / 2 + 64 * 2
+    assert layer_bytes(64, 256, 0, "w8a16")["dense"] == 16384 + 64 * 2
+    assert layer_bytes(64, 100, 0, "w4a16")["dense"] == 6400 / 2 + 64 * 2
     # CSR needs 32-bit indices past 65,536 columns.
-    assert layer_bytes(1, 70000, 10, 16, None, quantized=False)["csr"] == 10 * (16 + 32) / 8 + 2 * 4
+    assert layer_bytes(1, 70000, 10)["csr"] == 10 * (16 + 32) / 8 + 2 * 4
 
 
 def test_unknown_scheme_is_named():
-    assert scheme_bits("none") == (16, None) and scheme_bits("w4a16") == (4, 128)
+    # A group that does not divide the inputs: the largest that does (176 inputs: 2 groups of 88).
+    assert layer_bytes(4, 176, 0, "w4a16")["dense"] == 4 * 176 / 2 + 4 * 2 * 2
     with pytest.raises(ValueError, match="'w3a16'"):
-        scheme_bits("w3a16")
+        layer_bytes(4, 8, 0, "w3a16")
 
 
 @pytest.fixture

@@ -71,15 +71,17 @@ def scheme_spec(scheme: str) -> dict:
     return SCHEMES[scheme]
 
 
-def group_size(scheme: str, in_features: int, layer: str = "weight") -> int:
-    """Inputs sharing one scale in a layer with `in_features` inputs (per-channel: all of them)."""
+def group_size(scheme: str, in_features: int) -> int:
+    """Inputs sharing one scale in a layer with `in_features` inputs (per-channel: all of them).
+
+    The scheme's group (128), or where it does not divide the layer's inputs, the largest group
+    below it that does (a demo draft's 176 inputs: 88): vLLM's kernels take groups of 32, 64 and
+    128, which every real draft's widths (multiples of 128) get; the demo drafts are not served.
+    """
     spec = scheme_spec(scheme)
     if spec["group_size"] is None:
         return in_features
-    size = min(spec["group_size"], in_features)
-    if in_features % size:
-        raise ValueError(f"{layer}: {in_features} inputs are not a multiple of {scheme}'s group size {size}")
-    return size
+    return max(d for d in range(1, min(spec["group_size"], in_features) + 1) if in_features % d == 0)
 
 
 def weight_bits(scheme: str, scale_dtype=torch.bfloat16) -> tuple[int, int, int | None]:
@@ -90,15 +92,6 @@ def weight_bits(scheme: str, scale_dtype=torch.bfloat16) -> tuple[int, int, int 
     """
     spec = scheme_spec(scheme)
     return spec["num_bits"], torch.finfo(torch_dtype(scale_dtype)).bits, spec["group_size"]
-
-
-def quantized_weight_bytes(
-    out_features: int, in_features: int, scheme: str, scale_dtype=torch.bfloat16, layer: str = "weight"
-) -> float:
-    """Bytes of one quantized linear's weight as stored: packed integers plus one scale per group."""
-    bits, scale_bits, _ = weight_bits(scheme, scale_dtype)
-    groups = out_features * (in_features // group_size(scheme, in_features, layer))
-    return (out_features * in_features * bits + groups * scale_bits) / 8
 
 
 # ---- the maths on one weight matrix (also the forward of quantization-aware fine-tuning) ----
@@ -295,7 +288,7 @@ def _config_groups(model, scheme: str) -> tuple[dict, list[str]]:
     linears = decoder_linears(model)
     by_size: dict[int | None, list[str]] = {}
     for name, module in linears.items():
-        size = None if spec["group_size"] is None else group_size(scheme, module.in_features, name)
+        size = None if spec["group_size"] is None else group_size(scheme, module.in_features)
         by_size.setdefault(size, []).append(name)
     groups = {}
     for i, (size, names) in enumerate(sorted(by_size.items(), key=lambda kv: kv[0] or 0)):
@@ -379,7 +372,7 @@ def quantize(
         "bits": spec["num_bits"],
         "strategy": spec["strategy"],
         "group_size": spec["group_size"],
-        "layer_group_size": {n: group_size(scheme, m.in_features, n) for n, m in decoder_linears(model).items()},
+        "layer_group_size": {n: group_size(scheme, m.in_features) for n, m in decoder_linears(model).items()},
         "zero_fraction_before": zero_fractions(before),
     }
     info = provenance(

@@ -15,36 +15,29 @@ Each layer is counted in its smallest layout (a sparse store picks one per layer
 sparsity and 16 bits bitmask wins, CSR only pays from about 75%). Unquantized weights count
 16 bits (bf16, as a draft is served), whatever dtype a demo checkpoint was saved in. A quantized
 decoder linear (sd2.drafts.quantize: w8a16, w4a16) counts its bits per weight plus one 16-bit
-scale per group (per output row for w8a16, per 128 inputs for w4a16); lm_head and the embedding
-stay 16-bit. The embedding costs the one row a token looks up; lm_head (tied or not) is read whole.
+scale per group (per output row for w8a16, per 128 inputs for w4a16, the scheme's groups);
+lm_head and the embedding stay 16-bit. The embedding costs the one row a token looks up; lm_head
+(tied or not) is read whole.
 """
 
 import torch
 
+from sd2.drafts.quantize import group_size, weight_bits
+
 SERVING_BITS = 16
-SCALE_BITS = 16
-# scheme -> (bits per weight, inputs per scale group; None: one scale per output row)
-QUANTIZED_BITS = {"w8a16": (8, None), "w4a16": (4, 128)}
 LAYOUTS = ("dense", "bitmask", "csr")
 
 
-def scheme_bits(scheme: str | None) -> tuple[int, int | None]:
-    """(bits per weight, group size) of a quantization scheme; None or 'none': 16-bit, no scales."""
+def layer_bytes(rows: int, cols: int, nnz: int, scheme: str | None = None, scale_bits: int = SERVING_BITS) -> dict:
+    """Bytes of one (rows x cols) weight with nnz non-zeros in every layout; a quantized one (scheme
+    w8a16, w4a16) with its scales (sd2.drafts.quantize's groups), an unquantized one at 16 bits."""
     if scheme in (None, "none"):
-        return SERVING_BITS, None
-    if scheme not in QUANTIZED_BITS:
-        raise ValueError(f"unknown quantization scheme {scheme!r} (known: none, {', '.join(QUANTIZED_BITS)})")
-    return QUANTIZED_BITS[scheme]
-
-
-def layer_bytes(rows: int, cols: int, nnz: int, bits: int, group: int | None, quantized: bool) -> dict[str, float]:
-    """Bytes of one (rows x cols) weight with nnz non-zeros in every layout, scales included."""
-    numel = rows * cols
-    scales = 0.0
-    if quantized:
-        groups_per_row = 1 if group is None else -(-cols // min(group, cols))
-        scales = rows * groups_per_row * SCALE_BITS / 8
+        bits, scales = SERVING_BITS, 0.0
+    else:
+        bits = weight_bits(scheme)[0]
+        scales = rows * (cols // group_size(scheme, cols)) * scale_bits / 8
     index_bits = 16 if cols <= 2**16 else 32
+    numel = rows * cols
     return {
         "dense": numel * bits / 8 + scales,
         "bitmask": numel / 8 + nnz * bits / 8 + scales,
@@ -59,7 +52,6 @@ def model_weight_bytes(model, quantization: str | None = None) -> dict:
     (16-bit, zeros stored, no quantization: the same architecture served plainly), the layouts
     chosen (layer count per layout) and the per-layout totals.
     """
-    bits, group = scheme_bits(quantization)
     lm_head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     totals = dict.fromkeys(LAYOUTS, 0.0)
     best, dense_plain, chosen = 0.0, 0.0, dict.fromkeys(LAYOUTS, 0)
@@ -73,7 +65,7 @@ def model_weight_bytes(model, quantization: str | None = None) -> dict:
             # Stored dense and 16-bit: a sparse or quantized output layer is not something these drafts make.
             sizes = dict.fromkeys(LAYOUTS, rows * cols * SERVING_BITS / 8)
         else:
-            sizes = layer_bytes(rows, cols, nnz, bits, group, quantized=quantization not in (None, "none"))
+            sizes = layer_bytes(rows, cols, nnz, quantization)
         layout = min(LAYOUTS, key=sizes.get)
         chosen[layout] += 1
         best += sizes[layout]
