@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run families quantization test figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run families quantization test test-integration figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -49,8 +49,13 @@ families: $(STAMP)
 quantization: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config config/quantization.yaml --cores 2 --on-top
 
+# The suite but the two end-to-end runs (a Slurm cluster, the paper config on stand-ins), which
+# take longer than the rest together; CI runs both targets.
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not integration"
+
+test-integration: $(STAMP)
+	$(BIN)/pytest -m integration
 
 # Every figure from the committed tables alone: no model job is considered.
 figures: $(STAMP)

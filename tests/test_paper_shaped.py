@@ -19,7 +19,7 @@ from conftest import REPO, snakemake_cmd
 from hub_layouts import write_all
 from safetensors import safe_open
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TARGETS = ["llama-3.1-8b-instruct", "qwen2.5-7b-instruct"]
 DRAFT = "llama-3.2-1b-instruct"

@@ -36,7 +36,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
