@@ -490,6 +490,7 @@ BLOCKS = {
     "families_trees": families_trees,
     "families_significance": families_significance,
     "quantization": quantization,
+    "quantize_real_shapes": benchmark_table("quantize_real_shapes", "quantize_real_shapes"),
 }
 
 
