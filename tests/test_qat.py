@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -214,3 +215,41 @@ def test_dry_run_plans_a_qat_fine_tuning_and_quantization_per_tuned_variant(tmp_
     assert len(re.findall(qat_settings, text)) == 8
     for source in ("sd2@w4a16-qat-s50", "sd2-s50"):
         assert f"--model {drafts}/{source} --calibration work/distill/tiny-llama --scheme w4a16 " in text
+
+
+def test_qat_rows_compare_with_the_unquantized_and_the_one_shot_draft(tmp_path):
+    """sd2@w4a16-qat: quantization w4a16-qat, compared paired with sd2 as made and with sd2@w4a16;
+    ranked after the one-shot row and drawn with its own marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from synthetic import K, write_synthetic_records
+
+    from sd2.report.plots import QUANTIZATION_MARKERS, plot_mal_vs_weight_bytes
+    from sd2.report.results import collect_comparisons, collect_measurements
+
+    variants = [("sd2@w4a16-qat", 50), ("sd2@w4a16", 50), ("sd2", 50)]
+    paths = write_synthetic_records(tmp_path, targets=("t_llama",), variants=variants, eval_sets=("humaneval",))
+    for path in paths:
+        doc = json.loads(path.read_text())
+        for r in doc["records"]:
+            r["draft_weight_bytes_per_token"] = 300_000 if "@" in r["method"] else 1_000_000
+        path.write_text(json.dumps(doc))
+    m = collect_measurements(paths, tmp_path / "m.csv")
+    walk = m[(m["estimator"] == "teacher_forced_walk") & (m["k"] == K)]
+    assert walk["quantization"].tolist() == ["none", "w4a16", "w4a16-qat"] and set(walk["method"]) == {"sd2"}
+    c = collect_comparisons(paths, tmp_path / "c.csv")
+    c = c[(c["estimator"] == "teacher_forced_walk") & (c["k"] == K)].set_index("quantization")
+    qat, one_shot = c.loc["w4a16-qat"], c.loc["w4a16"]
+    assert qat["unquantized_mal"] == one_shot["unquantized_mal"] == walk["mal"].iloc[0]
+    assert qat["one_shot_mal"] == one_shot["mal"]
+    assert qat["mal_ratio_vs_one_shot"] == pytest.approx(qat["mal"] / one_shot["mal"])
+    assert 1 < qat["vs_one_shot_ci_low"] < qat["mal_ratio_vs_one_shot"] < qat["vs_one_shot_ci_high"]
+    assert qat["vs_one_shot_significant"] and pd.isna(one_shot["mal_ratio_vs_one_shot"])
+
+    assert set(QUANTIZATION_MARKERS) == set(methods.QUANTIZATIONS)
+    assert len(set(QUANTIZATION_MARKERS.values())) == len(QUANTIZATION_MARKERS)
+    fig = plot_mal_vs_weight_bytes(m)
+    drawn = {line.get_marker() for ax in fig.axes for line in ax.get_lines()}
+    assert {"o", "^", "v"} <= drawn
+    assert "v w4a16-qat" in " ".join(t.get_text() for t in fig.texts)
