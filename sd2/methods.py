@@ -313,12 +313,12 @@ def variants(config: dict, target: str, draft: str, quantized: bool = False) -> 
     also once per quantization scheme of the config's `quantization` (after its unquantized self),
     a tuned one with `quantize.aware` also once per '<scheme>-qat' (after '<scheme>')."""
     schemes = config.get("quantization", [NO_QUANTIZATION]) if quantized else [NO_QUANTIZATION]
-    aware = [q for s in schemes for q in (s, s + QAT_SUFFIX) if s != NO_QUANTIZATION or q == s]
+    with_qat = [q for s in schemes for q in ((s,) if s == NO_QUANTIZATION else (s, s + QAT_SUFFIX))]
     out = []
     for name, loss in candidates(config):
         if skip_reason(config, target, draft, name, loss) is None:
             levels = config["sparsities"] if BY_NAME[name].sparse else [0]
-            qs = aware if BY_NAME[name].tuned and config.get("quantize", {}).get("aware") else schemes
+            qs = with_qat if BY_NAME[name].tuned and config.get("quantize", {}).get("aware") else schemes
             out += [Variant(quantized_name(variant_name(name, loss), q), name, loss, s, q) for s in levels for q in qs]
     return out
 

@@ -33,7 +33,7 @@ shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
 VARIANT = methods.variant_pattern(quantized=True)
-# What rule finetune makes: the tuned variants and their quantization-aware fine-tunings (<variant>@<scheme>-qat).
+# The finetune rule's outputs are the tuned variants and their quantization-aware fine-tunings (<variant>@<scheme>-qat).
 TUNED_VARIANT = methods.finetuned_pattern()
 QUANTIZED_VARIANT = methods.quantized_pattern()
 # Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
@@ -106,8 +106,8 @@ def draft_path(target, draft, variant, sparsity):
 
 
 def quantize_source(target, draft, variant, sparsity):
-    """The checkpoint rule quantize quantizes for a quantized variant: the unquantized variant's, or
-    for <variant>@<scheme>-qat its quantization-aware fine-tuning (rule finetune, under drafts/)."""
+    """The checkpoint the quantize rule reads for a quantized variant (the unquantized variant's, or
+    for <variant>@<scheme>-qat its quantization-aware fine-tuning, the finetune rule's, under drafts/)."""
     base, scheme = methods.split_quantization(variant)
     if methods.quantization_aware(scheme):
         name = methods.parse_variant(base)[0]
@@ -122,7 +122,7 @@ def draft_input(target, draft, variant, sparsity):
 
 
 def quantize_input(target, draft, variant, sparsity):
-    """What rule quantize depends on: quantize_source's checkpoint (the dense draft: its checkpoint or download)."""
+    """The quantize rule's input, quantize_source's checkpoint (the dense draft: its checkpoint or download)."""
     path = quantize_source(target, draft, variant, sparsity)
     return model_input(draft) if path == model_path(draft) else [path]
 
