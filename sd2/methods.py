@@ -83,7 +83,12 @@ DEFAULT_LOSS = "ce"
 SEPARATOR = "+"
 # Weight quantization after the draft is made (sd2.drafts.quantize): a sweep axis like the losses.
 # "none" keeps the variant's name; any other is named `<variant>@<scheme>` (e.g. `sd2+kl@w4a16`).
-QUANTIZATIONS = ("none", "w8a16", "w4a16")
+# `<scheme>-qat` (config quantize.aware): the tuned variant fine-tuned again from its init with the
+# forward fake-quantised to <scheme> (same data, steps and loss, masks held), then quantized to
+# <scheme> as the one-shot variant is: the same quantization, seen or not during fine-tuning.
+ONE_SHOT_QUANTIZATIONS = ("w8a16", "w4a16")
+QAT_SUFFIX = "-qat"
+QUANTIZATIONS = ("none", *(q for one_shot in ONE_SHOT_QUANTIZATIONS for q in (one_shot, one_shot + QAT_SUFFIX)))
 NO_QUANTIZATION = "none"
 QUANT_SEPARATOR = "@"
 
@@ -125,13 +130,26 @@ def variant_name(name: str, loss: str | None) -> str:
 
 
 def split_quantization(variant: str) -> tuple[str, str]:
-    """'sd2+kl@w4a16' -> ('sd2+kl', 'w4a16'); 'sd2' -> ('sd2', 'none')."""
+    """'sd2+kl@w4a16' -> ('sd2+kl', 'w4a16'); 'sd2@w4a16-qat' -> ('sd2', 'w4a16-qat'); 'sd2' -> ('sd2', 'none')."""
     base, sep, scheme = variant.partition(QUANT_SEPARATOR)
     if not sep:
         return base, NO_QUANTIZATION
     if scheme not in QUANTIZATIONS or scheme == NO_QUANTIZATION:
         raise ValueError(f"'{variant}': unknown quantization '{scheme}' (known: {', '.join(QUANTIZATIONS[1:])})")
+    name = base.partition(SEPARATOR)[0]
+    if quantization_aware(scheme) and name in BY_NAME and not BY_NAME[name].tuned:
+        raise ValueError(f"'{variant}': quantization-aware fine-tuning needs a fine-tuned method; {name} is not one")
     return base, scheme
+
+
+def quantization_aware(scheme: str) -> bool:
+    """Whether a scheme of QUANTIZATIONS is quantization-aware fine-tuning ('w4a16-qat')."""
+    return scheme.endswith(QAT_SUFFIX)
+
+
+def base_scheme(scheme: str) -> str:
+    """The weight format a scheme stores: 'w4a16-qat' -> 'w4a16' (a QAT draft is quantized as the one-shot one)."""
+    return scheme.removesuffix(QAT_SUFFIX)
 
 
 def quantized_name(variant: str, scheme: str) -> str:
@@ -195,17 +213,30 @@ def takes_losses(m: Method) -> bool:
 
 def variant_pattern(tuned_only: bool = False, quantized: bool = False) -> str:
     """A regular expression of every draft variant name ('sd2', 'sd2+kl'; heads excluded), for the
-    rules' wildcard constraints; `tuned_only`: the variants the finetune rule makes; `quantized`:
-    with an optional '@<scheme>' (the variants rule measure reads)."""
+    rules' wildcard constraints; `tuned_only`: the variants fine-tuned from an init; `quantized`:
+    with an optional '@<scheme>' (the variants rule measure reads; '-qat' schemes for tuned ones only)."""
     drafts = [m for m in METHODS if m.kind == "draft" and (m.tuned or not tuned_only)]
     fixed = "|".join(m.name for m in drafts if not takes_losses(m))
     axis = "|".join(m.name for m in drafts if takes_losses(m))
     others = "|".join(loss for loss in LOSSES if loss != DEFAULT_LOSS)
     pattern = rf"(?:{fixed}|(?:{axis})(?:\{SEPARATOR}(?:{others}))?)"
-    if quantized:
-        schemes = "|".join(QUANTIZATIONS[1:])
-        pattern = rf"{pattern}(?:{QUANT_SEPARATOR}(?:{schemes}))?"
-    return pattern
+    return rf"(?:{pattern}|{quantized_pattern()})" if quantized else pattern
+
+
+def quantized_pattern() -> str:
+    """The quantized variant names (rule quantize's outputs): any variant '@' a one-shot scheme, a
+    tuned one also '@' a quantization-aware scheme."""
+    one_shot = "|".join(q for q in QUANTIZATIONS[1:] if not quantization_aware(q))
+    aware = "|".join(q for q in QUANTIZATIONS if quantization_aware(q))
+    at = QUANT_SEPARATOR
+    return rf"(?:{variant_pattern()}{at}(?:{one_shot})|{variant_pattern(tuned_only=True)}{at}(?:{aware}))"
+
+
+def finetuned_pattern() -> str:
+    """The checkpoints rule finetune makes: the tuned variants, and each '@' a quantization-aware
+    scheme (its fine-tuning with the forward fake-quantised, before rule quantize)."""
+    aware = "|".join(q for q in QUANTIZATIONS if quantization_aware(q))
+    return rf"{variant_pattern(tuned_only=True)}(?:{QUANT_SEPARATOR}(?:{aware}))?"
 
 
 # ---------------------------------------------------------------- the sweep's variants
@@ -279,15 +310,16 @@ def candidates(config: dict):
 def variants(config: dict, target: str, draft: str, quantized: bool = False) -> list[Variant]:
     """Every draft the sweep makes for one (target, draft) pair: methods in config order, then
     losses in config order, then sparsity levels (0 only for dense methods). `quantized`: each
-    also once per quantization scheme of the config's `quantization` (after its unquantized self)."""
+    also once per quantization scheme of the config's `quantization` (after its unquantized self),
+    a tuned one with `quantize.aware` also once per '<scheme>-qat' (after '<scheme>')."""
     schemes = config.get("quantization", [NO_QUANTIZATION]) if quantized else [NO_QUANTIZATION]
+    with_qat = [q for s in schemes for q in ((s,) if s == NO_QUANTIZATION else (s, s + QAT_SUFFIX))]
     out = []
     for name, loss in candidates(config):
         if skip_reason(config, target, draft, name, loss) is None:
             levels = config["sparsities"] if BY_NAME[name].sparse else [0]
-            out += [
-                Variant(quantized_name(variant_name(name, loss), q), name, loss, s, q) for s in levels for q in schemes
-            ]
+            qs = with_qat if BY_NAME[name].tuned and config.get("quantize", {}).get("aware") else schemes
+            out += [Variant(quantized_name(variant_name(name, loss), q), name, loss, s, q) for s in levels for q in qs]
     return out
 
 

@@ -44,6 +44,7 @@ BASE_MAL = {
     "sd2": 3.4,
     "sd2+kl": 3.5,
     "sd2@w4a16": 3.3,
+    "sd2@w4a16-qat": 3.36,
 }
 EVAL_SETS = ("humaneval", "stdlib_heldout")
 PROMPT_IDS = [f"p{i}" for i in range(N_PROMPTS)]

@@ -20,8 +20,14 @@ optimizer steps, so a loss sweep compares them at matched data and steps.
 
 Validation loss is always the held-out cross-entropy of the responses, whatever the
 training loss, so curves of different losses can be compared.
+
+settings["quantization_aware"] (a scheme of sd2.drafts.quantize, e.g. "w4a16"; set by the workflow
+for a `<variant>@<scheme>-qat` draft, absent otherwise): quantization-aware fine-tuning, the same
+run with the decoder linears' forward fake-quantised to that scheme (straight-through gradient,
+masks held); rule quantize then quantizes the result with the scheme, as it does the plain draft.
 """
 
+import contextlib
 import math
 
 import torch
@@ -39,6 +45,7 @@ from sd2.chunked_loss import (
     labelled_hidden,
     output_logits,
 )
+from sd2.drafts.quantize import fake_quantized
 from sd2.engines import eos_ids
 from sd2.models import decoder_linears, default_device, load_model, load_tokenizer, same_tokenizer
 from sd2.provenance import provenance
@@ -488,7 +495,8 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
     print(
         f"finetune: loss {kind}, {steps} steps of {bs}, {len(train_set)} train / {len(val_set)} validation examples, "
         f"{len(masks)} masked layers; micro-batches of {micro} ({math.ceil(bs / micro)} per step), "
-        f"loss chunks of {chunk} positions, gradient checkpointing {settings['gradient_checkpointing']}"
+        f"loss chunks of {chunk} positions, gradient checkpointing {settings['gradient_checkpointing']}, "
+        f"quantization-aware: {settings.get('quantization_aware') or 'no'}"
     )
     batches = training.shuffled_batches(train_set, bs, pad, seed, device)
     skd_counts = {"generated_tokens": 0, "replaced_tokens": 0}
@@ -497,22 +505,27 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         batches = skd_batches(
             model, teacher, batches, settings=settings, stop_ids=eos_ids(init_dir), pad_id=pad, counts=skd_counts
         )
-    history = training.train(
-        model,
-        batches,
-        val_batches,
-        steps=steps,
-        lr=settings["lr"],
-        warmup_steps=min(settings["warmup_steps"], steps - 1),
-        weight_decay=settings["weight_decay"],
-        eval_every=settings["eval_every"],
-        run=run,
-        loss_fn=finetune_loss_fn(kind, teacher, chunk),
-        after_step=hold_masks(model, masks),
-        desc=f"finetune {kind}",
-        bf16=settings["bf16"],
-        micro_batch_size=micro,
-    )
+    # Quantization-aware fine-tuning: every forward of the draft (training, validation, skd's
+    # on-policy answers) sees its decoder linears fake-quantised to the scheme rule quantize will
+    # apply, the gradient straight through to the fp32 weights, masks held as ever.
+    aware = settings.get("quantization_aware")
+    with fake_quantized(model, aware) if aware else contextlib.nullcontext():
+        history = training.train(
+            model,
+            batches,
+            val_batches,
+            steps=steps,
+            lr=settings["lr"],
+            warmup_steps=min(settings["warmup_steps"], steps - 1),
+            weight_decay=settings["weight_decay"],
+            eval_every=settings["eval_every"],
+            run=run,
+            loss_fn=finetune_loss_fn(kind, teacher, chunk),
+            after_step=hold_masks(model, masks),
+            desc=f"finetune {kind}" + (f" ({aware}-aware)" if aware else ""),
+            bf16=settings["bf16"],
+            micro_batch_size=micro,
+        )
     check_masks(model, masks, zeros_before)
     if settings["gradient_checkpointing"]:
         model.gradient_checkpointing_disable()  # a training setting, not part of the saved model
@@ -528,6 +541,13 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         finetune=settings,
     )
     loss = {"name": kind, "definition": LOSS_DEFINITIONS[kind], "teacher": TEACHERS.get(kind)}
+    quantization_aware = None
+    if aware:
+        quantization_aware = {
+            "scheme": aware,
+            "forward": "decoder linears fake-quantised (sd2.drafts.quantize.fake_quantize), straight-through "
+            "gradient to the fp32 weights; validation loss and training curves are the fake-quantised model's",
+        }
     if kind == "skd":
         generated = skd_counts["generated_tokens"]
         loss.update(
@@ -539,6 +559,7 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         )
     info.update(
         loss=loss,
+        quantization_aware=quantization_aware,
         steps=steps,
         train_examples=len(train_set),
         validation_examples=len(val_set),

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from sd2 import methods
 from sd2.checkpoint import atomic_path, write_json
 from sd2.models import decoder_linears, load_model, load_tokenizer, torch_dtype
 from sd2.provenance import provenance
@@ -64,11 +65,12 @@ QPARAM_SUFFIXES = ("_scale", "_zero_point", "_shape", "_global_scale", "_g_idx")
 
 
 def scheme_spec(scheme: str) -> dict:
+    """The weights' format of a scheme; a quantization-aware one ('w4a16-qat') stores its base scheme's."""
     if scheme == "none":
         raise ValueError("quantization 'none' means the draft is not quantized: there is nothing to run")
-    if scheme not in SCHEMES:
+    if methods.base_scheme(scheme) not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)}, or none)")
-    return SCHEMES[scheme]
+    return SCHEMES[methods.base_scheme(scheme)]
 
 
 def group_size(scheme: str, in_features: int) -> int:

@@ -696,7 +696,8 @@ FIGURES = tuple(CAPTIONS)
 # ---------------------------------------------------------------- weight bytes, quantization (sd2.measure.weight_bytes)
 
 BYTES_LABEL = "draft weight bytes read per token"
-QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w4a16": "^"}
+# A quantization-aware draft (-qat) beside its one-shot scheme: the same shape, turned.
+QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w8a16-qat": "D", "w4a16": "^", "w4a16-qat": "v"}
 
 
 def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -717,7 +718,7 @@ def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.
                 rows["draft_weight_bytes_per_token"],
                 rows["mal"],
                 yerr=ci_yerr(rows, "mal"),
-                fmt=QUANTIZATION_MARKERS.get(c.quantization, "D"),
+                fmt=QUANTIZATION_MARKERS.get(c.quantization, "X"),
                 capsize=3,
                 color=color(c.method, c.loss),
                 label=methods.label(c.method, c.loss),

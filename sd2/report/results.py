@@ -386,7 +386,20 @@ QUANTIZATION_COLUMNS = [
     "vs_unquantized_significant",
     "weight_bytes_ratio_vs_unquantized",
 ]
-COMPARISON_COLUMNS = COMPARISON_KEYS + ["n_prompts"] + BASELINE_COLUMNS + LOSS_COLUMNS + QUANTIZATION_COLUMNS
+# Rows of a quantization-aware draft (<variant>@<scheme>-qat) also compare it with the one-shot
+# <variant>@<scheme>: the same quantization, steps and data, fine-tuned without seeing it.
+QAT_COLUMNS = [
+    "one_shot_mal",
+    "one_shot_mal_ci_low",
+    "one_shot_mal_ci_high",
+    "mal_ratio_vs_one_shot",
+    "vs_one_shot_ci_low",
+    "vs_one_shot_ci_high",
+    "vs_one_shot_significant",
+]
+COMPARISON_COLUMNS = (
+    COMPARISON_KEYS + ["n_prompts"] + BASELINE_COLUMNS + LOSS_COLUMNS + QUANTIZATION_COLUMNS + QAT_COLUMNS
+)
 
 
 def read_records(record_paths) -> list[tuple[dict, list, str]]:
@@ -428,6 +441,10 @@ def comparisons(record_paths) -> pd.DataFrame:
     Rows of every other loss variant (a tuned method with a loss other than ce, direct_align included):
     - mal_ratio_vs_ce = MAL(variant) / MAL(ce_method with ce at the same sparsity), the same steps
       and data (the workflow fine-tunes every loss with the same settings on the same data).
+    Rows of a quantized draft (<variant>@<scheme>):
+    - mal_ratio_vs_unquantized = MAL(quantized) / MAL(<variant> as made);
+    - a quantization-aware one (@<scheme>-qat) also mal_ratio_vs_one_shot = MAL(@<scheme>-qat) /
+      MAL(@<scheme>): the same quantization, steps and data, fine-tuned seeing it or not.
     Every MAL comparison resamples the same prompts on both sides; *_significant says whether
     the 95% interval excludes no difference, and is False below MIN_PROMPTS_FOR_SIGNIFICANCE
     prompts: a bootstrap over a handful of prompts undercovers badly. Missing counterparts give NaN.
@@ -446,6 +463,8 @@ def comparisons(record_paths) -> pd.DataFrame:
     for (method, loss, scheme, *cell), (rec, ids) in index.items():
         if scheme != none:
             extra = _quantization_row(rec, ids, index.get((method, loss, none, *cell)))
+            if methods.quantization_aware(scheme):
+                extra.update(_one_shot_row(rec, ids, index.get((method, loss, methods.base_scheme(scheme), *cell))))
         elif method == "sd2" and loss == methods.DEFAULT_LOSS:
             others = {"sd2": (rec, ids)}
             for base, level in (("layer_pruned", cell[2]), ("dense_sd", 0)):
@@ -563,6 +582,23 @@ def _quantization_row(rec: dict, ids, unquantized) -> dict:
         "vs_unquantized_ci_high": ratio[2],
         "vs_unquantized_significant": _enough(rec) and excludes(ratio[1], ratio[2], 1.0),
         "weight_bytes_ratio_vs_unquantized": own_bytes / base_bytes if own_bytes and base_bytes else float("nan"),
+    }
+
+
+def _one_shot_row(rec: dict, ids, one_shot) -> dict:
+    """A quantization-aware draft against the same draft quantized one-shot, paired over the same prompts."""
+    if one_shot is None:
+        return {}
+    base, base_ids = one_shot
+    ratio = _paired(rec, ids, base, base_ids)
+    return {
+        "one_shot_mal": base.get("mal"),
+        "one_shot_mal_ci_low": base.get("mal_ci_low"),
+        "one_shot_mal_ci_high": base.get("mal_ci_high"),
+        "mal_ratio_vs_one_shot": ratio[0],
+        "vs_one_shot_ci_low": ratio[1],
+        "vs_one_shot_ci_high": ratio[2],
+        "vs_one_shot_significant": _enough(rec) and excludes(ratio[1], ratio[2], 1.0),
     }
 
 

@@ -33,8 +33,9 @@ shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
 VARIANT = methods.variant_pattern(quantized=True)
-TUNED_VARIANT = methods.variant_pattern(tuned_only=True)
-QUANTIZED_VARIANT = methods.variant_pattern() + rf"@(?:{'|'.join(methods.QUANTIZATIONS[1:])})"
+# The finetune rule's outputs are the tuned variants and their quantization-aware fine-tunings (<variant>@<scheme>-qat).
+TUNED_VARIANT = methods.finetuned_pattern()
+QUANTIZED_VARIANT = methods.quantized_pattern()
 # Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
 # main process (not again in every job), not an error.
 if workflow.is_main_process:
@@ -104,9 +105,25 @@ def draft_path(target, draft, variant, sparsity):
     return f"{W}/pruned/{target}/{draft}/s{sparsity}"
 
 
+def quantize_source(target, draft, variant, sparsity):
+    """The checkpoint the quantize rule reads for a quantized variant (the unquantized variant's, or
+    for <variant>@<scheme>-qat its quantization-aware fine-tuning, the finetune rule's, under drafts/)."""
+    base, scheme = methods.split_quantization(variant)
+    if methods.quantization_aware(scheme):
+        name = methods.parse_variant(base)[0]
+        return f"{W}/drafts/{data_dir(target, name)}/{draft}/{variant}-s{sparsity}"
+    return draft_path(target, draft, base, sparsity)
+
+
 def draft_input(target, draft, variant, sparsity):
     """What a job that loads this draft depends on (the dense draft: its checkpoint or download)."""
     path = draft_path(target, draft, variant, sparsity)
+    return model_input(draft) if path == model_path(draft) else [path]
+
+
+def quantize_input(target, draft, variant, sparsity):
+    """The quantize rule's input, quantize_source's checkpoint (the dense draft: its checkpoint or download)."""
+    path = quantize_source(target, draft, variant, sparsity)
     return model_input(draft) if path == model_path(draft) else [path]
 
 
@@ -241,8 +258,13 @@ def finetune_init_path(w):
 
 
 def finetune_settings(w):
-    """config.finetune with the variant's loss (the job reads it as settings["loss"])."""
-    return as_arg({**config["finetune"], "loss": finetune_method(w)[1], "chat": config["chat"]})
+    """config.finetune with the variant's loss (the job reads it as settings["loss"]), and for a
+    <variant>@<scheme>-qat the scheme its forward is fake-quantised to (settings["quantization_aware"])."""
+    settings = {**config["finetune"], "loss": finetune_method(w)[1], "chat": config["chat"]}
+    scheme = methods.split_quantization(w.method)[1]
+    if methods.quantization_aware(scheme):
+        settings["quantization_aware"] = methods.base_scheme(scheme)
+    return as_arg(settings)
 
 
 def teacher_model(w):

@@ -53,10 +53,11 @@ rule prune:
 
 
 # A draft quantized after it is made (sd2.drafts.quantize): its variant is <variant>@<scheme>, its
-# input the unquantized variant's checkpoint, its calibration data the target's self-distilled answers.
+# input the unquantized variant's checkpoint (for <variant>@<scheme>-qat its quantization-aware
+# fine-tuning, quantized with <scheme>), its calibration data the target's self-distilled answers.
 rule quantize:
     input:
-        draft=lambda w: draft_input(w.target, w.draft, methods.split_quantization(w.method)[0], w.sparsity),
+        draft=lambda w: quantize_input(w.target, w.draft, w.method, w.sparsity),
         calibration=lambda w: data_path(w.target),
     output:
         directory(f"{W}/quantized/{{target}}/{{draft}}/{{method}}-s{{sparsity}}"),
@@ -64,8 +65,8 @@ rule quantize:
         method=QUANTIZED_VARIANT,
     params:
         sd2=SD2,
-        model=lambda w: draft_path(w.target, w.draft, methods.split_quantization(w.method)[0], w.sparsity),
-        scheme=lambda w: methods.split_quantization(w.method)[1],
+        model=lambda w: quantize_source(w.target, w.draft, w.method, w.sparsity),
+        scheme=lambda w: methods.base_scheme(methods.split_quantization(w.method)[1]),
         settings=as_arg({**config["quantize"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: model_threads()
