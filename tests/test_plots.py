@@ -27,6 +27,7 @@ from sd2.report.plots import (
     plot_mal_vs_macs,
     plot_mal_vs_sparsity,
     plot_mal_vs_tree_budget,
+    plot_mal_vs_weight_bytes,
     plot_tokenizer_comparison,
     same_variant,
     save_figure,
@@ -265,4 +266,26 @@ def test_mal_vs_tree_budget_lines_bands_and_chain_reference(measurements):
 
 def test_mal_vs_tree_budget_without_tree_rows(measurements):
     assert is_empty_figure(plot_mal_vs_tree_budget(measurements), "no tree_walk rows")
-    assert "mal_vs_tree_budget" in FIGURES and FIGURES[-1] == "mal_vs_tree_budget"
+    assert "mal_vs_tree_budget" in FIGURES
+
+
+def test_mal_vs_weight_bytes_puts_quantized_drafts_at_their_bytes(measurements):
+    """Records without byte counts: the placeholder. With them: one point per draft and scheme at its
+    bytes, markers by quantization, and quantized drafts left out of the per-method figures."""
+    assert is_empty_figure(
+        plot_mal_vs_weight_bytes(measurements.drop(columns=["draft_weight_bytes_per_token"])),
+        "no records with weight bytes",
+    )
+    df = main_slice(measurements)
+    df = df[df["target"] == df["target"].iloc[0]]
+    quantized = df[df["method"] == "sd2"].assign(quantization="w4a16")
+    both = pd.concat([df, quantized], ignore_index=True)
+    both["draft_weight_bytes_per_token"] = (
+        both["draft_macs_per_token"] * 2 / both["quantization"].map({"none": 1, "w4a16": 3})
+    )
+    fig = plot_mal_vs_weight_bytes(both)
+    ax = fig.axes[0]
+    xs = sorted(x for line in ax.lines if line.get_marker() == "^" for x in line.get_xdata())
+    assert xs == sorted(
+        quantized["draft_macs_per_token"][quantized["eval_set"] == ax.get_title().split(":")[0]] * 2 / 3
+    )

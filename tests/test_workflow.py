@@ -218,9 +218,10 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     assert '"tree_budgets": [4, 8, 16]' in out
     families = job_counts(outs["config/families.yaml"])
     assert families["train_head"] == 4 and "train_sparse_head" not in families and families["measure_head"] == 4
-    # Issue 15's quantized drafts: every (draft, variant, sparsity) of both llama drafts once per scheme.
+    # Issue 15's quantized drafts: every (draft, variant, sparsity) of both llama drafts once per scheme,
+    # one-shot and quantization-aware (every variant there is fine-tuned).
     quantized = job_counts(outs["config/quantization.yaml"])
-    assert quantized["quantize"] == 2 * 5 * 2 and quantized["measure"] == 2 * 5 * 3
+    assert quantized["quantize"] == 2 * 5 * 2 * 2 and quantized["measure"] == 2 * 5 * (1 + 2 * 2)
     assert "quantize" not in job_counts(outs["config/config.yaml"])
 
 

@@ -69,7 +69,8 @@ DEFINITIONS = {
     "factor for this draft, estimator and temperature.",
     "weight_bytes_per_token": "bytes of weights read per generated token (sd2.measure.weight_bytes): every "
     "linear layer once, each in its smallest stored layout (dense, bitmask, CSR), 16-bit weights or the draft's "
-    "quantization (`quantization`: w8a16, w4a16, with 16-bit scales); weight_bytes_ratio = draft / target. The "
+    "quantization (`quantization`: w8a16, w4a16 and their -qat variants, with 16-bit scales); weight_bytes_ratio = "
+    "draft / target. The "
     "tables' improvement_factor_bytes is MAL / (1 + k * weight_bytes_ratio). A quantized draft is measured "
     "with its quantized weights, dequantised in the forward pass.",
     "tokens_per_s": "greedy, batch size 1, the first n_check prompts but the first warmup_prompts: "

@@ -426,6 +426,7 @@ def quantization(results: Path) -> str:
         keys
         + ["mal_ratio_vs_unquantized", "vs_unquantized_ci_low", "vs_unquantized_ci_high", "vs_unquantized_significant"]
     ]
+    qat = compared[compared["mal_ratio_vs_one_shot"].notna()] if "mal_ratio_vs_one_shot" in compared else vs.iloc[:0]
     df = df.merge(vs, on=keys, how="left")
     view = pd.DataFrame(
         {
@@ -465,7 +466,33 @@ def quantization(results: Path) -> str:
             f" {scheme}: MAL ratio {rows['mal_ratio_vs_unquantized'].min():.3f} to "
             f"{rows['mal_ratio_vs_unquantized'].max():.3f}."
         )
-    return "\n".join([first, "", summary, "", markdown_table(view)])
+    parts = [first, "", summary, "", markdown_table(view)]
+    if len(qat):
+        worse = qat[qat["vs_one_shot_significant"].eq(True) & (qat["mal_ratio_vs_one_shot"] < 1)]
+        better = qat[qat["vs_one_shot_significant"].eq(True) & (qat["mal_ratio_vs_one_shot"] > 1)]
+        qat_view = pd.DataFrame(
+            {
+                "draft": qat["draft"],
+                "method": [methods.label(m, loss) for m, loss in zip(qat["method"], qat["loss"])],
+                "sparsity": qat["sparsity"],
+                "quantization": qat["quantization"],
+                "MAL [95% CI]": ci_column(qat, "mal", "mal_ci_low", "mal_ci_high"),
+                "one-shot MAL [95% CI]": ci_column(qat, "one_shot_mal", "one_shot_mal_ci_low", "one_shot_mal_ci_high"),
+                "QAT / one-shot [paired 95% CI]": ci_column(
+                    qat, "mal_ratio_vs_one_shot", "vs_one_shot_ci_low", "vs_one_shot_ci_high"
+                ),
+                "significant": qat["vs_one_shot_significant"].map({True: "yes", False: "no"}),
+            }
+        )
+        parts += [
+            "",
+            f"Quantization-aware fine-tuning against one-shot quantization at the same steps and data (paired): "
+            f"{len(qat)} drafts; QAT significantly better in {len(better)}, significantly worse in {len(worse)}, "
+            f"not distinguishable in {len(qat) - len(better) - len(worse)}.",
+            "",
+            markdown_table(qat_view),
+        ]
+    return "\n".join(parts)
 
 
 BLOCKS = {
