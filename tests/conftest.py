@@ -4,9 +4,11 @@ import os
 
 import pytest
 import torch
+from datasets import Dataset
 from hub_models import TINY, chat_tokenizer, save_hub_model
 
 from sd2.data import stdlib_files, stdlib_root
+from sd2.drafts.prune import prune
 from sd2.models import build_model
 from sd2.tokenization import train_tokenizer
 
@@ -163,3 +165,35 @@ def tiny_run(tmp_path_factory):
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
         pytest.fail(f"snakemake failed:\n{proc.stderr[-5000:]}\n{logs[-20000:]}")
     return workdir
+
+
+@pytest.fixture(scope="session")
+def sft_data_dir(tmp_path_factory, stdlib_texts):
+    """Prompt/response rows cut from stdlib files: fine-tuning data for the tiny drafts."""
+    rows = []
+    for t in stdlib_texts[:20]:
+        for start in (0, 400):
+            rows.append(
+                {"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]}
+            )
+    out = tmp_path_factory.mktemp("sft_data")
+    Dataset.from_list(rows).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibration_dir(tmp_path_factory, stdlib_texts):
+    """A few prompt/response rows for pruning and quantization calibration."""
+    rows = [{"id": str(i), "prompt": t[:200], "response": t[200:600]} for i, t in enumerate(stdlib_texts[:8])]
+    out = tmp_path_factory.mktemp("calib")
+    Dataset.from_list(rows).save_to_disk(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sparse_draft_dir(tmp_path_factory, tiny_llama_draft_dir, calibration_dir):
+    """The tiny Llama draft pruned to 50% (magnitude): widths 16 and 64, so w4a16 groups are whole rows."""
+    out = tmp_path_factory.mktemp("sparse_draft") / "pruned"
+    settings = dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32)
+    prune(tiny_llama_draft_dir, calibration_dir, out, sparsity=50, settings=settings, seed=0)
+    return out

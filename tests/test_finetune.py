@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors import safe_open
 
 from sd2.chunked_loss import chunked_causal_lm_loss
@@ -44,24 +43,11 @@ SETTINGS = dict(
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, stdlib_texts):
-    rows = []
-    for t in stdlib_texts[:20]:
-        for start in (0, 400):
-            rows.append(
-                {"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]}
-            )
-    out = tmp_path_factory.mktemp("sd_data")
-    Dataset.from_list(rows).save_to_disk(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, data_dir):
+def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, sft_data_dir):
     out = tmp_path_factory.mktemp("pruned") / "s50"
     prune(
         tiny_llama_draft_dir,
-        data_dir,
+        sft_data_dir,
         out,
         sparsity=50,
         settings=dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32),
@@ -88,9 +74,9 @@ def test_masks_unchanged_by_an_optimizer_step(pruned_dir):
         assert torch.equal(module.weight != 0, masks[name]), name
 
 
-def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, data_dir, tmp_path):
+def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, sft_data_dir, tmp_path):
     out = tmp_path / "ft"
-    history = finetune(pruned_dir, data_dir, out, settings=SETTINGS, seed=0)
+    history = finetune(pruned_dir, sft_data_dir, out, settings=SETTINGS, seed=0)
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
     before, after = load_model(pruned_dir), load_model(out)
@@ -106,7 +92,7 @@ def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, data_
     assert len(rows) == len(history) and "val_loss" in rows[0]
 
 
-def test_bf16_draft_trains_in_fp32_in_micro_batches_and_is_saved_in_bf16(pruned_dir, data_dir, tmp_path):
+def test_bf16_draft_trains_in_fp32_in_micro_batches_and_is_saved_in_bf16(pruned_dir, sft_data_dir, tmp_path):
     bf16_dir = tmp_path / "bf16"
     load_model(pruned_dir).to(torch.bfloat16).save_pretrained(bf16_dir)
     load_tokenizer(pruned_dir).save_pretrained(bf16_dir)
@@ -119,7 +105,7 @@ def test_bf16_draft_trains_in_fp32_in_micro_batches_and_is_saved_in_bf16(pruned_
         "loss_chunk_tokens": 64,
     }
     out = tmp_path / "ft"
-    history = finetune(bf16_dir, data_dir, out, settings=settings, seed=0)
+    history = finetune(bf16_dir, sft_data_dir, out, settings=settings, seed=0)
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     info = json.loads((out / "provenance.json").read_text())
     assert info["memory"] == {
@@ -154,19 +140,26 @@ def test_a_weight_lost_in_the_cast_to_bf16_is_caught(pruned_dir):
 
 
 @pytest.mark.parametrize("loss", ["kl", "tvdpp"])
-def test_distillation_losses_run_with_a_same_tokenizer_teacher(pruned_dir, data_dir, tiny_llama_dir, tmp_path, loss):
+def test_distillation_losses_run_with_a_same_tokenizer_teacher(
+    pruned_dir, sft_data_dir, tiny_llama_dir, tmp_path, loss
+):
     settings = {**SETTINGS, "loss": loss, "max_steps": 4, "eval_every": 4}
-    history = finetune(pruned_dir, data_dir, tmp_path / loss, settings=settings, seed=0, teacher_dir=tiny_llama_dir)
+    history = finetune(pruned_dir, sft_data_dir, tmp_path / loss, settings=settings, seed=0, teacher_dir=tiny_llama_dir)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history[1:])
 
 
-def test_kl_needs_the_same_tokenizer(pruned_dir, data_dir, tiny_qwen_dir, tmp_path):
+def test_kl_needs_the_same_tokenizer(pruned_dir, sft_data_dir, tiny_qwen_dir, tmp_path):
     with pytest.raises(ValueError, match="share a tokenizer"):
         finetune(
-            pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "kl"}, seed=0, teacher_dir=tiny_qwen_dir
+            pruned_dir,
+            sft_data_dir,
+            tmp_path / "x",
+            settings={**SETTINGS, "loss": "kl"},
+            seed=0,
+            teacher_dir=tiny_qwen_dir,
         )
     with pytest.raises(ValueError, match="teacher_dir"):
-        finetune(pruned_dir, data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "tvdpp"}, seed=0)
+        finetune(pruned_dir, sft_data_dir, tmp_path / "x", settings={**SETTINGS, "loss": "tvdpp"}, seed=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -298,7 +291,7 @@ def test_squarehead_gradient_brings_the_sparse_draft_back_toward_the_dense_one(p
         assert torch.equal(module.weight != 0, masks[name]), name
 
 
-def test_squarehead_needs_the_draft_s_own_shapes(pruned_dir, data_dir, tiny_llama_dir, tmp_path):
+def test_squarehead_needs_the_draft_s_own_shapes(pruned_dir, sft_data_dir, tiny_llama_dir, tmp_path):
     h = [torch.randn(5, 16), torch.randn(5, 16)]
     with pytest.raises(ValueError, match="2 hidden-state layers, the teacher 1"):
         squarehead_layers(h, h[:1])
@@ -306,7 +299,7 @@ def test_squarehead_needs_the_draft_s_own_shapes(pruned_dir, data_dir, tiny_llam
         squarehead_layers(h, [h[0], torch.randn(5, 32)])
     settings = {**SETTINGS, "loss": "squarehead"}
     with pytest.raises(ValueError, match="num_hidden_layers is 1 in the draft and 2 in the teacher"):
-        finetune(pruned_dir, data_dir, tmp_path / "x", settings=settings, seed=0, teacher_dir=tiny_llama_dir)
+        finetune(pruned_dir, sft_data_dir, tmp_path / "x", settings=settings, seed=0, teacher_dir=tiny_llama_dir)
     assert not (tmp_path / "x").exists()
 
 
@@ -381,12 +374,12 @@ def test_skd_batch_answers_the_data_s_prompts_within_the_data_s_response_lengths
 
 @pytest.mark.parametrize("loss", ["squarehead", "skd"])
 def test_finetune_with_squarehead_and_skd_keeps_the_zeros_and_records_the_loss(
-    pruned_dir, data_dir, tiny_llama_draft_dir, tiny_llama_dir, tmp_path, loss
+    pruned_dir, sft_data_dir, tiny_llama_draft_dir, tiny_llama_dir, tmp_path, loss
 ):
     teacher = tiny_llama_draft_dir if loss == "squarehead" else tiny_llama_dir  # the dense draft; the target
     settings = {**SETTINGS, **SKD, "loss": loss, "max_steps": 3, "eval_every": 3, "skd_max_new_tokens": 24}
     out = tmp_path / loss
-    history = finetune(pruned_dir, data_dir, out, settings=settings, seed=0, teacher_dir=teacher)
+    history = finetune(pruned_dir, sft_data_dir, out, settings=settings, seed=0, teacher_dir=teacher)
     assert [h["step"] for h in history] == [0, 3] and torch.isfinite(torch.tensor(history[-1]["train_loss"]))
     before, after = load_model(pruned_dir), load_model(out)
     for (name, b), a in zip(decoder_linears(before).items(), decoder_linears(after).values()):

@@ -2,18 +2,9 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 
 from sd2.drafts.prune import exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
 from sd2.models import decoder_linears, load_model
-
-
-@pytest.fixture(scope="module")
-def calibration_dir(tmp_path_factory, stdlib_texts):
-    rows = [{"id": str(i), "prompt": t[:200], "response": t[200:600]} for i, t in enumerate(stdlib_texts[:8])]
-    out = tmp_path_factory.mktemp("calib")
-    Dataset.from_list(rows).save_to_disk(str(out))
-    return out
 
 
 def _prune(src, calib, out, sparsity=50, **kw):

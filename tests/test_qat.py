@@ -11,12 +11,11 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, snakemake_cmd
-from datasets import Dataset, load_from_disk
+from datasets import load_from_disk
 
 from sd2 import chat, methods, training
 from sd2.config import SCHEMA_PATH
 from sd2.drafts.finetune import finetune
-from sd2.drafts.prune import prune
 from sd2.drafts.quantize import fake_quantized, group_size, load_quantized, quantize, scheme_spec, weight_bits
 from sd2.measure.weight_bytes import layer_bytes
 from sd2.models import decoder_linears, load_model, load_tokenizer
@@ -39,32 +38,13 @@ SETTINGS = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, stdlib_texts):
-    rows = []
-    for t in stdlib_texts[:20]:
-        for start in (0, 400):
-            rows.append(
-                {"id": str(len(rows)), "prompt": t[start : start + 80], "response": t[start + 80 : start + 240]}
-            )
-    out = tmp_path_factory.mktemp("qat_data")
-    Dataset.from_list(rows).save_to_disk(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(tmp_path_factory, tiny_llama_draft_dir, data_dir):
-    out = tmp_path_factory.mktemp("qat_pruned") / "s50"
-    settings = dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32)
-    prune(tiny_llama_draft_dir, data_dir, out, sparsity=50, settings=settings, seed=0)
-    return out
-
-
-def validation_loss(model_dir, data_dir, scheme=None) -> float:
+def validation_loss(model_dir, sft_data_dir, scheme=None) -> float:
     """The held-out response cross-entropy finetune reports (token mean over its validation batches)
     of a checkpoint, its forward fake-quantised to `scheme` when given."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    examples = chat.encode_dataset(tokenizer, load_from_disk(str(data_dir)), data_dir, None, SETTINGS["seq_len"])[0]
+    examples = chat.encode_dataset(
+        tokenizer, load_from_disk(str(sft_data_dir)), sft_data_dir, None, SETTINGS["seq_len"]
+    )[0]
     val = [examples[i] for i in training.split(len(examples), SETTINGS["validation_fraction"], 0)[1]]
     total, tokens = 0.0, 0
     with torch.no_grad(), fake_quantized(model, scheme) if scheme else contextlib.nullcontext():
@@ -76,20 +56,22 @@ def validation_loss(model_dir, data_dir, scheme=None) -> float:
 
 
 def test_quantization_aware_finetune_trains_the_quantized_model_with_the_mask_held(
-    pruned_dir, data_dir, tmp_path, one_thread
+    sparse_draft_dir, sft_data_dir, tmp_path, one_thread
 ):
     """The same run with the forward fake-quantised: zeros held, its loss falls, its curve is the
     quantized model's, and rule quantize on its checkpoint keeps the mask and gives that model."""
     plain, aware = tmp_path / "plain", tmp_path / "aware"
-    finetune(pruned_dir, data_dir, plain, settings=SETTINGS, seed=0)
-    history = finetune(pruned_dir, data_dir, aware, settings={**SETTINGS, "quantization_aware": "w4a16"}, seed=0)
+    finetune(sparse_draft_dir, sft_data_dir, plain, settings=SETTINGS, seed=0)
+    history = finetune(
+        sparse_draft_dir, sft_data_dir, aware, settings={**SETTINGS, "quantization_aware": "w4a16"}, seed=0
+    )
     assert [h["step"] for h in history] == [0, 15, 30]
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3
     info = json.loads((aware / "provenance.json").read_text())
     assert info["quantization_aware"]["scheme"] == "w4a16" and info["settings"]["finetune"]["quantization_aware"]
     assert json.loads((plain / "provenance.json").read_text())["quantization_aware"] is None
 
-    before, after = load_model(pruned_dir), load_model(aware)
+    before, after = load_model(sparse_draft_dir), load_model(aware)
     for (name, b), a in zip(decoder_linears(before).items(), decoder_linears(after).values()):
         assert torch.equal(b.weight != 0, a.weight != 0), name
         assert not torch.equal(b.weight, a.weight), name  # it trained
@@ -105,9 +87,9 @@ def test_quantization_aware_finetune_trains_the_quantized_model_with_the_mask_he
     for name, b in decoder_linears(before).items():
         assert not quantized[name].weight[b.weight == 0].any(), name
     end = history[-1]["val_loss"]
-    assert validation_loss(tmp_path / "aware-q", data_dir) == pytest.approx(end, rel=1e-5)
-    assert validation_loss(aware, data_dir, "w4a16") == pytest.approx(end, rel=1e-5)
-    assert abs(validation_loss(aware, data_dir) - end) > 1e-4  # unquantized, it is another model
+    assert validation_loss(tmp_path / "aware-q", sft_data_dir) == pytest.approx(end, rel=1e-5)
+    assert validation_loss(aware, sft_data_dir, "w4a16") == pytest.approx(end, rel=1e-5)
+    assert abs(validation_loss(aware, sft_data_dir) - end) > 1e-4  # unquantized, it is another model
 
 
 def test_qat_scheme_names():

@@ -3,10 +3,8 @@ import json
 import pytest
 import torch
 from compressed_tensors.quantization import fake_quantize as ct_fake_quantize
-from datasets import Dataset
 from safetensors import safe_open
 
-from sd2.drafts.prune import prune
 from sd2.drafts.quantize import (
     _run_oneshot,
     check_mask,
@@ -22,23 +20,6 @@ from sd2.measure.weight_bytes import layer_bytes
 from sd2.models import build_model, decoder_linears, load_model, load_tokenizer
 
 GPTQ_SETTINGS = dict(calibration_samples=4, calibration_seq_len=32)
-
-
-@pytest.fixture(scope="module")
-def calibration_dir(tmp_path_factory, stdlib_texts):
-    rows = [{"id": str(i), "prompt": t[:200], "response": t[200:600]} for i, t in enumerate(stdlib_texts[:8])]
-    out = tmp_path_factory.mktemp("calib")
-    Dataset.from_list(rows).save_to_disk(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def sparse_draft_dir(tmp_path_factory, tiny_llama_draft_dir, calibration_dir):
-    """The tiny Llama draft pruned to 50% (magnitude): widths 16 and 64, so w4a16 groups are whole rows."""
-    out = tmp_path_factory.mktemp("sparse_draft") / "pruned"
-    settings = dict(pruner="magnitude", structure="unstructured", calibration_samples=4, calibration_seq_len=32)
-    prune(tiny_llama_draft_dir, calibration_dir, out, sparsity=50, settings=settings, seed=0)
-    return out
 
 
 def _quantize(src, out, scheme, method, calibration):
