@@ -215,6 +215,9 @@ def run_on_top(config_path, *, cores: int) -> int:
         write_json(marker, state)
     else:
         state = None
+    # Resuming over a completed record (the config gained jobs since): that record is kept inside the new one.
+    record_path = results / "run_time.json"
+    earlier = json.loads(record_path.read_text()) if state is None and record_path.exists() else None
     start_wall, start = time.time(), time.monotonic()
     # The tables and figures, not `all`: its data manifest and model table belong to the default
     # run, and making them here would prepare the data again and so rebuild everything after it.
@@ -239,9 +242,12 @@ def run_on_top(config_path, *, cores: int) -> int:
     if status == 0:
         seconds = state["seconds"] if state else round(time.monotonic() - start)
         jobs = job_times("logs/benchmarks", since=state["since"] if state else start_wall)
+        if earlier and not len(jobs):
+            print(f"{config_path}: nothing to run; {record_path} kept")
+            return status
         write_table(jobs, results / "tables" / "job_times.csv")
         write_json(
-            results / "run_time.json",
+            record_path,
             {
                 "seconds": seconds,
                 "invocations": state["invocations"] if state else 1,
@@ -252,10 +258,11 @@ def run_on_top(config_path, *, cores: int) -> int:
                 "machine": machine(),
                 "config_digest": config_digest(config),
                 "provenance": provenance(settings={"config": str(config_path), "cores": cores}),
+                "earlier": earlier,
             },
         )
         marker.unlink(missing_ok=True)
-        print(f"{config_path}: {seconds} s on top of {work}/ ({len(jobs)} jobs) -> {results / 'run_time.json'}")
+        print(f"{config_path}: {seconds} s on top of {work}/ ({len(jobs)} jobs) -> {record_path}")
     return status
 
 

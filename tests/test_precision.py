@@ -159,6 +159,18 @@ def test_on_top_run_adds_up_cut_invocations(tmp_path, monkeypatch):
     assert sweep_time.run_on_top("families.yaml", cores=2) == 0
     rec = json.loads((results / "run_time.json").read_text())
     assert rec["invocations"] == 2 and rec["whole_config"] and not (results / ".on-top-run.json").exists()
+    # A completed record and nothing new to run: the record stays as it was.
     outcomes = iter([0])
     assert sweep_time.run_on_top("families.yaml", cores=2) == 0
-    assert not json.loads((results / "run_time.json").read_text())["whole_config"]
+    assert json.loads((results / "run_time.json").read_text()) == rec
+    # The config gained a job since: the new record holds the earlier one.
+    (tmp_path / "logs" / "benchmarks" / "measure").mkdir(parents=True)
+    outcomes = iter([0])
+    real_run = sweep_time.job_times
+    monkeypatch.setattr(
+        sweep_time, "job_times", lambda root, since=None: real_run(root, since=0).assign(seconds=5.0).head(1)
+    )
+    (tmp_path / "logs" / "benchmarks" / "measure" / "new.tsv").write_text("s\tmax_rss\n5.0\t1.0\n")
+    assert sweep_time.run_on_top("families.yaml", cores=2) == 0
+    new = json.loads((results / "run_time.json").read_text())
+    assert not new["whole_config"] and new["jobs"] == 1 and new["earlier"] == rec

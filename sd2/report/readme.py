@@ -315,7 +315,13 @@ def on_top_header(results: Path, name: str) -> tuple[str | None, list]:
         f"{rec['jobs']} job{'s' * (rec['jobs'] != 1)}, {rec['job_seconds']:,} job-seconds, on {where}, "
         f"`results/{name}/run_time.json`)."
     )
-    if not rec.get("whole_config", True):
+    earlier = rec.get("earlier")
+    if earlier:
+        first += (
+            f" It added to an earlier completed run of this config ({earlier['seconds']} s, {earlier['jobs']} jobs, "
+            f"{earlier['provenance']['created'][:10]}): it ran only the jobs the config had gained since."
+        )
+    elif not rec.get("whole_config", True):
         first += (
             " That invocation resumed one that was cut before timing was recorded: it ran only the jobs still "
             "missing, so its time covers those alone, not the whole config."
