@@ -218,6 +218,10 @@ def run_on_top(config_path, *, cores: int) -> int:
     # Resuming over a completed record (the config gained jobs since): that record is kept inside the new one.
     record_path = results / "run_time.json"
     earlier = json.loads(record_path.read_text()) if state is None and record_path.exists() else None
+    # Under `--rerun-triggers mtime` Snakemake takes an existing measurements table as up to date even
+    # where the config has gained records it lacks (a resumed or extended run): remove it, so that
+    # collect runs and its missing records are planned. It is rebuilt from the records.
+    (results / "tables" / "measurements.csv").unlink(missing_ok=True)
     start_wall, start = time.time(), time.monotonic()
     # The tables and figures, not `all`: its data manifest and model table belong to the default
     # run, and making them here would prepare the data again and so rebuild everything after it.
