@@ -4,7 +4,7 @@ A draft decodes one token at a time (batch 1) and the target verifies k drafted 
 plus one in a single pass (batch k + 1); both are matrix-vector-like products bound by
 the bytes of weight they read. For every distinct linear shape of Llama-3.2-1B, -3B and
 the config's drafts, at 0 / 50 / 70 / 90% unstructured sparsity (a magnitude mask on a
-random normal weight, exactly round(s * numel) zeros, sd2.drafts.prune.magnitude_mask),
+random normal weight, exactly round(s * numel) zeros, as sd2.drafts.prune.magnitude_mask),
 in fp32 and bf16, on 1 and 2 torch threads, this times dense torch (`F.linear`, the zeros
 in: how the sweep runs its drafts) and every sparse backend below, interleaved: each
 repetition runs every backend once in a shuffled order, so machine noise hits them
@@ -32,9 +32,14 @@ Backends (checked on PyPI, late 2026; which version, why in or out):
   only (MKL's sparse BLAS has no bf16); threads set with mkl_set_num_threads.
 - onnxruntime (1.32.0, 2026): in. The CPU contrib op com.microsoft.SparseToDenseMatMul
   (Eigen) on a CSR sparse-tensor input; fp32 only (no bf16 kernel registered).
-- deepsparse (Neural Magic): out. End of life since June 2025: 1.9.0 is a source package
-  whose install exits with an end-of-life message; the last wheels (1.8.0, 2024) pin
-  onnx < 1.15 and numpy 1, so they cannot share a process with this project's stack.
+- deepsparse (Neural Magic, 1.8.0): timed on the side, not maintained. End of life since
+  June 2025: 1.9.0 is a source package whose install exits with an end-of-life message; the
+  last wheels (1.8.0, 2024, cp311 x86-64) install and run on this AVX2 CPU but are built
+  against numpy 1 (under numpy 2 their products are wrong, so the backend refuses to load)
+  and pin onnx < 1.15: they cannot share this project's environment (numpy 2; datasets'
+  pyarrow needs it). Timed in a throwaway venv of its own (below), fp32 only (its bf16 needs
+  a CPU with native bf16). The engine compiles one ONNX MatMul per weight copy (W^T stored
+  dense, the engine finds the zeros), one engine per batch and core count.
 - intel-extension-for-pytorch (2.8.0, 2025-08): out. Built for torch 2.8 only (this project
   runs torch 2.13), retired by Intel, and has no unstructured sparse matmul.
 - torch.sparse.to_sparse_semi_structured: out. 2:4 only and CUDA only ("Only CUDA tensors
@@ -44,18 +49,26 @@ Backends (checked on PyPI, late 2026; which version, why in or out):
 - pydata `sparse`, `torch-sparse` (0.6.18, 2023, no wheels for torch 2.13), llama.cpp,
   CTranslate2: out. No CPU kernel for an unstructured sparse linear layer beyond the above.
 
-scipy, sparse_dot_mkl and onnxruntime are optional: a backend whose package does not
-import is recorded as "not installed". To time them, install them beside the project
-(not into it) and point Python at them:
+scipy, sparse_dot_mkl, onnxruntime and deepsparse are optional: a backend whose package
+does not import is recorded as "not installed". To time them, install them beside the
+project (not into it) and point Python at them:
 
     pip install --no-deps --target /tmp/sd2-sparse-deps scipy==1.17.1 sparse-dot-mkl==0.9.10 \\
-        onnxruntime==1.32.0 onnx==1.23.2 flatbuffers ml_dtypes mkl==2026.2.0
+        onnxruntime==1.32.0 onnx==1.23.2 flatbuffers ml_dtypes mkl==2026.2.0 intel-openmp "tbb==2023.*"
     # pip --target leaves the mkl wheel's data/lib out: unpack it by hand
-    unzip -j mkl-2026.2.0-*.whl 'mkl-2026.2.0.data/data/lib/*' -d /tmp/sd2-sparse-deps/lib
-
-    PYTHONPATH=/tmp/sd2-sparse-deps LD_LIBRARY_PATH=/tmp/sd2-sparse-deps/lib MKL_THREADING_LAYER=GNU \\
-        python benchmarks/sparse_kernels.py          # full run, ~10 min on 2 cores
+    pip download --no-deps mkl==2026.2.0 -d /tmp && \\
+        unzip -j /tmp/mkl-2026.2.0-*.whl 'mkl-2026.2.0.data/data/lib/*' -d /tmp/sd2-sparse-deps/lib
+    export LD_LIBRARY_PATH=/tmp/sd2-sparse-deps/lib MKL_THREADING_LAYER=GNU
+    PYTHONPATH=/tmp/sd2-sparse-deps python benchmarks/sparse_kernels.py    # full run, ~10-12 min on 2 cores
     python benchmarks/sparse_kernels.py --quick     # the config's drafts, 0 and 70%, 1 thread
+
+    # deepsparse: a venv with numpy 1 that sees the project's packages after its own
+    python3.11 -m venv /tmp/sd2-ds-venv && /tmp/sd2-ds-venv/bin/pip install deepsparse==1.8.0 "numpy<2" \\
+        scipy==1.17.1 sparse-dot-mkl==0.9.10 onnxruntime==1.32.0
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/sd2-ds-venv/lib/python3.11/site-packages/zz_sd2.pth
+    PYTHONPATH=. /tmp/sd2-ds-venv/bin/python benchmarks/sparse_kernels.py --backend deepsparse \\
+        --model Llama-3.2-1B --dtypes fp32 --sparsities 0 0.5 0.7 \\
+        --out results/tables/sparse_kernels_deepsparse.csv --figure results/figures/sparse_kernels_deepsparse
 
 MKL_THREADING_LAYER=GNU makes the mkl wheel use the GNU OpenMP runtime that torch has
 already loaded. Writes results/tables/sparse_kernels.csv (one row per shape, batch,
@@ -70,6 +83,7 @@ import math
 import platform
 import random
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -81,7 +95,6 @@ from tqdm import tqdm
 
 from sd2 import config
 from sd2.checkpoint import atomic_path
-from sd2.drafts.prune import magnitude_mask
 from sd2.provenance import provenance
 from sd2.report.plots import plot_sparse_kernels, save_figure, sparse_layer_speedups
 from sd2.report.results import write_table
@@ -192,16 +205,32 @@ def decoder_linear_bytes(spec: dict, elem_size: int) -> int:
     return per_layer * spec["num_hidden_layers"] * elem_size
 
 
-def pruned_weight(out_f: int, in_f: int, sparsity: float, seed: int) -> torch.Tensor:
-    """A random normal fp32 weight with its round(sparsity * numel) smallest |w| set to zero."""
+def pruned_weights(out_f: int, in_f: int, sparsities: list[float], seed: int) -> dict[float, torch.Tensor]:
+    """One random normal fp32 weight pruned to each sparsity: its round(s * numel) smallest |w| set to zero.
+
+    The mask of sd2.drafts.prune.magnitude_mask (a stable sort of |w|, the first ones dropped; a
+    test checks they agree), from one sort for every sparsity: sorting the 25M weights of a
+    Llama-3.2-3B MLP matrix takes seconds. Importing sd2.drafts.prune would also import
+    `datasets`, whose pyarrow needs numpy 2, which deepsparse's environment cannot have.
+    """
     weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
-    return weight * magnitude_mask(weight, sparsity) if sparsity else weight
+    order = weight.abs().flatten().argsort(stable=True)
+    pruned = {}
+    for sparsity in sparsities:
+        flat = weight.flatten().clone()
+        flat[order[: round(sparsity * weight.numel())]] = 0
+        pruned[sparsity] = flat.view_as(weight)
+    return pruned
 
 
 # ---------------------------------------------------------------- backends
 # Each backend turns a dense weight (out, in) into its own format once, copies that format for
 # the cold cycle, and multiplies it by an input made before the clock starts. output() gives
 # the result as a torch tensor (batch, out) for the correctness check.
+
+# Largest |backend - fp32 reference| / max |reference| accepted: beyond it the run stops, since a wrong
+# product's time means nothing. bf16 rounds inputs and outputs to 8 bits of mantissa.
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
 
 
 class Dense:
@@ -234,6 +263,19 @@ class Dense:
 
     def output(self, result, batch):
         return result
+
+    def runner(self, fmts: list, inp):
+        """A no-argument call that multiplies by the next copy of the weight each time, and the
+        products one call makes (1). One pass over the copies first: their first touch is not timed."""
+        for fmt in fmts:
+            self.call(fmt, inp)
+        state = {"i": 0}
+
+        def run():
+            self.call(fmts[state["i"]], inp)
+            state["i"] = (state["i"] + 1) % len(fmts)
+
+        return run, 1
 
 
 class TorchCSR(Dense):
@@ -422,7 +464,93 @@ class OnnxRuntime(Dense):
         return torch.from_numpy(result[0].numpy()).T
 
 
-BACKENDS = (Dense, TorchCSR, TorchCSRInt32, TorchCOO, Scipy, SparseDotMKL, OnnxRuntime)
+class DeepSparse(Dense):
+    """Neural Magic's DeepSparse engine on an ONNX MatMul whose W^T is stored dense: the engine finds the
+    zeros when it compiles. An engine is compiled for one batch size and core count, so one engine holds
+    all the cold copies (one MatMul each, on the same input) and a call makes len(copies) products."""
+
+    name = "deepsparse"
+
+    def __init__(self):
+        import numpy as np
+
+        if int(np.__version__.split(".")[0]) >= 2:
+            raise ImportError(
+                f"deepsparse 1.8 is built against numpy 1; under numpy {np.__version__} its products are wrong"
+            )
+        import deepsparse
+        import deepsparse.cpu
+        import onnx
+
+        self.np, self.deepsparse, self.onnx = np, deepsparse, onnx
+        self.native_bf16 = deepsparse.cpu.cpu_architecture()["bf16"]
+        self.dir = tempfile.TemporaryDirectory(prefix="sd2-deepsparse-")
+        self.engine, self.engine_key, self.threads = None, None, 1
+
+    def version(self):
+        return f"{self.deepsparse.__version__} (end of life)"
+
+    def convert(self, weight):
+        if weight.dtype != torch.float32:
+            raise TypeError(
+                f"fp32 ONNX only: DeepSparse computes bf16 on CPUs with native bf16 (AVX512-BF16, AMX) only, "
+                f"and deepsparse.cpu reports bf16={self.native_bf16} here"
+            )
+        self.engine, self.engine_key = None, None  # a new group: the last one's engine holds other weights
+        return weight.T.contiguous().numpy()  # MatMul(x, W^T)
+
+    def copy(self, fmt):
+        return fmt.copy()
+
+    def nbytes(self, fmt):
+        return int(self.np.count_nonzero(fmt)) * 4  # its nonzero values: a lower bound of its (internal) layout
+
+    def set_threads(self, threads):
+        torch.set_num_threads(threads)
+        self.threads = threads
+
+    def inputs(self, x):
+        return [x.contiguous().numpy()]
+
+    def compiled(self, fmts: list, batch: int):
+        key = (id(fmts[0]), len(fmts), batch, self.threads)
+        if key != self.engine_key:
+            from onnx import TensorProto, helper, numpy_helper
+
+            in_f = fmts[0].shape[0]
+            graph = helper.make_graph(
+                [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(len(fmts))],
+                "sparse_linear",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, in_f])],
+                [
+                    helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, f.shape[1]])
+                    for i, f in enumerate(fmts)
+                ],
+                [numpy_helper.from_array(f, f"w{i}") for i, f in enumerate(fmts)],
+            )
+            path = Path(self.dir.name) / "linear.onnx"
+            self.onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+            self.engine = None  # free the last engine before compiling the next
+            self.engine = self.deepsparse.compile_model(str(path), batch_size=batch, num_cores=self.threads)
+            self.engine_key = key
+        return self.engine
+
+    def runner(self, fmts, inp):
+        engine = self.compiled(fmts, inp[0].shape[0])
+        engine(inp)
+        self.last = fmts
+        return (lambda: engine(inp)), len(fmts)
+
+    def call(self, fmt, inp):
+        # The correctness check: the first output of the engine runner() compiled, whose first copy is fmt.
+        fmts = self.last if getattr(self, "last", [None])[0] is fmt else [fmt]
+        return self.compiled(fmts, inp[0].shape[0])(inp)[0]
+
+    def output(self, result, batch):
+        return torch.from_numpy(result)
+
+
+BACKENDS = (Dense, TorchCSR, TorchCSRInt32, TorchCOO, Scipy, SparseDotMKL, OnnxRuntime, DeepSparse)
 
 
 def load_backends(names: list[str] | None) -> tuple[list, dict[str, str]]:
@@ -440,28 +568,16 @@ def load_backends(names: list[str] | None) -> tuple[list, dict[str, str]]:
 # ---------------------------------------------------------------- timing
 
 
-def cycle(backend, fmts: list, inp):
-    """A no-argument call that multiplies by the next copy of the weight each time."""
-    state = {"i": 0}
-    n = len(fmts)
-
-    def run():
-        backend.call(fmts[state["i"]], inp)
-        state["i"] = (state["i"] + 1) % n
-
-    return run
-
-
 def time_interleaved(runs: dict, reps: int, min_seconds: float, rng: random.Random) -> tuple[dict, dict]:
-    """Median seconds per call of each run, and its calls per repetition.
+    """Median seconds per product of each (run, products per call), and its calls per repetition.
 
     A backend's repetition is `calls` back-to-back calls, enough that all its repetitions
     together last >= min_seconds; each repetition runs every backend once, in a new random
     order, so slow drifts of the machine land on all of them.
     """
     per_call = {}
-    for name, run in runs.items():
-        run()  # warm-up: first-touch page faults, thread pools, format inspection
+    for name, (run, _) in runs.items():
+        # One call to size the repetitions; the caller's correctness check already warmed each backend up.
         start = time.perf_counter()
         run()
         per_call[name] = time.perf_counter() - start
@@ -471,11 +587,11 @@ def time_interleaved(runs: dict, reps: int, min_seconds: float, rng: random.Rand
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
-            run, n = runs[name], calls[name]
+            (run, products), n = runs[name], calls[name]
             start = time.perf_counter()
             for _ in range(n):
                 run()
-            samples[name].append((time.perf_counter() - start) / n)
+            samples[name].append((time.perf_counter() - start) / (n * products))
     return {name: statistics.median(s) for name, s in samples.items()}, calls
 
 
@@ -483,24 +599,26 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     return float((got.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
+def unsupported(err: Exception, dtype_name: str) -> str:
+    if dtype_name == "fp32":  # every backend claims fp32: a failure there is a bug, not a missing kernel
+        raise err
+    return f"unsupported: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
 def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts, batches, args, rng, seed):
     """Rows for one (shape, sparsity, dtype): every backend x threads x batch, timed side by side."""
     weight = weight.to(DTYPES[dtype_name])
-    fmts, rows_status = {}, {}
+    fmts, status = {}, {}
     for backend in backends:
         if backend.skip(dtype_name):
-            rows_status[backend.name] = backend.skip(dtype_name)
+            status[backend.name] = backend.skip(dtype_name)
             continue
         try:
             fmt = backend.convert(weight)
-            backend.set_threads(1)
-            backend.output(backend.call(fmt, backend.inputs(torch.zeros(1, weight.shape[1], dtype=weight.dtype))), 1)
         except (NotImplementedError, RuntimeError, TypeError) as err:
-            if dtype_name == "fp32":  # every backend claims fp32: a failure there is a bug, not a missing kernel
-                raise
-            rows_status[backend.name] = f"unsupported: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            status[backend.name] = unsupported(err, dtype_name)
             continue
-        copies = max(1, math.ceil(evict_bytes / backend.nbytes(fmt))) if cold else 1
+        copies = max(1, math.ceil(evict_bytes / max(1, backend.nbytes(fmt)))) if cold else 1
         fmts[backend.name] = [fmt] + [backend.copy(fmt) for _ in range(copies - 1)]
     results = []
     for threads in thread_counts:
@@ -510,15 +628,26 @@ def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts
             reference = x.float() @ weight.float().T
             runs, errors = {}, {}
             for backend in backends:
-                if backend.name not in fmts:
+                name = backend.name
+                if name not in fmts:
                     continue
+                # Thread settings are global per library: each backend sets its own before its runner.
                 backend.set_threads(threads)
                 inp = backend.inputs(x)
-                errors[backend.name] = relative_error(
-                    backend.output(backend.call(fmts[backend.name][0], inp), batch), reference
-                )
-                runs[backend.name] = cycle(backend, fmts[backend.name], inp)
-            # Thread settings are global per library; every backend's were set above for this round.
+                try:
+                    runs[name] = backend.runner(fmts[name], inp)
+                    got = backend.output(backend.call(fmts[name][0], inp), batch)
+                except (NotImplementedError, RuntimeError, TypeError) as err:  # e.g. MKL's CSR kernel in bf16
+                    status[name] = unsupported(err, dtype_name)
+                    del fmts[name]
+                    runs.pop(name, None)
+                    continue
+                errors[name] = relative_error(got, reference)
+                if not errors[name] <= TOLERANCE[dtype_name]:
+                    raise RuntimeError(
+                        f"{name}, {dtype_name}, batch {batch}, {threads} threads: the product differs from the "
+                        f"dense fp32 one by {errors[name]:.3g} of its largest value (tolerance {TOLERANCE[dtype_name]})"
+                    )
             seconds, calls = time_interleaved(runs, args.reps, args.min_seconds, rng)
             for backend in backends:
                 name = backend.name
@@ -543,7 +672,7 @@ def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts
                         max_rel_err=float(f"{errors[name]:.3g}"),
                     )
                 else:
-                    row["status"] = rows_status[name]
+                    row["status"] = status[name]
                 results.append(row)
     return results
 
@@ -603,13 +732,20 @@ def main(argv=None):
     rows, weights = [], {}
     started = time.perf_counter()
     for model, spec, (shape_name, out_f, in_f, count), sparsity, dtype_name in tqdm(groups, mininterval=5):
-        key = (out_f, in_f, sparsity)
-        if key not in weights:  # the fp32 mask serves the bf16 rows too; bf16 keeps every zero
-            weights.clear()
-            weights[key] = pruned_weight(out_f, in_f, sparsity, args.seed)
+        if (out_f, in_f) not in weights:  # every sparsity of a shape from one sort; bf16 keeps every zero
+            weights = {(out_f, in_f): pruned_weights(out_f, in_f, args.sparsities, args.seed)}
         cold = decoder_linear_bytes(spec, DTYPES[dtype_name].itemsize) > llc
         measured = measure_group(
-            backends, weights[key], dtype_name, cold, evict_bytes, args.threads, args.batches, args, rng, args.seed
+            backends,
+            weights[out_f, in_f][sparsity],
+            dtype_name,
+            cold,
+            evict_bytes,
+            args.threads,
+            args.batches,
+            args,
+            rng,
+            args.seed,
         )
         skipped = [
             {"batch": b, "dtype": dtype_name, "threads": t, "backend": name, "status": why}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from sd2.drafts.prune import n_zeros
+from sd2.drafts.prune import magnitude_mask, n_zeros
 
 spec = importlib.util.spec_from_file_location("sparse_kernels", REPO / "benchmarks" / "sparse_kernels.py")
 sk = importlib.util.module_from_spec(spec)
@@ -36,26 +36,34 @@ def test_llama_shapes_group_projections_of_one_shape():
     assert sk.linear_shapes(draft)[1] == ("k_proj/v_proj", 48, 96, 2)
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9])
-def test_pruned_weight_has_exactly_the_zeros_asked_for(sparsity):
-    weight = sk.pruned_weight(37, 53, sparsity, seed=0)
-    assert int((weight == 0).sum()) == n_zeros(sparsity, weight.numel())
+def test_pruned_weights_are_magnitude_masks_with_exactly_the_zeros_asked_for():
+    sparsities = [0.0, 0.5, 0.7, 0.9]
+    pruned = sk.pruned_weights(37, 53, sparsities, seed=0)
+    dense = pruned[0.0]
+    for sparsity in sparsities:
+        assert int((pruned[sparsity] == 0).sum()) == n_zeros(sparsity, dense.numel())
+        assert torch.equal(pruned[sparsity], dense * magnitude_mask(dense, sparsity))
 
 
 def test_every_backend_computes_the_dense_product(one_thread):
     backends, _ = sk.load_backends(None)
     assert {"dense", "torch_csr", "torch_csr_i32", "torch_coo"} <= {b.name for b in backends}
-    weight = sk.pruned_weight(24, 40, 0.7, seed=1)
+    weight = sk.pruned_weights(24, 40, [0.7], seed=1)[0.7]
     for batch in (1, 3):
         x = torch.randn(batch, 40)
         expected = x @ weight.T
         for backend in backends:
             backend.set_threads(1)
             fmt = backend.convert(weight)
-            for copy in (fmt, backend.copy(fmt)):
-                got = backend.output(backend.call(copy, backend.inputs(x)), batch)
+            fmts = [fmt, backend.copy(fmt)]
+            inp = backend.inputs(x)
+            run, products = backend.runner(fmts, inp)
+            run()
+            for copy in fmts:
+                got = backend.output(backend.call(copy, inp), batch)
                 assert got.shape == (batch, 24), backend.name
                 torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-5, msg=backend.name)
+            assert products == (2 if backend.name == "deepsparse" else 1)
     # bf16: the dense product and torch's COO path, the only torch sparse layout with a bf16 matmul on CPU.
     x = torch.randn(3, 40).bfloat16()
     for backend in (sk.Dense(), sk.TorchCOO()):
