@@ -229,8 +229,10 @@ def pruned_weights(out_f: int, in_f: int, sparsities: list[float], seed: int) ->
 # the result as a torch tensor (batch, out) for the correctness check.
 
 # Largest |backend - fp32 reference| / max |reference| accepted: beyond it the run stops, since a wrong
-# product's time means nothing. bf16 rounds inputs and outputs to 8 bits of mantissa.
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
+# product's time means nothing (a wrong layout or an ABI mismatch gives ~1 or more). bf16 rounds inputs and
+# outputs to 8 bits of mantissa, and torch's COO kernel also accumulates in bf16: up to ~0.2 of the largest
+# value on the Llama shapes (dense bf16: ~0.004); the column max_rel_err records it.
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.5}
 
 
 class Dense:
@@ -266,8 +268,9 @@ class Dense:
 
     def runner(self, fmts: list, inp):
         """A no-argument call that multiplies by the next copy of the weight each time, and the
-        products one call makes (1). One pass over the copies first: their first touch is not timed."""
-        for fmt in fmts:
+        products one call makes (1). One pass over the copies first, so that their first touch is not
+        timed (the first copy gets the correctness check's call)."""
+        for fmt in fmts[1:]:
             self.call(fmt, inp)
         state = {"i": 0}
 
@@ -431,6 +434,8 @@ class OnnxRuntime(Dense):
         if threads not in self.sessions:
             options = self.ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            # Its pool spins between runs by default: on 2 cores that starves the next backend's threads.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.sessions[threads] = self.ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
         self.session = self.sessions[threads]
 
