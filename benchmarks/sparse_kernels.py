@@ -59,7 +59,7 @@ project (not into it) and point Python at them:
     pip download --no-deps mkl==2026.2.0 -d /tmp && \\
         unzip -j /tmp/mkl-2026.2.0-*.whl 'mkl-2026.2.0.data/data/lib/*' -d /tmp/sd2-sparse-deps/lib
     export LD_LIBRARY_PATH=/tmp/sd2-sparse-deps/lib MKL_THREADING_LAYER=GNU
-    PYTHONPATH=/tmp/sd2-sparse-deps python benchmarks/sparse_kernels.py    # full run, ~10-12 min on 2 cores
+    PYTHONPATH=/tmp/sd2-sparse-deps python benchmarks/sparse_kernels.py    # full run: 13 min on 2 cores
     python benchmarks/sparse_kernels.py --quick     # the config's drafts, 0 and 70%, 1 thread
 
     # deepsparse: a venv with numpy 1 that sees the project's packages after its own
