@@ -752,3 +752,63 @@ CAPTIONS["mal_vs_weight_bytes"] = (
 )
 PLOTS["mal_vs_weight_bytes"] = plot_mal_vs_weight_bytes
 FIGURES = tuple(CAPTIONS)
+
+
+# ---------------------------------------------------------------- sparse kernels (benchmarks/sparse_kernels.py)
+# Not a FIGURES entry: the benchmark draws it from its own table, rule `figures` never does.
+
+SPARSE_KERNELS_CAPTION = (
+    "Speed-up of sparse kernels over dense torch (zeros stored) for one decoder layer's linear layers "
+    "(q, k, v, o, gate, up, down: dense time / backend time, both summed over the layer) against unstructured "
+    "sparsity, on the CPU named in the title; rows: batch 1 (drafting) and k + 1 (verification); above the dashed "
+    "line the sparse kernel is faster."
+)
+
+
+def sparse_layer_speedups(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, batch, sparsity, dtype, threads and backend: the layer's summed dense time over its summed
+    backend time, each shape weighted by how often it occurs in a layer (q and o share one, ...)."""
+    ok = table[table["status"] == "ok"].copy()
+    keys = ["model", "batch", "sparsity", "dtype", "threads", "backend"]
+    if ok.empty:
+        return pd.DataFrame(columns=[*keys, "speedup"])
+    ok["backend_us"] = ok["median_us"] * ok["count_per_layer"]
+    ok["dense_us"] = ok["dense_median_us"] * ok["count_per_layer"]
+    layer = ok.groupby(keys, as_index=False)[["backend_us", "dense_us"]].sum()
+    layer["speedup"] = layer["dense_us"] / layer["backend_us"]
+    return layer[[*keys, "speedup"]]
+
+
+def plot_sparse_kernels(table: pd.DataFrame) -> Figure:
+    """Rows: batch. Columns: model. One line per sparse backend, dtype (marker) and thread count (line style)."""
+    layer = sparse_layer_speedups(table)
+    layer = layer[layer["backend"] != "dense"]
+    cpu = table["cpu"].dropna().iloc[0] if table["cpu"].notna().any() else "unknown CPU"
+    title = f"Sparse kernels against dense torch: one decoder layer's linears (q, k, v, o, gate, up, down) on {cpu}"
+    if layer.empty:
+        return empty_figure(title, "no sparse backend ran")
+    backends = sorted(layer["backend"].unique())
+    colors = {b: f"C{i % 10}" for i, b in enumerate(backends)}
+    markers = {d: MARKERS[i] for i, d in enumerate(sorted(layer["dtype"].unique()))}
+    styles = {t: LINESTYLES[i % len(LINESTYLES)] for i, t in enumerate(sorted(layer["threads"].unique()))}
+
+    def draw(ax, panel, batch, column, j):
+        for (backend, dtype, threads), rows in panel.groupby(["backend", "dtype", "threads"]):
+            rows = rows.sort_values("sparsity")
+            ax.plot(
+                rows["sparsity"],
+                rows["speedup"],
+                styles[threads],
+                marker=markers[dtype],
+                color=colors[backend],
+                label=f"{backend}, {dtype}, {threads} thread{'s' if threads > 1 else ''}",
+            )
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xticks(sorted(layer["sparsity"].unique()))
+        ax.set_yscale("log")
+        ax.set_title(f"{column[0]}, batch {batch}", fontsize="medium")
+        ax.set_xlabel("unstructured sparsity (%)")
+        ax.set_ylabel("speed-up over dense (×)" if j == 0 else "")
+        ax.grid(alpha=0.3, which="both")
+
+    return panel_grid(layer, "batch", ["model"], title, draw)

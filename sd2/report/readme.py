@@ -501,6 +501,44 @@ def quantization(results: Path) -> str:
     return "\n".join(parts)
 
 
+def sparse_kernels(results: Path) -> str:
+    """benchmarks/sparse_kernels.py: per model, batch, dtype and threads, each sparse backend's speed-up over
+    dense torch for a whole decoder layer's linears at every sparsity, and the CPU it ran on."""
+    from sd2.report.plots import sparse_layer_speedups
+
+    path = results / "tables" / "sparse_kernels.csv"
+    if not path.exists():
+        return "Not measured yet (`python benchmarks/sparse_kernels.py`)."
+    table = pd.read_csv(path)
+    layer = sparse_layer_speedups(table)
+    layer = layer[layer["backend"] != "dense"]
+    wide = layer.pivot_table(
+        index=["model", "batch", "dtype", "threads", "backend"], columns="sparsity", values="speedup"
+    ).reset_index()
+    wide.columns = [f"{c}%" if isinstance(c, (int, float)) and not isinstance(c, bool) else c for c in wide.columns]
+    wins = layer[(layer["speedup"] > 1) & layer["sparsity"].isin([50, 70]) & (layer["batch"] == 1)]
+    best = (
+        "; ".join(
+            f"{r.model} {r.dtype} {r.threads} thread{'s' * (r.threads > 1)} at {r.sparsity}%: "
+            f"{r.backend} {r.speedup:.2f}x"
+            for r in wins.sort_values("speedup", ascending=False).itertuples()
+        )
+        or "none"
+    )
+    cpu = table["cpu"].dropna().iloc[0] if table["cpu"].notna().any() else "unknown CPU"
+    return "\n".join(
+        [
+            f"CPU: {cpu}, torch {table['torch_version'].iloc[0]}. Speed-up = dense torch time / backend time for one "
+            "decoder layer's linears (q, k, v, o, gate, up, down), > 1 = the sparse kernel is faster. "
+            f"Batch-1 wins at the drafts' sparsities (50%, 70%): {best}.",
+            "",
+            markdown_table(wide.round(2)),
+            "",
+            "(`benchmarks/sparse_kernels.py`, `results/tables/sparse_kernels.csv`; per shape there)",
+        ]
+    )
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -524,6 +562,7 @@ BLOCKS = {
     "families_significance": families_significance,
     "quantization": quantization,
     "quantize_real_shapes": benchmark_table("quantize_real_shapes", "quantize_real_shapes"),
+    "sparse_kernels": sparse_kernels,
 }
 
 
