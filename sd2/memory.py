@@ -340,13 +340,14 @@ def plan_job(rule: str, models: dict, config: dict) -> Plan:
     elif rule in ("prune", "quantize"):
         # GPTQ, like SparseGPT, walks the layers with one Hessian per linear input; rtn, like magnitude, needs none.
         s, dt, p = shapes["draft"], dtypes["draft"], config[rule]
+        algorithm = p["pruner"] if rule == "prune" else p["algorithm"]
         # Two copies on the host: our module's (the originals, and what is saved) and llm-compressor's.
         host += 2 * weight_bytes(s, dt)
-        if p.get("pruner", p.get("algorithm")) in ("magnitude", "rtn"):
+        if algorithm in ("magnitude", "rtn"):
             on_gpu = False
             parts = {"weights_twice": 2 * weight_bytes(s, dt)}
         else:
-            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=p.get("pruner") != "wanda")
+            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=algorithm != "wanda")
             cached = 2 * p["calibration_samples"] * p["calibration_seq_len"] * s.hidden_size * DTYPE_BYTES[dt]
             host += cached
             parts["host_calibration_cache"] = cached

@@ -13,10 +13,11 @@ import torch
 from datasets import Dataset
 
 from sd2.drafts.distill import generate_batch
+from sd2.drafts.prune import magnitude_mask
 from sd2.measure import acceptance, continuations, trees
 from sd2.measure import drafts as ms
 from sd2.measure import speculative as sp
-from sd2.models import load_model, load_tokenizer
+from sd2.models import decoder_linears, load_model, load_tokenizer
 from sd2.report.results import collect_measurements
 
 PROMPTS = [
@@ -39,6 +40,7 @@ SETTINGS = {
     "bootstrap": 1000,
     "warmup_prompts": 1,
     "batch_size": 4,
+    "draft_kernel": "dense",
 }
 LABELS = {"target": "t", "draft": "d", "method": "sd2", "sparsity": 50, "eval_set": "toy"}
 
@@ -187,6 +189,26 @@ def test_measure_same_tokenizer(tmp_path, pair, outputs):
     assert checked["provenance"]["settings"] == SETTINGS and checked["provenance"]["seed"] == 0
     table = collect_measurements([out], tmp_path / "m.csv")  # what the collect rule makes of it
     assert list(table.loc[table["headline_k"], "k"].unique()) == [3] and len(table) == len(result["records"])
+
+
+def test_measure_times_a_csr_draft_and_cross_checks_it(tmp_path, pair, outputs):
+    """draft_kernel csr: the timed runs use CSR layers and still commit, step by step, what the dense walk says."""
+    draft = load_model(pair[1])
+    with torch.no_grad():
+        for linear in decoder_linears(draft).values():
+            linear.weight.mul_(magnitude_mask(linear.weight, 0.7))
+    draft.save_pretrained(tmp_path / "sparse")
+    pair[2].save_pretrained(tmp_path / "sparse")
+    settings = {**SETTINGS, "temperatures": [0.0], "draft_kernel": "csr"}
+    result = ms.measure(
+        pair[0], tmp_path / "sparse", outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0
+    )
+    checked = next(r for r in result["records"] if r["k"] == 3)
+    assert checked["draft_kernel"] == "csr" and checked["draft_kernel_layers"] == len(decoder_linears(draft))
+    assert checked["checked_prompts"] == SETTINGS["n_check"] and checked["draft_near_ties"] == 0
+    assert checked["sd_tokens_per_s"] > 0
+    table = collect_measurements([tmp_path / "r.json"], tmp_path / "m.csv")
+    assert set(table["draft_kernel"]) == {"csr"}
 
 
 def test_identical_draft_accepts_everything(tmp_path, pair, outputs):

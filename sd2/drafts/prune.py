@@ -36,9 +36,17 @@ def layer_sparsity(model) -> dict[str, float]:
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """True where a weight is kept: the round(sparsity * numel) smallest |w| are dropped."""
     k = n_zeros(sparsity, weight.numel())
-    order = weight.abs().flatten().argsort(stable=True)
     keep = torch.ones(weight.numel(), dtype=torch.bool)
-    keep[order[:k]] = False
+    if k == 0:
+        return keep.view_as(weight)
+    # kthvalue instead of a full sort: seconds less per layer at Llama-3.2-1B's widths. Ties at the
+    # threshold are dropped in index order, as a stable argsort would.
+    magnitude = weight.detach().abs().flatten()
+    threshold = magnitude.kthvalue(k).values
+    below = magnitude < threshold
+    keep[below] = False
+    tied = (magnitude == threshold).nonzero().flatten()
+    keep[tied[: k - int(below.sum())]] = False
     return keep.view_as(weight)
 
 

@@ -42,16 +42,14 @@ import contextlib
 import copy
 import functools
 import inspect
-import json
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path, write_json
-from sd2.models import decoder_linears, load_model, load_tokenizer, torch_dtype
+from sd2.models import decoder_linears, is_quantized, load_model, load_tokenizer, torch_dtype
 from sd2.provenance import provenance
 
 # Our scheme names -> the weights' quantization (llm-compressor's preset it follows, for the record).
@@ -415,8 +413,7 @@ def load_quantized(path, dtype="auto", device: str = "cpu"):
     from compressed_tensors.quantization import QuantizationMetadata
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    qconfig = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    if qconfig.get("quant_method") != "compressed-tensors":
+    if not is_quantized(path):
         raise ValueError(f"{path}: not a compressed-tensors checkpoint (no quantization_config); use load_model")
     with warnings.catch_warnings():
         # Passing a config to a quantized checkpoint warns that only its loading flags are used: as intended.

@@ -28,6 +28,7 @@ from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
+from sd2.sparse_kernel import draft_kernel, sparse_layers
 
 # A teacher-forced pass and incremental decoding use different kernels: where the top two
 # logits are closer than this, their argmaxes may legitimately differ (GUIDE section 7).
@@ -75,7 +76,9 @@ DEFINITIONS = {
     "with its quantized weights, dequantised in the forward pass.",
     "tokens_per_s": "greedy, batch size 1, the first n_check prompts but the first warmup_prompts: "
     "ar = the target alone (timed once per target and eval set by the target_outputs job), sd = assisted "
-    "generation with this draft; speedup = sd_tokens_per_s / ar_tokens_per_s.",
+    "generation with this draft, its linear layers run as `draft_kernel` says (dense: as stored; csr: "
+    "the `draft_kernel_layers` layers of at least 60% zeros as CSR matrices, sd2.sparse_kernel); "
+    "speedup = sd_tokens_per_s / ar_tokens_per_s.",
     "checks": "checked_prompts/checked_steps: prompts and verification steps where assisted generation's "
     "committed counts equal the walk's (greedy), or its output equals the target's cached greedy continuation "
     "(different tokenizers). draft_near_ties/target_near_ties: prompts left out of that check because the "
@@ -284,6 +287,8 @@ def measure(
         "target_weight_bytes_per_token": target_bytes["weight_bytes_per_token"],
         "weight_bytes_ratio": draft_bytes["weight_bytes_per_token"] / target_bytes["weight_bytes_per_token"],
         "draft_weight_layouts": draft_bytes["weight_layouts"],
+        "draft_kernel": settings["draft_kernel"],
+        "draft_kernel_layers": len(sparse_layers(draft)) if settings["draft_kernel"] == "csr" else 0,
         "same_tokenizer": path == "assisted",
         "decoding_path": path,
         "device": str(target.device),
@@ -306,17 +311,18 @@ def measure(
             run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def assisted(k, temperature, n):
-        return assisted_runs(
-            target,
-            draft,
-            target_tok,
-            draft_tok,
-            [it["prompt_ids"] for it in items[:n]],
-            k=k,
-            temperature=temperature,
-            max_new_tokens=max_new,
-            seed=seed,
-        )
+        with draft_kernel(draft, settings["draft_kernel"]):
+            return assisted_runs(
+                target,
+                draft,
+                target_tok,
+                draft_tok,
+                [it["prompt_ids"] for it in items[:n]],
+                k=k,
+                temperature=temperature,
+                max_new_tokens=max_new,
+                seed=seed,
+            )
 
     for temperature in settings["temperatures"]:
         if temperature == 0 and path == "assisted":

@@ -539,6 +539,50 @@ def sparse_kernels(results: Path) -> str:
     )
 
 
+RUN_TOKENS = {"speculative": "max_new_tokens", "draft_alone": "draft_tokens"}
+
+
+def sparse_decoding(results: Path) -> str:
+    """benchmarks/sparse_decoding.py: tokens/s of one draft run three ways (dense fp32, CSR fp32, dense bf16), in
+    speculative decoding and alone, per case and threads, with paired 95% intervals and a verdict per ratio."""
+    path = results / "tables" / "sparse_decoding.csv"
+    if not path.exists():
+        return "Not measured yet (`python benchmarks/sparse_decoding.py --out results/tables/sparse_decoding.csv`)."
+    t = pd.read_csv(path)
+    rows = []
+    for r in t.to_dict("records"):
+        for run, label in (("speculative", "speculative"), ("draft_alone", "draft alone")):
+            row = {
+                "case": r["case"],
+                "threads": r["threads"],
+                "run": label,
+                "prompts × tokens": f"{r['prompts']} × {r[RUN_TOKENS[run]]}",
+                "MAL": r["mal"] if run == "speculative" else float("nan"),
+                "tokens/s dense fp32": r[f"{run}_tokens_per_s_dense"],
+                "CSR fp32": r[f"{run}_tokens_per_s_csr"],
+                "dense bf16": r[f"{run}_tokens_per_s_bf16"],
+            }
+            for a, b, label in (("csr", "dense", "CSR / dense fp32"), ("csr", "bf16", "CSR fp32 / dense bf16")):
+                name = f"{run}_{a}_over_{b}"
+                low, high = r[f"{name}_ci_low"], r[f"{name}_ci_high"]
+                row[f"{label} [95% CI]"] = with_ci(r[name], low, high)
+                row[f"{label}: CSR is"] = "faster" if low > 1 else "slower" if high < 1 else "not distinguishable"
+            rows.append(row)
+    return "\n".join(
+        [
+            f"CPU: {t['cpu'].iloc[0]}, torch {t['torch_version'].iloc[0]}, greedy, batch 1, k = {t['k'].iloc[0]}; "
+            f"CSR layers per draft: {', '.join(f'{c} {n}' for c, n in zip(t['case'], t['csr_layers']))}. "
+            "Ratios are tokens/s of one arm over another, paired by prompt (faster/slower = the 95% interval "
+            "excludes 1). The target commits the same tokens with every arm: "
+            f"{int(t['same_tokens'].sum())} of {int(t['prompts'].sum())} prompts agreed.",
+            "",
+            markdown_table(pd.DataFrame(rows).drop_duplicates()),
+            "(`benchmarks/sparse_decoding.py`, `results/tables/sparse_decoding.csv`; per-prompt times in "
+            "`results/tables/sparse_decoding.json`)",
+        ]
+    )
+
+
 BLOCKS = {
     "run_time": run_time,
     "precision": precision,
@@ -563,6 +607,7 @@ BLOCKS = {
     "quantization": quantization,
     "quantize_real_shapes": benchmark_table("quantize_real_shapes", "quantize_real_shapes"),
     "sparse_kernels": sparse_kernels,
+    "sparse_decoding": sparse_decoding,
 }
 
 

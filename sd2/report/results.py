@@ -60,6 +60,7 @@ MEASUREMENT_COLUMNS = KEYS + [
     "ar_tokens_per_s",
     "sd_tokens_per_s",
     "speedup",
+    "draft_kernel",
     "same_tokenizer",
     "decoding_path",
     "checked_prompts",
