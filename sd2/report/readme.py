@@ -571,7 +571,7 @@ def sparse_decoding(results: Path) -> str:
     return "\n".join(
         [
             f"CPU: {t['cpu'].iloc[0]}, torch {t['torch_version'].iloc[0]}, greedy, batch 1, k = {t['k'].iloc[0]}; "
-            f"CSR layers per draft: {', '.join(f'{c} {n}' for c, n in zip(t['case'], t['csr_layers']))}. "
+            f"CSR layers per draft: {', '.join(f'{c} {n}' for c, n in dict(zip(t['case'], t['csr_layers'])).items())}. "
             "Ratios are tokens/s of one arm over another, paired by prompt (faster/slower = the 95% interval "
             "excludes 1). The target commits the same tokens with every arm: "
             f"{int(t['same_tokens'].sum())} of {int(t['prompts'].sum())} prompts agreed.",

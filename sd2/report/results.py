@@ -196,6 +196,8 @@ def record_row(record: dict, record_file: str) -> dict:
     row = {c: record.get(c) for c in MEASUREMENT_COLUMNS}
     row["method"], row["loss"] = methods.parse_variant(record["method"])
     row["quantization"] = methods.split_quantization(record["method"])[1]
+    # Records from before measure.draft_kernel existed were all timed with the draft as stored.
+    row["draft_kernel"] = record.get("draft_kernel") or "dense"
     for col in ("acceptance_by_position", "accepted_length_histogram"):
         row[col] = json.dumps(record.get(col))
     prov = record.get("provenance") or {}
