@@ -22,19 +22,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sd2.data import stdlib_files
 from sd2.drafts.prune import magnitude_mask
 from sd2.drafts.quantize import load_quantized, quantize
+from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
 from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import decoder_linears
 from sd2.provenance import provenance
 from sd2.tokenization import train_tokenizer
 
-# The published configs of the paper's drafts (hidden, intermediate, layers, heads, kv heads, head size).
 SHAPES = {
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
-    ),
-    "llama-3.2-3b": dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8
-    ),
+    "llama-3.2-1b": LLAMA_3_2["Llama-3.2-1B"],
+    "llama-3.2-3b": LLAMA_3_2["Llama-3.2-3B"],
     # The same vocabulary and head size at a width a CPU quantizes in a minute: a check of the script.
     "smoke": dict(
         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
@@ -45,7 +41,7 @@ SHAPES = {
 def build(name: str, tokenizer_dir: Path, out: Path, sparsity: float, device: str) -> None:
     config = LlamaConfig(
         **SHAPES[name],
-        vocab_size=128256,
+        vocab_size=LLAMA_3_2_VOCAB,
         max_position_embeddings=8192,
         rope_theta=500000.0,
         tie_word_embeddings=True,

@@ -43,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.checkpoint import write_json
 from sd2.drafts.prune import magnitude_mask
+from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
 from sd2.measure import continuations
 from sd2.measure.speculative import decoding_kwargs, pin_draft, sd_generate, step_stats
 from sd2.measure.stats import paired_ratio_ci
@@ -52,25 +53,6 @@ from sd2.report.results import write_table
 from sd2.sparse_kernel import check_runs_csr, csr_modules, swap
 from sd2.sweep_time import cpu_model
 
-# The published configs of meta-llama/Llama-3.2-1B and -3B.
-SHAPES = {
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-    ),
-    "llama-3.2-3b": dict(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
-}
 # Per case: timed prompts and new tokens each (the llama-3.2 pair takes seconds per step, the demo pair milliseconds).
 CASES = {
     "llama-3.2": {"prompts": 6, "max_new_tokens": 8, "threads": [2]},
@@ -81,8 +63,8 @@ CASES = {
 def random_llama(shape: str, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **SHAPES[shape],
-        vocab_size=128256,
+        **LLAMA_3_2[shape],
+        vocab_size=LLAMA_3_2_VOCAB,
         max_position_embeddings=8192,
         rope_theta=500000.0,
         tie_word_embeddings=True,
@@ -102,8 +84,8 @@ def prune_decoders(model, sparsity: float) -> None:
 
 
 def llama_case(args, n_prompts: int) -> dict:
-    target = random_llama("llama-3.2-3b", args.seed + 1).to(torch.bfloat16)
-    draft = random_llama("llama-3.2-1b", args.seed)
+    target = random_llama("Llama-3.2-3B", args.seed + 1).to(torch.bfloat16)
+    draft = random_llama("Llama-3.2-1B", args.seed)
     prune_decoders(draft, 0.7)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, 128000, (n_prompts + 1, args.prompt_len), generator=generator).tolist()

@@ -95,30 +95,12 @@ from tqdm import tqdm
 
 from sd2 import config
 from sd2.checkpoint import atomic_path
+from sd2.hub import LLAMA_3_2
 from sd2.provenance import provenance
 from sd2.report.plots import plot_sparse_kernels, save_figure, sparse_layer_speedups
 from sd2.report.results import write_table
 from sd2.sweep_time import cpu_model
 
-# From the models' config.json on the hub (meta-llama/Llama-3.2-1B and -3B; the Instruct models are the same shape).
-HUB_MODELS = {
-    "Llama-3.2-1B": {
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "num_hidden_layers": 16,
-    },
-    "Llama-3.2-3B": {
-        "hidden_size": 3072,
-        "intermediate_size": 8192,
-        "num_attention_heads": 24,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "num_hidden_layers": 28,
-    },
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLUMNS = [
     "model",
@@ -177,7 +159,7 @@ def linear_shapes(spec: dict) -> list[tuple[str, int, int, int]]:
 
 def model_specs(cfg: dict, names: list[str] | None) -> dict[str, dict]:
     """The hub models' shapes and the config's drafts (scratch models), by name."""
-    specs = dict(HUB_MODELS)
+    specs = dict(LLAMA_3_2)
     for name in cfg["drafts"]:
         spec = cfg["models"][name]
         if "hidden_size" in spec:
@@ -778,7 +760,7 @@ def main(argv=None):
     meta = provenance(
         seed=args.seed,
         **{k: v for k, v in vars(args).items() if k != "seed"},
-        models={name: {k: spec[k] for k in HUB_MODELS["Llama-3.2-1B"] if k in spec} for name, spec in specs.items()},
+        models={name: {k: spec[k] for k in LLAMA_3_2["Llama-3.2-1B"] if k in spec} for name, spec in specs.items()},
         backends={b.name: b.version() for b in backends},
         not_installed=missing,
         cpu=cpu_model(),

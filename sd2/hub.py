@@ -18,6 +18,29 @@ from sd2.provenance import provenance
 PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja"]
 
 
+# The published shapes of the paper's smaller drafts (config.json of meta-llama/Llama-3.2-1B and -3B; the
+# Instruct models are the same), for the benchmarks that build random models of that size offline.
+LLAMA_3_2 = {
+    "Llama-3.2-1B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_hidden_layers=16,
+    ),
+    "Llama-3.2-3B": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_hidden_layers=28,
+    ),
+}
+LLAMA_3_2_VOCAB = 128256
+
+
 def is_local(hub: str) -> bool:
     """A `hub:` value that names an existing directory is used in place; anything else is a hub id."""
     return Path(hub).expanduser().is_dir()

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 
 from sd2.drafts.prune import magnitude_mask, n_zeros
+from sd2.hub import LLAMA_3_2
 
 spec = importlib.util.spec_from_file_location("sparse_kernels", REPO / "benchmarks" / "sparse_kernels.py")
 sk = importlib.util.module_from_spec(spec)
@@ -19,13 +20,13 @@ spec.loader.exec_module(sk)
 
 
 def test_llama_shapes_group_projections_of_one_shape():
-    assert sk.linear_shapes(sk.HUB_MODELS["Llama-3.2-1B"]) == [
+    assert sk.linear_shapes(LLAMA_3_2["Llama-3.2-1B"]) == [
         ("q_proj/o_proj", 2048, 2048, 2),
         ("k_proj/v_proj", 512, 2048, 2),
         ("gate_proj/up_proj", 8192, 2048, 2),
         ("down_proj", 2048, 8192, 1),
     ]
-    assert sk.linear_shapes(sk.HUB_MODELS["Llama-3.2-3B"]) == [
+    assert sk.linear_shapes(LLAMA_3_2["Llama-3.2-3B"]) == [
         ("q_proj/o_proj", 3072, 3072, 2),
         ("k_proj/v_proj", 1024, 3072, 2),
         ("gate_proj/up_proj", 8192, 3072, 2),
