@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, MaxNLocator
+from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path
@@ -727,7 +727,10 @@ def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.
         front = pareto_front(panel, "draft_weight_bytes_per_token", "mal")
         ax.step(front["draft_weight_bytes_per_token"], front["mal"], where="post", color="0.5", label="Pareto front")
         ax.set_xscale("log")
+        # A range within one decade: labels at 1, 2 and 5 of each decade, none in scientific notation.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{eval_set}: target {column[0]}", fontsize="medium")
         ax.set_xlabel(BYTES_LABEL)
         ax.set_ylabel(MAL_LABEL if j == 0 else "")

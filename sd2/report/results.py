@@ -298,12 +298,25 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
     return df
 
 
+# Per-draft columns of the summary, each the mean over eval sets; the improvement factor with MACs as the
+# cost, then with weight bytes (missing from records made before bytes were measured).
+SUMMARY_MEANS = [
+    "acceptance_rate",
+    "draft_macs_per_token",
+    "macs_reduction",
+    "improvement_factor",
+    "draft_weight_bytes_per_token",
+    "improvement_factor_bytes",
+    "speedup",
+]
+
+
 def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.DataFrame:
     """One row per target x draft x method x loss x sparsity x reported k at one temperature, measured estimators only.
 
     Columns: the estimator; per eval set its MAL with the 95% CI and the number of prompts;
-    then the mean over eval sets of acceptance rate, improvement factor and speed-up, and
-    the draft's MACs per token and MACs reduction.
+    then the mean over eval sets of SUMMARY_MEANS (acceptance rate, MACs, both improvement
+    factors, weight bytes, speed-up).
     """
     measurements = with_variant_columns(measurements)
     at_t = measurements[
@@ -324,9 +337,7 @@ def summary_table(measurements: pd.DataFrame, temperature: float = 0.0) -> pd.Da
     wide = pd.concat(parts, axis=1)
     evals = sorted(at_t["eval_set"].unique())
     wide = wide[[f"{n}_{e}" for e in evals for n in ("mal", "ci_low", "ci_high", "n")]]
-    means = at_t.groupby(group)[
-        ["acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"]
-    ].mean()
+    means = at_t.groupby(group)[[c for c in SUMMARY_MEANS if c in at_t.columns]].mean()
     table = wide.join(means).reset_index()
     return sort_measurements(table.assign(loss=table["loss"].mask(table["loss"] == "")))
 
@@ -703,8 +714,9 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
         for e in evals:
             shown[f"MAL {e} [95% CI]"] = ci_column(table, f"mal_{e}", f"ci_low_{e}", f"ci_high_{e}")
             shown[f"n {e}"] = table[f"n_{e}"].astype("Int64")
-        for col in ("acceptance_rate", "draft_macs_per_token", "macs_reduction", "improvement_factor", "speedup"):
-            shown[col] = table[col]
+        for col in SUMMARY_MEANS:
+            if col in table.columns:
+                shown[col] = table[col]
         parts.append(f"### Per draft ({mode})\n\n{markdown_table(shown)}")
         cmp_t = baseline_comparisons(compared[compared["temperature"] == temperature])
         if len(cmp_t):
