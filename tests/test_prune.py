@@ -66,6 +66,16 @@ def test_masks_are_the_smallest_weights():
     assert nm_mask(w).tolist() == [[False, True, False, True], [False, False, True, True]]
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.99])
+def test_magnitude_mask_drops_ties_in_index_order_like_a_stable_sort(sparsity):
+    torch.manual_seed(0)
+    for w in (torch.randn(32, 24), torch.randint(-3, 4, (32, 24)).float(), torch.zeros(5, 6)):
+        order = w.abs().flatten().argsort(stable=True)
+        expected = torch.ones(w.numel(), dtype=torch.bool)
+        expected[order[: round(sparsity * w.numel())]] = False
+        assert torch.equal(magnitude_mask(w, sparsity), expected.view_as(w))
+
+
 def test_exact_sparsity_fix_both_ways():
     original = torch.arange(1.0, 11.0)
     too_many = original.clone()
