@@ -36,6 +36,7 @@ are tokens/s of one arm over another, with a 95% bootstrap interval over prompts
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -99,10 +100,18 @@ def llama_case(args, n_prompts: int) -> dict:
 
 
 def demo_case(args, n_prompts: int) -> dict:
-    work = args.workdir
-    target, tok = load_checkpoint(f"{work}/models/llama-target", dtype="float32")
-    draft, _ = load_checkpoint(f"{work}/drafts/llama-target/llama-draft-m/sd2-s70", dtype="float32")
-    items = continuations.load(f"{work}/target_outputs/llama-target/humaneval.json")["items"]
+    work = Path(args.workdir)
+    paths = [
+        work / "models/llama-target",
+        work / "drafts/llama-target/llama-draft-m/sd2-s70",
+        work / "target_outputs/llama-target/humaneval.json",
+    ]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"the demo case needs the default run's {missing}: run `make run`, or pass --workdir")
+    target, tok = load_checkpoint(paths[0], dtype="float32")
+    draft, _ = load_checkpoint(paths[1], dtype="float32")
+    items = continuations.load(paths[2])["items"]
     prompts = [it["prompt_ids"] for it in items[: n_prompts + 1]]
     return {
         "case": "demo llama-draft-m sd2-s70 -> llama-target",
