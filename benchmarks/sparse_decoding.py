@@ -51,7 +51,7 @@ from sd2.measure.stats import paired_ratio_ci
 from sd2.models import decoder_linears, load_checkpoint
 from sd2.provenance import provenance
 from sd2.report.results import write_table
-from sd2.sparse_kernel import check_runs_csr, csr_modules, swap
+from sd2.sparse_kernel import kernel_modules, swap
 from sd2.sweep_time import cpu_model
 
 # Per case: timed prompts and new tokens each (the llama-3.2 pair takes seconds per step, the demo pair milliseconds).
@@ -140,7 +140,7 @@ RATIOS = (("csr", "dense"), ("bf16", "dense"), ("csr", "bf16"))
 
 def draft_arms(draft) -> dict:
     """arm -> a function that readies and returns the draft model that arm runs."""
-    csr = csr_modules(draft)
+    csr = kernel_modules(draft, "csr")
     dense = {name: draft.get_submodule(name) for name in csr}
     bf16 = copy.deepcopy(draft).to(torch.bfloat16)
 
@@ -158,7 +158,6 @@ def run_case(case: dict, threads: int, max_new_tokens: int, args) -> tuple[dict,
     """One summary row and the per-prompt timings of one case at one thread count."""
     torch.set_num_threads(threads)
     target, draft = case["target"], case["draft"]
-    check_runs_csr(draft)
     pin_draft(draft, args.k)
     gen = decoding_kwargs(0.0, max_new_tokens, case["pad"])
     alone = decoding_kwargs(0.0, args.draft_tokens, case["pad"])

@@ -159,3 +159,8 @@ def decoder_linears(model) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear inside a decoder block, by its full module name."""
     inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and id(m) in inside}
+
+
+def layer_sparsity(model) -> dict[str, float]:
+    """The fraction of zero weights of every decoder linear, by its full module name."""
+    return {n: (m.weight == 0).sum().item() / m.weight.numel() for n, m in decoder_linears(model).items()}

@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from sd2.models import layer_sparsity
+
 KERNELS = ("dense", "csr")
 # Below this fraction of zeros a CSR layer is slower than dense at the benchmark's real shapes.
 MIN_SPARSITY = 0.6
@@ -48,21 +50,24 @@ class CSRLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def zero_fraction(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum()) / weight.numel()
-
-
 def sparse_layers(model: nn.Module, min_sparsity: float = MIN_SPARSITY) -> list[str]:
-    """Names of the nn.Linear modules with at least min_sparsity of their weights zero."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and zero_fraction(module.weight) >= min_sparsity
-    ]
+    """Names of the decoder linears with at least min_sparsity of their weights zero (lm_head is never pruned)."""
+    return [name for name, zeros in layer_sparsity(model).items() if zeros >= min_sparsity]
 
 
-def csr_modules(model: nn.Module, min_sparsity: float = MIN_SPARSITY) -> dict[str, CSRLinear]:
-    """A CSRLinear for every linear of `model` with at least min_sparsity zeros, by module name."""
+def kernel_modules(model: nn.Module, kernel: str, min_sparsity: float = MIN_SPARSITY) -> dict[str, nn.Module]:
+    """What running `model` with `kernel` swaps in, by module name: nothing for "dense", a CSRLinear per
+    sparse layer for "csr". Built once, before any timed run; refuses what the kernel cannot run."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown draft kernel {kernel!r}; choose one of {list(KERNELS)}")
+    if kernel == "dense":
+        return {}
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise ValueError(
+            f"draft kernel 'csr' runs fp32 on a CPU only (MKL's sparse BLAS); this draft is "
+            f"{weight.dtype} on {weight.device}: load it with draft_dtype float32 on the CPU, or use 'dense'"
+        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return {name: CSRLinear(model.get_submodule(name)) for name in sparse_layers(model, min_sparsity)}
@@ -76,30 +81,11 @@ def swap(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module
     return replaced
 
 
-def check_runs_csr(model: nn.Module) -> None:
-    weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        raise ValueError(
-            f"draft kernel 'csr' runs fp32 on a CPU only (MKL's sparse BLAS); this draft is "
-            f"{weight.dtype} on {weight.device}: load it with draft_dtype float32 on the CPU, or use 'dense'"
-        )
-
-
 @contextlib.contextmanager
-def draft_kernel(model: nn.Module, kernel: str, min_sparsity: float = MIN_SPARSITY):
-    """Inside the block, `model` runs its sparse linears with `kernel`; yields the converted layers' names.
-
-    "dense" changes nothing. "csr" swaps every linear of at least min_sparsity zeros for a
-    CSRLinear and puts the originals back on exit, so the model leaves the block as it came.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown draft kernel {kernel!r}; choose one of {list(KERNELS)}")
-    if kernel == "dense":
-        yield []
-        return
-    check_runs_csr(model)
-    originals = swap(model, csr_modules(model, min_sparsity))
+def swapped(model: nn.Module, modules: dict[str, nn.Module]):
+    """Inside the block `model` runs with `modules` (from kernel_modules); it leaves as it came."""
+    originals = swap(model, modules)
     try:
-        yield list(originals)
+        yield
     finally:
         swap(model, originals)

@@ -16,7 +16,7 @@ from sd2.drafts.prune import magnitude_mask
 from sd2.measure import speculative as sp
 from sd2.models import decoder_linears, load_model, load_tokenizer
 from sd2.report import readme
-from sd2.sparse_kernel import MIN_SPARSITY, CSRLinear, draft_kernel, sparse_layers
+from sd2.sparse_kernel import MIN_SPARSITY, CSRLinear, kernel_modules, sparse_layers, swapped
 
 spec = importlib.util.spec_from_file_location("sparse_decoding", REPO / "benchmarks" / "sparse_decoding.py")
 sd = importlib.util.module_from_spec(spec)
@@ -56,13 +56,15 @@ def test_only_layers_sparse_enough_are_swapped_and_all_come_back(tiny_llama_draf
             linear.weight.mul_(magnitude_mask(linear.weight, 0.5 if name in dense_ones else 0.7))
     before = dict(draft.named_modules())
     assert MIN_SPARSITY == 0.6 and set(sparse_layers(draft)) == set(linears) - dense_ones
-    with draft_kernel(draft, "csr") as swapped:
-        assert set(swapped) == set(linears) - dense_ones
-        assert {n for n, m in draft.named_modules() if isinstance(m, CSRLinear)} == set(swapped)
+    modules = kernel_modules(draft, "csr")
+    with swapped(draft, modules):
+        assert set(modules) == set(linears) - dense_ones
+        assert {n for n, m in draft.named_modules() if isinstance(m, CSRLinear)} == set(modules)
         assert not isinstance(draft.lm_head, CSRLinear)  # the lm_head is dense
     assert dict(draft.named_modules()) == before
-    with draft_kernel(draft, "dense") as swapped:
-        assert swapped == [] and dict(draft.named_modules()) == before
+    modules = kernel_modules(draft, "dense")
+    with swapped(draft, modules):
+        assert modules == {} and dict(draft.named_modules()) == before
 
 
 def test_csr_draft_commits_the_same_tokens_as_the_dense_draft(tiny_llama_dir, tiny_llama_draft_dir):
@@ -71,7 +73,7 @@ def test_csr_draft_commits_the_same_tokens_as_the_dense_draft(tiny_llama_dir, ti
     prompts = [tok("def add(a, b):\n    return")["input_ids"], tok("for i in range(3):")["input_ids"]]
     runs = {}
     for kernel in ("dense", "csr"):
-        with draft_kernel(draft, kernel):
+        with swapped(draft, kernel_modules(draft, kernel)):
             runs[kernel] = sp.assisted_runs(
                 target, draft, tok, tok, prompts, k=3, temperature=0.0, max_new_tokens=12, seed=0
             )
@@ -82,12 +84,10 @@ def test_csr_draft_commits_the_same_tokens_as_the_dense_draft(tiny_llama_dir, ti
 def test_csr_refuses_what_it_cannot_run(tiny_llama_draft_dir):
     draft = _pruned(load_model(tiny_llama_draft_dir), 0.7).to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32 on a CPU only.*bfloat16"):
-        with draft_kernel(draft, "csr"):
-            pass
+        kernel_modules(draft, "csr")
     assert not any(isinstance(m, CSRLinear) for m in draft.modules())
     with pytest.raises(ValueError, match="unknown draft kernel 'mkl'"):
-        with draft_kernel(draft, "mkl"):
-            pass
+        kernel_modules(draft, "mkl")
 
 
 def test_benchmark_case_times_every_arm_prompt_by_prompt(tmp_path, tiny_llama_dir, tiny_llama_draft_dir):

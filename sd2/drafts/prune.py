@@ -26,10 +26,6 @@ def n_zeros(sparsity: float, numel: int) -> int:
     return round(sparsity * numel)
 
 
-def layer_sparsity(model) -> dict[str, float]:
-    return {n: (m.weight == 0).sum().item() / m.weight.numel() for n, m in decoder_linears(model).items()}
-
-
 # ---- the maths: small pure functions on one weight matrix ----
 
 

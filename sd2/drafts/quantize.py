@@ -49,7 +49,7 @@ import torch
 
 from sd2 import methods
 from sd2.checkpoint import atomic_path, write_json
-from sd2.models import decoder_linears, is_quantized, load_model, load_tokenizer, torch_dtype
+from sd2.models import decoder_linears, is_quantized, layer_sparsity, load_model, load_tokenizer, torch_dtype
 from sd2.provenance import provenance
 
 # Our scheme names -> the weights' quantization (llm-compressor's preset it follows, for the record).
@@ -145,10 +145,6 @@ def _fake_quantized_linear(module: torch.nn.Linear, scheme: str, x: torch.Tensor
 
 
 # ---- the mask ----
-
-
-def zero_fractions(model) -> dict[str, float]:
-    return {n: (m.weight == 0).sum().item() / m.weight.numel() for n, m in decoder_linears(model).items()}
 
 
 def check_mask(before_model, after_model) -> dict[str, int]:
@@ -373,7 +369,7 @@ def quantize(
         "strategy": spec["strategy"],
         "group_size": spec["group_size"],
         "layer_group_size": {n: group_size(scheme, m.in_features) for n, m in decoder_linears(model).items()},
-        "zero_fraction_before": zero_fractions(before),
+        "zero_fraction_before": layer_sparsity(before),
     }
     info = provenance(
         seed=seed,
@@ -393,7 +389,7 @@ def quantize(
         del model
         loaded = load_quantized(tmp, dtype=dtype)
         summary["rounded_to_zero"] = check_mask(before, loaded)
-        summary["zero_fraction_after"] = zero_fractions(loaded)
+        summary["zero_fraction_after"] = layer_sparsity(loaded)
         summary["mask_kept"] = True
         summary["seconds"] = round(time.time() - start, 2)
         info.update(summary)

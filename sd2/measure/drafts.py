@@ -28,7 +28,7 @@ from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
-from sd2.sparse_kernel import draft_kernel, sparse_layers
+from sd2.sparse_kernel import kernel_modules, swapped
 
 # A teacher-forced pass and incremental decoding use different kernels: where the top two
 # logits are closer than this, their argmaxes may legitimately differ (GUIDE section 7).
@@ -260,6 +260,8 @@ def measure(
     target, target_tok = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
     draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device, dtype=draft_dtype)
     path = decoding_path(target, draft, target_tok, draft_tok)
+    # Built before the teacher-forced pass, so a draft the kernel cannot run fails at once.
+    kernel_layers = kernel_modules(draft, settings["draft_kernel"])
     target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
     cost_ratio = draft_macs / target_macs
     quantization = methods.split_quantization(labels.get("method") or "")[1]
@@ -288,7 +290,7 @@ def measure(
         "weight_bytes_ratio": draft_bytes["weight_bytes_per_token"] / target_bytes["weight_bytes_per_token"],
         "draft_weight_layouts": draft_bytes["weight_layouts"],
         "draft_kernel": settings["draft_kernel"],
-        "draft_kernel_layers": len(sparse_layers(draft)) if settings["draft_kernel"] == "csr" else 0,
+        "draft_kernel_layers": len(kernel_layers),
         "same_tokenizer": path == "assisted",
         "decoding_path": path,
         "device": str(target.device),
@@ -311,7 +313,7 @@ def measure(
             run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def assisted(k, temperature, n):
-        with draft_kernel(draft, settings["draft_kernel"]):
+        with swapped(draft, kernel_layers):
             return assisted_runs(
                 target,
                 draft,

@@ -576,7 +576,7 @@ def sparse_decoding(results: Path) -> str:
             "excludes 1). The target commits the same tokens with every arm: "
             f"{int(t['same_tokens'].sum())} of {int(t['prompts'].sum())} prompts agreed.",
             "",
-            markdown_table(pd.DataFrame(rows).drop_duplicates()),
+            markdown_table(pd.DataFrame(rows)),
             "(`benchmarks/sparse_decoding.py`, `results/tables/sparse_decoding.csv`; per-prompt times in "
             "`results/tables/sparse_decoding.json`)",
         ]
