@@ -25,7 +25,8 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from sd2.chunked_loss import chunked_causal_lm_loss, default_chunk_tokens
-from sd2.memory import GB, inference_parts, model_shape, training_parts
+from sd2.memory import GB, inference_parts, training_parts
+from sd2.shapes import model_shape
 from sd2.training import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]

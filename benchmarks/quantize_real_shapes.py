@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.data import stdlib_files
-from sd2.drafts.prune import magnitude_mask
+from sd2.masks import magnitude_mask
 from sd2.drafts.quantize import load_quantized, quantize
 from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
 from sd2.measure.weight_bytes import model_weight_bytes

@@ -12,7 +12,7 @@ greedy, k draft tokens per step, `sd2.sparse_kernel`'s layers):
 
 Cases:
 - llama-3.2-1b-s70 -> llama-3.2-3b: a draft with Llama-3.2-1B's shapes, random weights, every
-  decoder linear magnitude-pruned to 70% (sd2.drafts.prune.magnitude_mask), and a target with
+  decoder linear magnitude-pruned to 70% (sd2.masks.magnitude_mask), and a target with
   Llama-3.2-3B's shapes in bf16 (how a target is served; in fp32 the pair and the draft's copies
   do not fit 24 GiB). The published configs, vocabulary 128,256, tied embeddings.
 - demo: the default run's llama-target with llama-draft-m sd2 at 70% (from --workdir), fp32, on
@@ -43,7 +43,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.checkpoint import write_json
-from sd2.drafts.prune import magnitude_mask
+from sd2.masks import magnitude_mask
 from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
 from sd2.measure import continuations
 from sd2.measure.speculative import decoding_kwargs, pin_draft, sd_generate, step_stats

@@ -4,7 +4,7 @@ A draft decodes one token at a time (batch 1) and the target verifies k drafted 
 plus one in a single pass (batch k + 1); both are matrix-vector-like products bound by
 the bytes of weight they read. For every distinct linear shape of Llama-3.2-1B, -3B and
 the config's drafts, at 0 / 50 / 70 / 90% unstructured sparsity (a magnitude mask on a
-random normal weight, exactly round(s * numel) zeros, as sd2.drafts.prune.magnitude_mask),
+random normal weight, exactly round(s * numel) zeros, as sd2.masks.magnitude_mask),
 in fp32 and bf16, on 1 and 2 torch threads, this times dense torch (`F.linear`, the zeros
 in: how the sweep runs its drafts) and every sparse backend below, interleaved: each
 repetition runs every backend once in a shuffled order, so machine noise hits them
@@ -190,7 +190,7 @@ def decoder_linear_bytes(spec: dict, elem_size: int) -> int:
 def pruned_weights(out_f: int, in_f: int, sparsities: list[float], seed: int) -> dict[float, torch.Tensor]:
     """One random normal fp32 weight pruned to each sparsity: its round(s * numel) smallest |w| set to zero.
 
-    The mask of sd2.drafts.prune.magnitude_mask (a stable sort of |w|, the first ones dropped; a
+    The mask of sd2.masks.magnitude_mask (a stable sort of |w|, the first ones dropped; a
     test checks they agree), from one sort for every sparsity: sorting the 25M weights of a
     Llama-3.2-3B MLP matrix takes seconds. Importing sd2.drafts.prune would also import
     `datasets`, whose pyarrow needs numpy 2, which deepsparse's environment cannot have.

@@ -6,15 +6,13 @@ import jsonschema
 import yaml
 
 from sd2 import fields
+from sd2.errors import ConfigError
 from sd2.methods import BY_NAME
+from sd2.shapes import model_shape
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 FINETUNE_FIELDS = ["prompt_field", "response_field"]
 SCRATCH_KEYS = ("arch", "tokenizer", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key."""
 
 
 def _with_defaults(validator_class):
@@ -98,7 +96,6 @@ def _check_references(config: dict) -> None:
                 raise ConfigError(f"config error at {role}.{i}: unknown model '{name}' (known: {sorted(models)})")
     if config["resources"]["gpu"] > 0:
         # A GPU run sizes every job from its models: a model that cannot be sized stops here.
-        from sd2.memory import model_shape
 
         for name in dict.fromkeys(config["targets"] + config["drafts"]):
             model_shape(name, config)

@@ -42,13 +42,12 @@ the largest model is spread over them (device_map="auto"). Host memory = what is
 on the CPU before it moves to a GPU, or everything for a CPU job, plus HOST_BASE.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sd2 import methods
-from sd2.config import ConfigError
+from sd2.errors import ConfigError
+from sd2.shapes import Shape, model_shape
 
 GB = 10**9
 MiB = 2**20
@@ -66,8 +65,6 @@ PROMPT_TOKENS = 2048
 CHUNK_LOGITS = 2**27
 # Prompts the model report continues, 16 at a time, for 128 tokens (sd2.report.model_report.report).
 REPORT_BATCH, REPORT_NEW_TOKENS = 16, 128
-GATED_MLP = {"llama", "mistral", "qwen2", "qwen3"}
-PLAIN_MLP = {"gpt_neox"}
 RULES = (
     "pretrain",
     "model_report",
@@ -79,47 +76,6 @@ RULES = (
     "finetune",
     "measure",
 )
-SHAPE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes the plan needs; `dtype` is the one the checkpoint stores (what dtype auto loads)."""
-
-    params: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    tied: bool
-    dtype: str
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (everything but the embedding, lm_head and final norm)."""
-        heads = (1 if self.tied else 2) * self.embedding_params
-        return (self.params - heads - self.hidden_size) // self.num_hidden_layers
-
-    @property
-    def layer_linear_inputs(self) -> list[int]:
-        """in_features of each linear of a decoder layer: q, k, v, o, gate, up, down."""
-        h = self.hidden_size
-        return [h, h, h, self.num_attention_heads * self.head_dim, h, h, self.intermediate_size]
 
 
 @dataclass
@@ -138,77 +94,6 @@ class Plan:
     @property
     def mem_mb(self) -> int:
         return math.ceil(self.host_bytes / MiB)
-
-
-def count_params(cfg: dict) -> int:
-    """Parameters of a decoder-only model from its config.json sizes (norms and Qwen2's q/k/v biases included)."""
-    kind = cfg["model_type"]
-    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or h // heads
-    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    if kind in GATED_MLP:
-        mlp, biases, norms = 3 * h * i, (heads + 2 * kv) * head_dim if kind == "qwen2" else 0, 2 * h
-    elif kind in PLAIN_MLP:
-        # GPT-NeoX: every linear has a bias, and each layer norm has a bias too.
-        mlp, biases, norms = 2 * h * i, 3 * heads * head_dim + h + i + h, 4 * h
-    else:
-        raise ValueError(f"cannot count the parameters of model type '{kind}' (known: {sorted(GATED_MLP | PLAIN_MLP)})")
-    embeddings = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    final_norm = 2 * h if kind in PLAIN_MLP else h
-    return layers * (attention + mlp + biases + norms) + embeddings + final_norm
-
-
-def shape_from_config(cfg: dict, dtype: str) -> Shape:
-    """A Shape from a config.json dict (or a from-scratch spec with model_type set)."""
-    heads = cfg["num_attention_heads"]
-    return Shape(
-        params=count_params(cfg),
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        vocab_size=cfg["vocab_size"],
-        tied=bool(cfg.get("tie_word_embeddings", False)),
-        dtype=dtype,
-    )
-
-
-def model_shape(name: str, config: dict) -> Shape:
-    """Sizes of config["models"][name]: its `shape`, its local config.json, or its from-scratch spec."""
-    spec = config["models"][name]
-    if "shape" in spec:
-        s = spec["shape"]
-        return Shape(
-            params=round(s["params_b"] * 1e9),
-            tied=s["tie_word_embeddings"],
-            dtype=s["dtype"],
-            **{k: s[k] for k in SHAPE_KEYS},
-        )
-    if "hub" not in spec:
-        vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
-        # build_model creates from-scratch models in float32 and pretrain saves them so.
-        return shape_from_config({**spec, "model_type": spec["arch"], "vocab_size": vocab}, "float32")
-    local = Path(spec["hub"]).expanduser() / "config.json"
-    if local.is_file():
-        cfg = json.loads(local.read_text())
-        cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
-        stored = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        try:
-            return shape_from_config(cfg, stored)
-        except (KeyError, ValueError) as e:
-            raise ConfigError(
-                f"config error at models.{name}: cannot size {local} ({e}); give models.{name}.shape"
-            ) from e
-    raise ConfigError(
-        f"config error at models.{name}.shape: '{spec['hub']}' is a hub id, and the memory plan (resources.gpu > 0) "
-        "needs its sizes before anything is downloaded; add `shape: {params_b, hidden_size, intermediate_size, "
-        "num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size, tie_word_embeddings}` "
-        "from the model's config.json, or point `hub` at a local checkpoint directory"
-    )
 
 
 def load_dtype(name: str, config: dict, shape: Shape | None = None) -> str:

@@ -25,6 +25,9 @@ No torch here: the DAG, the tables and the figures import this module.
 
 from dataclasses import dataclass
 
+from sd2.errors import ConfigError
+from sd2.shapes import model_shape
+
 
 @dataclass(frozen=True)
 class Method:
@@ -69,16 +72,67 @@ class Loss:
     name: str
     teacher: str | None  # "target": the target's logits; "draft": the dense draft itself; None: no teacher
     description: str
+    objective: str  # "module:function" that implements it (sd2.drafts.losses), resolved only in the job
+    shade: float = 0.0  # a loss variant's colour: its method's, lightened (> 0) or darkened (< 0)
 
 
 # Order of loss variants in tables and legends; ce is the default of every tuned method.
 LOSSES = {
-    "ce": Loss("ce", None, "cross-entropy on the responses"),
-    "kl": Loss("kl", "target", "forward KL to the target's logits"),
-    "tvdpp": Loss("tvdpp", "target", "TVD++ (Goel et al. 2024)"),
-    "squarehead": Loss("squarehead", "draft", "per-layer MSE to the dense draft's normalised hidden states"),
-    "skd": Loss("skd", "target", "speculative knowledge distillation (on-policy, the target corrects the draft)"),
+    "ce": Loss("ce", None, "cross-entropy on the responses", "sd2.drafts.losses:ce"),
+    "kl": Loss("kl", "target", "forward KL to the target's logits", "sd2.drafts.losses:kl", 0.45),
+    "tvdpp": Loss("tvdpp", "target", "TVD++ (Goel et al. 2024)", "sd2.drafts.losses:tvdpp", -0.4),
+    "squarehead": Loss(
+        "squarehead",
+        "draft",
+        "per-layer MSE to the dense draft's normalised hidden states",
+        "sd2.drafts.losses:squarehead",
+        0.7,
+    ),
+    "skd": Loss(
+        "skd",
+        "target",
+        "speculative knowledge distillation (on-policy, the target corrects the draft)",
+        "sd2.drafts.losses:skd",
+        -0.65,
+    ),
 }
+
+
+@dataclass(frozen=True)
+class HeadFamily:
+    """A target-dependent draft head (kind "head" in METHODS): its nn.Module and how it proposes."""
+
+    name: str
+    module: str  # "module:Class" of the head (a sd2.drafters.heads.DraftHead), resolved only in the job
+    beams: bool  # proposes heads.beam_width beams (True) or one chain
+
+
+HEAD_FAMILIES = {
+    "redrafter": HeadFamily("redrafter", "sd2.drafters.redrafter:ReDrafter", True),
+    "moa": HeadFamily("moa", "sd2.drafters.moa:MixtureOfAttentions", False),
+}
+
+
+def resolve(reference: str):
+    """The object a "module:attribute" reference of the registry names (imports the module)."""
+    import importlib
+
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def loss(name: str) -> Loss:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}' (known: {', '.join(LOSSES)})")
+    return LOSSES[name]
+
+
+def head_family(name: str) -> HeadFamily:
+    if name not in HEAD_FAMILIES:
+        raise ValueError(f"unknown draft-head family '{name}' (known: {', '.join(HEAD_FAMILIES)})")
+    return HEAD_FAMILIES[name]
+
+
 DEFAULT_LOSS = "ce"
 SEPARATOR = "+"
 # Weight quantization after the draft is made (sd2.drafts.quantize): a sweep axis like the losses.
@@ -256,9 +310,6 @@ def shares_tokenizer(config: dict, a: str, b: str) -> bool:
         return spec_a["tokenizer"] == spec_b["tokenizer"]
     if "hub" not in spec_a or "hub" not in spec_b:
         return False
-    from sd2.config import ConfigError
-    from sd2.memory import model_shape
-
     try:
         return model_shape(a, config).vocab_size == model_shape(b, config).vocab_size
     except ConfigError:

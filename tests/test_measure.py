@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 
 from sd2.drafts.distill import generate_batch
-from sd2.drafts.prune import magnitude_mask
+from sd2.masks import magnitude_mask
 from sd2.measure import acceptance, continuations, trees
 from sd2.measure import drafts as ms
 from sd2.measure import speculative as sp

@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import REPO, TINY
 
-from sd2 import memory
+from sd2 import memory, shapes
 from sd2.cli import main
 from sd2.config import ConfigError, load, validate
 from sd2.drafts.layer_prune import layer_prune
@@ -41,7 +41,7 @@ def test_paper_shapes_are_the_published_parameter_counts(paper):
         shape = paper["models"][name]["shape"]
         kind = "qwen2" if name.startswith("qwen") else "llama"
         assert memory.count_params({**shape, "model_type": kind}) == count, name
-        assert memory.model_shape(name, paper).params == count
+        assert shapes.model_shape(name, paper).params == count
         assert memory.load_dtype(name, paper) == "bfloat16"  # dtype auto = what the hub checkpoints store
 
 
@@ -152,12 +152,12 @@ def test_sizes_of_a_local_checkpoint_and_a_from_scratch_spec(tiny_qwen_dir, byte
     cfg = validate(yaml.safe_load((REPO / "config" / "test.yaml").read_text()))
     cfg["models"]["local"] = {"hub": str(tiny_qwen_dir)}
     model = load_model(tiny_qwen_dir)
-    shape = memory.model_shape("local", cfg)
+    shape = shapes.model_shape("local", cfg)
     assert shape.params == count_parameters(model) and shape.dtype == "float32"
     spec = cfg["models"]["tiny-draft"]
     tok = load_tokenizer(byte_tokenizer_dir)
     cfg["tokenizers"]["code"]["vocab_size"] = len(tok)
-    assert memory.model_shape("tiny-draft", cfg).params == count_parameters(build_model(spec, tok, 0))
+    assert shapes.model_shape("tiny-draft", cfg).params == count_parameters(build_model(spec, tok, 0))
 
 
 @pytest.fixture

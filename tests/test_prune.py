@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from sd2.drafts.prune import exact_sparsity, is_nm, magnitude_mask, nm_mask, prune
+from sd2.drafts.prune import exact_sparsity, is_nm, prune
+from sd2.masks import magnitude_mask, nm_mask
 from sd2.models import decoder_linears, load_model
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from torch import nn
 
-from sd2.drafts.prune import magnitude_mask
+from sd2.masks import magnitude_mask
 from sd2.measure import speculative as sp
 from sd2.models import decoder_linears, load_model, load_tokenizer
 from sd2.report import readme

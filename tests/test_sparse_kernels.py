@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from sd2.drafts.prune import magnitude_mask, n_zeros
+from sd2.masks import magnitude_mask, n_zeros
 from sd2.hub import LLAMA_3_2
 
 spec = importlib.util.spec_from_file_location("sparse_kernels", REPO / "benchmarks" / "sparse_kernels.py")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sd2.drafts.prune import magnitude_mask
+from sd2.masks import magnitude_mask
 from sd2.measure.weight_bytes import layer_bytes, model_weight_bytes
 
 
