@@ -40,7 +40,7 @@ def test_paper_shapes_are_the_published_parameter_counts(paper):
     for name, count in published.items():
         shape = paper["models"][name]["shape"]
         kind = "qwen2" if name.startswith("qwen") else "llama"
-        assert memory.count_params({**shape, "model_type": kind}) == count, name
+        assert shapes.count_params({**shape, "model_type": kind}) == count, name
         assert shapes.model_shape(name, paper).params == count
         assert memory.load_dtype(name, paper) == "bfloat16"  # dtype auto = what the hub checkpoints store
 
@@ -231,7 +231,7 @@ def test_count_params_matches_the_built_model(kind, tied):
         sizes["num_key_value_heads"] = 2
     config = AutoConfig.for_model(kind, tie_word_embeddings=tied, **sizes)
     model = AutoModelForCausalLM.from_config(config)
-    assert memory.count_params({**config.to_dict(), "model_type": kind}) == count_parameters(model)
+    assert shapes.count_params({**config.to_dict(), "model_type": kind}) == count_parameters(model)
 
 
 def test_vllm_engine_asks_for_the_gpus_its_preallocated_share_needs(paper):
