@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
+# The config of run, figures, report and dry-run: `make dry-run CONFIG=config/paper.yaml`.
+CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install install-gpu run families quantization test test-integration figures readme report dry-run benchmark clean
@@ -35,7 +37,6 @@ install-gpu: $(GPU_STAMP)
 
 # The default sweep on 2 cores (sd2.sweep_time.run_sweep): a fresh clone rebuilds results/
 # from nothing and records its wall time in results/run_time.json; see the README.
-CONFIG := config/config.yaml
 run: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config $(CONFIG) --cores 2 --threads 2
 
@@ -59,17 +60,17 @@ test-integration: $(STAMP)
 
 # Every figure from the committed tables alone: no model job is considered.
 figures: $(STAMP)
-	snakemake figures --allowed-rules figures --cores 1 --force
+	snakemake figures --allowed-rules figures --cores 1 --force --configfile $(CONFIG)
 
 # The README's result blocks (between <!-- generated:... --> markers) from the committed tables.
 readme: $(STAMP)
 	$(BIN)/python -m sd2 readme
 
 report: $(STAMP)
-	snakemake --report results/report.html --configfile config/config.yaml
+	snakemake --report results/report.html --configfile $(CONFIG)
 
 dry-run: $(STAMP)
-	snakemake -n --configfile config/config.yaml
+	snakemake -n --configfile $(CONFIG)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/speculative_vs_autoregressive.py

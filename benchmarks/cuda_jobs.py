@@ -1,6 +1,6 @@
 """Every job of a config's DAG, run one by one on this machine's GPU: which jobs use it, how long, how much memory.
 
-For a machine without Snakemake (a lent GPU box): the jobs' shell commands come from a dry
+For a GPU machine without Snakemake installed: the jobs' shell commands come from a dry
 run made elsewhere (`snakemake -n -p --cores 1 --configfile CONFIG > dry.txt`), which
 prints them in an order that respects their dependencies. Each command runs as printed,
 from the repository root; nvidia-smi is sampled while it runs. Writes one row per job:

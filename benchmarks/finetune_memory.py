@@ -142,7 +142,7 @@ def main():
             f"{row['step_seconds']:.2f} s, loss {row['loss']:.4f}"
         )
     if args.out:
-        from sd2.report.results import write_table
+        from sd2.report.collect import write_table
 
         table = pd.DataFrame(rows).astype({"loss_chunk_tokens": "Int64"})  # empty for the plain loss
         write_table(table, args.out)

@@ -20,7 +20,7 @@ from instruct_stage import completion_metrics, report_inputs
 from sd2.config import load
 from sd2.models import load_model, load_tokenizer
 from sd2.pretrain import instruct
-from sd2.report.results import write_table
+from sd2.report.collect import write_table
 
 
 def main():

@@ -19,7 +19,7 @@ from sd2.chat import encode_example
 from sd2.config import load
 from sd2.data import function_prompts
 from sd2.models import load_tokenizer
-from sd2.report.results import write_table
+from sd2.report.collect import write_table
 from sd2.training import shuffled_batches
 
 

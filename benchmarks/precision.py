@@ -58,7 +58,7 @@ def main():
     if args.out:
         import pandas as pd
 
-        from sd2.report.results import write_table
+        from sd2.report.collect import write_table
         from sd2.sweep_time import cpu_model
 
         write_table(

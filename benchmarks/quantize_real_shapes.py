@@ -20,11 +20,11 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.data import stdlib_files
-from sd2.masks import magnitude_mask
-from sd2.drafts.quantize import load_quantized, quantize
+from sd2.drafts.quantize import quantize
 from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
+from sd2.masks import magnitude_mask
 from sd2.measure.weight_bytes import model_weight_bytes
-from sd2.models import decoder_linears
+from sd2.models import decoder_linears, load_model
 from sd2.provenance import provenance
 from sd2.tokenization import train_tokenizer
 
@@ -99,7 +99,7 @@ def main() -> None:
                     dtype="bfloat16",
                 )
                 seconds = time.monotonic() - start
-                model = load_quantized(out, dtype="bfloat16")
+                model = load_model(out, dtype="bfloat16")
                 row = {
                     "model": name,
                     "scheme": scheme,

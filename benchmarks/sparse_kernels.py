@@ -97,8 +97,9 @@ from sd2 import config
 from sd2.checkpoint import atomic_path
 from sd2.hub import LLAMA_3_2
 from sd2.provenance import provenance
-from sd2.report.plots import plot_sparse_kernels, save_figure, sparse_layer_speedups
-from sd2.report.results import write_table
+from sd2.report.canvas import save_figure
+from sd2.report.collect import write_table
+from sd2.report.plots import plot_sparse_kernels, sparse_layer_speedups
 from sd2.sweep_time import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -592,9 +593,9 @@ def unsupported(err: Exception, dtype_name: str) -> str:
     return f"unsupported: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
-def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts, batches, args, rng, seed):
-    """Rows for one (shape, sparsity, dtype): every backend x threads x batch, timed side by side."""
-    weight = weight.to(DTYPES[dtype_name])
+def _formats(backends, weight, dtype_name: str, cold: bool, evict_bytes: int) -> tuple[dict, dict]:
+    """(each backend's copies of `weight` in its layout, enough to evict the caches when `cold`; the status
+    of every backend that skips this dtype or cannot convert it)."""
     fmts, status = {}, {}
     for backend in backends:
         if backend.skip(dtype_name):
@@ -607,34 +608,49 @@ def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts
             continue
         copies = max(1, math.ceil(evict_bytes / max(1, backend.nbytes(fmt)))) if cold else 1
         fmts[backend.name] = [fmt] + [backend.copy(fmt) for _ in range(copies - 1)]
+    return fmts, status
+
+
+def _checked_runs(backends, fmts, status, x, reference, dtype_name: str, threads: int) -> tuple[dict, dict]:
+    """(a runner per backend that computes the product, its relative error against `reference`). A backend
+    that fails here is dropped from `fmts` with its reason in `status`; a wrong product stops the run."""
+    batch = x.shape[0]
+    runs, errors = {}, {}
+    for backend in backends:
+        name = backend.name
+        if name not in fmts:
+            continue
+        # Thread settings are global per library: each backend sets its own before its runner.
+        backend.set_threads(threads)
+        inp = backend.inputs(x)
+        try:
+            runs[name] = backend.runner(fmts[name], inp)
+            got = backend.output(backend.call(fmts[name][0], inp), batch)
+        except (NotImplementedError, RuntimeError, TypeError) as err:  # e.g. MKL's CSR kernel in bf16
+            status[name] = unsupported(err, dtype_name)
+            del fmts[name]
+            runs.pop(name, None)
+            continue
+        errors[name] = relative_error(got, reference)
+        if not errors[name] <= TOLERANCE[dtype_name]:
+            raise RuntimeError(
+                f"{name}, {dtype_name}, batch {batch}, {threads} threads: the product differs from the "
+                f"dense fp32 one by {errors[name]:.3g} of its largest value (tolerance {TOLERANCE[dtype_name]})"
+            )
+    return runs, errors
+
+
+def measure_group(backends, weight, dtype_name, cold, evict_bytes, thread_counts, batches, args, rng, seed):
+    """Rows for one (shape, sparsity, dtype): every backend x threads x batch, timed side by side."""
+    weight = weight.to(DTYPES[dtype_name])
+    fmts, status = _formats(backends, weight, dtype_name, cold, evict_bytes)
     results = []
     for threads in thread_counts:
         for batch in batches:
             x = torch.randn(batch, weight.shape[1], generator=torch.Generator().manual_seed(seed + batch))
             x = x.to(weight.dtype)
             reference = x.float() @ weight.float().T
-            runs, errors = {}, {}
-            for backend in backends:
-                name = backend.name
-                if name not in fmts:
-                    continue
-                # Thread settings are global per library: each backend sets its own before its runner.
-                backend.set_threads(threads)
-                inp = backend.inputs(x)
-                try:
-                    runs[name] = backend.runner(fmts[name], inp)
-                    got = backend.output(backend.call(fmts[name][0], inp), batch)
-                except (NotImplementedError, RuntimeError, TypeError) as err:  # e.g. MKL's CSR kernel in bf16
-                    status[name] = unsupported(err, dtype_name)
-                    del fmts[name]
-                    runs.pop(name, None)
-                    continue
-                errors[name] = relative_error(got, reference)
-                if not errors[name] <= TOLERANCE[dtype_name]:
-                    raise RuntimeError(
-                        f"{name}, {dtype_name}, batch {batch}, {threads} threads: the product differs from the "
-                        f"dense fp32 one by {errors[name]:.3g} of its largest value (tolerance {TOLERANCE[dtype_name]})"
-                    )
+            runs, errors = _checked_runs(backends, fmts, status, x, reference, dtype_name, threads)
             seconds, calls = time_interleaved(runs, args.reps, args.min_seconds, rng)
             for backend in backends:
                 name = backend.name
@@ -694,30 +710,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = config.load(args.config)
-    names = args.model or ([n for n in cfg["drafts"] if "hidden_size" in cfg["models"][n]] if args.quick else None)
-    specs = model_specs(cfg, names)
-    backends, missing = load_backends(args.backend)
-    llc = last_level_cache_bytes()
-    # Twice the LLC of distinct weight bytes per backend, cycled: no call finds its weight in cache.
-    evict_bytes = 2 * llc
-    rng = random.Random(args.seed)
-    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-    groups = [
-        (model, spec, shape, sparsity, dtype_name)
-        for model, spec in specs.items()
-        for shape in linear_shapes(spec)
-        for sparsity in args.sparsities
-        for dtype_name in args.dtypes
-    ]
-    print(
-        f"{len(groups)} (shape, sparsity, dtype) groups x threads {args.threads} x batches {args.batches}; "
-        f"backends {[b.name for b in backends]}; not installed: {sorted(missing) or 'none'}; LLC {llc / 2**20:.0f} MiB"
-    )
+def measure_all(groups, backends, missing: dict, llc: int, evict_bytes: int, rng, args) -> list[dict]:
+    """Rows of every (model, shape, sparsity, dtype) group, a not-installed backend's included as skipped."""
     rows, weights = [], {}
-    started = time.perf_counter()
     for model, spec, (shape_name, out_f, in_f, count), sparsity, dtype_name in tqdm(groups, mininterval=5):
         if (out_f, in_f) not in weights:  # every sparsity of a shape from one sort; bf16 keeps every zero
             weights = {(out_f, in_f): pruned_weights(out_f, in_f, args.sparsities, args.seed)}
@@ -752,6 +747,43 @@ def main(argv=None):
                 torch_version=torch.__version__,
             )
             rows.append(row)
+    return rows
+
+
+def print_layer_speedups(table: pd.DataFrame) -> None:
+    layer = sparse_layer_speedups(table)
+    if len(layer):
+        print("\nspeed-up of a decoder layer's linears (dense time / backend time, summed over q,k,v,o,gate,up,down):")
+        wide = layer.pivot_table(
+            index=["model", "batch", "dtype", "threads", "backend"], columns="sparsity", values="speedup"
+        )
+        print(wide.round(2).to_string())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = config.load(args.config)
+    names = args.model or ([n for n in cfg["drafts"] if "hidden_size" in cfg["models"][n]] if args.quick else None)
+    specs = model_specs(cfg, names)
+    backends, missing = load_backends(args.backend)
+    llc = last_level_cache_bytes()
+    # Twice the LLC of distinct weight bytes per backend, cycled: no call finds its weight in cache.
+    evict_bytes = 2 * llc
+    rng = random.Random(args.seed)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    groups = [
+        (model, spec, shape, sparsity, dtype_name)
+        for model, spec in specs.items()
+        for shape in linear_shapes(spec)
+        for sparsity in args.sparsities
+        for dtype_name in args.dtypes
+    ]
+    print(
+        f"{len(groups)} (shape, sparsity, dtype) groups x threads {args.threads} x batches {args.batches}; "
+        f"backends {[b.name for b in backends]}; not installed: {sorted(missing) or 'none'}; LLC {llc / 2**20:.0f} MiB"
+    )
+    started = time.perf_counter()
+    rows = measure_all(groups, backends, missing, llc, evict_bytes, rng, args)
     seconds = time.perf_counter() - started
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     # Unsupported rows have no counts: nullable integers keep the others from printing as floats.
@@ -773,13 +805,7 @@ def main(argv=None):
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     paths = save_figure(plot_sparse_kernels(table), Path(args.figure).parent, Path(args.figure).name)
     print(f"{len(table)} rows in {seconds:.0f} s -> {args.out}, {', '.join(map(str, paths))}")
-    layer = sparse_layer_speedups(table)
-    if len(layer):
-        print("\nspeed-up of a decoder layer's linears (dense time / backend time, summed over q,k,v,o,gate,up,down):")
-        wide = layer.pivot_table(
-            index=["model", "batch", "dtype", "threads", "backend"], columns="sparsity", values="speedup"
-        )
-        print(wide.round(2).to_string())
+    print_layer_speedups(table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from sd2 import config
-from sd2.report.results import write_table
+from sd2.report.collect import write_table
 from sd2.sweep_time import cpu_model, step_seconds
 
 

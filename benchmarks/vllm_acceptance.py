@@ -1,7 +1,7 @@
 """vLLM's mean acceptance length for one exported draft, beside the workflow's MAL on the same prompts.
 
-UNTESTED ON HARDWARE: vLLM is not installed where this was written (no GPU); it has not run
-unless the README says the lead ran it. It needs a CUDA machine with vLLM (a version with the
+UNTESTED ON HARDWARE: vLLM is not installed on the CPU-only machine this was written on; it has
+not run unless the README reports its numbers. It needs a CUDA machine with vLLM (a version with the
 `draft_model` speculative method, early 2026 or later) and the target in the hub cache. Example:
 
     python benchmarks/vllm_acceptance.py \\

@@ -437,17 +437,31 @@ def memory_plan(p=None, a=None):
     print(pd.DataFrame([describe(plan) for plan in job_plans(cfg)]).fillna("").to_string(index=False))
 
 
-@step("macs", "per-token MACs of a model (checkpoint dir, config.json or offline hub id)")
+@step("macs", "per-token MACs of a model (checkpoint dir, config.json, offline hub id, or a workflow config's models)")
 def macs(p=None, a=None):
     if p:
-        p.add_argument("model")
+        p.add_argument(
+            "model",
+            help="checkpoint dir, config.json, hub id in the local cache, a model's name in --config, "
+            "or a workflow config (.yaml: every model in it)",
+        )
         p.add_argument(
             "--sparsity", type=float, default=None, help="unstructured sparsity in percent for every decoder linear"
         )
+        p.add_argument(
+            "--config", default=None, help="workflow config whose model MODEL names (a hub id sized by its shape)"
+        )
         return
-    from sd2.measure.macs import cli
+    from sd2 import config
+    from sd2.measure.macs import cli, config_macs, every_config_macs
 
-    print(json.dumps(cli(a.model, a.sparsity), indent=2))
+    if a.config is not None:
+        result = config_macs(a.model, config.load(a.config), a.sparsity)
+    elif a.model.endswith((".yaml", ".yml")):
+        result = every_config_macs(a.model, config.load(a.model), a.sparsity)
+    else:
+        result = cli(a.model, a.sparsity)
+    print(json.dumps(result, indent=2))
 
 
 @step("collect", "gather measurement records and training curves into tables")
@@ -461,7 +475,9 @@ def collect(p=None, a=None):
         p.add_argument("--summary", required=True, help="markdown summary tables")
         return
     from sd2.checkpoint import atomic_path
-    from sd2.report.results import collect_comparisons, collect_measurements, collect_training, summary_markdown
+    from sd2.report.collect import collect_measurements, collect_training
+    from sd2.report.comparisons import collect_comparisons
+    from sd2.report.markdown import summary_markdown
 
     measurements = collect_measurements(a.records, a.measurements)
     print(f"{len(measurements)} measurement rows -> {a.measurements}")
@@ -478,7 +494,7 @@ def figures(p=None, a=None):
         p.add_argument("--tables", required=True)
         p.add_argument("--out", required=True)
         return
-    from sd2.report.plots import make_figures
+    from sd2.report.figures import make_figures
 
     for path in make_figures(a.tables, a.out):
         print(path)
@@ -524,7 +540,7 @@ def job_times(p=None, a=None):
         p.add_argument("benchmarks", help="the benchmark directory (logs/benchmarks)")
         p.add_argument("--out", required=True, help="CSV: rule, job, seconds, max_rss_mb")
         return
-    from sd2.report.results import write_table
+    from sd2.report.collect import write_table
     from sd2.sweep_time import job_times
 
     table = job_times(a.benchmarks)

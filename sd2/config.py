@@ -1,17 +1,24 @@
-"""Load and validate the workflow configuration against the package's config.schema.yaml."""
+"""Load and validate the workflow configuration against the package's config.schema.yaml.
 
+The schema's registry names (the `methods`, `losses` and `heads.methods` lists and `heads.sizes`)
+are filled in from sd2.methods when a config is validated, after the config's `extensions` are
+imported, so a name an extension registers is a valid name.
+"""
+
+import copy
+import json
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-from sd2 import fields
+from sd2 import fields, methods
 from sd2.errors import ConfigError
-from sd2.methods import BY_NAME
 from sd2.shapes import model_shape
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 FINETUNE_FIELDS = ["prompt_field", "response_field"]
+LOCAL_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")  # what sd2.data reads
 SCRATCH_KEYS = ("arch", "tokenizer", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -36,22 +43,76 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
+def schema() -> dict:
+    """config.schema.yaml with the registry's names filled in (sd2.methods, extensions included)."""
+    full = yaml.safe_load(SCHEMA_PATH.read_text())
+    props = full["properties"]
+    props["methods"]["items"] = _names("method", methods.NAMES)
+    props["losses"]["items"] = _names("loss", methods.LOSSES)
+    heads = props["heads"]["properties"]
+    heads["methods"]["items"] = _names("draft-head family", methods.HEAD_FAMILIES)
+    heads["sizes"]["properties"] = {name: _sizes(f) for name, f in methods.HEAD_FAMILIES.items()}
+    return full
+
+
+def _names(kind: str, names) -> dict:
+    # The title names the kind in the error message (_message).
+    return {"enum": list(names), "title": kind}
+
+
+def _sizes(family: methods.HeadFamily) -> dict:
+    """heads.sizes.<family>: named sizes, each the keyword arguments of the family's head."""
+    return {
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z0-9_.]+$"},
+        "minProperties": 1,
+        "default": family.default_sizes,
+        "description": family.description or f"{family.name} sizes.",
+        "additionalProperties": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [key for key, sub in family.size.items() if "default" not in sub],
+            "properties": family.size,
+        },
+    }
+
+
+def _message(err) -> str:
+    if err.validator == "enum" and "title" in err.schema:
+        known = ", ".join(map(str, err.validator_value))
+        return f"unknown {err.schema['title']} {err.instance!r} (known: {known})"
+    return err.message
+
+
 def validate(config: dict) -> dict:
-    """Fill defaults into `config` in place and check it; raise ConfigError naming the bad key."""
+    """A checked copy of `config` with every default filled in; `config` itself is not changed.
+    Raises ConfigError naming the bad key."""
+    config = copy.deepcopy(config)
     if isinstance(config.get("finetune"), dict) and "loss" in config["finetune"]:
         raise ConfigError(
             "config error at finetune.loss: the fine-tuning loss is a sweep axis now; remove finetune.loss "
             f"and list the losses at the top level, e.g. `losses: [{config['finetune']['loss']}]`"
         )
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    _import_extensions(config.get("extensions", []))
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     # Errors are reported in a stable order, most specific key first.
     errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.path), _key(e.path)))
     if errors:
         err = errors[0]
-        raise ConfigError(f"config error at {_key(err.path)}: {err.message}")
+        raise ConfigError(f"config error at {_key(err.path)}: {_message(err)}")
     _check_references(config)
     return config
+
+
+def _import_extensions(modules) -> None:
+    """Import the config's extension modules before any name is checked (they register names)."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"config error at extensions: a list of module names, not {modules!r}")
+    for i, module in enumerate(modules):
+        try:
+            methods.load_extensions([module])
+        except ImportError as err:
+            raise ConfigError(f"config error at extensions.{i}: cannot import {module}: {err}") from err
 
 
 def _check_references(config: dict) -> None:
@@ -143,17 +204,89 @@ def _check_data(config: dict) -> None:
                 f"config error at {where}.source: these prompts are functions of the stdlib corpus, "
                 f"but data.corpus.source is '{data['corpus']['source']}'"
             )
-    on_original = [m for m in config["methods"] if BY_NAME[m].data == "original"]
+    on_original = [m for m in config["methods"] if methods.BY_NAME[m].data == "original"]
     if data["finetune"]["source"] != "stdlib" and not data["finetune"]["response_field"] and on_original:
         raise ConfigError(
             f"config error at data.finetune.response_field: the {', '.join(on_original)} method trains on the "
             f"original responses; name their field or leave {', '.join(on_original)} out of methods"
         )
+    for where, (spec, field_keys) in sources.items():
+        if spec["source"] == "file":
+            _check_file(spec, field_keys, where)
 
 
-def load(path) -> dict:
+def _check_file(spec: dict, field_keys: list, where: str) -> None:
+    """A local file exists, and its first row has what the field specs name (the prompt, ...)."""
+    path = Path(spec["path"])  # relative to the directory Snakemake runs in
+    if not path.is_file():
+        raise ConfigError(f"config error at {where}.path: file {path} does not exist")
+    if path.suffix.lower() not in LOCAL_FILE_SUFFIXES:
+        raise ConfigError(f"config error at {where}.path: {path} is not one of {', '.join(LOCAL_FILE_SUFFIXES)}")
+    row = _first_row(path)
+    if row is None:
+        raise ConfigError(f"config error at {where}.path: {path} has no rows")
+    for key in field_keys:
+        if spec[key] is None:
+            continue
+        field = fields.parse(spec[key])
+        if field.column not in row:
+            raise ConfigError(
+                f"config error at {where}.{key}: {path} has no column '{field.column}' (its first row has "
+                f"{', '.join(sorted(row))})"
+            )
+        try:
+            field.resolve(row)
+        except fields.FieldSpecError as err:
+            raise ConfigError(f"config error at {where}.{key}: in the first row of {path}: {err}") from None
+
+
+def _first_row(path: Path) -> dict | None:
+    """The first record of a .jsonl, .json (records or JSON lines) or .parquet file; None if it has none."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        return batch.to_pylist()[0] if batch is not None and batch.num_rows else None
+    with path.open(encoding="utf-8") as lines:
+        first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return None
+    try:
+        value = json.loads(first)
+    except json.JSONDecodeError:  # a .json file of records over several lines
+        value = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, dict) else None
+
+
+def read(path) -> dict:
+    """A config file's YAML, unvalidated; a key given twice in one mapping is a ConfigError (plain
+    YAML loading would keep the last silently)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
-    return validate(config)
+    text = path.read_text()
+    _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), (), path)
+    return yaml.safe_load(text) or {}
+
+
+def _check_unique_keys(node, where: tuple, path: Path) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise ConfigError(
+                        f"config error at {_key((*where, key.value))}: duplicate key in {path} "
+                        f"(lines {seen[key.value]} and {key.start_mark.line + 1})"
+                    )
+                seen[key.value] = key.start_mark.line + 1
+            _check_unique_keys(value, (*where, getattr(key, "value", "?")), path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, (*where, i), path)
+
+
+def load(path) -> dict:
+    return validate(read(path))

@@ -187,6 +187,31 @@ def check_tokenizer(export_dir: Path, source_dir: Path) -> None:
         )
 
 
+VLLM_NOTE = (
+    "vLLM runs the draft in the target's dtype. At temperature 0 this command is what the greedy MAL "
+    "measures. At temperature > 0 vLLM's default greedy drafting is not what the sampled MAL measures "
+    "(the draft sampling its own distribution): add draft_sample_method: probabilistic for that "
+    "(same vocabulary only). With use_heterogeneous_vocab vLLM drafts over the vocabularies' "
+    "intersection instead of re-tokenizing text as the measurement (UAG) does."
+)
+
+
+def copy_checkpoint(draft_dir: Path, weights: list[Path], dest: Path) -> dict:
+    """The servable files of `draft_dir` into `dest`: weights linked, the rest copied but sd2's own files,
+    a generation_config.json written where there is none. Returns how each file got there, by name."""
+    from transformers import AutoConfig, GenerationConfig
+
+    files = {p.name: link_or_copy(p, dest / p.name) for p in weights}
+    for p in sorted(draft_dir.iterdir()):
+        if p.is_file() and p.name not in files and p.name not in SD2_FILES:
+            shutil.copy2(p, dest / p.name)
+            files[p.name] = "copy"
+    if not (dest / "generation_config.json").exists():
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(dest))).save_pretrained(dest)
+        files["generation_config.json"] = "written"
+    return files
+
+
 def export_draft(
     draft_dir,
     record_files,
@@ -199,8 +224,6 @@ def export_draft(
     trust_remote_code: bool = False,
 ) -> dict:
     """Export the draft checkpoint `draft_dir` to `out_dir` (atomically); return its metadata (sd2_draft.json)."""
-    from transformers import AutoConfig, GenerationConfig
-
     draft_dir, out_dir = Path(draft_dir), Path(out_dir)
     weights = weight_files(draft_dir)
     records = load_records(record_files, labels)
@@ -210,14 +233,7 @@ def export_draft(
     chosen = best_k(records)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        files = {p.name: link_or_copy(p, tmp / p.name) for p in weights}
-        for p in sorted(draft_dir.iterdir()):
-            if p.is_file() and p.name not in files and p.name not in SD2_FILES:
-                shutil.copy2(p, tmp / p.name)
-                files[p.name] = "copy"
-        if not (tmp / "generation_config.json").exists():
-            GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(tmp))).save_pretrained(tmp)
-            files["generation_config.json"] = "written"
+        files = copy_checkpoint(draft_dir, weights, tmp)
         check_tokenizer(tmp, draft_dir)
         # labels["method"] is the workflow's variant name (sd2+kl): the registry's method and its loss.
         method, loss = methods.parse_variant(labels["method"])
@@ -239,17 +255,7 @@ def export_draft(
             "best_k": chosen,
             **tensors,
             "vocab_size": {"draft": draft_vocab, "target": target_vocab},
-            "vllm": {
-                "speculative_config": spec,
-                "serve": command,
-                "note": (
-                    "vLLM runs the draft in the target's dtype. At temperature 0 this command is what the greedy MAL "
-                    "measures. At temperature > 0 vLLM's default greedy drafting is not what the sampled MAL measures "
-                    "(the draft sampling its own distribution): add draft_sample_method: probabilistic for that "
-                    "(same vocabulary only). With use_heterogeneous_vocab vLLM drafts over the vocabularies' "
-                    "intersection instead of re-tokenizing text as the measurement (UAG) does."
-                ),
-            },
+            "vllm": {"speculative_config": spec, "serve": command, "note": VLLM_NOTE},
             "files": files,
             "source": {
                 "path": str(draft_dir),

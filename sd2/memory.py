@@ -27,6 +27,9 @@ L = decoder layers, V = vocabulary, b = bytes per weight in the dtype the job lo
   loss keeps about four fp32 tensors of 2^27 logits alive: 2 GiB).
 - pretraining: as fine-tuning, without checkpointing (every layer's activations are kept)
   and with the full logits of the batch (logits, softmax and gradient: 12 bytes an entry).
+- head training (train_head, train_sparse_head): the frozen target's forward over a batch with
+  every hidden state and its logits, the head's AdamW states (at most 16 H^2 parameters) and the
+  head's logits over its depth, kept for the backward pass.
 - layer_prune, magnitude pruning and the data rules run on the CPU: no GPU.
 - with engine.name vllm, self_distill and target_outputs generate with vLLM, which preallocates
   engine.gpu_memory_utilization of every GPU it runs on (tensor parallel): the weights, then a
@@ -65,17 +68,23 @@ PROMPT_TOKENS = 2048
 CHUNK_LOGITS = 2**27
 # Prompts the model report continues, 16 at a time, for 128 tokens (sd2.report.model_report.report).
 REPORT_BATCH, REPORT_NEW_TOKENS = 16, 128
-RULES = (
-    "pretrain",
-    "model_report",
-    "self_distill",
-    "target_outputs",
-    "prune",
-    "layer_prune",
-    "quantize",
-    "finetune",
-    "measure",
-)
+# Trainable parameters of a draft head, in units of the target's hidden size squared: an upper
+# bound for the heads of sd2.drafters (ReDrafter's large size has 12 H^2, MoA's fewer).
+HEAD_PARAMS_PER_HIDDEN2 = 16
+# Wall-time class of each model rule (resources.runtime_min.<class>); the head rules share the
+# plans of train_head (training) and target_outputs (measure_head).
+RUNTIME_CLASS = {
+    "pretrain": "training",
+    "finetune": "training",
+    "train_head": "training",
+    "self_distill": "inference",
+    "target_outputs": "inference",
+    "measure": "inference",
+    "model_report": "inference",
+    "prune": "calibration",
+    "quantize": "calibration",
+    "layer_prune": "light",
+}
 
 
 @dataclass
@@ -182,101 +191,159 @@ def usable_gpu_bytes(config: dict) -> int:
     return int(config["resources"]["gpu_mem_gb"] * GB * USABLE_GPU_SHARE)
 
 
+def runtime_min(rule: str, config: dict) -> int:
+    """The wall-time limit of a job of `rule`: resources.runtime_min, or its class's entry there."""
+    limit = config["resources"]["runtime_min"]
+    return limit if isinstance(limit, int) else limit[RUNTIME_CLASS[rule]]
+
+
+@dataclass
+class Need:
+    """What one job holds: its parts in bytes (on the GPUs, or for a CPU job in host memory; a
+    "host_" part is on the host only), the host bytes beyond HOST_BASE, and the dtypes it loads a
+    model in where they are not load_dtype's."""
+
+    parts: dict
+    host: int
+    on_gpu: bool = True
+    dtypes: dict = field(default_factory=dict)
+
+
 def plan_job(rule: str, models: dict, config: dict) -> Plan:
     """The plan of one job of `rule` that loads `models` (role -> model name; None = not loaded)."""
-    if rule not in RULES:
-        raise ValueError(f"no memory plan for rule '{rule}' (known: {', '.join(RULES)})")
+    if rule not in PLANNERS:
+        raise ValueError(f"no memory plan for rule '{rule}' (known: {', '.join(PLANNERS)})")
     models = {role: name for role, name in models.items() if name is not None}
     shapes = {role: model_shape(name, config) for role, name in models.items()}
     dtypes = {role: load_dtype(models[role], config, shapes[role]) for role in models}
-    usable = usable_gpu_bytes(config)
-    per_model, parts, host = {}, {}, HOST_BASE  # per_model: GPU bytes of each model's own share
-    on_gpu = True
-
     if rule in ("self_distill", "target_outputs") and config["engine"]["name"] == "vllm":
         return vllm_plan(rule, models, shapes, dtypes, config)
-    if rule in ("self_distill", "target_outputs"):
-        s, dt = shapes["target"], dtypes["target"]
-        settings = config["distill"] if rule == "self_distill" else config["measure"]
-        prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
-        parts = inference_parts(s, dt, settings["batch_size"], prompt, settings["max_new_tokens"], False)
-        per_model["target"] = sum(parts.values())
-        host += parts["weights"]
-    elif rule == "measure":
-        m = config["measure"]
-        prompt = m.get("max_prompt_tokens") or PROMPT_TOKENS
-        for role in ("target", "draft"):
-            s, dt = shapes[role], dtypes[role]
-            scored = inference_parts(s, dt, m["batch_size"], prompt, m["max_new_tokens"], True)
-            # Assisted generation runs one prompt at a time: a batch-1 KV cache beside the teacher-forced batches.
-            scored["kv_cache"] = kv_cache_bytes(s, dt, prompt + m["max_new_tokens"])
-            parts.update({f"{role}_{k}": v for k, v in scored.items()})
-            per_model[role] = sum(scored.values())
-            host += scored["weights"]
-    elif rule == "model_report":
-        best = {}
-        for role, s in shapes.items():
-            prompt = min(PROMPT_TOKENS, config["models"][models[role]].get("max_position_embeddings", PROMPT_TOKENS))
-            found = inference_parts(s, dtypes[role], REPORT_BATCH, prompt, REPORT_NEW_TOKENS, False)
-            if sum(found.values()) > sum(best.values()):
-                best = found
-        parts = best  # the models are reported one after another
-        host += best.get("weights", 0)
-    elif rule in ("prune", "quantize"):
-        # GPTQ, like SparseGPT, walks the layers with one Hessian per linear input; rtn, like magnitude, needs none.
-        s, dt, p = shapes["draft"], dtypes["draft"], config[rule]
-        algorithm = p["pruner"] if rule == "prune" else p["algorithm"]
-        # Two copies on the host: our module's (the originals, and what is saved) and llm-compressor's.
-        host += 2 * weight_bytes(s, dt)
-        if algorithm in ("magnitude", "rtn"):
-            on_gpu = False
-            parts = {"weights_twice": 2 * weight_bytes(s, dt)}
-        else:
-            parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=algorithm != "wanda")
-            cached = 2 * p["calibration_samples"] * p["calibration_seq_len"] * s.hidden_size * DTYPE_BYTES[dt]
-            host += cached
-            parts["host_calibration_cache"] = cached
-        per_model["draft"] = sum(v for k, v in parts.items() if not k.startswith("host_"))
-    elif rule == "layer_prune":
-        on_gpu = False
-        parts = {"weights": weight_bytes(shapes["draft"], dtypes["draft"])}
-        host += parts["weights"]
-    elif rule == "finetune":
-        ft = config["finetune"]
-        tokens = (ft.get("micro_batch_size") or ft["batch_size"]) * ft["seq_len"]
-        parts = training_parts(shapes["draft"], tokens, fine_tuning=True)
-        per_model["draft"] = sum(parts.values())
-        host += weight_bytes(shapes["draft"], "float32")  # loaded as fp32 master weights
-        dtypes["draft"] = "float32"
-        if "teacher" in shapes:
-            s, dt = shapes["teacher"], dtypes["teacher"]
-            teacher = inference_parts(s, dt, ft.get("micro_batch_size") or ft["batch_size"], ft["seq_len"], 0, True)
-            teacher["kv_cache"] = 0
-            parts.update({f"teacher_{k}": v for k, v in teacher.items()})
-            per_model["teacher"] = sum(teacher.values())
-            host += teacher["weights"]
-    elif rule == "pretrain":
-        spec = config["models"][models["model"]]
-        train = spec["train"]
-        tokens = train["batch_size"] * train["seq_len"]
-        instruct = train.get("instruct") or {}
-        if instruct.get("steps"):
-            tokens = max(tokens, instruct["batch_size"] * instruct["seq_len"])
-        parts = training_parts(shapes["model"], tokens, fine_tuning=False)
-        per_model["model"] = sum(parts.values())
-        dtypes["model"] = "float32"
-
-    total = sum(v for k, v in parts.items() if not k.startswith("host_"))
-    if not on_gpu:
+    need = PLANNERS[rule](rule, models, shapes, dtypes, config)
+    dtypes.update(need.dtypes)
+    host = HOST_BASE + need.host
+    total = sum(v for k, v in need.parts.items() if not k.startswith("host_"))
+    if not need.on_gpu:
         # Everything is in host memory; nothing is asked of a GPU.
-        return Plan(rule, models, 0, 0, host, dtypes, {r: False for r in models}, parts)
+        return Plan(rule, models, 0, 0, host, dtypes, {r: False for r in models}, need.parts)
     # A job that needs more than one GPU spreads its target over them (device_map="auto", balanced);
     # a draft sits on the first GPU beside the target's share. Training never spreads a model: more
     # than one GPU for it means sharded optimizer states (the fine-tuning step's own multi-GPU path).
-    spread = {role: total > usable and role == "target" for role in models}
+    spread = {role: total > usable_gpu_bytes(config) and role == "target" for role in models}
     # A spread model loads straight onto the GPUs, never whole into host memory.
     host -= sum(weight_bytes(shapes[role], dtypes[role]) for role, s in spread.items() if s)
-    return Plan(rule, models, _gpus(total, config), total, host, dtypes, spread, parts)
+    return Plan(rule, models, _gpus(total, config), total, host, dtypes, spread, need.parts)
+
+
+def _generation_need(rule, models, shapes, dtypes, config) -> Need:
+    """self_distill and target_outputs on transformers: the target generates a batch."""
+    settings = config["distill"] if rule == "self_distill" else config["measure"]
+    prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
+    parts = inference_parts(
+        shapes["target"], dtypes["target"], settings["batch_size"], prompt, settings["max_new_tokens"], False
+    )
+    return Need(parts, parts["weights"])
+
+
+def _measure_need(rule, models, shapes, dtypes, config) -> Need:
+    """Target and draft score every position of a batch (the teacher-forced walk)."""
+    m = config["measure"]
+    prompt = m.get("max_prompt_tokens") or PROMPT_TOKENS
+    parts, host = {}, 0
+    for role in ("target", "draft"):
+        s, dt = shapes[role], dtypes[role]
+        scored = inference_parts(s, dt, m["batch_size"], prompt, m["max_new_tokens"], True)
+        # Assisted generation runs one prompt at a time: a batch-1 KV cache beside the teacher-forced batches.
+        scored["kv_cache"] = kv_cache_bytes(s, dt, prompt + m["max_new_tokens"])
+        parts.update({f"{role}_{k}": v for k, v in scored.items()})
+        host += scored["weights"]
+    return Need(parts, host)
+
+
+def _model_report_need(rule, models, shapes, dtypes, config) -> Need:
+    """The models are reported one after another: the largest one's generation."""
+    best = {}
+    for role, s in shapes.items():
+        prompt = min(PROMPT_TOKENS, config["models"][models[role]].get("max_position_embeddings", PROMPT_TOKENS))
+        found = inference_parts(s, dtypes[role], REPORT_BATCH, prompt, REPORT_NEW_TOKENS, False)
+        if sum(found.values()) > sum(best.values()):
+            best = found
+    return Need(best, best.get("weights", 0))
+
+
+def _compression_need(rule, models, shapes, dtypes, config) -> Need:
+    """prune and quantize: GPTQ, like SparseGPT, walks the layers with one Hessian per linear input;
+    rtn, like magnitude, needs none and runs on the CPU."""
+    s, dt, p = shapes["draft"], dtypes["draft"], config[rule]
+    algorithm = p["pruner"] if rule == "prune" else p["algorithm"]
+    # Two copies on the host: our module's (the originals, and what is saved) and llm-compressor's.
+    host = 2 * weight_bytes(s, dt)
+    if algorithm in ("magnitude", "rtn"):
+        return Need({"weights_twice": 2 * weight_bytes(s, dt)}, host, on_gpu=False)
+    parts = sparsegpt_gpu_parts(s, dt, p["calibration_seq_len"], hessians=algorithm != "wanda")
+    cached = 2 * p["calibration_samples"] * p["calibration_seq_len"] * s.hidden_size * DTYPE_BYTES[dt]
+    parts["host_calibration_cache"] = cached
+    return Need(parts, host + cached)
+
+
+def _layer_prune_need(rule, models, shapes, dtypes, config) -> Need:
+    weights = weight_bytes(shapes["draft"], dtypes["draft"])
+    return Need({"weights": weights}, weights, on_gpu=False)
+
+
+def _finetune_need(rule, models, shapes, dtypes, config) -> Need:
+    """The draft trained on fp32 master weights, beside the frozen teacher its loss reads (if any)."""
+    ft = config["finetune"]
+    micro_batch = ft.get("micro_batch_size") or ft["batch_size"]
+    parts = training_parts(shapes["draft"], micro_batch * ft["seq_len"], fine_tuning=True)
+    host = weight_bytes(shapes["draft"], "float32")  # loaded as fp32 master weights
+    if "teacher" in shapes:
+        teacher = inference_parts(shapes["teacher"], dtypes["teacher"], micro_batch, ft["seq_len"], 0, True)
+        teacher["kv_cache"] = 0
+        parts.update({f"teacher_{k}": v for k, v in teacher.items()})
+        host += teacher["weights"]
+    return Need(parts, host, dtypes={"draft": "float32"})
+
+
+def _pretrain_need(rule, models, shapes, dtypes, config) -> Need:
+    train = config["models"][models["model"]]["train"]
+    tokens = train["batch_size"] * train["seq_len"]
+    instruct = train.get("instruct") or {}
+    if instruct.get("steps"):
+        tokens = max(tokens, instruct["batch_size"] * instruct["seq_len"])
+    return Need(training_parts(shapes["model"], tokens, fine_tuning=False), 0, dtypes={"model": "float32"})
+
+
+def _train_head_need(rule, models, shapes, dtypes, config) -> Need:
+    """A draft head trained against the frozen target (sd2.drafters.heads.distill_loss): the target's
+    forward over a batch with every hidden state and fp32 logits, the head's AdamW states, and per
+    step of its depth the head's logits through the target's lm_head, kept for the backward pass
+    (log-softmax and the KL's product: two fp32 tensors; three more while a step is computed)."""
+    s, dt, train = shapes["target"], dtypes["target"], config["heads"]["train"]
+    tokens = train["batch_size"] * train["seq_len"]
+    vocab_fp32 = tokens * s.vocab_size * 4
+    parts = {
+        "weights": weight_bytes(s, dt),
+        "hidden_states": (s.num_hidden_layers + 1) * tokens * s.hidden_size * DTYPE_BYTES[dt],
+        "activations": layer_activation_bytes(s, tokens, DTYPE_BYTES[dt]),
+        "logits": vocab_fp32,
+        "head_weights_grads_adam": HEAD_PARAMS_PER_HIDDEN2 * s.hidden_size**2 * 16,
+        "head_logits": (2 * train["depth"] + 3) * vocab_fp32,
+    }
+    return Need(parts, parts["weights"])
+
+
+PLANNERS = {
+    "pretrain": _pretrain_need,
+    "model_report": _model_report_need,
+    "self_distill": _generation_need,
+    "target_outputs": _generation_need,
+    "prune": _compression_need,
+    "layer_prune": _layer_prune_need,
+    "quantize": _compression_need,
+    "finetune": _finetune_need,
+    "measure": _measure_need,
+    "train_head": _train_head_need,
+}
 
 
 def vllm_plan(rule: str, models: dict, shapes: dict, dtypes: dict, config: dict) -> Plan:
@@ -333,8 +400,9 @@ def job_plans(config: dict) -> list[Plan]:
     plans = [plan_job("pretrain", {"model": m}, config) for m in scratch]
     if scratch:
         plans.append(plan_job("model_report", {f"model{i}": m for i, m in enumerate(scratch)}, config))
+    heads = ("train_head",) if config["heads"]["methods"] else ()
     for t in targets:
-        plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs")]
+        plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs", *heads)]
     for d in drafts:
         plans += [plan_job(rule, {"draft": d}, config) for rule in ("prune", "layer_prune")]
         if set(config.get("quantization", [])) - {methods.NO_QUANTIZATION}:

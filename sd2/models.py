@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from sd2.quantized import is_quantized, load_quantized
+
 GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 ARCH_CONFIG = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gpt_neox": "gpt_neox"}
 
@@ -74,25 +76,14 @@ def require_cuda(gpus: int, what: str) -> None:
         )
 
 
-def is_quantized(path) -> bool:
-    """A local checkpoint saved by sd2.drafts.quantize (compressed-tensors quantization_config)."""
-    config = Path(path) / "config.json"
-    if not config.exists():
-        return False
-    quantization = json.loads(config.read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method") == "compressed-tensors"
-
-
 def load_model(name_or_path, trust_remote_code: bool = False, dtype="auto", device: str = "cpu", device_map=None):
     """A causal LM in `dtype` ("auto": as stored), on `device`, or spread over the GPUs with device_map="auto"."""
     name_or_path = str(name_or_path)
     _check_exists(name_or_path)
+    dtype = torch_dtype(dtype)
     if is_quantized(name_or_path):
         # Dequantized at load: plain linears, so MACs, weight bytes and the decoding loops see the values.
-        from sd2.drafts.quantize import load_quantized
-
         return load_quantized(name_or_path, dtype=dtype, device=device)
-    dtype = torch_dtype(dtype)
     if device_map is not None:
         # accelerate places the layers over every visible GPU as they load (balanced).
         model = AutoModelForCausalLM.from_pretrained(

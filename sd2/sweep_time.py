@@ -185,44 +185,27 @@ def job_times(benchmark_dir, since: float | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
 
 
-def run_on_top(config_path, *, cores: int) -> int:
-    """A second config that shares the default run's workdir (config/families.yaml): run only its own jobs.
+def _on_top_marker(results: Path) -> tuple[Path, dict | None]:
+    """(the marker path, the timing state of this config's run; None where an untimed earlier invocation was cut).
 
-    The default run's checkpoints, self-distilled data and target continuations are reused as they
-    are (`--rerun-triggers mtime`: a later change of code or settings elsewhere does not rebuild them),
-    and the wall time of the invocations that made this config's results (added up over cut ones),
-    with the jobs they ran, is recorded in <results_dir>/run_time.json and <results_dir>/tables/job_times.csv.
+    A marker written when none of this config's records exist yet adds up the wall time of every
+    invocation until one completes; records without it mean an untimed earlier invocation was cut.
     """
+    marker = results / ".on-top-run.json"
+    if marker.exists():
+        return marker, json.loads(marker.read_text())
+    if not any((results / "records").rglob("*.json")):
+        state = {"seconds": 0, "invocations": 0, "since": time.time()}
+        write_json(marker, state)
+        return marker, state
+    return marker, None
+
+
+def _snakemake_on_top(config_path, cores: int) -> int:
+    """Snakemake on the tables and figures of `config_path`, reusing what exists (`--rerun-triggers mtime`)."""
     import subprocess
     import sys
 
-    from sd2.config import load
-    from sd2.report.results import write_table
-
-    config = load(config_path)
-    work, results = Path(config["workdir"]), Path(config["results_dir"])
-    if not (work / "models").is_dir():
-        raise SystemExit(
-            f"{config_path} runs on top of the default run, but {work}/models does not exist: run `make run` first"
-        )
-    # A marker written when none of this config's records exist yet adds up the wall time of every
-    # invocation until one completes; records without it mean an untimed earlier invocation was cut.
-    marker = results / ".on-top-run.json"
-    if marker.exists():
-        state = json.loads(marker.read_text())
-    elif not any((results / "records").rglob("*.json")):
-        state = {"seconds": 0, "invocations": 0, "since": time.time()}
-        write_json(marker, state)
-    else:
-        state = None
-    # Resuming over a completed record (the config gained jobs since): that record is kept inside the new one.
-    record_path = results / "run_time.json"
-    earlier = json.loads(record_path.read_text()) if state is None and record_path.exists() else None
-    # Under `--rerun-triggers mtime` Snakemake takes an existing measurements table as up to date even
-    # where the config has gained records it lacks (a resumed or extended run): remove it, so that
-    # collect runs and its missing records are planned. It is rebuilt from the records.
-    (results / "tables" / "measurements.csv").unlink(missing_ok=True)
-    start_wall, start = time.time(), time.monotonic()
     # The tables and figures, not `all`: its data manifest and model table belong to the default
     # run, and making them here would prepare the data again and so rebuild everything after it.
     command = [
@@ -236,8 +219,36 @@ def run_on_top(config_path, *, cores: int) -> int:
         "--cores",
         str(cores),
     ]
+    return subprocess.run([*command, "--configfile", str(config_path)]).returncode
+
+
+def run_on_top(config_path, *, cores: int) -> int:
+    """A second config that shares the default run's workdir (config/families.yaml): run only its own jobs.
+
+    The default run's checkpoints, self-distilled data and target continuations are reused as they
+    are (`--rerun-triggers mtime`: a later change of code or settings elsewhere does not rebuild them),
+    and the wall time of the invocations that made this config's results (added up over cut ones),
+    with the jobs they ran, is recorded in <results_dir>/run_time.json and <results_dir>/tables/job_times.csv.
+    """
+    from sd2.config import load
+
+    config = load(config_path)
+    work, results = Path(config["workdir"]), Path(config["results_dir"])
+    if not (work / "models").is_dir():
+        raise SystemExit(
+            f"{config_path} runs on top of the default run, but {work}/models does not exist: run `make run` first"
+        )
+    marker, state = _on_top_marker(results)
+    # Resuming over a completed record (the config gained jobs since): that record is kept inside the new one.
+    record_path = results / "run_time.json"
+    earlier = json.loads(record_path.read_text()) if state is None and record_path.exists() else None
+    # Under `--rerun-triggers mtime` Snakemake takes an existing measurements table as up to date even
+    # where the config has gained records it lacks (a resumed or extended run): remove it, so that
+    # collect runs and its missing records are planned. It is rebuilt from the records.
+    (results / "tables" / "measurements.csv").unlink(missing_ok=True)
+    start_wall, start = time.time(), time.monotonic()
     try:
-        status = subprocess.run([*command, "--configfile", str(config_path)]).returncode
+        status = _snakemake_on_top(config_path, cores)
     finally:
         if state is not None:
             state["seconds"] += round(time.monotonic() - start)
@@ -249,52 +260,38 @@ def run_on_top(config_path, *, cores: int) -> int:
         if earlier and not len(jobs):
             print(f"{config_path}: nothing to run; {record_path} kept")
             return status
-        write_table(jobs, results / "tables" / "job_times.csv")
-        write_json(
-            record_path,
-            {
-                "seconds": seconds,
-                "invocations": state["invocations"] if state else 1,
-                "whole_config": state is not None,
-                "on_top_of": str(work),
-                "jobs": len(jobs),
-                "job_seconds": round(float(jobs["seconds"].sum())),
-                "machine": machine(),
-                "config_digest": config_digest(config),
-                "provenance": provenance(settings={"config": str(config_path), "cores": cores}),
-                "earlier": earlier,
-            },
-        )
+        _record_on_top(config_path, config, cores, state, seconds, jobs, earlier, record_path)
         marker.unlink(missing_ok=True)
         print(f"{config_path}: {seconds} s on top of {work}/ ({len(jobs)} jobs) -> {record_path}")
     return status
 
 
-def run_sweep(config_path, *, cores: int) -> int:
-    """`make run`: probe, start from nothing where work/ is missing, run Snakemake, record the time.
+def _record_on_top(config_path, config: dict, cores: int, state, seconds: int, jobs, earlier, record_path) -> None:
+    """The job table and run-time record of a completed run on top of the default run."""
+    from sd2.report.collect import write_table
 
-    Without work/ (a fresh clone) the committed results came from another machine's
-    models and Snakemake would keep them (they are newer than their missing inputs), so
-    the sweep's outputs are deleted first and everything is rebuilt. Such a run from
-    nothing leaves a marker in work/ that adds up the wall time of every invocation
-    until the sweep completes (a killed run resumes), and only then writes the run-time
-    record. Returns Snakemake's exit status.
-    """
-    import signal
+    write_table(jobs, Path(config["results_dir"]) / "tables" / "job_times.csv")
+    write_json(
+        record_path,
+        {
+            "seconds": seconds,
+            "invocations": state["invocations"] if state else 1,
+            "whole_config": state is not None,
+            "on_top_of": str(Path(config["workdir"])),
+            "jobs": len(jobs),
+            "job_seconds": round(float(jobs["seconds"].sum())),
+            "machine": machine(),
+            "config_digest": config_digest(config),
+            "provenance": provenance(settings={"config": str(config_path), "cores": cores}),
+            "earlier": earlier,
+        },
+    )
+
+
+def _prepare_from_nothing(base: list[str], work: Path, results: Path, marker: Path, found: dict) -> None:
+    """Without work/, delete the sweep's outputs and start the marker that times a run from nothing."""
     import subprocess
-    import sys
 
-    from sd2.config import load
-    from sd2.report.results import write_table
-
-    config = load(config_path)
-    work, results = Path(config["workdir"]), Path(config["results_dir"])
-    record_path = results / "run_time.json"
-    previous = json.loads(record_path.read_text()) if record_path.exists() else None
-    found = estimate(config, previous)
-    print(describe(found), flush=True)
-    marker = work / ".run-from-nothing.json"
-    base = [sys.executable, "-m", "snakemake", "--configfile", str(config_path)]
     if not work.exists():
         print(
             f"make run: no {work}/ here, so {results}/ is not from this machine's models: rebuilding it from nothing",
@@ -312,6 +309,12 @@ def run_sweep(config_path, *, cores: int) -> int:
             flush=True,
         )
 
+
+def _timed_snakemake(base: list[str], cores: int, marker: Path) -> int:
+    """Snakemake's exit status; its wall time is added to the marker's (a SIGTERM included)."""
+    import signal
+    import subprocess
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -326,6 +329,34 @@ def run_sweep(config_path, *, cores: int) -> int:
             state["seconds"] += round(time.monotonic() - start)
             state["invocations"] += 1
             write_json(marker, state)
+    return status
+
+
+def run_sweep(config_path, *, cores: int) -> int:
+    """`make run`: probe, start from nothing where work/ is missing, run Snakemake, record the time.
+
+    Without work/ (a fresh clone) the committed results came from another machine's
+    models and Snakemake would keep them (they are newer than their missing inputs), so
+    the sweep's outputs are deleted first and everything is rebuilt. Such a run from
+    nothing leaves a marker in work/ that adds up the wall time of every invocation
+    until the sweep completes (a killed run resumes), and only then writes the run-time
+    record. Returns Snakemake's exit status.
+    """
+    import sys
+
+    from sd2.config import load
+    from sd2.report.collect import write_table
+
+    config = load(config_path)
+    work, results = Path(config["workdir"]), Path(config["results_dir"])
+    record_path = results / "run_time.json"
+    previous = json.loads(record_path.read_text()) if record_path.exists() else None
+    found = estimate(config, previous)
+    print(describe(found), flush=True)
+    marker = work / ".run-from-nothing.json"
+    base = [sys.executable, "-m", "snakemake", "--configfile", str(config_path)]
+    _prepare_from_nothing(base, work, results, marker, found)
+    status = _timed_snakemake(base, cores, marker)
     if status == 0:
         write_table(job_times("logs/benchmarks"), results / "tables" / "job_times.csv")
         if marker.exists():

@@ -1,5 +1,6 @@
 """Weights & Biases tracking: one run per job, grouped by sweep, configured by the wildcards."""
 
+import contextlib
 from pathlib import Path
 
 NO_LOGIN = (
@@ -16,7 +17,7 @@ class _NoRun:
     def log(self, *args, **kwargs):
         pass
 
-    def finish(self):
+    def finish(self, exit_code: int | None = None):
         pass
 
 
@@ -59,3 +60,16 @@ def start_run(wandb_cfg: dict, dir, group: str, job_type: str, name: str, config
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, x_disable_stats=True),
     )
+
+
+@contextlib.contextmanager
+def tracked_run(wandb_cfg: dict, dir, group: str, job_type: str, name: str, config: dict):
+    """start_run for the length of a job: the run is finished when the block ends, marked failed
+    (exit code 1) when it raises, so a crashed job does not leave W&B showing it as still running."""
+    run = start_run(wandb_cfg, dir, group, job_type, name, config)
+    try:
+        yield run
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()

@@ -1,6 +1,7 @@
 """One training loop for pretraining and fine-tuning: AdamW, warm-up + cosine, validation, CSV log."""
 
 import csv
+import functools
 import math
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def micro_batches(batch: dict, size: int | None) -> list[dict]:
     return parts
 
 
-def accumulate_gradients(model, batch, loss_fn, micro_batch_size: int | None = None, bf16: bool = False):
+def accumulate_gradients(model, batch, loss_fn, micro_batch_size: int | None, bf16: bool = False):
     """Forward and backward `batch` in micro-batches; returns the batch's loss (a detached tensor).
 
     `loss_fn(model, micro)` is a mean over the micro-batch's label tokens. Each is weighted
@@ -71,7 +72,7 @@ def accumulate_gradients(model, batch, loss_fn, micro_batch_size: int | None = N
 
 
 @torch.no_grad()
-def evaluate(model, batches, loss_fn, micro_batch_size: int | None = None) -> float:
+def evaluate(model, batches, loss_fn, micro_batch_size: int | None) -> float:
     """Token mean of `loss_fn` over all `batches`, run in micro-batches."""
     model.eval()
     weighted, total = 0.0, 0
@@ -85,6 +86,70 @@ def evaluate(model, batches, loss_fn, micro_batch_size: int | None = None) -> fl
     return weighted / total if total else float("nan")
 
 
+def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms and biases)."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def optimizer_step(
+    model, optimizer, batch, loss_fn, lr: float, grad_clip: float, micro_batch_size, bf16: bool, after_step
+):
+    """One step on `batch` at learning rate `lr` (gradients clipped, then `after_step(model)`); returns its loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, batch, loss_fn, micro_batch_size, bf16)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if after_step is not None:
+        after_step(model)
+    return loss.item()
+
+
+class TrainingLog:
+    """The rows train returns, one per evaluation (see train), and what they count between evaluations."""
+
+    def __init__(self, validation_loss, optimizer, precision: str, run, log_step_offset: int):
+        self.validation_loss, self.optimizer, self.precision = validation_loss, optimizer, precision
+        self.run, self.log_step_offset = run, log_step_offset
+        self.rows, self.tokens, self.start, self.recent = [], 0, time.time(), []
+        self.window = {"tokens": 0, "seconds": 0.0}  # since the previous row
+        self.train_seconds = 0.0
+
+    def add_step(self, loss: float, tokens: int, seconds: float) -> None:
+        self.recent.append(loss)
+        self.tokens += tokens
+        self.window["tokens"] += tokens
+        self.window["seconds"] += seconds
+        self.train_seconds += seconds
+
+    def record(self, step: int) -> dict:
+        window = self.window
+        row = {
+            "step": step,
+            "tokens": self.tokens,
+            "train_loss": sum(self.recent) / len(self.recent) if self.recent else float("nan"),
+            "val_loss": self.validation_loss(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.time() - self.start, 2),
+            "train_seconds": round(self.train_seconds, 2),
+            "tokens_per_s": round(window["tokens"] / window["seconds"], 1) if window["seconds"] else float("nan"),
+            "precision": self.precision,
+        }
+        self.rows.append(row)
+        self.recent.clear()
+        window.update(tokens=0, seconds=0.0)
+        if self.run is not None:
+            self.run.log(row, step=step + self.log_step_offset)
+        return row
+
+
 def train(
     model,
     batches,
@@ -95,14 +160,14 @@ def train(
     warmup_steps: int,
     weight_decay: float,
     eval_every: int,
+    bf16,
+    micro_batch_size: int | None,
     run=None,
     loss_fn=causal_lm_loss,
     after_step=None,
     desc: str = "train",
     grad_clip: float = 1.0,
-    bf16="auto",
     log_step_offset: int = 0,
-    micro_batch_size: int | None = None,
 ) -> list[dict]:
     """Train `model` for `steps` batches drawn from the iterator `batches`.
 
@@ -118,62 +183,26 @@ def train(
     device_type = next(model.parameters()).device.type
     use_bf16, why = resolve_bf16(bf16, device_type)
     print(f"{desc}: {why}", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
-    history, tokens, start, recent = [], 0, time.time(), []
-    window = {"tokens": 0, "seconds": 0.0}  # since the previous row
-    train_seconds = 0.0
+    optimizer = adamw(model, lr, weight_decay)
+    validation_loss = functools.partial(evaluate, model, val_batches, loss_fn, micro_batch_size)
+    log = TrainingLog(validation_loss, optimizer, precision_name(use_bf16), run, log_step_offset)
     model.train()
-
-    def record(step):
-        row = {
-            "step": step,
-            "tokens": tokens,
-            "train_loss": sum(recent) / len(recent) if recent else float("nan"),
-            "val_loss": evaluate(model, val_batches, loss_fn, micro_batch_size),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.time() - start, 2),
-            "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": round(window["tokens"] / window["seconds"], 1) if window["seconds"] else float("nan"),
-            "precision": precision_name(use_bf16),
-        }
-        history.append(row)
-        recent.clear()
-        window.update(tokens=0, seconds=0.0)
-        if run is not None:
-            run.log(row, step=step + log_step_offset)
-        return row
-
-    record(0)
+    log.record(0)
     bar = tqdm(range(1, steps + 1), desc=desc, unit="step", mininterval=5)
     for step in bar:
         batch = next(batches)
         tick = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, steps, lr, warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, batch, loss_fn, micro_batch_size, use_bf16)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if after_step is not None:
-            after_step(model)
-        recent.append(loss.item())
+        step_lr = lr_at(step - 1, steps, lr, warmup_steps)
+        loss = optimizer_step(
+            model, optimizer, batch, loss_fn, step_lr, grad_clip, micro_batch_size, use_bf16, after_step
+        )
         n = int((batch["labels"] != -100).sum())
-        tokens += n
-        elapsed = time.perf_counter() - tick
-        window["tokens"] += n
-        window["seconds"] += elapsed
-        train_seconds += elapsed
+        log.add_step(loss, n, time.perf_counter() - tick)
         if step % eval_every == 0 or step == steps:
-            row = record(step)
+            row = log.record(step)
             bar.set_postfix(train=f"{row['train_loss']:.3f}", val=f"{row['val_loss']:.3f}")
     model.eval()
-    return history
+    return log.rows
 
 
 def throughput(history: list[dict]) -> float:

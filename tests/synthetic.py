@@ -9,7 +9,8 @@ import json
 import pandas as pd
 
 from sd2.measure.stats import ratio_ci
-from sd2.report.results import collect_comparisons, collect_measurements, collect_training
+from sd2.report.collect import collect_measurements, collect_training
+from sd2.report.comparisons import collect_comparisons
 
 K = 5
 K_MAX = 6

@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from sd2 import chat
-from sd2.drafts.prune import calibration_set
+from sd2.calibration import calibration_set
 from sd2.models import load_tokenizer
 
 PROMPTS = [

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from conftest import REPO
+
 STEPS = [
     "prepare-data",
     "train-tokenizer",
@@ -50,6 +52,17 @@ def test_macs_of_a_checkpoint(tiny_llama_dir):
     proc = sd2("macs", str(tiny_llama_dir), "--sparsity", "50")
     out = json.loads(proc.stdout)
     assert out["macs_per_token"] < out["dense_macs_per_token"]
+
+
+def test_macs_of_a_workflow_config():
+    config = str(REPO / "config" / "test.yaml")
+    every = json.loads(sd2("macs", config, "--sparsity", "50").stdout)
+    assert set(every["models"]) == {"tiny-llama", "tiny-qwen", "tiny-draft"}
+    one = sd2("macs", "tiny-draft", "--config", config, "--sparsity", "50")
+    assert json.loads(one.stdout) == every["models"]["tiny-draft"]
+    proc = sd2("macs", "nope", "--config", config)
+    assert proc.returncode != 0 and "unknown model 'nope' (known: tiny-llama" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bad_json_argument(tmp_path):

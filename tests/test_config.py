@@ -1,10 +1,12 @@
 """The schema rejects bad configs before any job runs, with a message naming the key."""
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -142,7 +144,9 @@ def test_paper_data_reaches_into_the_real_layouts():
     assert data["eval_sets"]["gsm8k"]["config"] == "main"
 
 
-def test_prompts_without_responses_are_fine_without_sparse_sft(test_config):
+def test_prompts_without_responses_are_fine_without_sparse_sft(test_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a local file's path is relative to where Snakemake runs
+    Path("f.jsonl").write_text('{"prompt": "Name three colours."}\n')
     test_config["data"]["finetune"] = {"source": "file", "path": "f.jsonl", "response_field": None}
     test_config["methods"] = ["dense", "sd2"]
     assert validate(test_config)["data"]["finetune"]["response_field"] is None
@@ -152,16 +156,132 @@ def test_hub_model_keys(test_config):
     cfg = copy.deepcopy(test_config)
     cfg["models"]["tiny-draft"] = {"hub": "org/model", "shape": dict(HUB_SHAPE)}
     cfg["resources"]["gpu"] = 1
-    model = validate(cfg)["models"]["tiny-draft"]
+    checked = validate(cfg)
+    model = checked["models"]["tiny-draft"]
     assert model["dtype"] == "auto"
     assert model["shape"]["dtype"] == "bfloat16" and model["shape"]["tie_word_embeddings"] is False
-    assert cfg["resources"]["gpu_mem_gb"] == 80
+    assert checked["resources"]["gpu_mem_gb"] == 80
     assert validate(copy.deepcopy(test_config))["models"]["tiny-llama"]["dtype"] == "auto"
+
+
+def test_validate_leaves_its_argument_as_it_is(test_config):
+    before = copy.deepcopy(test_config)
+    checked = validate(test_config)
+    assert test_config == before
+    assert checked["quantize"]["algorithm"] == "gptq" and "quantize" not in test_config
+
+
+def test_unknown_names_list_the_known_ones(test_config):
+    test_config["losses"] = ["ce", "l2"]
+    with pytest.raises(ConfigError, match=r"config error at losses.1: unknown loss 'l2' \(known: ce, kl, tvdpp, "):
+        validate(test_config)
+    test_config["losses"] = ["ce"]
+    test_config["heads"] = {"methods": ["medusa"]}
+    with pytest.raises(
+        ConfigError, match=r"heads.methods.0: unknown draft-head family 'medusa' \(known: redrafter, moa"
+    ):
+        validate(test_config)
+
+
+def test_head_sizes_are_checked_against_their_family(test_config):
+    test_config["heads"] = {"methods": ["moa"], "sizes": {"moa": {"tiny": {"width": 0.5}}}}
+    with pytest.raises(ConfigError, match="config error at heads.sizes.moa.tiny: 'layers' is a required property"):
+        validate(test_config)
+    test_config["heads"]["sizes"] = {"moa": {"tiny": {"layers": 1}}}
+    heads = validate(test_config)["heads"]
+    assert heads["sizes"]["moa"] == {"tiny": {"layers": 1, "width": 0.25, "attention_heads": None}}
+    assert heads["sizes"]["redrafter"] == {"small": {"layers": 1}, "large": {"layers": 2}}
+
+
+def test_an_extension_that_cannot_be_imported_is_named(test_config):
+    test_config["extensions"] = ["no_such_sd2_extension"]
+    with pytest.raises(ConfigError, match="config error at extensions.0: cannot import no_such_sd2_extension"):
+        validate(test_config)
+
+
+def test_runtime_per_class_of_job(test_config):
+    from sd2 import memory
+
+    assert memory.runtime_min("finetune", validate(test_config)) == test_config["resources"]["runtime_min"]
+    test_config["resources"]["runtime_min"] = {"training": 600}
+    cfg = validate(test_config)
+    assert [memory.runtime_min(r, cfg) for r in ("finetune", "train_head", "measure", "prune", "layer_prune")] == [
+        600,
+        600,
+        120,
+        120,
+        120,
+    ]
+    test_config["resources"]["runtime_min"] = {"trainnig": 600}
+    with pytest.raises(ConfigError, match="resources.runtime_min: .*trainnig"):
+        validate(test_config)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("models:\n  a: {hub: org/a}\n  b: {hub: org/b}\n  a: {hub: org/c}\ntargets: [a]\ndrafts: [b]\n")
+    with pytest.raises(ConfigError, match=r"config error at models.a: duplicate key in .*twice.yaml \(lines 2 and 4\)"):
+        load(path)
+
+
+LOCAL = {"source": "file", "path": "mine.jsonl", "prompt_field": "turns[0]"}
+
+
+@pytest.mark.parametrize(
+    "rows,word",
+    [
+        (None, "config error at data.eval_sets.mine.path: file mine.jsonl does not exist"),
+        ([{"question": "x"}], "config error at data.eval_sets.mine.prompt_field: mine.jsonl has no column 'turns'"),
+        (
+            [{"turns": "x"}],
+            "config error at data.eval_sets.mine.prompt_field: in the first row of mine.jsonl: turns is",
+        ),
+        ([], "config error at data.eval_sets.mine.path: mine.jsonl has no rows"),
+    ],
+)
+def test_a_local_prompt_file_is_checked_at_validation(test_config, tmp_path, monkeypatch, rows, word):
+    monkeypatch.chdir(tmp_path)
+    if rows is not None:
+        Path("mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test_config["data"]["eval_sets"]["mine"] = dict(LOCAL)
+    with pytest.raises(ConfigError) as err:
+        validate(test_config)
+    assert word in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_a_good_local_prompt_file_validates(test_config, tmp_path, monkeypatch, suffix):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"turns": ["Hello?", "Again?"]}, {"turns": ["Bye?"]}]
+    path = Path("mine" + suffix)
+    if suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test_config["data"]["eval_sets"]["mine"] = {**LOCAL, "path": str(path)}
+    assert validate(test_config)["data"]["eval_sets"]["mine"]["n"] == 164
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.yaml")
+
+
+def test_snakemake_refuses_a_key_given_twice_in_its_configfile(tmp_path):
+    text = (ROOT / "config" / "test.yaml").read_text()
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "\nseed: 3\n")  # test.yaml sets seed already
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "-d", str(tmp_path / "wd")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "config error at seed: duplicate key" in proc.stdout + proc.stderr
 
 
 def test_snakemake_stops_before_any_job(tmp_path, test_config):

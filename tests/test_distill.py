@@ -5,10 +5,10 @@ import torch
 from datasets import Dataset, load_from_disk
 from hub_models import save_hub_model
 
-from sd2 import chat
-from sd2.drafts import distill
-from sd2.drafts.distill import decode_response, generate_batch, partial_dir, self_distill
+from sd2 import chat, generation
+from sd2.drafts.distill import partial_dir, self_distill
 from sd2.drafts.prune import calibration_set
+from sd2.generation import decode_response, generate_batch
 from sd2.models import load_model, load_tokenizer
 
 PROMPTS = [
@@ -18,6 +18,13 @@ PROMPTS = [
     "def f(x):\n    return x ** 2  # ünïcode\n",
     "x",
 ]
+# The config's distill settings this file does not vary, as the schema's defaults fill them.
+DISTILL = dict(
+    max_prompts=None,
+    max_prompt_tokens=None,
+    shard_batches=20,
+    engine={"name": "transformers", "gpu_memory_utilization": 0.9, "max_model_len": None},
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +81,7 @@ def test_batched_equals_unbatched_greedy(request, target, prompts_dir, tmp_path,
         target_dir,
         prompts_dir,
         out,
-        settings=dict(max_new_tokens=12, temperature=0.0, batch_size=3, max_prompts=None),
+        settings=dict(DISTILL, max_new_tokens=12, temperature=0.0, batch_size=3),
         seed=0,
     )
     data = load_from_disk(str(out))
@@ -106,7 +113,7 @@ def test_sampling_and_max_prompts(tiny_llama_dir, prompts_dir, tmp_path, one_thr
             tiny_llama_dir,
             prompts_dir,
             tmp_path / name,
-            settings=dict(max_new_tokens=8, temperature=1.0, batch_size=2, max_prompts=3),
+            settings=dict(DISTILL, max_new_tokens=8, temperature=1.0, batch_size=2, max_prompts=3),
             seed=7,
         )
         runs.append(load_from_disk(str(tmp_path / name))["response"])
@@ -124,7 +131,7 @@ def test_prompts_longer_than_max_prompt_tokens_are_left_out(hub_llama_dir, promp
     prompts = load_from_disk(str(prompts_dir))
     lengths = {i: len(chat.prompt_ids(tok, p, None)) for i, p in zip(prompts["id"], prompts["prompt"])}
     limit = sorted(lengths.values())[len(lengths) // 2]  # the chat template's header counts too
-    settings = dict(max_new_tokens=4, temperature=0.0, batch_size=2, max_prompt_tokens=limit)
+    settings = dict(DISTILL, max_new_tokens=4, temperature=0.0, batch_size=2, max_prompt_tokens=limit)
     self_distill(hub_llama_dir, prompts_dir, tmp_path / "out", settings=settings, seed=0)
     kept = load_from_disk(str(tmp_path / "out"))["id"]
     assert sorted(kept) == sorted(i for i, n in lengths.items() if n <= limit) and len(kept) < len(lengths)
@@ -150,12 +157,12 @@ def test_decode_response_is_the_new_text(request, tokenizer):
 
 def test_killed_run_resumes_to_the_same_dataset(tiny_llama_dir, prompts_dir, tmp_path, monkeypatch, capsys, one_thread):
     # Sampling, so the resumed part must draw exactly what an uninterrupted run draws.
-    settings = dict(max_new_tokens=6, temperature=1.0, batch_size=2, max_prompts=None, shard_batches=1)
+    settings = dict(DISTILL, max_new_tokens=6, temperature=1.0, batch_size=2, shard_batches=1)
     self_distill(tiny_llama_dir, prompts_dir, tmp_path / "whole", settings=settings, seed=3)
     whole = load_from_disk(str(tmp_path / "whole"))
 
     out = tmp_path / "killed"
-    real, calls = distill.generate_batch, []
+    real, calls = generation.generate_batch, []
 
     def dies_on_third_batch(*args, **kwargs):
         calls.append(1)
@@ -163,7 +170,7 @@ def test_killed_run_resumes_to_the_same_dataset(tiny_llama_dir, prompts_dir, tmp
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "generate_batch", dies_on_third_batch)
+    monkeypatch.setattr(generation, "generate_batch", dies_on_third_batch)
     with pytest.raises(RuntimeError, match="killed"):
         self_distill(tiny_llama_dir, prompts_dir, out, settings=settings, seed=3)
     assert not out.exists() and sorted(p.name for p in partial_dir(out).glob("shard-*.json")) == [
@@ -171,7 +178,7 @@ def test_killed_run_resumes_to_the_same_dataset(tiny_llama_dir, prompts_dir, tmp
         "shard-00001.json",
     ]
 
-    monkeypatch.setattr(distill, "generate_batch", real)
+    monkeypatch.setattr(generation, "generate_batch", real)
     self_distill(tiny_llama_dir, prompts_dir, out, settings=settings, seed=3)
     assert "resuming from 2 shard(s)" in capsys.readouterr().out
     assert load_from_disk(str(out)).to_dict() == whole.to_dict()
@@ -183,10 +190,10 @@ def test_killed_run_resumes_to_the_same_dataset(tiny_llama_dir, prompts_dir, tmp
 def test_partial_run_with_other_settings_starts_over(
     tiny_llama_dir, prompts_dir, tmp_path, monkeypatch, capsys, one_thread
 ):
-    settings = dict(max_new_tokens=6, temperature=0.0, batch_size=2, max_prompts=None, shard_batches=1)
+    settings = dict(DISTILL, max_new_tokens=6, temperature=0.0, batch_size=2, shard_batches=1)
     out = tmp_path / "d"
-    real = distill.generate_batch
-    monkeypatch.setattr(distill, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    real = generation.generate_batch
+    monkeypatch.setattr(generation, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
     partial_dir(out).mkdir()
     (partial_dir(out) / "settings.json").write_text(json.dumps({"digest": "other"}))
     (partial_dir(out) / "shard-00000.json").write_text(json.dumps({"shard": 0, "digest": "other", "rows": {}}))
@@ -194,7 +201,7 @@ def test_partial_run_with_other_settings_starts_over(
         self_distill(tiny_llama_dir, prompts_dir, out, settings=settings, seed=0)
     assert "other settings" in capsys.readouterr().out
     assert not (partial_dir(out) / "shard-00000.json").exists()  # the stale shard is gone
-    monkeypatch.setattr(distill, "generate_batch", real)
+    monkeypatch.setattr(generation, "generate_batch", real)
     self_distill(tiny_llama_dir, prompts_dir, out, settings=settings, seed=0)
     assert json.loads((out / "settings.json").read_text())["stats"]["resumed_prompts"] == 0
 
@@ -253,7 +260,7 @@ def test_undoable_shipped_setting_is_refused(tiny_llama_dir):
 def test_drafts_train_on_what_the_target_saw(hub_llama_dir, qwen2_tokenizer_dir, prompts_dir, tmp_path, one_thread):
     out = tmp_path / "distill"
     self_distill(
-        hub_llama_dir, prompts_dir, out, settings=dict(max_new_tokens=8, temperature=0.0, batch_size=5), seed=0
+        hub_llama_dir, prompts_dir, out, settings=dict(DISTILL, max_new_tokens=8, temperature=0.0, batch_size=5), seed=0
     )
     rows = load_from_disk(str(out)).to_list()
     target_tok = load_tokenizer(hub_llama_dir)
@@ -300,7 +307,11 @@ def test_demo_fine_tuning_examples_are_those_of_before(
     """No template: the encoding of before sd2.chat, except that a cut-off answer gets no end-of-text."""
     out = tmp_path / "distill"
     self_distill(
-        tiny_llama_dir, prompts_dir, out, settings=dict(max_new_tokens=8, temperature=0.0, batch_size=5), seed=0
+        tiny_llama_dir,
+        prompts_dir,
+        out,
+        settings=dict(DISTILL, max_new_tokens=8, temperature=0.0, batch_size=5),
+        seed=0,
     )
     data = load_from_disk(str(out))
     for draft_dir in (tiny_llama_dir, tiny_qwen_dir):  # the target's tokenizer, and another one (UAG)

@@ -1,4 +1,4 @@
-"""The vLLM engine's glue (sd2.engines), against a FAKE `vllm` module: vLLM is not installed here.
+"""The vLLM engine's glue (sd2.generation), against a FAKE `vllm` module: vLLM is not installed here.
 
 The fake records what sd2 passes to LLM, SamplingParams and TokensPrompt, and answers like
 vLLM's RequestOutput / CompletionOutput (.outputs[0].token_ids, .text, .finish_reason,
@@ -15,8 +15,7 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from sd2 import chat, engines
-from sd2.drafts import distill
+from sd2 import chat, generation
 from sd2.drafts.distill import partial_dir, self_distill
 from sd2.measure import continuations
 from sd2.models import load_model, load_tokenizer
@@ -29,6 +28,8 @@ PROMPTS = [
     "x",
 ]
 VLLM = {"name": "vllm", "gpu_memory_utilization": 0.8, "max_model_len": None}
+TRANSFORMERS = {"name": "transformers", "gpu_memory_utilization": 0.9, "max_model_len": None}
+DISTILL = dict(max_prompts=None, max_prompt_tokens=None, shard_batches=20, chat=None, engine=TRANSFORMERS)
 
 
 class FakeVLLM(types.ModuleType):
@@ -125,7 +126,7 @@ def test_self_distill_with_vllm_writes_what_transformers_writes(
     request, target, prompts_dir, tmp_path, fake_vllm, one_thread
 ):
     target_dir = request.getfixturevalue(target)
-    settings = dict(max_new_tokens=10, temperature=0.0, batch_size=2, shard_batches=2)
+    settings = dict(DISTILL, max_new_tokens=10, temperature=0.0, batch_size=2, shard_batches=2)
     self_distill(target_dir, prompts_dir, tmp_path / "hf", settings=settings, seed=0)
     self_distill(target_dir, prompts_dir, tmp_path / "vllm", settings={**settings, "engine": VLLM}, seed=0, gpus=2)
     assert load_from_disk(str(tmp_path / "vllm")).to_dict() == load_from_disk(str(tmp_path / "hf")).to_dict()
@@ -155,7 +156,7 @@ def test_self_distill_with_vllm_writes_what_transformers_writes(
 
 
 def test_sampling_is_pure_and_seeded_per_prompt(tiny_llama_dir, prompts_dir, tmp_path, fake_vllm, one_thread):
-    settings = dict(max_new_tokens=6, temperature=0.7, batch_size=5, engine=VLLM)
+    settings = dict(DISTILL, max_new_tokens=6, temperature=0.7, batch_size=5, engine=VLLM)
     self_distill(tiny_llama_dir, prompts_dir, tmp_path / "a", settings=settings, seed=7)
     assert fake_vllm.llms[0].kwargs["tensor_parallel_size"] == 1  # no --gpus: one GPU
     ((prompts, params),) = fake_vllm.calls
@@ -168,7 +169,7 @@ def test_sampling_is_pure_and_seeded_per_prompt(tiny_llama_dir, prompts_dir, tmp
 
 
 def test_killed_vllm_run_resumes_from_its_shards(tiny_llama_dir, prompts_dir, tmp_path, fake_vllm, capsys, one_thread):
-    settings = dict(max_new_tokens=6, temperature=1.0, batch_size=2, shard_batches=1, engine=VLLM)
+    settings = dict(DISTILL, max_new_tokens=6, temperature=1.0, batch_size=2, shard_batches=1, engine=VLLM)
     self_distill(tiny_llama_dir, prompts_dir, tmp_path / "whole", settings=settings, seed=3)
     whole = load_from_disk(str(tmp_path / "whole")).to_dict()
     out = tmp_path / "killed"
@@ -203,12 +204,12 @@ def test_rows_from_each_kind_of_vllm_ending(byte_tokenizer_dir, monkeypatch):
 
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    rows = engines.generate(LLM(), tok, ["x"] * 3, max_new_tokens=8, temperature=0.0, eos=[eos], seeds=[0] * 3)
+    rows = generation.generate_vllm(LLM(), tok, ["x"] * 3, max_new_tokens=8, temperature=0.0, eos=[eos], seeds=[0] * 3)
     head = chat.prompt_ids(tok, "x", None)
     assert [r["new_ids"] for r in rows] == [other + [eos], other + [eos], other]
     assert [r["finished"] for r in rows] == [True, True, False]
     assert [r["new_tokens"] for r in rows] == [len(other) + 1, len(other) + 1, len(other)]
-    assert all(r["prompt_ids"] == head and r["response"] == distill.decode_response(tok, head, other) for r in rows)
+    assert all(r["prompt_ids"] == head and r["response"] == generation.decode_response(tok, head, other) for r in rows)
 
 
 def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vllm, one_thread):
@@ -219,6 +220,7 @@ def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vl
         "warmup_prompts": 1,
         "batch_size": 2,
         "chat": None,
+        "engine": TRANSFORMERS,
     }
     hf = continuations.target_outputs(tiny_llama_dir, prompts_dir, tmp_path / "hf.json", settings=settings, seed=0)
     vl = continuations.target_outputs(
@@ -228,7 +230,9 @@ def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vl
     assert fake_vllm.llms[0].kwargs["tensor_parallel_size"] == 4
     assert fake_vllm.llms[0].kwargs["max_model_len"] == max(len(i["prompt_ids"]) for i in hf["items"]) + 8
     ((prompts, params),) = fake_vllm.calls
-    assert [p["prompt_token_ids"] for p in prompts] == [item["prompt_ids"] for item in hf["items"]]
+    # One call, the prompts in the batches' order (by length), as transformers batches them.
+    order = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))
+    assert [p["prompt_token_ids"] for p in prompts] == [hf["items"][i]["prompt_ids"] for i in order]
     assert all(sp.kwargs == pure(0.0, 8, params[0].kwargs["stop_token_ids"], None) for sp in params)
     # The batch-1 timing of the target alone ran on transformers, on the same prompts.
     assert vl["timing"]["timed_prompts"] == 2 and vl["timing"]["ar_tokens"] > 0
@@ -237,7 +241,7 @@ def test_target_outputs_with_vllm(tiny_llama_dir, prompts_dir, tmp_path, fake_vl
 
 
 def test_engine_max_model_len_overrides_the_longest_prompt(tiny_llama_dir, fake_vllm):
-    engines.load_llm(
+    generation.load_llm(
         tiny_llama_dir,
         {**VLLM, "max_model_len": 4096},
         dtype="bfloat16",
@@ -253,7 +257,7 @@ def test_engine_max_model_len_overrides_the_longest_prompt(tiny_llama_dir, fake_
 
 def test_missing_vllm_names_the_setting_and_the_install(monkeypatch, tiny_llama_dir, prompts_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
-    settings = dict(max_new_tokens=4, temperature=0.0, batch_size=2, engine=VLLM)
+    settings = dict(DISTILL, max_new_tokens=4, temperature=0.0, batch_size=2, engine=VLLM)
     with pytest.raises(ImportError, match=r"engine.name: vllm .*`pip install vllm`"):
         self_distill(tiny_llama_dir, prompts_dir, tmp_path / "out", settings=settings, seed=0)
 
@@ -264,4 +268,4 @@ def test_eos_ids_are_those_transformers_stops_at(hub_llama_dir, tiny_qwen_dir, t
     (bare / "generation_config.json").unlink(missing_ok=True)
     for target in (hub_llama_dir, bare):  # a generation_config.json with a list of ids, and none at all
         eos = load_model(target).generation_config.eos_token_id
-        assert engines.eos_ids(target) == (eos if isinstance(eos, list) else [eos])
+        assert generation.eos_ids(target) == (eos if isinstance(eos, list) else [eos])

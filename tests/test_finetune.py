@@ -6,22 +6,11 @@ import torch
 from safetensors import safe_open
 
 from sd2.chunked_loss import chunked_causal_lm_loss
-from sd2.drafts.finetune import (
-    check_masks,
-    chunked_squarehead,
-    finetune,
-    hold_masks,
-    interleaved_responses,
-    kl_loss,
-    layer_states,
-    replace_outside_top_k,
-    skd_batch,
-    sparsity_masks,
-    squarehead_layers,
-    tvdpp_loss,
-    zero_counts,
-)
+from sd2.drafts.finetune import finetune
+from sd2.drafts.losses import kl_loss, layer_states, squarehead, squarehead_layers, tvdpp_loss
 from sd2.drafts.prune import prune
+from sd2.drafts.skd import interleaved_responses, replace_outside_top_k, skd_batch
+from sd2.masks import check_masks, hold_masks, sparsity_masks, zero_counts
 from sd2.models import decoder_linears, load_model, load_tokenizer
 
 SETTINGS = dict(
@@ -62,7 +51,7 @@ def tv(p_logits, q_logits):
 
 def test_masks_unchanged_by_an_optimizer_step(pruned_dir):
     model = load_model(pruned_dir).train()
-    masks = sparsity_masks(model)
+    masks = sparsity_masks(decoder_linears(model))
     assert len(masks) == 7  # every decoder linear of the one-layer draft
     after_step = hold_masks(model, masks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -128,15 +117,15 @@ def test_bf16_draft_trains_in_fp32_in_micro_batches_and_is_saved_in_bf16(pruned_
 
 def test_a_weight_lost_in_the_cast_to_bf16_is_caught(pruned_dir):
     model = load_model(pruned_dir, dtype=torch.float32)
-    masks, zeros = sparsity_masks(model), zero_counts(model)
+    masks, zeros = sparsity_masks(decoder_linears(model)), zero_counts(decoder_linears(model))
     name, layer = next(iter(decoder_linears(model).items()))
     with torch.no_grad():
         i, j = masks[name].nonzero()[0].tolist()
         layer.weight[i, j] = 1e-45  # a kept weight below bf16's smallest subnormal
-    check_masks(model, masks, zeros)
+    check_masks(decoder_linears(model), masks, zeros)
     model.to(torch.bfloat16)
     with pytest.raises(RuntimeError, match=f"layer {name}: .* when cast to bfloat16"):
-        check_masks(model, masks, zeros, when="when cast to bfloat16")
+        check_masks(decoder_linears(model), masks, zeros, when="when cast to bfloat16")
 
 
 @pytest.mark.parametrize("loss", ["kl", "tvdpp"])
@@ -249,7 +238,7 @@ def response_batch(seed=0, n=3, prompt=6, width=14, vocab=500):
 
 
 def squarehead_term(model, teacher, batch):
-    return chunked_squarehead(model, teacher, batch, 64) - chunked_causal_lm_loss(model, batch, 64)
+    return squarehead(model, teacher, batch, 64) - chunked_causal_lm_loss(model, batch, 64)
 
 
 def test_squarehead_is_zero_against_itself_and_positive_once_perturbed(tiny_llama_dir):
@@ -271,7 +260,7 @@ def test_squarehead_is_zero_against_itself_and_positive_once_perturbed(tiny_llam
 
 def test_squarehead_gradient_brings_the_sparse_draft_back_toward_the_dense_one(pruned_dir, tiny_llama_draft_dir):
     model, teacher = load_model(pruned_dir).train(), load_model(tiny_llama_draft_dir)
-    masks = sparsity_masks(model)
+    masks = sparsity_masks(decoder_linears(model))
     after_step = hold_masks(model, masks)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = response_batch(seed=1)

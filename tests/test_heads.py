@@ -14,9 +14,12 @@ from datasets import Dataset
 from sd2 import cli
 from sd2.drafters import heads
 from sd2.drafts.distill import self_distill
+from sd2.masks import apply_masks
 from sd2.measure import continuations
 from sd2.models import load_model, load_tokenizer
-from sd2.report.results import MEASUREMENT_COLUMNS, collect_comparisons, collect_measurements, summary_markdown
+from sd2.report.collect import MEASUREMENT_COLUMNS, collect_measurements
+from sd2.report.comparisons import collect_comparisons
+from sd2.report.markdown import summary_markdown
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -51,6 +54,7 @@ TRAIN = {
     "max_examples": None,
     "log_every": 1,
 }
+ENGINE = {"name": "transformers", "gpu_memory_utilization": 0.9, "max_model_len": None}
 SIZES = {"redrafter": {"layers": 1}, "moa": {"layers": 1, "width": 0.5, "attention_heads": None}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +82,16 @@ def distilled(target_dir, tmp_path_factory):
     rows = [{"id": f"p{i}", "prompt": p, "response": "x"} for i, p in enumerate(PROMPTS * 2)]
     Dataset.from_list(rows).save_to_disk(str(prompts))
     out = tmp_path_factory.mktemp("head_distill") / "distill"
-    settings = dict(max_new_tokens=24, temperature=1.0, batch_size=6, max_prompts=None, chat={})
+    settings = dict(
+        max_new_tokens=24,
+        temperature=1.0,
+        batch_size=6,
+        max_prompts=None,
+        max_prompt_tokens=None,
+        shard_batches=20,
+        chat={},
+        engine=ENGINE,
+    )
     self_distill(target_dir, prompts, out, settings=settings, seed=0)
     return out
 
@@ -88,7 +101,7 @@ def outputs(target_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("head_eval")
     Dataset.from_list([{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]).save_to_disk(str(root / "eval"))
     path = root / "outputs.json"
-    continuations.target_outputs(target_dir, root / "eval", path, settings=MEASURE, seed=0)
+    continuations.target_outputs(target_dir, root / "eval", path, settings={**MEASURE, "engine": ENGINE}, seed=0)
     return path
 
 
@@ -115,6 +128,9 @@ def _train_redrafter(target_dir, data, tmp_path, size, layers=1, **sparse):
         settings=TRAIN,
         chat_settings=None,
         seed=0,
+        beam_width=1,
+        trust_remote_code=False,
+        dtype="auto",
         **sparse,
     )
 
@@ -241,7 +257,7 @@ def test_macs_by_hand(target_dir):
     # Pruned heads cost their non-zeros: half of every own linear layer, the shared lm_head dense.
     for head in (redrafter, moa):
         dense = head.macs_per_token()
-        heads.apply_masks(head, heads.magnitude_masks(head, 0.5))
+        apply_masks(head, heads.magnitude_masks(head, 0.5))
         assert head.macs_per_token() == lm_head + (dense - lm_head) // 2
         assert head.macs_per_token(dense=True) == dense
 
@@ -302,7 +318,16 @@ def test_measure_head_records_have_the_chain_columns(target_dir, trained, output
 def test_moa_refuses_beams(target_dir, trained, outputs, tmp_path):
     with pytest.raises(ValueError, match="only ReDrafter proposes beams"):
         heads.measure_head(
-            target_dir, trained / "moa", outputs, tmp_path / "r.json", settings=MEASURE, labels={}, seed=0, beam_width=2
+            target_dir,
+            trained / "moa",
+            outputs,
+            tmp_path / "r.json",
+            settings=MEASURE,
+            labels={},
+            seed=0,
+            trust_remote_code=False,
+            dtype="auto",
+            beam_width=2,
         )
 
 

@@ -4,9 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
+from sd2 import config as sd2_config
 from sd2.measure import macs
+from sd2.models import scratch_config
+from sd2.shapes import SHAPE_KEYS, count_params
 
 
 def tiny_llama(**kw):
@@ -135,3 +139,78 @@ def test_resolve_config_and_cli(tmp_path, tiny_llama_dir):
     assert counted["counted"] == "non-zero weights"
     assert counted["macs_per_token"] == macs.linear_macs(macs.resolve_config(str(tiny_llama_dir)))["macs_per_token"]
     json.dumps(counted)
+
+
+def _hub_shape(model_type: str, **sizes) -> dict:
+    """A hub model's `shape` entry, its params_b counted as a model of `model_type` has them."""
+    sizes = {"tie_word_embeddings": False, "dtype": "bfloat16", **sizes}
+    return {**sizes, "params_b": count_params({"model_type": model_type, **sizes}) / 1e9}
+
+
+def test_config_hub_shape_is_counted_without_a_download():
+    config = sd2_config.load(REPO / "config" / "paper.yaml")
+    for name, spec in config["models"].items():
+        assert "shape" in spec and not spec["hub"].startswith(("/", ".")), name
+        sizes = {k: spec["shape"][k] for k in SHAPE_KEYS}
+        family = Qwen2Config if "qwen" in name else LlamaConfig
+        expected = macs.linear_macs(family(**sizes, tie_word_embeddings=spec["shape"]["tie_word_embeddings"]), 0.5)
+        got = macs.config_macs(name, config, 50)
+        assert got["counted"] == "analytic" and got["model"] == name and got["sparsity_percent"] == 50
+        assert {k: got[k] for k in expected} == expected, name
+
+
+def test_config_hub_shape_of_a_plain_mlp():
+    sizes = dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        vocab_size=300,
+    )
+    config = {"models": {"neox": {"hub": "org/not-downloaded", "shape": _hub_shape("gpt_neox", **sizes)}}}
+    expected = macs.linear_macs(GPTNeoXConfig(**{k: v for k, v in sizes.items() if k != "head_dim"}))
+    got = macs.config_macs("neox", config, None)
+    assert {k: got[k] for k in expected} == expected
+    # A parameter count no MLP explains is named, not guessed.
+    config["models"]["neox"]["shape"]["params_b"] *= 3
+    with pytest.raises(ValueError, match=r"models\.neox\.shape: .*not an MLP's 2"):
+        macs.config_macs("neox", config, None)
+
+
+class _Vocabulary:
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+def test_config_from_scratch_model_and_every_model():
+    config = sd2_config.load(REPO / "config" / "test.yaml")
+    spec = config["models"]["tiny-draft"]
+    vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
+    expected = macs.linear_macs(scratch_config(spec, _Vocabulary(vocab)), 0.5)
+    got = macs.config_macs("tiny-draft", config, 50)
+    assert {k: got[k] for k in expected} == expected
+    every = macs.every_config_macs("config/test.yaml", config, 50)
+    assert every["config"] == "config/test.yaml" and list(every["models"]) == list(config["models"])
+    assert every["models"]["tiny-draft"] == got
+
+
+def test_config_errors_name_the_input(tmp_path, tiny_llama_dir):
+    config = sd2_config.load(REPO / "config" / "test.yaml")
+    with pytest.raises(ValueError, match=r"unknown model 'nope' \(known: tiny-llama, tiny-qwen, tiny-draft\)"):
+        macs.config_macs("nope", config, None)
+    with pytest.raises(ValueError, match="--sparsity"):
+        macs.config_macs("tiny-draft", config, 100)
+    config["models"] = {"local": {"hub": str(tiny_llama_dir)}, "gone": {"hub": "org/not-in-the-cache-xyz"}}
+    assert macs.config_macs("local", config, None)["counted"] == "non-zero weights"
+    with pytest.raises(FileNotFoundError, match=r"(?s)models\.gone: .*org/not-in-the-cache-xyz.*models\.gone\.shape"):
+        macs.config_macs("gone", config, None)
+    # A workflow config where a config.json is expected: named, with the way to pass it.
+    with pytest.raises(ValueError, match=r"test\.yaml: not a model's config\.json.*--config"):
+        macs.resolve_config(str(REPO / "config" / "test.yaml"))

@@ -12,13 +12,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from sd2.drafts.distill import generate_batch
+from sd2.generation import generate_batch
 from sd2.masks import magnitude_mask
 from sd2.measure import acceptance, continuations, trees
 from sd2.measure import drafts as ms
 from sd2.measure import speculative as sp
 from sd2.models import decoder_linears, load_model, load_tokenizer
-from sd2.report.results import collect_measurements
+from sd2.report.collect import collect_measurements
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -41,6 +41,8 @@ SETTINGS = {
     "warmup_prompts": 1,
     "batch_size": 4,
     "draft_kernel": "dense",
+    "tree_budgets": [],
+    "engine": {"name": "transformers", "gpu_memory_utilization": 0.9, "max_model_len": None},
 }
 LABELS = {"target": "t", "draft": "d", "method": "sd2", "sparsity": 50, "eval_set": "toy"}
 

@@ -12,12 +12,7 @@ from conftest import REPO, snakemake_cmd
 from sd2 import config as sd2_config
 from sd2 import export, methods
 from sd2.config import SCHEMA_PATH
-from sd2.drafts import finetune
 from sd2.report import plots, results
-
-
-def schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
 
 
 def config(name="test.yaml", **changes) -> dict:
@@ -25,15 +20,30 @@ def config(name="test.yaml", **changes) -> dict:
     return sd2_config.validate({**raw, **changes})
 
 
-def test_schema_enums_are_the_registry():
-    props = schema()
+def test_the_schemas_names_are_the_registrys():
+    """The schema file lists no method, loss or head family: sd2.config.schema fills them in."""
+    raw = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
+    assert "enum" not in raw["methods"]["items"] and "enum" not in raw["losses"]["items"]
+    assert "enum" not in raw["heads"]["properties"]["methods"]["items"]
+    assert raw["heads"]["properties"]["sizes"]["properties"] == {}
+    props = sd2_config.schema()["properties"]
     assert props["methods"]["items"]["enum"] == list(methods.NAMES)
     assert set(props["methods"]["default"]) <= set(methods.NAMES)
     assert props["losses"]["items"]["enum"] == list(methods.LOSSES)
+    heads = props["heads"]["properties"]
+    assert heads["methods"]["items"]["enum"] == list(methods.HEAD_FAMILIES)
+    sizes = heads["sizes"]["properties"]
+    assert set(sizes) == set(methods.HEAD_FAMILIES)
+    moa = sizes["moa"]["additionalProperties"]
+    assert moa["required"] == ["layers"] and moa["properties"] is methods.HEAD_FAMILIES["moa"].size
     assert "loss" not in props["finetune"]["properties"]  # one home for the loss: the sweep axis `losses`
-    # Every loss the fine-tuning code knows is a loss of the registry (the registry may name one before
-    # sd2.drafts.finetune implements it; such a variant fails in its job, not in the DAG).
-    assert set(finetune.LOSSES) == set(methods.LOSSES)
+
+
+def test_every_loss_and_head_resolves_to_its_implementation():
+    for entry in methods.LOSSES.values():
+        assert callable(methods.resolve(entry.objective)), entry.name
+    for family in methods.HEAD_FAMILIES.values():
+        assert methods.resolve(family.module).__name__ == family.module.partition(":")[2]
 
 
 def test_tables_and_figures_read_the_registry():
@@ -56,7 +66,7 @@ def test_registry_entries_are_consistent():
         assert m.loss in (None, *methods.LOSSES)
         assert re.fullmatch(r"#[0-9a-f]{6}", m.color)
         if m.kind == "draft":
-            assert m.init in ("dense", "pruned", "layer_pruned")
+            assert m.init in methods.START_POINTS
             assert m.sparse == (m.init != "dense")  # a dense checkpoint is made at sparsity 0 only
         else:
             assert m.init is None  # heads are made by their own rules (workflow/rules/heads.smk)
@@ -219,11 +229,8 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         data, draft, name, sparsity = (job["--labels"][k] for k in ("target", "draft", "method", "sparsity"))
         method, loss = methods.parse_variant(name)
         m = methods.BY_NAME[method]
-        init = {
-            "dense": f"work/models/{draft}",
-            "pruned": f"work/pruned/{data}/{draft}/s{sparsity}",
-            "layer_pruned": f"work/layer_pruned/{draft}/s{sparsity}",
-        }[m.init]
+        start = methods.START_POINTS[m.init].path
+        init = f"work/{start.format(draft=draft, data=data, sparsity=sparsity)}" if start else f"work/models/{draft}"
         assert job["--init"] == init, job
         assert job["--data"] == ("work/data/finetune" if m.data == "original" else f"work/distill/{data}")
         assert data == "original" if m.data == "original" else data in cfg["targets"]

@@ -7,7 +7,7 @@ import nbformat
 from nbclient import NotebookClient
 from synthetic import write_synthetic_tables
 
-from sd2.report.plots import FIGURES
+from sd2.report.figures import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
 

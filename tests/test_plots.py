@@ -1,4 +1,5 @@
-"""sd2.report.plots: every figure from small synthetic tables, PNG + PDF, no torch."""
+"""sd2.report.plots and its registry sd2.report.figures: every figure from small synthetic tables, PNG + PDF,
+no torch."""
 
 import json
 import subprocess
@@ -8,19 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.container import ErrorbarContainer
+from matplotlib.container import BarContainer, ErrorbarContainer
 from synthetic import K_MAX, VARIANTS, K, write_synthetic_tables
 
 from sd2.methods import parse_variant
+from sd2.report.canvas import FEW_PROMPTS_BAR_LABEL, FEW_PROMPTS_LABEL, save_figure
+from sd2.report.canvas import color as variant_color
+from sd2.report.figures import CI_NOTE, FIGURES, make_figures, register_figure, write_captions
 from sd2.report.plots import (
-    CAPTIONS,
-    CI_NOTE,
-    FIGURES,
     MAX_K_COLUMNS,
-    PLOTS,
     load_tables,
     main_slice,
-    make_figures,
     pareto_front,
     plot_improvement_factor,
     plot_mal_vs_k,
@@ -30,10 +29,8 @@ from sd2.report.plots import (
     plot_mal_vs_weight_bytes,
     plot_tokenizer_comparison,
     same_variant,
-    save_figure,
     variant_label,
 )
-from sd2.report.plots import color as variant_color
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
@@ -67,7 +64,7 @@ def test_make_figures_writes_every_figure_without_torch(tables_dir, tmp_path):
     """In a fresh interpreter, as the figures rule runs: every file, and neither torch nor transformers imported."""
     out = tmp_path / "figures"
     code = (
-        "import sys, json; from sd2.report.plots import make_figures; "
+        "import sys, json; from sd2.report.figures import make_figures; "
         f"paths = make_figures({str(tables_dir)!r}, {str(out)!r}); "
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad; print(json.dumps([p.name for p in paths]))"
@@ -94,22 +91,82 @@ def test_saved_figures_are_reproducible(tables_dir, tmp_path):
 def test_empty_tables_still_give_every_figure(tmp_path):
     tables = tmp_path / "tables"
     tables.mkdir()
-    from sd2.report.results import MEASUREMENT_COLUMNS, TRAINING_COLUMNS
+    from sd2.report.collect import MEASUREMENT_COLUMNS, TRAINING_COLUMNS
 
     pd.DataFrame(columns=MEASUREMENT_COLUMNS).to_csv(tables / "measurements.csv", index=False)
     pd.DataFrame(columns=TRAINING_COLUMNS).to_csv(tables / "training.csv", index=False)
     assert [p.name for p in make_figures(tables, tmp_path / "figures")] == EXPECTED
 
 
-def test_captions_cover_every_figure_and_report_file():
-    assert set(CAPTIONS) == set(FIGURES) == set(PLOTS) | {"loss_curves"}
-    assert FIGURES.index("mal_vs_k") == FIGURES.index("improvement_factor") + 1
-    for stem in ("mal_vs_sparsity", "mal_vs_macs", "improvement_factor", "tokenizer_comparison"):
-        assert CAPTIONS[stem].endswith(CI_NOTE)
-    for stem, caption in CAPTIONS.items():
-        rst = (REPO / "workflow" / "report" / f"{stem}.rst").read_text()
-        assert rst.startswith(caption)  # the report and the README say the same thing
-    assert (REPO / "workflow" / "report" / "workflow.rst").stat().st_size > 0
+def test_every_figure_is_registered_once_with_its_caption(tmp_path):
+    """The registry is the one place a figure's caption lives: the report's caption files are written from it."""
+    names = list(FIGURES)
+    assert names == [spec.name for spec in FIGURES.values()]
+    assert names.index("mal_vs_k") == names.index("improvement_factor") + 1
+    for stem in ("mal_vs_sparsity", "mal_vs_macs", "improvement_factor", "tokenizer_comparison", "mal_vs_weight_bytes"):
+        assert FIGURES[stem].caption.endswith(CI_NOTE)
+    assert [name for name, spec in FIGURES.items() if spec.quantized] == ["mal_vs_weight_bytes"]
+    paths = write_captions(tmp_path / "captions")
+    assert list(paths) == names
+    for name, spec in FIGURES.items():
+        assert Path(paths[name]).is_absolute()
+        assert Path(paths[name]).read_text() == spec.rst() == f"{spec.caption}\n\n{spec.details}\n"
+    # Every parse of the workflow writes them: unchanged files are left alone.
+    stamps = {name: Path(path).stat().st_mtime_ns for name, path in paths.items()}
+    assert {name: Path(path).stat().st_mtime_ns for name, path in write_captions(tmp_path / "captions").items()} == (
+        stamps
+    )
+    report = REPO / "workflow" / "report"
+    assert not [name for name in names if (report / f"{name}.rst").exists()]  # no copies beside the registry
+    assert (report / "workflow.rst").stat().st_size > 0
+    with pytest.raises(ValueError, match="'speedup' is registered already"):
+        register_figure(FIGURES["speedup"])
+
+
+def _hollow(container) -> bool:
+    return container.lines[0].get_markerfacecolor() == "white"
+
+
+def _dotted(container) -> bool:
+    """Error bars drawn with dashes (solid ones have none)."""
+    return container.lines[2][0].get_linestyle()[0][1] is not None
+
+
+def test_cells_with_few_prompts_are_hollow_with_dotted_intervals(measurements):
+    """A cell measured on fewer prompts than a comparison needs: hollow marker or unfilled bar, dotted
+    error bar, and a legend entry that says why; cells with enough prompts are drawn as before."""
+    few = measurements.assign(n_prompts=measurements["n_prompts"].where(measurements["target"] == "t_llama", 2))
+    assert FEW_PROMPTS_LABEL not in [t.get_text() for t in plot_mal_vs_macs(measurements).legends[0].get_texts()]
+    fig = plot_mal_vs_macs(few)
+    assert FEW_PROMPTS_LABEL in [t.get_text() for t in fig.legends[0].get_texts()]
+    for ax in fig.axes:
+        containers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        hollow = "t_qwen" in ax.get_title()
+        assert containers and all(_hollow(c) == hollow for c in containers)
+        assert all(_dotted(c) == hollow for c in containers)
+    bars = plot_tokenizer_comparison(few)
+    assert FEW_PROMPTS_BAR_LABEL in [t.get_text() for t in bars.legends[0].get_texts()]
+    faces = [
+        (c.get_label(), p.get_facecolor()) for c in bars.axes[0].containers if isinstance(c, BarContainer) for p in c
+    ]
+    assert {label for label, _ in faces} == {"t_llama (same tokenizer)", "t_qwen (different tokenizer, UAG)"}
+    assert all((face == (1, 1, 1, 1)) == ("t_qwen" in label) for label, face in faces)
+
+
+def test_marker_keys_are_legend_entries_not_text_under_the_axes(measurements):
+    """The marker of each draft model (mal_vs_macs) or quantization (mal_vs_weight_bytes) is explained in the
+    legend: a note in the figure's corner ran into the last panel's x label."""
+    two_drafts = measurements.assign(
+        draft=measurements["draft"].where(measurements["sparsity"] != 70, "d_other"),
+    )
+    fig = plot_mal_vs_macs(two_drafts)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"draft d_small", "draft d_other"} <= set(legend)
+    assert [t.get_text() for t in fig.texts] == [fig.get_suptitle()]  # no note beside the title
+    with_bytes = measurements.assign(draft_weight_bytes_per_token=measurements["draft_macs_per_token"] * 2)
+    fig = plot_mal_vs_weight_bytes(with_bytes)
+    assert "quantization none" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [t.get_text() for t in fig.texts] == [fig.get_suptitle()]
 
 
 def test_pareto_front():

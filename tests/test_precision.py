@@ -65,7 +65,16 @@ def test_training_log_records_precision_and_speed(native, tiny_llama_dir, has_bf
     vocab = model.config.vocab_size
     val = [next(_batches(vocab))]
     history = training.train(
-        model, _batches(vocab), val, steps=4, lr=1e-3, warmup_steps=1, weight_decay=0.0, eval_every=2
+        model,
+        _batches(vocab),
+        val,
+        steps=4,
+        lr=1e-3,
+        warmup_steps=1,
+        weight_decay=0.0,
+        eval_every=2,
+        bf16="auto",
+        micro_batch_size=None,
     )
     assert [r["precision"] for r in history] == [name] * 3
     assert history[0]["tokens_per_s"] != history[0]["tokens_per_s"]  # nothing trained before step 0

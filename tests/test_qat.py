@@ -16,9 +16,10 @@ from datasets import load_from_disk
 from sd2 import chat, methods, training
 from sd2.config import SCHEMA_PATH
 from sd2.drafts.finetune import finetune
-from sd2.drafts.quantize import fake_quantized, group_size, load_quantized, quantize, scheme_spec, weight_bits
+from sd2.drafts.quantize import fake_quantized, quantize
 from sd2.measure.weight_bytes import layer_bytes
 from sd2.models import decoder_linears, load_model, load_tokenizer
+from sd2.quantized import group_size, load_quantized, scheme_spec, weight_bits
 
 SETTINGS = dict(
     loss="ce",

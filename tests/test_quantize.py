@@ -5,19 +5,18 @@ import torch
 from compressed_tensors.quantization import fake_quantize as ct_fake_quantize
 from safetensors import safe_open
 
+from sd2.calibration import calibration_set
 from sd2.drafts.quantize import (
     _run_oneshot,
     check_mask,
     fake_quantize,
     fake_quantized,
-    group_size,
-    load_quantized,
     masked_quantize_weight,
     quantize,
-    weight_bits,
 )
 from sd2.measure.weight_bytes import layer_bytes
 from sd2.models import build_model, decoder_linears, load_model, load_tokenizer
+from sd2.quantized import group_size, load_quantized, weight_bits
 
 GPTQ_SETTINGS = dict(calibration_samples=4, calibration_seq_len=32)
 
@@ -71,8 +70,6 @@ def test_quantize_keeps_mask_and_saves_compressed_tensors(
 def test_loaded_weights_are_llmcompressors(sparse_draft_dir, calibration_dir, tmp_path, one_thread, method):
     """Saved, reloaded and dequantized on the CPU: bitwise the weights llm-compressor computed in memory;
     round to nearest is also bitwise fake_quantize's, and so are the logits."""
-    from sd2.drafts.prune import calibration_set
-
     scheme = "w4a16"
     _quantize(sparse_draft_dir, tmp_path / "q", scheme, method, calibration_dir)
     loaded = load_quantized(tmp_path / "q")
@@ -81,7 +78,7 @@ def test_loaded_weights_are_llmcompressors(sparse_draft_dir, calibration_dir, tm
     in_memory = load_model(sparse_draft_dir)
     original = {n: m.weight.detach().clone() for n, m in decoder_linears(in_memory).items()}
     calib, _ = calibration_set(calibration_dir, tokenizer, 4, 32, 0)
-    _run_oneshot(in_memory, tokenizer, scheme, method, calib if method == "gptq" else None, 32, 0.01)
+    _run_oneshot(in_memory, tokenizer, scheme, method, calib if method == "gptq" else None, 32)
     for name, module in decoder_linears(in_memory).items():
         # GPTQ leaves its dequantized result in .weight, RTN only the scales: quantize-dequantize with them.
         dequantized = ct_fake_quantize(
@@ -112,7 +109,7 @@ def test_fake_quantize_is_llmcompressors_rtn(tiny_llama_draft_dir, tmp_path, one
     build_model(spec, tokenizer, seed=3).save_pretrained(tmp_path / "wide")  # oneshot wants a model from disk
     model = load_model(tmp_path / "wide", dtype="bfloat16")
     original = {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
-    _run_oneshot(model, tokenizer, scheme, "rtn", None, None, 0.01)
+    _run_oneshot(model, tokenizer, scheme, "rtn", None, None)
     for name, module in decoder_linears(model).items():
         args = module.quantization_scheme.weights
         assert args.group_size == (None if scheme == "w8a16" else 128), name
@@ -212,11 +209,11 @@ def test_fake_quantize_maths_and_gradient():
 
 def test_fake_quantized_forward_for_training(sparse_draft_dir, tmp_path, one_thread):
     """Inside fake_quantized: the logits of the round-to-nearest checkpoint, gradients reach the weights."""
-    from sd2.drafts.finetune import hold_masks, sparsity_masks
+    from sd2.masks import hold_masks, sparsity_masks
 
     _quantize(sparse_draft_dir, tmp_path / "q", "w4a16", "rtn", None)
     quantized, model = load_quantized(tmp_path / "q"), load_model(sparse_draft_dir).train()
-    masks = sparsity_masks(model)
+    masks = sparsity_masks(decoder_linears(model))
     hold_masks(model, masks)  # finetune's gradient hooks on the weights keep working
     ids = load_tokenizer(sparse_draft_dir)("def f(x):\n    return x", return_tensors="pt")["input_ids"]
     plain = model(ids).logits.detach()

@@ -1,12 +1,18 @@
-"""`python -m sd2 readme`: the README's result blocks come from the tables, the rest is left alone."""
+"""`python -m sd2 readme`: the result blocks of the README and of docs/*.md come from the tables (the methods
+table from the registry), the rest is left alone."""
 
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from synthetic import write_synthetic_tables
 
-from sd2.report.readme import update
+from sd2 import methods
+from sd2.report.readme import BLOCKS, commands, headline, methods_table, regenerated, stale, update
+
+REPO = Path(__file__).resolve().parent.parent
 
 README = """# Title
 
@@ -55,7 +61,7 @@ def results(tmp_path):
 def test_blocks_regenerated_from_tables(tmp_path, results):
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    assert update(readme, results) == ["run_time", "per_draft", "significance", "measure_time"]
+    assert update(readme, results) == ["run_time", "significance", "per_draft", "measure_time"]
     text = readme.read_text()
     assert "Hand-written text stays." in text and text.endswith("Footer stays.\n")
     assert "**3600 s (60 min)** on Test CPU, 2 cores, native bf16: no" in text and "t 1,800 tokens/s (fp32)" in text
@@ -154,22 +160,101 @@ def test_time_by_rule_and_instruct_stage_blocks(tmp_path, results):
     assert "| d | + instruct | 0.90 | 0.30 |" in text
 
 
-def test_committed_readme_matches_the_committed_tables(tmp_path):
-    """Every generated block of the README is what `make readme` makes from results/ now."""
-    from pathlib import Path
+def test_blocks_in_docs_pages_are_regenerated_too(tmp_path, results):
+    """`make readme` finds generated blocks wherever they live: the README and every page of docs/ beside it."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n\n<!-- generated:run_time -->\nold\n<!-- /generated:run_time -->\n")
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "results.md"
+    page.write_text(
+        "Page.\n\n<!-- generated:run_time -->\n<!-- /generated:run_time -->\n"
+        "<!-- generated:measure_time -->\nold\n<!-- /generated:measure_time -->\nEnd.\n"
+    )
+    assert stale(readme, results) == [readme, page]
+    assert update(readme, results) == ["run_time", "run_time", "measure_time"]
+    assert "**3600 s (60 min)**" in readme.read_text() and "**3600 s (60 min)**" in page.read_text()
+    assert page.read_text().startswith("Page.\n") and page.read_text().endswith("End.\n")
+    assert "- now: 45 job-seconds" in page.read_text() and "\nold\n" not in page.read_text()
+    assert stale(readme, results) == []
 
-    repo = Path(__file__).resolve().parent.parent
-    copy = tmp_path / "README.md"
-    copy.write_text((repo / "README.md").read_text())
-    found = update(copy, repo / "results")
-    assert {"run_time", "models", "aims", "per_draft", "significance"} <= set(found)
-    assert copy.read_text() == (repo / "README.md").read_text(), "README is stale: run `make readme`"
+
+def test_unknown_block_in_a_docs_page_writes_nothing(tmp_path, results):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("<!-- generated:typo -->\n<!-- /generated:typo -->\n")
+    with pytest.raises(ValueError, match=r"page\.md: unknown generated block\(s\) \['typo'\]"):
+        update(readme, results)
+    assert readme.read_text() == README
+
+
+def test_commands_block_says_how_long_each_command_took(results):
+    text = commands(results)
+    assert "`make run` from nothing: **60 min** (3,600 s) on Test CPU, 2 cores, no native bf16 (2026-11-25" in text
+    assert "`make test`: not timed yet" in text
+    (results / "test_time.json").write_text(
+        json.dumps(
+            {
+                "test": {
+                    "seconds": 780,
+                    "passed": 400,
+                    "skipped": 2,
+                    "created": "2026-11-27T10:00:00",
+                    "machine": {"cpu": "Test CPU", "cores": 2, "native_bf16": False},
+                }
+            }
+        )
+    )
+    text = commands(results)
+    assert "- `make test`: **13 min** (400 passed, 2 skipped) on Test CPU, 2 cores, no native bf16 (2026-11-27" in text
+    assert "not timed" not in text and "test-integration" not in text
+
+
+def test_headline_block_compares_sd2_with_its_baselines(results):
+    text = headline(results)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| draft | method | sparsity % | MAL [95% CI] |")
+    rows = [line.split(" | ") for line in table[2:]]
+    assert {r[1] for r in rows} <= {"dense", "dense_sd", "layer_pruned", "sd2"} and any(r[1] == "sd2" for r in rows)
+    assert all(r[6] == "–" for r in rows if r[1] != "sd2")  # the paired ratio is SD²'s alone
+    assert all(re.match(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", r[6]) for r in rows if r[1] == "sd2")
+
+
+def test_methods_block_is_the_registry():
+    text = methods_table(None)
+    for m in methods.METHODS:
+        assert f"| `{m.name}` | {m.label} |" in text
+    for loss in methods.LOSSES.values():
+        assert f"| `{loss.name}` |" in text and loss.description in text and loss.objective in text
+    for family in methods.HEAD_FAMILIES.values():
+        assert f"| `{family.name}` | `{family.module}` |" in text
+
+
+def test_committed_docs_match_the_committed_tables():
+    """Every generated block of the README and of docs/*.md is what `make readme` makes from results/ now, and
+    every block the generator knows is shown somewhere."""
+    documents = regenerated(REPO / "README.md", REPO / "results")
+    assert REPO / "docs" / "results.md" in documents
+    assert stale(REPO / "README.md", REPO / "results") == [], "stale generated blocks: run `make readme`"
+    shown = {name for _, names in documents.values() for name in names}
+    assert shown == set(BLOCKS), f"blocks shown nowhere: {sorted(set(BLOCKS) - shown)}"
+
+
+def test_readme_dag_names_every_rule():
+    rules = {
+        name
+        for path in (REPO / "workflow" / "rules").glob("*.smk")
+        for name in re.findall(r"^rule (\w+):", path.read_text(), re.M)
+    }
+    dag = re.search(r"## What the workflow does\n\n```\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert rules and not {r for r in rules if not re.search(rf"\b{r}\b", dag)}
 
 
 def test_families_blocks(tmp_path):
     """config/families.yaml's blocks: every greedy exact record against dense_sd of its draft, paired."""
+    from sd2.report.comparisons import family_comparisons
     from sd2.report.readme import families, families_significance, families_trees
-    from sd2.report.results import family_comparisons
 
     assert families(tmp_path).startswith("Not run yet") and families_trees(tmp_path).startswith("Not run yet")
     fam = tmp_path / "families"

@@ -1,4 +1,5 @@
-"""sd2.report.results: records -> measurements.csv and comparisons.csv, training logs -> training.csv."""
+"""sd2.report.collect, comparisons and markdown: records -> measurements.csv, comparisons.csv and summary.md,
+training logs -> training.csv."""
 
 import json
 
@@ -18,18 +19,9 @@ from synthetic import (
     write_synthetic_records,
 )
 
-from sd2.report.results import (
-    COMPARISON_COLUMNS,
-    MEASUREMENT_COLUMNS,
-    MIN_PROMPTS_FOR_SIGNIFICANCE,
-    TRAINING_COLUMNS,
-    collect_comparisons,
-    collect_measurements,
-    collect_training,
-    markdown_table,
-    summary_markdown,
-    summary_table,
-)
+from sd2.report.collect import MEASUREMENT_COLUMNS, TRAINING_COLUMNS, collect_measurements, collect_training
+from sd2.report.comparisons import COMPARISON_COLUMNS, MIN_PROMPTS_FOR_SIGNIFICANCE, collect_comparisons
+from sd2.report.markdown import markdown_table, summary_markdown, summary_table
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ Then: every job the dry run puts on the cluster (everything but the local rules)
 Slurm batch job that COMPLETED, proven by Slurm's own completion log (jobcomp/filetxt,
 keyed by job id and working directory) joined with the per-job log the plugin names by
 the Slurm job id (its jobstep output names the rule and outputs it ran); the local rules
-never went to Slurm; and every row of the results tables is a row of the session's local
-run of the full test config (`tiny_run`, `snakemake --cores 2`), timing columns aside: the
+never went to Slurm; and every row of the results tables is a row of the local run of
+the full test config (`tiny_run`, `snakemake --cores 2`), timing columns aside: the
 reduced config's jobs are a subset of the full config's, with the same inputs and seeds.
 
 Skipped, loudly (printed, warned and in the skip reason), where it cannot run: not root,
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm_cluster.sh"
 CONFIG = "config/test.yaml"
-LOCAL_RULES = {"all", "prepare_data", "train_tokenizer", "download_model", "collect", "figures"}
+LOCAL_RULES = {"all", "prepare_data", "train_tokenizer", "download_model", "collect", "figures", "export_draft"}
 STATE = Path(os.environ.get("SD2_SLURM_DIR", "/var/tmp/sd2-slurm"))
 # Columns whose values depend on the machine's speed, not on the computation.
 TIMING = re.compile(r"(tokens_per_s|per_second|seconds|speedup|elapsed|wall|_time$|^time)")

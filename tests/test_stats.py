@@ -69,11 +69,11 @@ def test_paired_interval_without_an_effect_contains_one():
 
 
 def test_degenerate_inputs():
-    assert all(np.isnan(ratio_ci([], [])))
-    assert all(np.isnan(ratio_ci([0, 0], [0, 0])))
-    assert all(np.isnan(paired_ratio_ci([1], [1], [0], [1])))
+    assert all(np.isnan(ratio_ci([], [], n_boot=1000, seed=0)))
+    assert all(np.isnan(ratio_ci([0, 0], [0, 0], n_boot=1000, seed=0)))
+    assert all(np.isnan(paired_ratio_ci([1], [1], [0], [1], n_boot=1000, seed=0)))
     with pytest.raises(ValueError, match="length"):
-        ratio_ci([1, 2], [1])
+        ratio_ci([1, 2], [1], n_boot=1000, seed=0)
     with pytest.raises(ValueError, match="length"):
-        paired_ratio_ci([1, 2], [1, 1], [1], [1])
+        paired_ratio_ci([1, 2], [1, 1], [1], [1], n_boot=1000, seed=0)
     assert not excludes(float("nan"), 2.0, 1.0)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sd2.tracking import start_run, wandb_logged_in
+from sd2 import tracking
+from sd2.tracking import start_run, tracked_run, wandb_logged_in
 
 KEY = "k" * 40  # wandb checks only the format of a key here (no verification request)
 CFG = {"mode": "online", "project": "sd2-test", "entity": None}
@@ -41,3 +42,28 @@ def test_no_login_names_the_three_fixes(bare_home):
     for fix in ("wandb login", "WANDB_API_KEY", "wandb.mode: offline", "wandb sync"):
         assert fix in message
     assert not (bare_home / "wandb").exists()  # failed before anything was started
+
+
+class Run:
+    def __init__(self):
+        self.finished = []
+
+    def finish(self, exit_code=None):
+        self.finished.append(exit_code)
+
+
+def test_tracked_run_finishes_the_run_and_marks_a_failed_job(monkeypatch):
+    runs = []
+    monkeypatch.setattr(tracking, "start_run", lambda *args: runs.append(Run()) or runs[-1])
+    with tracked_run(CFG, "dir", "g", "measure", "n", {}) as run:
+        assert run is runs[0] and not run.finished
+    assert runs[0].finished == [None]
+    with pytest.raises(RuntimeError, match="boom"), tracked_run(CFG, "dir", "g", "measure", "n", {}):
+        raise RuntimeError("boom")
+    assert runs[1].finished == [1]  # W&B shows the run as failed, not as still running
+
+
+def test_disabled_tracking_is_a_no_op_run(tmp_path):
+    with tracked_run({"mode": "disabled"}, tmp_path / "wandb", "g", "measure", "n", {}) as run:
+        run.log({"mal": 2.0})
+    assert not (tmp_path / "wandb").exists()

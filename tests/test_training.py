@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from sd2.chunked_loss import chunked_causal_lm_loss, default_chunk_tokens
-from sd2.drafts.finetune import chunked_kl, chunked_tvdpp, finetune_loss_fn, kl_loss, tvdpp_loss
+from sd2.drafts import losses
+from sd2.drafts.finetune import finetune_loss_fn
+from sd2.drafts.losses import kl_loss, tvdpp_loss
 from sd2.models import build_model, load_model
 from sd2.training import accumulate_gradients, causal_lm_loss, collate, label_tokens, micro_batches
 
@@ -70,7 +72,7 @@ def test_accumulated_ce_step_equals_the_full_batch_step(micro):
 
 def test_accumulated_kl_step_equals_the_full_batch_step():
     model, teacher, batch = model_of(), model_of(seed=1).eval(), batch_of()
-    loss_fn = finetune_loss_fn("kl", teacher, chunk_tokens=5)
+    loss_fn = finetune_loss_fn(losses.kl, teacher, chunk_tokens=5)
     full_loss, full = step_grads(model, batch, loss_fn)
     loss, accumulated = step_grads(model, batch, loss_fn, 3)
     assert full_loss > 1e-3 and abs(loss - full_loss) < 1e-6
@@ -110,8 +112,8 @@ def test_chunked_distillation_losses_equal_the_full_logit_ones():
     mask = batch["labels"][:, 1:] != -100
     tokens = torch.randint(0, 97, mask.shape, generator=torch.Generator().manual_seed(0))
     for full, chunked in [
-        (kl_loss(logits, teacher_logits, mask), chunked_kl(model, teacher, batch, 5)),
-        (tvdpp_loss(logits, teacher_logits, mask, tokens), chunked_tvdpp(model, teacher, batch, 5, tokens[mask])),
+        (kl_loss(logits, teacher_logits, mask), losses.kl(model, teacher, batch, 5)),
+        (tvdpp_loss(logits, teacher_logits, mask, tokens), losses.tvdpp(model, teacher, batch, 5, tokens[mask])),
     ]:
         model.zero_grad(set_to_none=True)
         full.backward(retain_graph=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_measure import PROMPTS, _perturbed, _rescaled
 
-from sd2.drafts.distill import generate_batch
+from sd2.generation import generate_batch
 from sd2.measure import acceptance, trees
 from sd2.models import load_model, load_tokenizer
 

@@ -209,7 +209,7 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     # The 70B target is spread over its GPUs; the jobs check for CUDA at once.
     assert "--target meta-llama/Llama-3.1-70B-Instruct" in out and "--gpus 4 --device-map auto" in out
     assert not re.search(r"sd2 layer-prune [^\n]*--gpus", out)
-    # Issue 13's families: heads for every target at both sizes, trees in the measure jobs.
+    # The other drafter families: heads for every target at both sizes, trees in the measure jobs.
     counts = job_counts(out)
     heads = len(load("config/paper.yaml")["targets"]) * 4
     assert counts["train_head"] == heads and counts["measure_head"] == heads * len(
@@ -218,7 +218,7 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     assert '"tree_budgets": [4, 8, 16]' in out
     families = job_counts(outs["config/families.yaml"])
     assert families["train_head"] == 4 and "train_sparse_head" not in families and families["measure_head"] == 4
-    # Issue 15's quantized drafts: every (draft, variant, sparsity) of both llama drafts once per scheme,
+    # Quantized drafts: every (draft, variant, sparsity) of both llama drafts once per scheme,
     # one-shot and quantization-aware (every variant there is fine-tuned).
     quantized = job_counts(outs["config/quantization.yaml"])
     assert quantized["quantize"] == 2 * 5 * 2 * 2 and quantized["measure"] == 2 * 5 * (1 + 2 * 2)

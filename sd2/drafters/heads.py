@@ -1,7 +1,5 @@
-"""What every draft head shares: interface, distillation training, batched rollouts, offline measure, decoding.
-
-A draft head reads the (frozen) target's hidden states and shares its input embedding and
-lm_head (their weights are the target's, neither trained nor saved with the head).
+"""What every draft head (sd2.drafters.base.DraftHead) shares: distillation training, batched rollouts,
+offline measure, decoding. A head method's module is the registry's (sd2.methods.HEAD_FAMILIES).
 
 Timing convention (the same in training, the offline measurement and the decoding loop):
 prefill commits the target's first token y[0] itself (one target forward, nothing drafted).
@@ -36,9 +34,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import chat
+from sd2 import chat, methods
 from sd2.checkpoint import atomic_path, write_json
-from sd2.drafters import head_class, split_name
+from sd2.drafters.base import head_device, on_head, target_forward
+from sd2.masks import apply_masks, magnitude_mask
 from sd2.measure import acceptance, continuations
 from sd2.measure.drafts import (
     DEFINITIONS,
@@ -57,81 +56,10 @@ HEAD_WEIGHTS = "head.pt"
 HEAD_CONFIG = "head.json"
 
 
-class DraftHead(torch.nn.Module):
-    """A draft head over a frozen target. Subclasses implement the head's own state machine:
-
-    features(hidden_states) -> (B, n, F): per-position context features from the target's hidden
-        states (the tuple output_hidden_states gives: embeddings, then every layer, the last normed);
-        position-wise, so features of new positions can be appended.
-    begin(feats, item, ctx_len, last) -> state for Q queries: query q reads feats[item[q], :ctx_len[q]]
-        and the last committed token last[q].
-    logits(state) -> (Q, vocab) float logits of the next drafted token.
-    advance(state, tokens) -> state with tokens (Q,) appended as drafted.
-    index(state, idx) -> state of the queries idx (beam expansion and reordering).
-    linear_uses() -> {linear layer: runs per drafted token} where a layer runs other than once
-        (macs_per_token counts the non-zero weights of every linear layer times its uses).
-    """
-
-    method = ""
-
-    def __init__(self, target):
-        super().__init__()
-        # A plain tuple: the target's modules are used, not registered (not trained, not saved).
-        self._shared = (target.get_input_embeddings(), target.get_output_embeddings())
-        config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-        self.target_hidden = config.hidden_size
-        self.target_layers = config.num_hidden_layers
-        self.vocab = self._shared[1].weight.shape[0]
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        embedding = self._shared[0]
-        return embedding(tokens.to(embedding.weight.device)).to(self.param_dtype)
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        head = self._shared[1]
-        # Back to the head's device: with device_map auto the target's lm_head may sit on another GPU.
-        return head(x.to(head.weight.device, head.weight.dtype)).float().to(x.device)
-
-    @property
-    def param_dtype(self):
-        return next(self.parameters()).dtype
-
-    def linear_uses(self) -> dict:
-        """How many times each of the head's linear layers runs per drafted token (default: once)."""
-        return {module: 1 for module in self.modules() if isinstance(module, torch.nn.Linear)}
-
-    def macs_per_token(self, dense: bool = False) -> int:
-        """Linear-layer weight MACs per drafted token (sd2.measure.macs conventions): the head's own linear layers
-        at their non-zero weights (dense: all weights) times their uses, plus the shared lm_head (vocab x
-        hidden, dense: the head computes it for every drafted token; the embedding lookup is free)."""
-        own = sum(
-            (module.weight.numel() if dense else int(torch.count_nonzero(module.weight))) * uses
-            for module, uses in self.linear_uses().items()
-        )
-        return own + self.vocab * self.target_hidden
-
-
-# ---- the target's side ----
-
-
-def target_forward(target, ids: torch.Tensor, attention_mask=None, **kwargs):
-    """One target forward with every layer's hidden states."""
-    return target(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
-
-
-def head_device(head) -> torch.device:
-    return next(head.parameters()).device
-
-
-def _on_head(head, hidden_states) -> tuple:
-    device, dtype = head_device(head), head.param_dtype
-    return tuple(h.to(device, dtype) for h in hidden_states)
-
-
 # ---- rollouts: beam search (a chain is one beam), batched over queries ----
 
 
-def propose(head, feats, item, ctx_len, last, k: int, beams: int = 1):
+def propose(head, feats, item, ctx_len, last, k: int, beams: int):
     """The head's k-token proposal for every query: (tokens (Q, beams, k), margins (Q, k)).
 
     Beam search by summed log-probabilities; margins[:, i] is the gap at step i between the
@@ -174,7 +102,7 @@ def item_runs(head, target, prompt: list[int], y: list[int], ks: list[int], beam
     """
     device = head_device(head)
     ids = torch.tensor([prompt + y], device=target.device)
-    feats = head.features(_on_head(head, target_forward(target, ids).hidden_states))
+    feats = head.features(on_head(head, target_forward(target, ids).hidden_states))
     n_prompt, length = len(prompt), len(y)
     starts = torch.arange(1, length, device=device)
     y_pad = torch.tensor(y + [-1] * max(ks), device=device)
@@ -214,7 +142,7 @@ def decode(head, target, prompt: list[int], *, k: int, beams: int, max_new_token
     device = head_device(head)
     out = target_forward(target, torch.tensor([prompt], device=target.device), use_cache=True)
     cache = out.past_key_values
-    feats = head.features(_on_head(head, out.hidden_states))
+    feats = head.features(on_head(head, out.hidden_states))
     token = int(out.logits[0, -1].argmax())
     tokens, steps = [token], [(1, 0)]
     while len(tokens) < max_new_tokens and token not in eos_ids:
@@ -244,7 +172,7 @@ def decode(head, target, prompt: list[int], *, k: int, beams: int, max_new_token
         if drafted > a:
             cache.crop(-(drafted - a))
         verified = tuple(h[best : best + 1, : a + 1] for h in out.hidden_states)
-        feats = torch.cat([feats, head.features(_on_head(head, verified))], dim=1)
+        feats = torch.cat([feats, head.features(on_head(head, verified))], dim=1)
         tokens += new
         steps.append((len(new), drafted))
         token = new[-1]
@@ -261,7 +189,7 @@ def distill_loss(head, target, batch: dict, depth: int) -> tuple[torch.Tensor, i
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
         out = target_forward(target, ids, mask)
-    feats = head.features(_on_head(head, out.hidden_states))
+    feats = head.features(on_head(head, out.hidden_states))
     width = ids.shape[1]
     # Starts j >= 1 (a head needs at least one hidden state) whose first prediction x[j+1] is trained on.
     valid_start = torch.zeros_like(labels, dtype=torch.bool)
@@ -286,6 +214,20 @@ def distill_loss(head, target, batch: dict, depth: int) -> tuple[torch.Tensor, i
     return total / max(count, 1), count
 
 
+def head_class(method: str):
+    """The nn.Module class of a head method: the registry's head family's module."""
+    return methods.resolve(methods.head_family(method).module)
+
+
+def split_name(head: str) -> tuple[str, str]:
+    """(method, size) from a head name like redrafter-small."""
+    method, sep, size = head.partition("-")
+    if not sep or not size:
+        raise ValueError(f"head name {head!r} is not <method>-<size> (e.g. redrafter-small)")
+    methods.head_family(method)
+    return method, size
+
+
 def build_head(method: str, size: dict, target):
     """A fresh head of `method` with its heads.sizes entry (e.g. {layers: 1}); null values take the default."""
     given = {key: value for key, value in size.items() if value is not None}
@@ -299,23 +241,8 @@ def magnitude_masks(head, sparsity: float) -> dict:
     """Per linear layer of the head (not the shared embeddings), a mask keeping its largest |weights|, 1 - sparsity."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"head sparsity must be a fraction in [0, 1), got {sparsity}")
-    masks = {}
-    for name, module in head.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            weight = module.weight.detach()
-            drop = round(weight.numel() * sparsity)
-            mask = torch.ones_like(weight, dtype=torch.bool)
-            if drop:
-                mask.view(-1)[weight.abs().view(-1).argsort()[:drop]] = False
-            masks[name] = mask
-    return masks
-
-
-def apply_masks(head, masks: dict) -> None:
-    with torch.no_grad():
-        for name, module in head.named_modules():
-            if name in masks:
-                module.weight.mul_(masks[name])
+    linears = {name: m for name, m in head.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {name: magnitude_mask(module.weight, sparsity) for name, module in linears.items()}
 
 
 def _examples(tokenizer, target_dir, data_dir, settings, chat_settings):
@@ -378,13 +305,13 @@ def train_head(
     settings: dict,
     chat_settings: dict | None,
     seed: int,
-    beam_width: int = 1,
+    beam_width: int,
+    trust_remote_code: bool,
+    dtype,
     init_dir=None,
     sparsity: int = 0,
     run=None,
-    trust_remote_code: bool = False,
     device: str | None = None,
-    dtype="auto",
     device_map=None,
 ) -> dict:
     """Train head `head_name` (<method>-<size>) on the target's self-distilled data; write it to out_dir.
@@ -400,21 +327,18 @@ def train_head(
     target.eval().requires_grad_(False)
     examples, fmt = _examples(tokenizer, target_dir, data_dir, settings, chat_settings)
     batches = shuffled_batches(examples, settings["batch_size"], tokenizer.pad_token_id, seed, device=target.device)
-    masks, dense = None, None
     if init_dir is None:
         if sparsity:
             raise ValueError(f"{head_name}: a sparse head ({sparsity}%) starts from a trained dense head (init_dir)")
-        head = build_head(method, size, target).to(target.get_input_embeddings().weight.device)
+        head, dense = build_head(method, size, target).to(target.get_input_embeddings().weight.device), None
         history = _fit(head, target, batches, settings, settings["steps"], f"train {head_name}", run)
     else:
         head, dense = load_head(init_dir, target)
         if dense["method"] != method or dense["size"] != size:
             raise ValueError(f"{init_dir} is a {dense['head']} head with size {dense['size']}, not {head_name} {size}")
-        head.train()
-        masks = magnitude_masks(head, sparsity / 100)
-        apply_masks(head, masks)
-        desc = f"train {head_name} at {sparsity}% sparsity"
-        history = _fit(head, target, batches, settings, settings["sparse_steps"], desc, run, masks)
+        history = _fit_sparse(
+            head, target, batches, settings, sparsity, f"train {head_name} at {sparsity}% sparsity", run
+        )
     info = {
         "head": head_name,
         "method": method,
@@ -423,6 +347,29 @@ def train_head(
         "init": None if init_dir is None else str(init_dir),
         "beam_width": beam_width,
         "target": str(target_dir),
+        **_head_sizes(head),
+        "shared_with_target": "input embedding and lm_head (the target's own weights, frozen, not saved here)",
+        "data_format": fmt,
+        "history": history,
+        "dense_history": None if dense is None else dense["history"],
+        "provenance": provenance(seed=seed, **settings, chat=chat_settings),
+    }
+    _save_head(out_dir, head, info)
+    return info
+
+
+def _fit_sparse(head, target, batches, settings, sparsity: int, desc: str, run) -> list[dict]:
+    """Magnitude-prune a trained dense head's own linear layers to `sparsity` percent, then train it
+    settings["sparse_steps"] more steps with those masks held."""
+    head.train()
+    masks = magnitude_masks(head, sparsity / 100)
+    apply_masks(head, masks)
+    return _fit(head, target, batches, settings, settings["sparse_steps"], desc, run, masks)
+
+
+def _head_sizes(head) -> dict:
+    """The target's shapes the head was trained on, and the head's parameters and MACs per drafted token."""
+    return {
         "target_hidden_size": head.target_hidden,
         "target_layers": head.target_layers,
         "vocab": head.vocab,
@@ -430,17 +377,14 @@ def train_head(
         "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in head.parameters()),
         "macs_per_token": head.macs_per_token(),
         "dense_macs_per_token": head.macs_per_token(dense=True),
-        "shared_with_target": "input embedding and lm_head (the target's own weights, frozen, not saved here)",
-        "data_format": fmt,
-        "history": history,
-        "dense_history": None if dense is None else dense["history"],
-        "provenance": provenance(seed=seed, **settings, chat=chat_settings),
     }
+
+
+def _save_head(out_dir, head, info: dict) -> None:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         torch.save(head.state_dict(), tmp / HEAD_WEIGHTS)
         write_json(tmp / HEAD_CONFIG, info)
-    return info
 
 
 def load_head(head_dir, target):
@@ -497,11 +441,11 @@ def measure_head(
     settings: dict,
     labels: dict,
     seed: int,
+    trust_remote_code: bool,
+    dtype,
     beam_width: int | None = None,
     run=None,
-    trust_remote_code: bool = False,
     device: str | None = None,
-    dtype="auto",
     device_map=None,
 ) -> dict:
     """Every greedy record (k = 1..k_max) of one head on one eval set, as one JSON file at out_path.
@@ -509,13 +453,7 @@ def measure_head(
     settings: the config's measure section (n_prompts, max_new_tokens, k_max, k, n_check,
     warmup_prompts, bootstrap, batch_size = rollout starts per batch). beam_width None: the head's own.
     """
-    cached = continuations.load(outputs_path)
-    if cached["max_new_tokens"] != settings["max_new_tokens"]:
-        raise ValueError(
-            f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
-            f"the settings ask for {settings['max_new_tokens']}"
-        )
-    items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
+    cached, items = _cached_items(outputs_path, settings)
     target, tokenizer = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
     target.eval()
     head, info = load_head(head_dir, target)
@@ -524,46 +462,16 @@ def measure_head(
         raise ValueError(
             f"{head_dir}: beam_width {beams}, but only ReDrafter proposes beams ({info['method']} drafts a chain)"
         )
-    max_new, k_max, n_check, warmup = (
-        settings[key] for key in ("max_new_tokens", "k_max", "n_check", "warmup_prompts")
-    )
-    ks = list(range(1, k_max + 1))
-    target_macs = model_macs(target)["macs_per_token"]
-    draft_macs = head.macs_per_token() * beams
-    cost_ratio = draft_macs / target_macs
+    max_new, ks = settings["max_new_tokens"], list(range(1, settings["k_max"] + 1))
+    base = _record_base(labels, head, target, beams, cached)
+    cost_ratio = base["macs_ratio"]
     rollouts = [
         item_runs(head, target, it["prompt_ids"], it["continuation_ids"], ks, beams, settings["batch_size"])
         for it in tqdm(items, desc="head rollouts", mininterval=5)
     ]
-    eos = target.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
     walks = {k: [walk(r[k]["runs"], k, max_new, it["ended_by_eos"]) for r, it in zip(rollouts, items)] for k in ks}
-    checks = {}
-    for k in settings["k"]:
-        real, seconds = [], []
-        for it in items[:n_check]:
-            began = time.perf_counter()
-            real.append(decode(head, target, it["prompt_ids"], k=k, beams=beams, max_new_tokens=max_new, eos_ids=eos))
-            seconds.append(time.perf_counter() - began)
-        outputs_ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, real)]
-        steps_ok = [
-            ok and check_steps(it, r["steps"], walks[k][i], rollouts[i][k]["gaps"], k)
-            for i, (ok, it, r) in enumerate(zip(outputs_ok, items, real))
-        ]
-        timed = slice(warmup, None)
-        sd_speed = sum(len(r["tokens"]) for r in real[timed]) / sum(seconds[timed]) if sum(seconds[timed]) else None
-        checks[k] = check_summary(outputs_ok, steps_ok, real, sd_speed, cached["timing"]["ar_tokens_per_s"])
-    base = {
-        **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
-        "draft_macs_per_token": draft_macs,
-        "target_macs_per_token": target_macs,
-        "macs_ratio": cost_ratio,
-        "head_macs_per_token": head.macs_per_token(),
-        "beam_width": beams,
-        "same_tokenizer": True,
-        "decoding_path": "draft_head",
-        "device": str(target.device),
-        "prompt_format": cached["provenance"]["settings"].get("chat"),
+    checks = {
+        k: _decoding_check(head, target, items, walks[k], rollouts, k, beams, settings, cached) for k in settings["k"]
     }
     records = [
         {
@@ -584,3 +492,57 @@ def measure_head(
     output = {"definitions": HEAD_DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": records}
     write_json(out_path, output, indent=None)
     return output
+
+
+def _record_base(labels: dict, head, target, beams: int, cached: dict) -> dict:
+    """What every record of the head shares: its labels, its and the target's MACs per token, how it decodes."""
+    target_macs = model_macs(target)["macs_per_token"]
+    draft_macs = head.macs_per_token() * beams
+    return {
+        **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
+        "draft_macs_per_token": draft_macs,
+        "target_macs_per_token": target_macs,
+        "macs_ratio": draft_macs / target_macs,
+        "head_macs_per_token": head.macs_per_token(),
+        "beam_width": beams,
+        "same_tokenizer": True,
+        "decoding_path": "draft_head",
+        "device": str(target.device),
+        "prompt_format": cached["provenance"]["settings"].get("chat"),
+    }
+
+
+def _cached_items(outputs_path, settings: dict) -> tuple[dict, list[dict]]:
+    """(the target's cached continuations, the items measured: the first n_prompts)."""
+    cached = continuations.load(outputs_path)
+    if cached["max_new_tokens"] != settings["max_new_tokens"]:
+        raise ValueError(
+            f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
+            f"the settings ask for {settings['max_new_tokens']}"
+        )
+    items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
+    return cached, items
+
+
+def _decoding_check(head, target, items, walks_k, rollouts, k: int, beams: int, settings: dict, cached) -> dict:
+    """check_summary of our decoding loop at `k` on the first n_check items against the cached greedy
+    continuation and the walk, and its tokens/s after warmup_prompts."""
+    eos = target.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    real, seconds = [], []
+    for it in items[: settings["n_check"]]:
+        began = time.perf_counter()
+        real.append(
+            decode(
+                head, target, it["prompt_ids"], k=k, beams=beams, max_new_tokens=settings["max_new_tokens"], eos_ids=eos
+            )
+        )
+        seconds.append(time.perf_counter() - began)
+    outputs_ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, real)]
+    steps_ok = [
+        ok and check_steps(it, r["steps"], walks_k[i], rollouts[i][k]["gaps"], k)
+        for i, (ok, it, r) in enumerate(zip(outputs_ok, items, real))
+    ]
+    timed = slice(settings["warmup_prompts"], None)
+    sd_speed = sum(len(r["tokens"]) for r in real[timed]) / sum(seconds[timed]) if sum(seconds[timed]) else None
+    return check_summary(outputs_ok, steps_ok, real, sd_speed, cached["timing"]["ar_tokens_per_s"])

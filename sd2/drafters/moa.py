@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sd2.drafters.heads import DraftHead
+from sd2.drafters.base import DraftHead
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:

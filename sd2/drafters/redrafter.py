@@ -28,7 +28,7 @@ U and W (2 H^2) + layers x (2H)^2 + P (2H x H) + the shared lm_head (vocab x H).
 import torch
 from torch import nn
 
-from sd2.drafters.heads import DraftHead
+from sd2.drafters.base import DraftHead
 
 
 class ResBlock(nn.Module):

@@ -1,12 +1,11 @@
 """Rule self_distill: the target answers every fine-tuning prompt (self-data distillation).
 
 Responses are stored as text, so a draft with another tokenizer can train on them.
-Generation is batched with left padding; the attention mask (and the position ids
-generate() derives from it) make each answer the same as an unbatched one. Prompts are
-formatted by sd2.chat (the target's chat template), and each row keeps the formatted prompt
-the target saw, so drafts train on the target's exact format. Answers are written in shards
-as they come, so a killed job's requeue resumes instead of starting over.
-With the config's engine.name vllm, vLLM answers each shard instead (sd2.engines), same rows.
+The config's engine section picks what generates them (sd2.generation: transformers' batched,
+left-padded generate, or vLLM), with the same rows either way. Prompts are formatted by
+sd2.chat (the target's chat template), and each row keeps the formatted prompt the target saw,
+so drafts train on the target's exact format. Answers are written in shards as they come, so a
+killed job's requeue resumes instead of starting over.
 """
 
 import hashlib
@@ -15,72 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 
-from sd2 import chat, engines
+from sd2 import chat, generation
 from sd2.checkpoint import atomic_path, write_json
-from sd2.measure.speculative import check_shipped_generation, generation_config
-from sd2.models import default_device, load_model, load_tokenizer
+from sd2.models import load_tokenizer
 from sd2.provenance import provenance
-
-
-def decode_response(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text of the new tokens, special tokens stripped.
-
-    Decoded together with the prompt and cut after the decoded prompt, because some
-    decoders (metaspace) drop a leading space when a sequence starts mid-text.
-    """
-    full = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    if full.startswith(head):
-        return full[len(head) :]
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
-
-
-def _strip_padding(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
-    return ids[mask.bool()].tolist()
-
-
-@torch.no_grad()
-def generate_batch(
-    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, chat_settings: dict | None = None
-) -> list[dict]:
-    """Answer `prompts` in one left-padded batch: response text, token ids and counts, whether EOS ended it.
-
-    Each prompt is formatted by sd2.chat (its chat template where the tokenizer has one and
-    chat_settings allow it); the decoding is exactly greedy or pure sampling (sd2.measure.speculative).
-    """
-    check_shipped_generation(model)
-    tokenizer.padding_side = "left"
-    ids = [chat.prompt_ids(tokenizer, p, chat_settings) for p in prompts]
-    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(model.device)
-    out = model.generate(
-        **enc, generation_config=generation_config(temperature, max_new_tokens, tokenizer.pad_token_id)
-    )
-    width = enc["input_ids"].shape[1]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    rows = []
-    for i in range(len(prompts)):
-        prompt_ids = _strip_padding(enc["input_ids"][i], enc["attention_mask"][i])
-        new_ids = out[i, width:].tolist()
-        # generate() pads finished rows after their end-of-sequence token: cut there.
-        end = next((j for j, t in enumerate(new_ids) if t in eos), None)
-        finished = end is not None
-        new_ids = new_ids[: end + 1] if finished else new_ids
-        rows.append(
-            {
-                "response": decode_response(tokenizer, prompt_ids, new_ids),
-                "new_tokens": len(new_ids),
-                "finished": finished,
-                "prompt_ids": prompt_ids,
-                "new_ids": new_ids,
-            }
-        )
-    return rows
-
 
 # ---- the rule: batches written in shards, so a requeued job resumes ----
 
@@ -129,6 +69,122 @@ def drop_long_prompts(prompts, tokenizer, chat_settings: dict, max_tokens: int |
     return prompts.select([i for i, ok in enumerate(fits) if ok]), too_long
 
 
+def load_prompts(prompts_dir, tokenizer, settings: dict, chat_settings: dict):
+    """(the prompts to answer: the first max_prompts that fit max_prompt_tokens, the ids of those left out)."""
+    prompts = load_from_disk(str(prompts_dir))
+    if settings["max_prompts"] is not None:
+        prompts = prompts.select(range(min(settings["max_prompts"], len(prompts))))
+    return drop_long_prompts(prompts, tokenizer, chat_settings, settings["max_prompt_tokens"])
+
+
+def plan(texts: list[str], batch_size: int, shard_batches: int) -> tuple[list[list[int]], list[range]]:
+    """(batches of prompt indices, shards of batch numbers).
+
+    Similar lengths in a batch waste less padding; the answers do not depend on the order when
+    greedy. Sampling is seeded per batch (per prompt with vLLM), so a resumed run draws what an
+    uninterrupted one does.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    shards = [range(s, min(s + shard_batches, len(batches))) for s in range(0, len(batches), shard_batches)]
+    return batches, shards
+
+
+def shard_rows(tokenizer, pairs) -> dict[int, dict]:
+    """A shard's rows by prompt index, from the engine's (prompt index, row) pairs."""
+    rows = {}
+    for i, row in pairs:
+        end = row["new_ids"][-1:] if row["finished"] else []
+        rows[i] = {
+            **chat.target_views(tokenizer, row["prompt_ids"]),
+            "response": row["response"],
+            "finished": row["finished"],
+            "end_token": tokenizer.decode(end, skip_special_tokens=False),
+            "new_tokens": row["new_tokens"],
+        }
+    return rows
+
+
+def answer_shards(engine, texts, batches, shards, *, done: dict, partial: Path, digest: str, settings: dict):
+    """Every prompt's row by index: the shards in `done` as they are, the others generated and written to `partial`.
+
+    Returns (rows, new tokens generated here).
+    """
+    answers: dict[int, dict] = {i: row for rows in done.values() for i, row in rows.items()}
+    new_tokens = 0
+    bar = tqdm(total=len(batches), desc="self-distill", unit="batch", mininterval=5)
+    for number, shard in enumerate(shards):
+        if number in done:
+            bar.update(len(shard))
+            continue
+        pairs = engine.generate(
+            texts,
+            {b: batches[b] for b in shard},
+            max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            bar=bar,
+        )
+        rows = shard_rows(engine.tokenizer, pairs)
+        new_tokens += sum(row["new_tokens"] for row in rows.values())
+        write_json(partial / f"shard-{number:05d}.json", {"shard": number, "digest": digest, "rows": rows})
+        answers.update(rows)
+    bar.close()
+    return answers, new_tokens
+
+
+def dataset(prompts, answers: dict[int, dict]) -> Dataset:
+    """The rule's dataset: id, prompt, the target's response and the original one, the target's views, endings."""
+    texts = list(prompts["prompt"])
+    in_order = [answers[i] for i in range(len(texts))]
+    original = prompts["response"] if "response" in prompts.column_names else [None] * len(texts)
+    columns = ("target_prompt", "target_prompt_text", "finished", "end_token")
+    return Dataset.from_dict(
+        {
+            "id": list(prompts["id"]),
+            "prompt": texts,
+            "response": [a["response"] for a in in_order],
+            "original_response": original,
+            **{c: [a[c] for a in in_order] for c in columns},
+        }
+    )
+
+
+def run_info(engine, target_dir, prompts_dir, settings: dict, seed: int, chat_record: dict) -> dict:
+    """The dataset's provenance: decoding, batching, engine and prompt format, and the target's tokenizer."""
+    temperature = settings["temperature"]
+    info = provenance(
+        seed=seed,
+        target=str(target_dir),
+        prompts=str(prompts_dir),
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=temperature,
+        decoding="greedy" if temperature == 0 else "sampling (pure: no top-k, top-p or repetition penalty)",
+        batch_size=settings["batch_size"],
+        max_prompts=settings["max_prompts"],
+        shard_batches=settings["shard_batches"],
+        padding=engine.padding,
+        engine=engine.settings,
+        chat=chat_record,
+    )
+    # sd2.chat compares this with a draft's tokenizer to pick the text the draft trains on.
+    info["target_tokenizer"] = chat.tokenizer_fingerprint(engine.tokenizer)
+    return info
+
+
+def run_stats(answers: dict, *, too_long: list, resumed: int, new_tokens: int, seconds: float) -> dict:
+    """Counts of the run: prompts, left out, tokens, EOS endings, resumed and generated prompts, speed."""
+    return {
+        "prompts": len(answers),
+        "left_out_longer_than_max_prompt_tokens": {"count": len(too_long), "ids": too_long},
+        "new_tokens": sum(a["new_tokens"] for a in answers.values()),
+        "finished_with_eos": sum(a["finished"] for a in answers.values()),
+        "resumed_prompts": resumed,
+        "generated_prompts": len(answers) - resumed,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+
+
 def self_distill(
     target_dir,
     prompts_dir,
@@ -146,153 +202,41 @@ def self_distill(
     special tokens: see sd2.chat), finished (ended by an end-of-sequence token) and end_token (its text).
 
     settings: the config's distill section (max_new_tokens, temperature, batch_size, max_prompts,
-    max_prompt_tokens, shard_batches) plus `chat` (the config's chat section). Prompts whose
-    formatted ids are longer than max_prompt_tokens are left out (counted in settings.json).
-    Every shard_batches batches the answers so far are written to `<out_dir>.partial/`; a rerun
-    with the same settings resumes there; the finished dataset is written atomically and the
-    partial folder removed.
-
-    settings["engine"] (the config's engine section) picks transformers' generate or vLLM
-    (sd2.engines: one llm.generate call per shard, tensor parallel over `gpus`); same rows either way.
+    max_prompt_tokens, shard_batches) plus `chat` and `engine` (the config's chat and engine
+    sections). Prompts whose formatted ids are longer than max_prompt_tokens are left out (counted
+    in settings.json). Every shard_batches batches the answers so far are written to
+    `<out_dir>.partial/`; a rerun with the same settings resumes there; the finished dataset is
+    written atomically and the partial folder removed. With vLLM each shard is one llm.generate
+    call, tensor parallel over `gpus`.
     """
-    max_new_tokens, temperature = settings["max_new_tokens"], settings["temperature"]
-    batch_size, max_prompts = settings["batch_size"], settings.get("max_prompts")
-    shard_batches = settings.get("shard_batches", 20)
     chat_settings = chat.resolve(settings.get("chat"))
-    prompts = load_from_disk(str(prompts_dir))
-    if max_prompts is not None:
-        prompts = prompts.select(range(min(max_prompts, len(prompts))))
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
-    prompts, too_long = drop_long_prompts(prompts, tokenizer, chat_settings, settings.get("max_prompt_tokens"))
-    engine = engines.resolve(settings.get("engine"))
-    if engine["name"] == "vllm":
-        longest = max(len(chat.prompt_ids(tokenizer, text, chat_settings)) for text in prompts["prompt"])
-        model = engines.load_llm(
-            target_dir,
-            engine,
-            dtype=dtype,
-            gpus=gpus,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            max_model_len=longest + max_new_tokens,
-        )
-        eos = engines.eos_ids(target_dir, trust_remote_code)
-    else:
-        model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
+    prompts, too_long = load_prompts(prompts_dir, tokenizer, settings, chat_settings)
+    texts = list(prompts["prompt"])
+    loading = {"trust_remote_code": trust_remote_code, "dtype": dtype, "device_map": device_map}
+    engine = generation.engine(
+        settings["engine"], target_dir, tokenizer, chat_settings, seed=seed, gpus=gpus, loading=loading
+    )
+    engine.start(texts, settings["max_new_tokens"])
     chat_record = chat.describe(tokenizer, chat_settings)
 
-    texts, ids = list(prompts["prompt"]), list(prompts["id"])
-    # Similar lengths in a batch waste less padding; the answers do not depend on the order
-    # when greedy. Sampling is seeded per batch, so a resumed run draws what an uninterrupted one does.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-    shards = [range(s, min(s + shard_batches, len(batches))) for s in range(0, len(batches), shard_batches)]
-    digest = _digest(
-        {
-            "settings": {**settings, "chat": chat_settings, "shard_batches": shard_batches},
-            "seed": seed,
-            "target": str(target_dir),
-            "prompts": _digest([ids, texts]),
-        }
-    )
+    batches, shards = plan(texts, settings["batch_size"], settings["shard_batches"])
+    fingerprint = {"settings": {**settings, "chat": chat_settings}, "seed": seed, "target": str(target_dir)}
+    digest = _digest({**fingerprint, "prompts": _digest([list(prompts["id"]), texts])})
     partial = partial_dir(out_dir)
     done = _resume(partial, digest)
     partial.mkdir(parents=True, exist_ok=True)
     write_json(partial / "settings.json", {"digest": digest, "settings": settings, "seed": seed})
 
-    answers: dict[int, dict] = {i: row for rows in done.values() for i, row in rows.items()}
-    resumed = len(answers)
-    start, new_tokens = time.time(), 0
-    bar = tqdm(total=len(batches), desc="self-distill", unit="batch", mininterval=5)
-    for number, shard in enumerate(shards):
-        if number in done:
-            bar.update(len(shard))
-            continue
-        if engine["name"] == "vllm":
-            idx = [i for b in shard for i in batches[b]]
-            answered = engines.generate(
-                model,
-                tokenizer,
-                [texts[i] for i in idx],
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                eos=eos,
-                seeds=[seed + i for i in idx],
-                chat_settings=chat_settings,
-            )
-            pairs = list(zip(idx, answered))
-            bar.update(len(shard))
-        else:
-            pairs = []
-            for b in shard:
-                torch.manual_seed(seed + b)
-                idx = batches[b]
-                out = generate_batch(
-                    model,
-                    tokenizer,
-                    [texts[i] for i in idx],
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    chat_settings=chat_settings,
-                )
-                pairs += zip(idx, out)
-                bar.update(1)
-        rows = {}
-        for i, row in pairs:
-            end = row["new_ids"][-1:] if row["finished"] else []
-            rows[i] = {
-                **chat.target_views(tokenizer, row["prompt_ids"]),
-                "response": row["response"],
-                "finished": row["finished"],
-                "end_token": tokenizer.decode(end, skip_special_tokens=False),
-                "new_tokens": row["new_tokens"],
-            }
-            new_tokens += row["new_tokens"]
-        write_json(partial / f"shard-{number:05d}.json", {"shard": number, "digest": digest, "rows": rows})
-        answers.update(rows)
-    bar.close()
+    start = time.time()
+    answers, new_tokens = answer_shards(
+        engine, texts, batches, shards, done=done, partial=partial, digest=digest, settings=settings
+    )
     seconds = time.time() - start
-
-    answers_in_order = [answers[i] for i in range(len(texts))]
-    original = prompts["response"] if "response" in prompts.column_names else [None] * len(texts)
-    columns = ("target_prompt", "target_prompt_text", "finished", "end_token")
-    data = Dataset.from_dict(
-        {
-            "id": ids,
-            "prompt": texts,
-            "response": [a["response"] for a in answers_in_order],
-            "original_response": original,
-            **{c: [a[c] for a in answers_in_order] for c in columns},
-        }
-    )
-    info = provenance(
-        seed=seed,
-        target=str(target_dir),
-        prompts=str(prompts_dir),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        decoding="greedy" if temperature == 0 else "sampling (pure: no top-k, top-p or repetition penalty)",
-        batch_size=batch_size,
-        max_prompts=max_prompts,
-        shard_batches=shard_batches,
-        padding="left" if engine["name"] == "transformers" else None,
-        engine=engine,
-        chat=chat_record,
-    )
-    # sd2.chat compares this with a draft's tokenizer to pick the text the draft trains on.
-    info["target_tokenizer"] = chat.tokenizer_fingerprint(tokenizer)
-    generated = len(texts) - resumed
-    info["stats"] = {
-        "prompts": len(texts),
-        "left_out_longer_than_max_prompt_tokens": {"count": len(too_long), "ids": too_long},
-        "new_tokens": sum(a["new_tokens"] for a in answers_in_order),
-        "finished_with_eos": sum(a["finished"] for a in answers_in_order),
-        "resumed_prompts": resumed,
-        "generated_prompts": generated,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 1),
-    }
+    info = run_info(engine, target_dir, prompts_dir, settings, seed, chat_record)
+    resumed = sum(len(rows) for rows in done.values())
+    info["stats"] = run_stats(answers, too_long=too_long, resumed=resumed, new_tokens=new_tokens, seconds=seconds)
     with atomic_path(out_dir) as tmp:
-        data.save_to_disk(str(tmp))
+        dataset(prompts, answers).save_to_disk(str(tmp))
         write_json(tmp / "settings.json", info)
     shutil.rmtree(partial)

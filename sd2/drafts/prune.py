@@ -10,9 +10,9 @@ every four consecutive inputs), checked before saving.
 import time
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
-from sd2 import chat
+from sd2.calibration import calibration_set
 from sd2.checkpoint import save_checkpoint
 from sd2.masks import magnitude_mask, n_zeros, nm_mask
 from sd2.models import decoder_layers, decoder_linears, load_model, load_tokenizer
@@ -80,19 +80,8 @@ def check_sparsity(model, sparsity: float, structure: str) -> dict[str, float]:
 # ---- plumbing ----
 
 
-def calibration_set(
-    calibration_dir, tokenizer, n: int, seq_len: int, seed: int, chat_settings: dict | None = None
-) -> tuple[Dataset, dict]:
-    """(n rows of prompt + response chosen with `seed`, tokenized as fine-tuning reads them and truncated to
-    seq_len; the format used, see sd2.chat.data_format)."""
-    ds = load_from_disk(str(calibration_dir))
-    ds = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
-    ids, fmt = chat.calibration_ids(tokenizer, ds, calibration_dir, chat_settings, seq_len)
-    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}), fmt
-
-
 def _llmcompressor_prune(
-    model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int, dtype="auto"
+    model_dir, tokenizer, calib: Dataset, pruner: str, sparsity: float, structure: str, seq_len: int, dtype
 ):
     """Run oneshot() on a fresh copy of the model; return the pruned decoder weights."""
     from llmcompressor import oneshot
@@ -119,6 +108,57 @@ def _llmcompressor_prune(
     return {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
 
 
+def _check_request(sparsity: int, pruner: str, structure: str) -> None:
+    """Raise naming the bad value where (sparsity, pruner, structure) is not something prune makes."""
+    if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 0 <= sparsity < 100:
+        raise ValueError(f"sparsity must be an integer percent in [0, 100), got {sparsity!r}")
+    if pruner not in PRUNERS:
+        raise ValueError(f"unknown pruner {pruner!r} (known: {', '.join(PRUNERS)})")
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r} (known: {', '.join(STRUCTURES)})")
+    if structure == "2:4" and sparsity != 50:
+        raise ValueError(f"2:4 structure is exactly 50% sparsity, got {sparsity}")
+
+
+def _pruned_weights(
+    model_dir, calibration_dir, tokenizer, original: dict, sparsity: int, settings: dict, seed: int, dtype
+) -> tuple[dict, dict | None]:
+    """(the pruner's decoder weights by layer name, the calibration format; None where no data was read)."""
+    pruner, structure = settings["pruner"], settings["structure"]
+    fraction = sparsity / 100
+    if sparsity == 0:
+        return original, None
+    if pruner == "magnitude":
+        mask = nm_mask if structure == "2:4" else (lambda w: magnitude_mask(w, fraction))
+        return {n: w * mask(w) for n, w in original.items()}, None
+    seq_len = settings["calibration_seq_len"]
+    calib, calibration_format = calibration_set(
+        calibration_dir, tokenizer, settings["calibration_samples"], seq_len, seed, settings.get("chat")
+    )
+    pruned = _llmcompressor_prune(model_dir, tokenizer, calib, pruner, fraction, structure, seq_len, dtype)
+    return pruned, calibration_format
+
+
+def _set_weights(linears: dict, pruned: dict, original: dict, fraction: float, structure: str, pruner: str) -> dict:
+    """Copy the pruned weights into `linears`, unstructured ones fixed to the exact sparsity; the fixes by layer."""
+    fixed = {}
+    with torch.no_grad():
+        for name, module in linears.items():
+            weight = pruned[name]
+            if structure == "unstructured":
+                weight, moved = exact_sparsity(weight, original[name], fraction)
+                if moved:
+                    fixed[name] = moved
+            module.weight.copy_(weight)
+    if fixed:
+        moved = sum(abs(v) for v in fixed.values())
+        print(
+            f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); "
+            f"fixed by moving {moved} weight(s) (provenance: exactness_fix)"
+        )
+    return fixed
+
+
 def prune(
     model_dir,
     calibration_dir,
@@ -138,14 +178,7 @@ def prune(
     """
     pruner, structure = settings["pruner"], settings["structure"]
     calibration_samples, calibration_seq_len = settings["calibration_samples"], settings["calibration_seq_len"]
-    if not isinstance(sparsity, int) or isinstance(sparsity, bool) or not 0 <= sparsity < 100:
-        raise ValueError(f"sparsity must be an integer percent in [0, 100), got {sparsity!r}")
-    if pruner not in PRUNERS:
-        raise ValueError(f"unknown pruner {pruner!r} (known: {', '.join(PRUNERS)})")
-    if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r} (known: {', '.join(STRUCTURES)})")
-    if structure == "2:4" and sparsity != 50:
-        raise ValueError(f"2:4 structure is exactly 50% sparsity, got {sparsity}")
+    _check_request(sparsity, pruner, structure)
     fraction = sparsity / 100
     torch.manual_seed(seed)
     start = time.time()
@@ -155,36 +188,10 @@ def prune(
     model = load_model(model_dir, dtype=dtype)
     linears = decoder_linears(model)
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
-
-    calibration_format = None  # only the llm-compressor pruners read calibration data
-    if sparsity == 0:
-        pruned = original
-    elif pruner == "magnitude":
-        mask = nm_mask if structure == "2:4" else (lambda w: magnitude_mask(w, fraction))
-        pruned = {n: w * mask(w) for n, w in original.items()}
-    else:
-        calib, calibration_format = calibration_set(
-            calibration_dir, tokenizer, calibration_samples, calibration_seq_len, seed, settings.get("chat")
-        )
-        pruned = _llmcompressor_prune(
-            model_dir, tokenizer, calib, pruner, fraction, structure, calibration_seq_len, dtype
-        )
-
-    fixed = {}
-    with torch.no_grad():
-        for name, module in linears.items():
-            weight = pruned[name]
-            if structure == "unstructured":
-                weight, moved = exact_sparsity(weight, original[name], fraction)
-                if moved:
-                    fixed[name] = moved
-            module.weight.copy_(weight)
-    if fixed:
-        moved = sum(abs(v) for v in fixed.values())
-        print(
-            f"prune: {pruner} missed the exact sparsity in {len(fixed)} layer(s); "
-            f"fixed by moving {moved} weight(s) (provenance: exactness_fix)"
-        )
+    pruned, calibration_format = _pruned_weights(
+        model_dir, calibration_dir, tokenizer, original, sparsity, settings, seed, dtype
+    )
+    fixed = _set_weights(linears, pruned, original, fraction, structure, pruner)
 
     measured = check_sparsity(model, fraction, structure)
     total = sum(m.weight.numel() for m in linears.values())

@@ -1,12 +1,8 @@
 """Rule quantize: weight-only quantization of a (sparse) draft's decoder linears, saved for vLLM.
 
-Schemes (ours -> the weights' format; activations stay 16-bit):
-  w8a16: int8, symmetric, one scale per output row (per-channel). The "W8A16" preset of
-         compressed-tensors 0.19 is per-group (128); per-channel is what we want here: no group
-         overhead, and int8 loses little anyway. vLLM runs both through its WNA16 (Marlin) kernels.
-  w4a16: int4, symmetric, one scale per group of 128 consecutive inputs (the "W4A16" preset), or of
-         the whole row where a layer is narrower than 128 (the tiny test drafts).
-"none" means no quantization: the workflow skips this step, `quantize` refuses it.
+Schemes: w8a16 (int8, one scale per output row) and w4a16 (int4, one scale per 128 inputs), as
+sd2.quantized describes them; activations stay 16-bit. "none" means no quantization: the workflow
+skips this step, `quantize` refuses it.
 
 Only the nn.Linear layers inside the decoder blocks are quantized (sd2.models.decoder_linears: q, k,
 v, o, gate, up, down); embeddings and lm_head stay as they are, as in prune.py.
@@ -43,55 +39,18 @@ import copy
 import functools
 import inspect
 import time
-import warnings
 
 import torch
 
-from sd2 import methods
+from sd2.calibration import calibration_set
 from sd2.checkpoint import atomic_path, write_json
-from sd2.models import decoder_linears, is_quantized, layer_sparsity, load_model, load_tokenizer, torch_dtype
+from sd2.models import decoder_linears, layer_sparsity, load_model, load_tokenizer, torch_dtype
 from sd2.provenance import provenance
+from sd2.quantized import group_size, load_quantized, scheme_spec
 
-# Our scheme names -> the weights' quantization (llm-compressor's preset it follows, for the record).
-SCHEMES = {
-    "w8a16": {"preset": "W8A16", "num_bits": 8, "strategy": "channel", "group_size": None},
-    "w4a16": {"preset": "W4A16", "num_bits": 4, "strategy": "group", "group_size": 128},
-}
 METHODS = ("gptq", "rtn")
-# compressed-tensors' quantization parameters on a module; stripped once the weights are dequantized.
-QPARAM_SUFFIXES = ("_scale", "_zero_point", "_shape", "_global_scale", "_g_idx")
-
-
-def scheme_spec(scheme: str) -> dict:
-    """The weights' format of a scheme; a quantization-aware one ('w4a16-qat') stores its base scheme's."""
-    if scheme == "none":
-        raise ValueError("quantization 'none' means the draft is not quantized: there is nothing to run")
-    if methods.base_scheme(scheme) not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)}, or none)")
-    return SCHEMES[methods.base_scheme(scheme)]
-
-
-def group_size(scheme: str, in_features: int) -> int:
-    """Inputs sharing one scale in a layer with `in_features` inputs (per-channel: all of them).
-
-    The scheme's group (128), or where it does not divide the layer's inputs, the largest group
-    below it that does (a demo draft's 176 inputs: 88): vLLM's kernels take groups of 32, 64 and
-    128, which every real draft's widths (multiples of 128) get; the demo drafts are not served.
-    """
-    spec = scheme_spec(scheme)
-    if spec["group_size"] is None:
-        return in_features
-    return max(d for d in range(1, min(spec["group_size"], in_features) + 1) if in_features % d == 0)
-
-
-def weight_bits(scheme: str, scale_dtype=torch.bfloat16) -> tuple[int, int, int | None]:
-    """(bits per weight, bits per scale, inputs per scale; None: one scale per output row).
-
-    Scales are stored in the checkpoint's dtype (bf16 for the real drafts, fp32 for fp32 ones); a
-    symmetric scheme stores no zero point. A w4a16 layer narrower than 128 inputs has one group per row.
-    """
-    spec = scheme_spec(scheme)
-    return spec["num_bits"], torch.finfo(torch_dtype(scale_dtype)).bits, spec["group_size"]
+# GPTQ's Hessian dampening, a fraction of its mean diagonal: llm-compressor's default, not a config setting.
+DAMPENING_FRAC = 0.01
 
 
 # ---- the maths on one weight matrix (also the forward of quantization-aware fine-tuning) ----
@@ -186,35 +145,22 @@ def masked_quantize_weight(
     """llm-compressor 0.14's `gptq_quantize.quantize_weight` (eager path) holding the zeros of `weights`.
 
     Same arguments and results (weights [batch, rows, columns], normalised Hessians, the observer's
-    scales; returns the dequantized weights, per-item losses, RTN-fallback flags). The one change: in
-    the column loop a weight that is zero on entry quantizes to 0, and the error (w - 0) is spread
-    over the later columns like any quantization error (SparseGPT's joint quantization with a fixed mask).
+    scales; returns the dequantized weights, per-item losses, RTN-fallback flags); the defaults are its
+    signature's, which the swap checks. The one change: in the column loop a weight that is zero on
+    entry quantizes to 0, and the error (w - 0) is spread over the later columns like any quantization
+    error (SparseGPT's joint quantization with a fixed mask).
     """
-    from compressed_tensors.quantization import ActivationOrdering, QuantizationStrategy
-    from compressed_tensors.quantization import fake_quantize as ct_fake_quantize
-    from llmcompressor.modifiers.gptq.helpers import (
-        GPTQ_PRECISION,
-        apply_activation_ordering,
-        column_scale_window,
-        factorize_hessian,
-    )
+    from compressed_tensors.quantization import QuantizationStrategy
+    from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, column_scale_window, factorize_hessian
 
     if quant_args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP):
         raise ValueError(f"mask-aware GPTQ supports channel and group strategies, got {quant_args.strategy}")
     batch_size, num_rows, num_columns = weights.shape
     final_dtype, device = weights.dtype, weights.device
-    keep = weights != 0
     W = weights.to(dtype=GPTQ_PRECISION)
     H = hessians.to(device=device, dtype=GPTQ_PRECISION)
     scale, zero_point = scale.to(device), zero_point.to(device)
-    W, H, perm = apply_activation_ordering(W, H, quant_args.actorder)
-    if perm is not None:
-        keep = torch.gather(keep, -1, perm.unsqueeze(-2).expand(-1, num_rows, -1))
-    g_idx = None
-    if quant_args.strategy == QuantizationStrategy.GROUP:
-        g_idx = torch.arange(num_columns, device=device, dtype=torch.int) // quant_args.group_size
-        if quant_args.actorder == ActivationOrdering.WEIGHT:
-            g_idx = torch.gather(g_idx.unsqueeze(0).expand(batch_size, -1), 1, perm)
+    W, H, perm, keep, g_idx = _activation_ordered(W, H, weights != 0, quant_args)
 
     losses = torch.zeros(batch_size, num_rows, device=device)
     used_rtn_fallback = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -223,30 +169,61 @@ def masked_quantize_weight(
     column_args.strategy = QuantizationStrategy.CHANNEL
     for i1 in range(0, num_columns, blocksize):
         i2 = min(i1 + blocksize, num_columns)
-        W1 = W[:, :, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        eff, zp = column_scale_window(
+        window = column_scale_window(
             scale, zero_point, global_scale, g_idx, quant_args, num_rows=num_rows, i1=i1, i2=i2
         )
-        for i in range(i2 - i1):
-            w = W1[:, :, i]
-            q = ct_fake_quantize(
-                w.transpose(0, 1),
-                eff[:, :, i].transpose(0, 1),
-                None if zp is None else zp[:, :, i].transpose(0, 1),
-                column_args,
-            ).transpose(0, 1)
-            q = q * keep[:, :, i1 + i]
-            error = (w - q) / Hinv1[:, i, i][:, None]
-            Q1[:, :, i], Err1[:, :, i] = q, error
-            losses += error.square() / 2
-            W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+        Q1, Err1 = _masked_block(
+            W[:, :, i1:i2].clone(), keep[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], window, column_args, losses
+        )
         W[:, :, i1:i2] = Q1
         W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
     if perm is not None:
         W = torch.gather(W, -1, torch.argsort(perm, dim=-1).unsqueeze(-2).expand(-1, num_rows, -1))
     return W.to(final_dtype), losses.sum(dim=1), used_rtn_fallback
+
+
+def _activation_ordered(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, quant_args) -> tuple:
+    """(W, H, perm, keep, g_idx): weights, Hessians and mask in the columns' quantization order, and the
+    group of each column (None per-channel), as llm-compressor orders them."""
+    from compressed_tensors.quantization import ActivationOrdering, QuantizationStrategy
+    from llmcompressor.modifiers.gptq.helpers import apply_activation_ordering
+
+    batch_size, num_rows, num_columns = W.shape
+    device = W.device
+    W, H, perm = apply_activation_ordering(W, H, quant_args.actorder)
+    if perm is not None:
+        keep = torch.gather(keep, -1, perm.unsqueeze(-2).expand(-1, num_rows, -1))
+    g_idx = None
+    if quant_args.strategy == QuantizationStrategy.GROUP:
+        g_idx = torch.arange(num_columns, device=device, dtype=torch.int) // quant_args.group_size
+        if quant_args.actorder == ActivationOrdering.WEIGHT:
+            g_idx = torch.gather(g_idx.unsqueeze(0).expand(batch_size, -1), 1, perm)
+    return W, H, perm, keep, g_idx
+
+
+def _masked_block(W1, keep1, Hinv1, window, column_args, losses) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over one block: (quantized columns, their scaled errors); adds to `losses` in place.
+
+    A column's weights where `keep1` is False quantize to 0; each error updates the block's later columns.
+    """
+    from compressed_tensors.quantization import fake_quantize as ct_fake_quantize
+
+    eff, zp = window
+    Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[-1]):
+        w = W1[:, :, i]
+        q = ct_fake_quantize(
+            w.transpose(0, 1),
+            eff[:, :, i].transpose(0, 1),
+            None if zp is None else zp[:, :, i].transpose(0, 1),
+            column_args,
+        ).transpose(0, 1)
+        q = q * keep1[:, :, i]
+        error = (w - q) / Hinv1[:, i, i][:, None]
+        Q1[:, :, i], Err1[:, :, i] = q, error
+        losses += error.square() / 2
+        W1[:, :, i:] -= error.unsqueeze(-1) * Hinv1[:, i, i:].unsqueeze(1)
+    return Q1, Err1
 
 
 @contextlib.contextmanager
@@ -298,13 +275,13 @@ def _config_groups(model, scheme: str) -> tuple[dict, list[str]]:
     return groups, ignore
 
 
-def _run_oneshot(model, tokenizer, scheme: str, method: str, calib, seq_len: int, dampening_frac: float) -> None:
+def _run_oneshot(model, tokenizer, scheme: str, method: str, calib, seq_len: int | None) -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     groups, ignore = _config_groups(model, scheme)
     if method == "gptq":
-        modifier = GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=dampening_frac)
+        modifier = GPTQModifier(config_groups=groups, ignore=ignore, dampening_frac=DAMPENING_FRAC)
         data = dict(
             dataset=calib,
             num_calibration_samples=len(calib),
@@ -318,12 +295,50 @@ def _run_oneshot(model, tokenizer, scheme: str, method: str, calib, seq_len: int
         oneshot(model=model, recipe=modifier, processor=tokenizer, **data)
 
 
+def _check_request(scheme: str, method: str, calibration) -> dict:
+    """The scheme's format; raise naming the bad value where (scheme, method, calibration) cannot run."""
+    spec = scheme_spec(scheme)
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r} (known: {', '.join(METHODS)})")
+    if method == "gptq" and calibration is None:
+        raise ValueError("quantization method 'gptq' needs calibration data (calibration=None)")
+    return spec
+
+
+def _summary(scheme: str, method: str, spec: dict, model, before) -> dict:
+    return {
+        "quantization": scheme,
+        "method": method,
+        "algorithm": "mask-aware GPTQ (masked_quantize_weight)" if method == "gptq" else "round to nearest",
+        "bits": spec["num_bits"],
+        "strategy": spec["strategy"],
+        "group_size": spec["group_size"],
+        "layer_group_size": {n: group_size(scheme, m.in_features) for n, m in decoder_linears(model).items()},
+        "zero_fraction_before": layer_sparsity(before),
+    }
+
+
+def _provenance(model_dir, calibration, scheme: str, method: str, settings: dict, calibration_format, seed: int):
+    gptq = method == "gptq"
+    return provenance(
+        seed=seed,
+        model=str(model_dir),
+        calibration=None if calibration is None else str(calibration),
+        quantization=scheme,
+        method=method,
+        calibration_samples=settings["calibration_samples"] if gptq else None,
+        calibration_seq_len=settings["calibration_seq_len"] if gptq else None,
+        calibration_format=calibration_format,
+        dampening_frac=DAMPENING_FRAC if gptq else None,
+    )
+
+
 def quantize(
     model_dir,
     out_dir,
     *,
     scheme: str,
-    method: str = "gptq",
+    method: str,
     calibration=None,
     settings: dict | None = None,
     seed: int,
@@ -331,21 +346,16 @@ def quantize(
 ) -> dict:
     """Quantize the decoder linears of `model_dir` with `scheme` and save a compressed-tensors checkpoint.
 
+    method: the config's quantize.algorithm (gptq or rtn).
     calibration: a datasets directory of prompt/response rows (as for prune), needed by gptq only.
-    settings (gptq only): calibration_samples, calibration_seq_len, optional dampening_frac (default
-    0.01, llm-compressor's) and chat (see sd2.chat.data_format).
+    settings (gptq only): the config's quantize section (calibration_samples, calibration_seq_len) and
+    its chat section under "chat" (see sd2.chat.data_format). GPTQ dampens with DAMPENING_FRAC.
 
     The checkpoint is checked before it appears under `out_dir`: loaded back and dequantized, every
     zero of the input is still zero. Returns the summary also stored in provenance.json.
     """
-    from sd2.drafts.prune import calibration_set
-
-    spec = scheme_spec(scheme)
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r} (known: {', '.join(METHODS)})")
+    spec = _check_request(scheme, method, calibration)
     settings = settings or {}
-    if method == "gptq" and calibration is None:
-        raise ValueError("quantization method 'gptq' needs calibration data (calibration=None)")
     torch.manual_seed(seed)
     start = time.time()
 
@@ -359,35 +369,16 @@ def quantize(
         calib, calibration_format = calibration_set(
             calibration, tokenizer, settings["calibration_samples"], seq_len, seed, settings.get("chat")
         )
-    _run_oneshot(model, tokenizer, scheme, method, calib, seq_len, settings.get("dampening_frac", 0.01))
+    _run_oneshot(model, tokenizer, scheme, method, calib, seq_len)
 
-    summary = {
-        "quantization": scheme,
-        "method": method,
-        "algorithm": "mask-aware GPTQ (masked_quantize_weight)" if method == "gptq" else "round to nearest",
-        "bits": spec["num_bits"],
-        "strategy": spec["strategy"],
-        "group_size": spec["group_size"],
-        "layer_group_size": {n: group_size(scheme, m.in_features) for n, m in decoder_linears(model).items()},
-        "zero_fraction_before": layer_sparsity(before),
-    }
-    info = provenance(
-        seed=seed,
-        model=str(model_dir),
-        calibration=None if calibration is None else str(calibration),
-        quantization=scheme,
-        method=method,
-        calibration_samples=settings.get("calibration_samples") if method == "gptq" else None,
-        calibration_seq_len=seq_len,
-        calibration_format=calibration_format,
-        dampening_frac=settings.get("dampening_frac", 0.01) if method == "gptq" else None,
-    )
+    summary = _summary(scheme, method, spec, model, before)
+    info = _provenance(model_dir, calibration, scheme, method, settings, calibration_format, seed)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         del model
-        loaded = load_quantized(tmp, dtype=dtype)
+        loaded = load_quantized(tmp, dtype=torch_dtype(dtype))
         summary["rounded_to_zero"] = check_mask(before, loaded)
         summary["zero_fraction_after"] = layer_sparsity(loaded)
         summary["mask_kept"] = True
@@ -395,35 +386,3 @@ def quantize(
         info.update(summary)
         write_json(tmp / "provenance.json", info)
     return summary
-
-
-def load_quantized(path, dtype="auto", device: str = "cpu"):
-    """A compressed-tensors checkpoint as a plain model whose decoder weights are the dequantized values.
-
-    transformers decompresses at load time (CompressedTensorsConfig(dequantize=True), on the CPU too);
-    the scales and compressed-tensors' bookkeeping are then removed, so the model has exactly the
-    parameters of the unquantized one (parameter counts, MACs and state dicts compare directly).
-    sd2.models.load_model also works on such a checkpoint: it loads the packed integers and decompresses
-    them on the first forward pass, keeping the scales as extra parameters.
-    """
-    from compressed_tensors.quantization import QuantizationMetadata
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    if not is_quantized(path):
-        raise ValueError(f"{path}: not a compressed-tensors checkpoint (no quantization_config); use load_model")
-    with warnings.catch_warnings():
-        # Passing a config to a quantized checkpoint warns that only its loading flags are used: as intended.
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype(dtype), quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
-    for module in model.modules():
-        if hasattr(module, "quantization_scheme"):
-            QuantizationMetadata.clear_quantization(module)
-            for attr in ("quantization_status", "quantization_enabled"):
-                if hasattr(module, attr):
-                    delattr(module, attr)
-    leftover = [n for n, _ in model.named_parameters() if n.endswith(tuple(f"weight{s}" for s in QPARAM_SUFFIXES))]
-    if leftover:
-        raise RuntimeError(f"{path}: quantization parameters left after dequantizing: {leftover[:5]}")
-    return model.to(device).eval()

@@ -1,4 +1,4 @@
-"""Exact greedy acceptance from one teacher-forced pass of the draft (GUIDE section 7).
+"""Exact greedy acceptance from one teacher-forced pass of the draft.
 
 Greedy speculative decoding commits exactly the target's greedy continuation y. The
 draft's greedy rollout from y[:t] agrees with y for as long as its teacher-forced argmax
@@ -80,7 +80,7 @@ def _continuation_logits(model, batch: list[tuple[list[int], list[int]]], pad_id
 
 @torch.no_grad()
 def teacher_forced_matches(
-    draft, items: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 16, progress=None
+    draft, items: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int, progress=None
 ) -> list[dict]:
     """For each (prompt_ids, continuation_ids): match flags, the draft's top-2 logit gap and the rank of y per position.
 
@@ -110,7 +110,7 @@ def teacher_forced_matches(
 
 @torch.no_grad()
 def overlap(
-    target, draft, items: list[tuple[list[int], list[int]]], *, temperature: float, pad_id: int, batch_size: int = 16
+    target, draft, items: list[tuple[list[int], list[int]]], *, temperature: float, pad_id: int, batch_size: int
 ) -> list[tuple[float, int]]:
     """Per item: (sum over positions of sum_x min(p, q), positions), p and q at `temperature`.
 

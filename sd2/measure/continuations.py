@@ -5,73 +5,77 @@ for every draft: each (target, eval set) generates it once, batched, and every
 measurement job of the sweep reads it. The same job times the target alone, batch size
 1, on the first prompts (the autoregressive side of the measured speed-up).
 
-With engine.name vllm (sd2.engines) vLLM generates the continuations; the batch-1 timing stays
-on transformers, first, before vLLM preallocates the GPUs: speculative decoding is measured
-with transformers' generate, so its autoregressive baseline must be the same engine.
-batch1_differs then counts prompts where transformers' batch-1 greedy output differs from vLLM's.
+The config's engine section picks what generates the continuations (sd2.generation). The
+batch-1 timing always runs on transformers, first, before vLLM (where it is the engine)
+preallocates the GPUs: speculative decoding is measured with transformers' generate, so its
+autoregressive baseline must be the same engine. batch1_differs counts prompts where the
+batch-1 greedy output differs from the batched one.
 """
 
-import gc
 import json
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import chat, engines
+from sd2 import chat, generation
 from sd2.checkpoint import write_json
-from sd2.drafts.distill import generate_batch
-from sd2.measure.speculative import ar_generate, decoding_kwargs, load_prompts
-from sd2.models import default_device, load_model, load_tokenizer
+from sd2.generation import decoding_kwargs
+from sd2.measure.speculative import ar_generate, load_prompts
+from sd2.models import load_tokenizer
 from sd2.provenance import provenance
 
 
-def generate_all(
-    model, tokenizer, prompts: list[dict], *, max_new_tokens: int, batch_size: int, chat_settings: dict | None = None
-) -> list[dict]:
-    """Greedy continuation of every prompt (formatted by sd2.chat) in left-padded batches of similar lengths."""
+def generate_all(engine, prompts: list[dict], *, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Greedy continuation of every prompt (formatted by sd2.chat) in batches of similar lengths."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt"]))
+    batches = {n: order[b : b + batch_size] for n, b in enumerate(range(0, len(order), batch_size))}
+    bar = tqdm(total=len(batches), desc="target continuations", unit="batch", mininterval=5)
+    pairs = engine.generate(
+        [p["prompt"] for p in prompts], batches, max_new_tokens=max_new_tokens, temperature=0.0, bar=bar
+    )
+    bar.close()
     items: list[dict | None] = [None] * len(prompts)
-    for b in tqdm(range(0, len(order), batch_size), desc="target continuations", unit="batch", mininterval=5):
-        idx = order[b : b + batch_size]
-        rows = generate_batch(
-            model,
-            tokenizer,
-            [prompts[i]["prompt"] for i in idx],
-            max_new_tokens=max_new_tokens,
-            temperature=0.0,
-            chat_settings=chat_settings,
-        )
-        for i, row in zip(idx, rows):
-            items[i] = _item(prompts[i], row)
+    for i, row in pairs:
+        items[i] = _item(prompts[i], row)
     return items
 
 
 def _item(prompt: dict, row: dict) -> dict:
-    """One continuation record from a row of sd2.drafts.distill.generate_batch (or sd2.engines.generate)."""
-    if not row["prompt_ids"]:
-        raise ValueError(f"prompt id {prompt['id']!r} is empty after tokenization")
+    """One continuation record from a row of sd2.generation."""
     return {
         "id": prompt["id"],
-        "prompt_ids": row["prompt_ids"],
+        "prompt_ids": _nonempty(prompt, row["prompt_ids"]),
         "continuation_ids": row["new_ids"],
         "text": row["response"],
         "ended_by_eos": row["finished"],
     }
 
 
-def time_target_alone(
-    model, tokenizer, items: list[dict], *, n_timed: int, warmup_prompts: int, max_new_tokens: int
-) -> dict:
-    """Target-alone greedy decoding, batch size 1, on the first n_timed prompts (the first warmup_prompts untimed).
+def _nonempty(prompt: dict, ids: list[int]) -> list[int]:
+    if not ids:
+        raise ValueError(f"prompt id {prompt['id']!r} is empty after tokenization")
+    return ids
 
-    Also counts prompts whose batch-1 output differs from the batched one (left padding
-    changes the kernels' shapes, so a near-tie can break differently).
+
+def time_target_alone(engine, prompts: list[dict], chat_settings: dict, settings: dict) -> tuple[dict, list]:
+    """(timing of batch-1 greedy decoding of the first n_check prompts, the new ids of each), on transformers.
+
+    The first warmup_prompts are decoded but not timed.
     """
-    timing, outputs = _batch1(
-        model, tokenizer, items, n_timed=n_timed, warmup_prompts=warmup_prompts, max_new_tokens=max_new_tokens
+    n_timed = settings["n_check"]
+    items = [
+        {"prompt_ids": _nonempty(p, chat.prompt_ids(engine.tokenizer, p["prompt"], chat_settings))}
+        for p in prompts[:n_timed]
+    ]
+    return _batch1(
+        engine.transformers_model(),
+        engine.tokenizer,
+        items,
+        n_timed=n_timed,
+        warmup_prompts=settings["warmup_prompts"],
+        max_new_tokens=settings["max_new_tokens"],
     )
-    return {**timing, "batch1_differs": _differ(items, outputs)}
 
 
 def _batch1(model, tokenizer, items, *, n_timed: int, warmup_prompts: int, max_new_tokens: int):
@@ -98,51 +102,27 @@ def _batch1(model, tokenizer, items, *, n_timed: int, warmup_prompts: int, max_n
 
 
 def _differ(items: list[dict], outputs: list[list[int]]) -> list:
+    """Ids of the prompts whose batch-1 output differs from the batched one (left padding changes the
+    kernels' shapes, so a near-tie can break differently)."""
     return [item["id"] for item, new in zip(items, outputs) if new != item["continuation_ids"]]
 
 
-def _with_vllm(
-    target_dir, tokenizer, prompts, settings, chat_settings, engine, *, seed, trust, dtype, device_map, gpus
-):
-    """(items, timing, generation seconds): batch-1 timing on transformers first, then vLLM's continuations."""
-    ids = [{"id": p["id"], "prompt_ids": chat.prompt_ids(tokenizer, p["prompt"], chat_settings)} for p in prompts]
-    model = load_model(target_dir, trust, dtype=dtype, device=default_device(), device_map=device_map)
-    timing, outputs = _batch1(
-        model,
-        tokenizer,
-        ids,
-        n_timed=settings["n_check"],
-        warmup_prompts=settings["warmup_prompts"],
-        max_new_tokens=settings["max_new_tokens"],
-    )
-    # vLLM preallocates gpu_memory_utilization of each GPU when it starts: free transformers' copy first.
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    llm = engines.load_llm(
-        target_dir,
-        engine,
-        dtype=dtype,
-        gpus=gpus,
-        seed=seed,
-        trust_remote_code=trust,
-        max_model_len=max(len(i["prompt_ids"]) for i in ids) + settings["max_new_tokens"],
-    )
-    start = time.time()
-    rows = engines.generate(
-        llm,
-        tokenizer,
-        [p["prompt"] for p in prompts],
-        max_new_tokens=settings["max_new_tokens"],
-        temperature=0.0,
-        eos=engines.eos_ids(target_dir, trust),
-        seeds=[seed] * len(prompts),
-        chat_settings=chat_settings,
-    )
-    seconds = time.time() - start
-    items = [_item(p, row) for p, row in zip(prompts, rows)]
-    return items, {**timing, "batch1_differs": _differ(items, outputs)}, seconds
+def _stats(items: list[dict], seconds: float) -> dict:
+    new_tokens = sum(len(i["continuation_ids"]) for i in items)
+    return {
+        "prompts": len(items),
+        "new_tokens": new_tokens,
+        "ended_by_eos": sum(i["ended_by_eos"] for i in items),
+        "generation_seconds": round(seconds, 2),
+        "batched_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+    }
+
+
+def _summary(out: dict) -> str:
+    """One JSON line for the log: the stats and the timing, batch1_differs counted."""
+    timing = out["timing"]
+    shown = {k: v for k, v in timing.items() if k != "batch1_differs"}
+    return json.dumps({**out["stats"], **shown, "batch1_differs": len(timing["batch1_differs"])})
 
 
 def target_outputs(
@@ -161,80 +141,37 @@ def target_outputs(
 
     prompt_ids are the eval prompt as the target sees it (its chat template applied where
     settings["chat"] allows); every measurement of the sweep then uses these ids.
-    settings["engine"] (the config's engine section) picks transformers or vLLM for the continuations.
+    settings["engine"] (the config's engine section) picks what generates the continuations.
     """
     tokenizer = load_tokenizer(target_dir, trust_remote_code)
     prompts = load_prompts(eval_dir, settings["n_prompts"])
     chat_settings = chat.resolve(settings.get("chat"))
-    engine = engines.resolve(settings.get("engine"))
-    if engine["name"] == "vllm":
-        items, timing, seconds = _with_vllm(
-            target_dir,
-            tokenizer,
-            prompts,
-            settings,
-            chat_settings,
-            engine,
-            seed=seed,
-            trust=trust_remote_code,
-            dtype=dtype,
-            device_map=device_map,
-            gpus=gpus,
-        )
-    else:
-        model = load_model(target_dir, trust_remote_code, dtype=dtype, device=default_device(), device_map=device_map)
-        torch.manual_seed(seed)
-        start = time.time()
-        items = generate_all(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=settings["max_new_tokens"],
-            batch_size=settings["batch_size"],
-            chat_settings=chat_settings,
-        )
-        seconds = time.time() - start
-        timing = time_target_alone(
-            model,
-            tokenizer,
-            items,
-            n_timed=settings["n_check"],
-            warmup_prompts=settings["warmup_prompts"],
-            max_new_tokens=settings["max_new_tokens"],
-        )
-    new_tokens = sum(len(i["continuation_ids"]) for i in items)
+    loading = {"trust_remote_code": trust_remote_code, "dtype": dtype, "device_map": device_map}
+    engine = generation.engine(
+        settings["engine"], target_dir, tokenizer, chat_settings, seed=seed, gpus=gpus, loading=loading
+    )
+    timing, outputs = time_target_alone(engine, prompts, chat_settings, settings)
+    engine.start([p["prompt"] for p in prompts], settings["max_new_tokens"])
+    start = time.time()
+    items = generate_all(engine, prompts, max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
     out = {
         "target": str(target_dir),
         "eval_set": str(eval_dir),
         "max_new_tokens": settings["max_new_tokens"],
-        "stats": {
-            "prompts": len(items),
-            "new_tokens": new_tokens,
-            "ended_by_eos": sum(i["ended_by_eos"] for i in items),
-            "generation_seconds": round(seconds, 2),
-            "batched_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
-        },
-        "timing": timing,
+        "stats": _stats(items, time.time() - start),
+        "timing": {**timing, "batch1_differs": _differ(items, outputs)},
         "provenance": provenance(
             seed=seed,
             settings=settings,
             decoding="greedy",
-            padding="left" if engine["name"] == "transformers" else None,
-            engine=engine,
+            padding=engine.padding,
+            engine=engine.settings,
             chat=chat.describe(tokenizer, chat_settings),
         ),
         "items": items,
     }
     write_json(out_path, out, indent=None)
-    print(
-        json.dumps(
-            {
-                **out["stats"],
-                **{k: v for k, v in timing.items() if k != "batch1_differs"},
-                "batch1_differs": len(timing["batch1_differs"]),
-            }
-        )
-    )
+    print(_summary(out))
     return out
 
 

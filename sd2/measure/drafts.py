@@ -16,6 +16,8 @@ Four estimators, each named in its records:
   (1 - alpha^(k+1)) / (1 - alpha). An estimate, labelled as one.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from tqdm.auto import tqdm
 
@@ -30,8 +32,9 @@ from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 from sd2.sparse_kernel import kernel_modules, swapped
 
-# A teacher-forced pass and incremental decoding use different kernels: where the top two
-# logits are closer than this, their argmaxes may legitimately differ (GUIDE section 7).
+# A teacher-forced pass and incremental decoding run different kernels (other shapes, other
+# summation orders), so their logits differ by rounding: where the top two logits are closer
+# than this, their argmaxes may legitimately differ, and a disagreement there is no bug.
 NEAR_TIE = 1e-4
 
 DEFINITIONS = {
@@ -233,6 +236,238 @@ def _speed(runs: list[dict], warmup: int) -> float | None:
     return sum(len(r["tokens"]) for r in timed) / seconds if seconds else None
 
 
+def load_continuations(outputs_path, settings: dict) -> tuple[dict, list[dict]]:
+    """(the target_outputs file, its first n_prompts items); raises if it was made for another max_new_tokens."""
+    cached = continuations.load(outputs_path)
+    items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
+    if cached["max_new_tokens"] != settings["max_new_tokens"]:
+        raise ValueError(
+            f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
+            f"the settings ask for {settings['max_new_tokens']}"
+        )
+    return cached, items
+
+
+def costs(target, draft, labels: dict) -> dict:
+    """A record's cost columns: MACs and weight bytes per token of both models, and their ratios."""
+    target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
+    quantization = methods.split_quantization(labels.get("method") or "")[1]
+    draft_bytes, target_bytes = model_weight_bytes(draft, quantization), model_weight_bytes(target)
+    return {
+        "draft_macs_per_token": draft_macs,
+        "target_macs_per_token": target_macs,
+        "macs_ratio": draft_macs / target_macs,
+        "quantization": quantization,
+        "draft_weight_bytes_per_token": draft_bytes["weight_bytes_per_token"],
+        "target_weight_bytes_per_token": target_bytes["weight_bytes_per_token"],
+        "weight_bytes_ratio": draft_bytes["weight_bytes_per_token"] / target_bytes["weight_bytes_per_token"],
+        "draft_weight_layouts": draft_bytes["weight_layouts"],
+    }
+
+
+@dataclass
+class Job:
+    """One measure job: its models, the cached continuations, the settings; `add` collects (and logs) its records."""
+
+    target: object
+    draft: object
+    target_tok: object
+    draft_tok: object
+    path: str  # sd2.measure.speculative.decoding_path
+    kernel_layers: dict[str, torch.nn.Module]  # the draft's layers the timed runs swap for sd2.sparse_kernel's
+    items: list[dict]
+    ar_speed: float | None  # the target alone, batch size 1 (target_outputs)
+    base: dict  # the columns every record shares
+    settings: dict
+    seed: int
+    run: object = None
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, temperature: float, k: int, estimator: str, result: dict, **extra) -> None:
+        record = {
+            **self.base,
+            "temperature": temperature,
+            "k": k,
+            "estimator": estimator,
+            **result,
+            **extra,
+            "provenance": provenance(seed=self.seed, **self.settings),
+        }
+        self.records.append(record)
+        if self.run is not None:
+            self.run.log(
+                {key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
+
+    def summarize(self, generations: list, k: int, draft_forwards: int | None = None) -> dict:
+        cost_ratio = self.base["macs_ratio"]
+        return summarize(generations, k, cost_ratio, self.settings["bootstrap"], self.seed, draft_forwards)
+
+    def assisted(self, k: int, temperature: float, n: int) -> list[dict]:
+        """assisted_runs on the first n prompts, the draft's layers as draft_kernel says."""
+        with swapped(self.draft, self.kernel_layers):
+            return assisted_runs(
+                self.target,
+                self.draft,
+                self.target_tok,
+                self.draft_tok,
+                [it["prompt_ids"] for it in self.items[:n]],
+                k=k,
+                temperature=temperature,
+                max_new_tokens=self.settings["max_new_tokens"],
+                seed=self.seed,
+            )
+
+
+def prepare(
+    target,
+    draft,
+    target_tok,
+    draft_tok,
+    cached: dict,
+    items: list[dict],
+    *,
+    settings: dict,
+    labels: dict,
+    seed: int,
+    run,
+) -> Job:
+    """The Job of these models and continuations: its decoding path, kernel layers and shared record columns.
+
+    Raises on what cannot be measured before anything is measured.
+    """
+    path = decoding_path(target, draft, target_tok, draft_tok)
+    # Built before the teacher-forced pass, so a draft the kernel cannot run fails at once.
+    kernel_layers = kernel_modules(draft, settings["draft_kernel"])
+    cost = costs(target, draft, labels)
+    budgets = settings["tree_budgets"]
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"measure.tree_budgets has repeated budgets: {budgets}")
+    base = {
+        **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
+        **cost,
+        "draft_kernel": settings["draft_kernel"],
+        "draft_kernel_layers": len(kernel_layers),
+        "same_tokenizer": path == "assisted",
+        "decoding_path": path,
+        "device": str(target.device),
+        # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
+        "prompt_format": cached["provenance"]["settings"].get("chat"),
+    }
+    return Job(
+        target,
+        draft,
+        target_tok,
+        draft_tok,
+        path=path,
+        kernel_layers=kernel_layers,
+        items=items,
+        ar_speed=cached["timing"]["ar_tokens_per_s"],
+        base=base,
+        settings=settings,
+        seed=seed,
+        run=run,
+    )
+
+
+def teacher_forced(job: Job) -> list[dict]:
+    """The draft's one teacher-forced pass over every cached continuation (sd2.measure.acceptance)."""
+    pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in job.items]
+    bar = tqdm(total=len(pairs), desc="teacher-forced draft pass", mininterval=5)
+    forced = acceptance.teacher_forced_matches(
+        job.draft, pairs, pad_id=job.target_tok.pad_token_id, batch_size=job.settings["batch_size"], progress=bar
+    )
+    bar.close()
+    return forced
+
+
+def walk_check(job: Job, k: int, walked: list, forced: list[dict]) -> dict:
+    """Assisted generation on the first n_check prompts against the walk at k, step by step, and timed."""
+    runs = job.assisted(k, 0.0, job.settings["n_check"])
+    outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
+    steps_ok = [
+        ok and check_steps(it, r["steps"], walked[i], forced[i]["gap"], k)
+        for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, runs))
+    ]
+    return check_summary(outputs_ok, steps_ok, runs, _speed(runs, job.settings["warmup_prompts"]), job.ar_speed)
+
+
+def walk_records(job: Job) -> None:
+    """Greedy, shared tokenizer: teacher_forced_walk for every k = 1..k_max and tree_walk for every tree budget,
+    from one teacher-forced pass, cross-checked against assisted generation and the tree loop."""
+    settings, max_new = job.settings, job.settings["max_new_tokens"]
+    forced = teacher_forced(job)
+    walks = {
+        k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, job.items)]
+        for k in range(1, settings["k_max"] + 1)
+    }
+    checks = {k: walk_check(job, k, walks[k], forced) for k in settings["k"]}
+    for k, generations in walks.items():
+        job.add(0.0, k, "teacher_forced_walk", job.summarize(generations, k), **checks.get(k, {}))
+    for budget, generations, extra in tree_records(
+        job.target, job.draft, job.items, forced, settings["tree_budgets"], settings
+    ):
+        summary = job.summarize(generations, extra["tree_depth"], extra["tree_nodes_expanded"])
+        job.add(0.0, budget, "tree_walk", summary, **extra)
+
+
+def output_checks(job: Job, runs: list[dict], k: int) -> dict:
+    """Greedy, different tokenizers: assisted generation's outputs against the cached continuation, and its speed."""
+    n_check, ar_speed = job.settings["n_check"], job.ar_speed
+    ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
+    sd_speed = _speed(runs[:n_check], job.settings["warmup_prompts"])
+    return {
+        "checked_prompts": sum(ok),
+        "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
+        "target_near_ties": ok.count(False),
+        "ar_tokens_per_s": ar_speed,
+        "sd_tokens_per_s": sd_speed,
+        "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
+    }
+
+
+def assisted_records(job: Job, temperature: float) -> None:
+    """assisted_generation at `temperature` for every headline k: sampling, or greedy across tokenizers."""
+    settings = job.settings
+    n = max(settings["n_assisted"], settings["n_check"]) if temperature == 0 else settings["n_assisted"]
+    for k in settings["k"]:
+        runs = job.assisted(k, temperature, n)
+        extra = output_checks(job, runs, k) if temperature == 0 else {}
+        job.add(temperature, k, "assisted_generation", job.summarize([r["steps"] for r in runs], k), **extra)
+
+
+def tvd_records(job: Job, temperature: float) -> None:
+    """tvd_estimate for every k: alpha = the mean of sum_x min(p, q) over positions, MAL as if i.i.d."""
+    settings = job.settings
+    pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in job.items[: settings["n_tvd"]]]
+    sums = acceptance.overlap(
+        job.target,
+        job.draft,
+        pairs,
+        temperature=temperature,
+        pad_id=job.target_tok.pad_token_id,
+        batch_size=settings["batch_size"],
+    )
+    alpha, low, high = ratio_ci([s for s, _ in sums], [n for _, n in sums], n_boot=settings["bootstrap"], seed=job.seed)
+    for k in range(1, settings["k_max"] + 1):
+        mal = acceptance.iid_mal(alpha, k)
+        lo, hi = acceptance.iid_mal(low, k), acceptance.iid_mal(high, k)
+        scale = 1 / (1 + k * job.base["macs_ratio"])
+        result = {
+            "n_prompts": len(sums),
+            "mal": mal,
+            "mal_ci_low": lo,
+            "mal_ci_high": hi,
+            "alpha": alpha,
+            "alpha_ci_low": low,
+            "alpha_ci_high": high,
+            "improvement_factor": mal * scale,
+            "improvement_factor_ci_low": lo * scale,
+            "improvement_factor_ci_high": hi * scale,
+        }
+        job.add(temperature, k, "tvd_estimate", result)
+
+
 def measure(
     target_dir,
     draft_dir,
@@ -250,171 +485,21 @@ def measure(
     device_map=None,
 ) -> dict:
     """Every record of one (target, draft, eval set) as one JSON file at out_path."""
-    cached = continuations.load(outputs_path)
-    items = cached["items"][: settings["n_prompts"]] if settings["n_prompts"] else cached["items"]
-    if cached["max_new_tokens"] != settings["max_new_tokens"]:
-        raise ValueError(
-            f"{outputs_path} holds continuations of {cached['max_new_tokens']} tokens, "
-            f"the settings ask for {settings['max_new_tokens']}"
-        )
+    cached, items = load_continuations(outputs_path, settings)
     target, target_tok = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
     draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device, dtype=draft_dtype)
-    path = decoding_path(target, draft, target_tok, draft_tok)
-    # Built before the teacher-forced pass, so a draft the kernel cannot run fails at once.
-    kernel_layers = kernel_modules(draft, settings["draft_kernel"])
-    target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
-    cost_ratio = draft_macs / target_macs
-    quantization = methods.split_quantization(labels.get("method") or "")[1]
-    draft_bytes, target_bytes = model_weight_bytes(draft, quantization), model_weight_bytes(target)
-    n_boot, n_check, warmup, max_new = (
-        settings["bootstrap"],
-        settings["n_check"],
-        settings["warmup_prompts"],
-        settings["max_new_tokens"],
+    job = prepare(
+        target, draft, target_tok, draft_tok, cached, items, settings=settings, labels=labels, seed=seed, run=run
     )
-    ar_speed = cached["timing"]["ar_tokens_per_s"]
-    budgets = settings.get("tree_budgets") or []
-    if len(set(budgets)) != len(budgets):
-        raise ValueError(f"measure.tree_budgets has repeated budgets: {budgets}")
-    pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
-    # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
-    prompt_format = cached["provenance"]["settings"].get("chat")
-    base = {
-        **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
-        "draft_macs_per_token": draft_macs,
-        "target_macs_per_token": target_macs,
-        "macs_ratio": cost_ratio,
-        "quantization": quantization,
-        "draft_weight_bytes_per_token": draft_bytes["weight_bytes_per_token"],
-        "target_weight_bytes_per_token": target_bytes["weight_bytes_per_token"],
-        "weight_bytes_ratio": draft_bytes["weight_bytes_per_token"] / target_bytes["weight_bytes_per_token"],
-        "draft_weight_layouts": draft_bytes["weight_layouts"],
-        "draft_kernel": settings["draft_kernel"],
-        "draft_kernel_layers": len(kernel_layers),
-        "same_tokenizer": path == "assisted",
-        "decoding_path": path,
-        "device": str(target.device),
-        "prompt_format": prompt_format,
-    }
-    records = []
-
-    def add(temperature, k, estimator, result, **extra):
-        record = {
-            **base,
-            "temperature": temperature,
-            "k": k,
-            "estimator": estimator,
-            **result,
-            **extra,
-            "provenance": provenance(seed=seed, **settings),
-        }
-        records.append(record)
-        if run is not None:
-            run.log({key: v for key, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-
-    def assisted(k, temperature, n):
-        with swapped(draft, kernel_layers):
-            return assisted_runs(
-                target,
-                draft,
-                target_tok,
-                draft_tok,
-                [it["prompt_ids"] for it in items[:n]],
-                k=k,
-                temperature=temperature,
-                max_new_tokens=max_new,
-                seed=seed,
-            )
-
     for temperature in settings["temperatures"]:
-        if temperature == 0 and path == "assisted":
-            bar = tqdm(total=len(pairs), desc="teacher-forced draft pass", mininterval=5)
-            forced = acceptance.teacher_forced_matches(
-                draft, pairs, pad_id=target_tok.pad_token_id, batch_size=settings["batch_size"], progress=bar
-            )
-            bar.close()
-            walks = {
-                k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, items)]
-                for k in range(1, settings["k_max"] + 1)
-            }
-            checks = {}
-            for k in settings["k"]:
-                runs = assisted(k, 0.0, n_check)
-                outputs_ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
-                steps_ok = [
-                    ok and check_steps(it, r["steps"], walks[k][i], forced[i]["gap"], k)
-                    for i, (ok, it, r) in enumerate(zip(outputs_ok, items, runs))
-                ]
-                checks[k] = check_summary(outputs_ok, steps_ok, runs, _speed(runs, warmup), ar_speed)
-            for k, generations in walks.items():
-                add(
-                    0.0,
-                    k,
-                    "teacher_forced_walk",
-                    summarize(generations, k, cost_ratio, n_boot, seed),
-                    **checks.get(k, {}),
-                )
-            for budget, generations, extra in tree_records(target, draft, items, forced, budgets, settings):
-                depth, expanded = extra["tree_depth"], extra["tree_nodes_expanded"]
-                add(
-                    0.0, budget, "tree_walk", summarize(generations, depth, cost_ratio, n_boot, seed, expanded), **extra
-                )
+        if temperature == 0 and job.path == "assisted":
+            walk_records(job)
             continue
-        n = max(settings["n_assisted"], n_check) if temperature == 0 else settings["n_assisted"]
-        for k in settings["k"]:
-            runs = assisted(k, temperature, n)
-            extra = {}
-            if temperature == 0:
-                ok = [check_output(target, it, r["tokens"], k) for it, r in zip(items, runs)]
-                sd_speed = _speed(runs[:n_check], warmup)
-                extra = {
-                    "checked_prompts": sum(ok),
-                    "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
-                    "target_near_ties": ok.count(False),
-                    "ar_tokens_per_s": ar_speed,
-                    "sd_tokens_per_s": sd_speed,
-                    "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
-                }
-            add(
-                temperature,
-                k,
-                "assisted_generation",
-                summarize([r["steps"] for r in runs], k, cost_ratio, n_boot, seed),
-                **extra,
-            )
-        if path == "assisted" and settings["n_tvd"]:
-            sums = acceptance.overlap(
-                target,
-                draft,
-                pairs[: settings["n_tvd"]],
-                temperature=temperature,
-                pad_id=target_tok.pad_token_id,
-                batch_size=settings["batch_size"],
-            )
-            alpha, low, high = ratio_ci([s for s, _ in sums], [n for _, n in sums], n_boot=n_boot, seed=seed)
-            for k in range(1, settings["k_max"] + 1):
-                mal = acceptance.iid_mal(alpha, k)
-                lo, hi = acceptance.iid_mal(low, k), acceptance.iid_mal(high, k)
-                scale = 1 / (1 + k * cost_ratio)
-                add(
-                    temperature,
-                    k,
-                    "tvd_estimate",
-                    {
-                        "n_prompts": len(sums),
-                        "mal": mal,
-                        "mal_ci_low": lo,
-                        "mal_ci_high": hi,
-                        "alpha": alpha,
-                        "alpha_ci_low": low,
-                        "alpha_ci_high": high,
-                        "improvement_factor": mal * scale,
-                        "improvement_factor_ci_low": lo * scale,
-                        "improvement_factor_ci_high": hi * scale,
-                    },
-                )
-    mark_best_k(records)
-    output = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": records}
+        assisted_records(job, temperature)
+        if job.path == "assisted" and settings["n_tvd"]:
+            tvd_records(job, temperature)
+    mark_best_k(job.records)
+    output = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": job.records}
     write_json(out_path, output, indent=None)
     return output
 

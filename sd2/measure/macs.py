@@ -1,9 +1,9 @@
 """Per-token multiply-accumulates (MACs) of a causal LM.
 
-Definition (GUIDE §3, the paper's): the weight MACs of the linear layers only, i.e.
-q, k, v, o, the MLP projections and lm_head, for one new token. A sparse layer costs its
-non-zeros; embedding lookups cost nothing; biases and norms are ignored. Attention-score
-MACs (QK^T and AV) grow with the context and are reported apart.
+Definition (the paper's): the weight MACs of the linear layers only, i.e. q, k, v, o, the MLP
+projections and lm_head, for one new token. A sparse layer costs its non-zeros; embedding lookups
+cost nothing; biases and norms are ignored. Attention-score MACs (QK^T and AV) grow with the
+context: `attention_macs_per_token` counts them apart, for a given context length.
 """
 
 import json
@@ -13,11 +13,7 @@ import torch
 from transformers import AutoConfig
 
 from sd2.models import load_model
-
-# Architectures whose MLP is gated (gate, up, down) versus plain (up, down).
-# Only architectures whose config names and nn.Linear layout were checked; others fail loudly.
-GATED_MLP = {"llama", "mistral", "qwen2", "qwen3"}
-PLAIN_MLP = {"gpt_neox"}
+from sd2.shapes import GATED_MLP, PLAIN_MLP, Shape, model_shape
 
 
 def _text_config(config):
@@ -32,22 +28,48 @@ def _sizes(config) -> dict:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    model_type = config.model_type
-    if model_type in PLAIN_MLP:
-        mlp_mats = 2
-    elif model_type in GATED_MLP:
-        mlp_mats = 3
-    else:
-        raise ValueError(f"linear_macs: unknown architecture '{model_type}' (known: {sorted(GATED_MLP | PLAIN_MLP)})")
     return dict(
         hidden=hidden,
         heads=heads,
         head_dim=head_dim,
         kv_heads=kv_heads,
         intermediate=intermediate,
-        mlp_mats=mlp_mats,
+        mlp_mats=_mlp_matrices(config.model_type),
         layers=config.num_hidden_layers,
         vocab=config.vocab_size,
+    )
+
+
+def _mlp_matrices(model_type: str) -> int:
+    """Matrices of an MLP: gated (gate, up, down) or plain (up, down). Only architectures whose config
+    names and nn.Linear layout were checked; others fail loudly."""
+    if model_type in PLAIN_MLP:
+        return 2
+    if model_type in GATED_MLP:
+        return 3
+    raise ValueError(f"linear_macs: unknown architecture '{model_type}' (known: {sorted(GATED_MLP | PLAIN_MLP)})")
+
+
+def _shape_sizes(shape: Shape, model_type: str | None, where: str) -> dict:
+    """The sizes of a config's model shape. Without a model type (a hub model's `shape`), the MLP has the
+    number of hidden x intermediate matrices its parameter count leaves after attention (2 or 3)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    attention = 2 * h * shape.head_dim * (shape.num_attention_heads + shape.num_key_value_heads)
+    mlp_mats = _mlp_matrices(model_type) if model_type else round((shape.layer_params - attention) / (h * i))
+    if mlp_mats not in (2, 3):
+        raise ValueError(
+            f"{where}: its parameter count leaves {mlp_mats} hidden x intermediate matrices per layer after "
+            "attention, not an MLP's 2 (up, down) or 3 (gate, up, down): check its params_b and sizes"
+        )
+    return dict(
+        hidden=h,
+        heads=shape.num_attention_heads,
+        head_dim=shape.head_dim,
+        kv_heads=shape.num_key_value_heads,
+        intermediate=i,
+        mlp_mats=mlp_mats,
+        layers=shape.num_hidden_layers,
+        vocab=shape.vocab_size,
     )
 
 
@@ -73,7 +95,10 @@ def _check_sparsity(sparsity: float) -> None:
 def linear_macs(config, sparsity: float = 0.0) -> dict:
     """Analytic per-token linear MACs from a config; `sparsity` applies to every decoder linear."""
     _check_sparsity(sparsity)
-    s = _sizes(config)
+    return _analytic(_sizes(config), sparsity)
+
+
+def _analytic(s: dict, sparsity: float) -> dict:
     q_o = 2 * s["hidden"] * s["heads"] * s["head_dim"]
     k_v = 2 * s["hidden"] * s["kv_heads"] * s["head_dim"]
     mlp = s["mlp_mats"] * s["hidden"] * s["intermediate"]
@@ -125,7 +150,13 @@ def resolve_config(model: str):
     if path.is_dir() and (path / "config.json").exists():
         return AutoConfig.from_pretrained(path)
     if path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{model}: not a model's config.json ({e}); for a workflow config (YAML) give it as "
+                "`sd2 macs CONFIG.yaml` (every model) or `sd2 macs NAME --config CONFIG.yaml`"
+            ) from e
         if "model_type" not in data:
             raise ValueError(f"{model}: config.json has no model_type")
         return AutoConfig.for_model(data.pop("model_type"), **data)
@@ -142,14 +173,18 @@ def _has_weights(path: Path) -> bool:
     return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
 
 
+def _check_percent(sparsity_percent: float | None) -> None:
+    if sparsity_percent is not None and not 0.0 <= sparsity_percent < 100.0:
+        raise ValueError(f"--sparsity must be a percent in [0, 100), got {sparsity_percent}")
+
+
 def cli(model: str, sparsity_percent: float | None) -> dict:
     """`python -m sd2 macs MODEL [--sparsity PERCENT]`: the dict the CLI prints as JSON.
 
     With --sparsity the count is analytic; without it a checkpoint dir with weights is
     counted from its non-zeros, anything else (config file, hub id) analytically at 0%.
     """
-    if sparsity_percent is not None and not 0.0 <= sparsity_percent < 100.0:
-        raise ValueError(f"--sparsity must be a percent in [0, 100), got {sparsity_percent}")
+    _check_percent(sparsity_percent)
     path = Path(str(model)).expanduser()
     if sparsity_percent is None and path.is_dir() and _has_weights(path):
         result = model_macs(load_model(path))
@@ -161,3 +196,38 @@ def cli(model: str, sparsity_percent: float | None) -> dict:
     result["model"] = str(model)
     result["sparsity_percent"] = sparsity_percent
     return result
+
+
+def config_macs(name: str, config: dict, sparsity_percent: float | None) -> dict:
+    """`python -m sd2 macs NAME --config CONFIG.yaml`: MACs of the model `name` of a validated workflow config.
+
+    A hub model that is a local checkpoint directory is read as `cli` reads a path; a hub id is sized by
+    its `shape` (nothing downloaded), or without one by its config in the local hub cache; a from-scratch
+    model by its own sizes. The analytic counts apply --sparsity (default 0%) to every decoder linear.
+    """
+    _check_percent(sparsity_percent)
+    models = config["models"]
+    if name not in models:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(models)})")
+    spec = models[name]
+    local = "hub" in spec and Path(spec["hub"]).expanduser().exists()
+    if local or ("hub" in spec and "shape" not in spec):
+        try:
+            result = cli(spec["hub"], sparsity_percent)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"models.{name}: {e}; or give models.{name}.shape") from e
+    else:
+        sizes = _shape_sizes(model_shape(name, config), spec.get("arch"), f"models.{name}.shape")
+        result = _analytic(sizes, (sparsity_percent or 0.0) / 100.0)
+        result["counted"] = "analytic"
+        result["sparsity_percent"] = sparsity_percent
+    result["model"] = name
+    return result
+
+
+def every_config_macs(config_path: str, config: dict, sparsity_percent: float | None) -> dict:
+    """`python -m sd2 macs CONFIG.yaml`: config_macs of every model of the config, by name."""
+    return {
+        "config": str(config_path),
+        "models": {name: config_macs(name, config, sparsity_percent) for name in config["models"]},
+    }

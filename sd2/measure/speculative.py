@@ -19,10 +19,10 @@ import time
 import torch
 from datasets import load_from_disk
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 from transformers.generation.candidate_generator import AssistantVocabTranslatorCache
 from transformers.generation.streamers import BaseStreamer
 
+from sd2.generation import check_shipped_generation, decoding_kwargs
 from sd2.models import same_tokenizer
 
 
@@ -73,78 +73,6 @@ def pin_draft(draft, k: int) -> None:
     draft.generation_config.num_assistant_tokens = k
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     draft.generation_config.assistant_confidence_threshold = 0.0
-
-
-# Every logits setting generate() knows a neutral value for. transformers 5.17 fills each
-# field of a passed GenerationConfig that is None from model.generation_config (what the
-# checkpoint ships: Qwen2.5's repetition_penalty 1.05, top_k 20, ...), so all are set.
-NEUTRAL = dict(
-    num_beams=1,
-    num_beam_groups=1,
-    num_return_sequences=1,
-    temperature=1.0,
-    top_k=50,  # greedy ignores it; sampling sets 0 (off). 50 is the library's default, so generate() does not warn.
-    top_p=1.0,
-    typical_p=1.0,
-    epsilon_cutoff=0.0,
-    eta_cutoff=0.0,
-    repetition_penalty=1.0,
-    encoder_repetition_penalty=1.0,
-    length_penalty=1.0,
-    diversity_penalty=0.0,
-    no_repeat_ngram_size=0,
-    encoder_no_repeat_ngram_size=0,
-    min_length=0,
-    remove_invalid_values=False,
-)
-# Settings with no neutral value (None means "unset", which the checkpoint's value then fills):
-# a checkpoint that ships one is refused rather than silently changing the decoding.
-NO_NEUTRAL = (
-    "min_p",
-    "top_h",
-    "min_new_tokens",
-    "bad_words_ids",
-    "force_words_ids",
-    "constraints",
-    "sequence_bias",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "exponential_decay_length_penalty",
-    "guidance_scale",
-    "renormalize_logits",
-    "watermarking_config",
-    "stop_strings",
-    "penalty_alpha",
-    "dola_layers",
-    "max_time",
-)
-
-
-def generation_config(temperature: float, max_new_tokens: int, pad_token_id) -> GenerationConfig:
-    """Greedy (temperature 0) or pure sampling at `temperature`, nothing else; eos ids come from the model."""
-    sampling = (
-        dict(do_sample=True, temperature=float(temperature), top_k=0) if temperature > 0 else dict(do_sample=False)
-    )
-    return GenerationConfig(**{**NEUTRAL, **sampling}, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
-
-
-def check_shipped_generation(model) -> None:
-    """Raise naming a decoding setting in model.generation_config that an explicit config cannot override."""
-    shipped = model.generation_config
-    found = {k: getattr(shipped, k, None) for k in NO_NEUTRAL if getattr(shipped, k, None) not in (None, False)}
-    if found:
-        raise ValueError(
-            f"{getattr(model.config, '_name_or_path', type(model).__name__)}: its generation_config sets {found}, "
-            "which generate() would apply on top of sd2's explicit decoding settings; remove it from "
-            "generation_config.json"
-        )
-
-
-def decoding_kwargs(temperature: float, max_new_tokens: int, pad_token_id) -> dict:
-    """generate() keywords shared by the target alone and the speculative run: one explicit generation config."""
-    return {"generation_config": generation_config(temperature, max_new_tokens, pad_token_id)}
 
 
 def decoding_path(target, draft, target_tok, draft_tok) -> str:

@@ -30,10 +30,11 @@ def _ratio(num, den):
         return np.asarray(num, dtype=float) / np.asarray(den, dtype=float)
 
 
-def ratio_ci(num, den, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+def ratio_ci(num, den, *, n_boot: int, seed: int, level: float = LEVEL) -> tuple[float, float, float]:
     """(sum(num) / sum(den), low, high): percentile bootstrap interval over items.
 
-    For MAL: num = committed tokens per prompt, den = counted steps per prompt.
+    For MAL: num = committed tokens per prompt, den = counted steps per prompt. n_boot resamples
+    (the config's measure.bootstrap), drawn from `seed`.
     """
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if len(num) != len(den):
@@ -45,7 +46,7 @@ def ratio_ci(num, den, *, n_boot: int = 2000, seed: int = 0, level: float = LEVE
 
 
 def paired_ratio_ci(
-    num_a, den_a, num_b, den_b, *, n_boot: int = 2000, seed: int = 0, level: float = LEVEL
+    num_a, den_a, num_b, den_b, *, n_boot: int, seed: int, level: float = LEVEL
 ) -> tuple[float, float, float]:
     """(R_a / R_b, low, high) with R = sum(num) / sum(den), both sides resampled on the same items.
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from sd2.generation import model_eos_ids
 from sd2.measure import acceptance
 
 RULE = (
@@ -187,11 +188,6 @@ class CachedModel:
             self.cache.crop(-extra)
 
 
-def eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-
-
 @torch.no_grad()
 def tree_generate(
     target, draft, prompt_ids: list[int], branching, max_new_tokens: int
@@ -207,7 +203,7 @@ def tree_generate(
     a KV cache of the committed tokens; tokens committed by a step are fed again at the next
     one (their cached copies sat among rejected nodes).
     """
-    eos = eos_ids(target)
+    eos = model_eos_ids(target)
     big, small = CachedModel(target), CachedModel(draft)
     seq, new, steps = list(prompt_ids), [], []
     while len(new) < max_new_tokens:

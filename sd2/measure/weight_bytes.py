@@ -14,7 +14,7 @@ stored layout of those weights costs, zeros and indices included:
 Each layer is counted in its smallest layout (a sparse store picks one per layer; at 50%
 sparsity and 16 bits bitmask wins, CSR only pays from about 75%). Unquantized weights count
 16 bits (bf16, as a draft is served), whatever dtype a demo checkpoint was saved in. A quantized
-decoder linear (sd2.drafts.quantize: w8a16, w4a16) counts its bits per weight plus one 16-bit
+decoder linear (sd2.quantized's schemes: w8a16, w4a16) counts its bits per weight plus one 16-bit
 scale per group (per output row for w8a16, per 128 inputs for w4a16, the scheme's groups);
 lm_head and the embedding stay 16-bit. The embedding costs the one row a token looks up; lm_head
 (tied or not) is read whole.
@@ -22,7 +22,7 @@ lm_head and the embedding stay 16-bit. The embedding costs the one row a token l
 
 import torch
 
-from sd2.drafts.quantize import group_size, weight_bits
+from sd2.quantized import group_size, weight_bits
 
 SERVING_BITS = 16
 LAYOUTS = ("dense", "bitmask", "csr")
@@ -30,7 +30,7 @@ LAYOUTS = ("dense", "bitmask", "csr")
 
 def layer_bytes(rows: int, cols: int, nnz: int, scheme: str | None = None, scale_bits: int = SERVING_BITS) -> dict:
     """Bytes of one (rows x cols) weight with nnz non-zeros in every layout; a quantized one (scheme
-    w8a16, w4a16) with its scales (sd2.drafts.quantize's groups), an unquantized one at 16 bits."""
+    w8a16, w4a16) with its scales (sd2.quantized's groups), an unquantized one at 16 bits."""
     if scheme in (None, "none"):
         bits, scales = SERVING_BITS, 0.0
     else:

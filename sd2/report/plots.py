@@ -1,82 +1,48 @@
-"""Rule `figures`: `results/tables/*.csv` -> `results/figures/{stem}.png|pdf`.
+"""The figures: each `plot_*` function takes DataFrames of the aggregated tables and returns a Figure.
 
-Reads only the aggregated tables, so every figure regenerates in seconds from cached
-results; never imports torch or transformers. Figures are built on matplotlib's Agg
-canvas without pyplot: no global figure state, nothing to close, safe in a notebook.
-
-Each `plot_*` function takes DataFrames and returns a Figure (the notebook calls them
-too); `make_figures` writes them all under deterministic names. Unless said otherwise a
-figure shows greedy decoding (temperature 0) at one reported k (the smallest of the
-config's measure.k), measured rows only (never the tvd_estimate), and puts each eval set
-in its own row of panels rather than averaging over them. MAL figures carry the 95%
-bootstrap CIs of the table as error bars.
+Rule `figures` draws them through the registry (sd2.report.figures), the notebook calls them
+directly. Reads only the tables, so every figure regenerates in seconds from cached results; never
+imports torch or transformers. Unless said otherwise a figure shows greedy decoding (temperature 0)
+at one reported k (the smallest of the config's measure.k), measured rows only (never the
+tvd_estimate), and puts each eval set in its own row of panels rather than averaging over them.
+MAL figures carry the 95% bootstrap CIs of the table as error bars, marked where a cell has too
+few prompts for its interval to hold (sd2.report.canvas).
 """
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from sd2 import methods
-from sd2.checkpoint import atomic_path
-from sd2.report.results import method_rank, unquantized, with_variant_columns
+from sd2.report.canvas import (
+    IMPROVEMENT_LABEL,
+    LINESTYLES,
+    MACS_LABEL,
+    MAL_LABEL,
+    MARKERS,
+    SPARSITY_LABEL,
+    bar_with_ci,
+    color,
+    empty_figure,
+    few_prompts,
+    few_prompts_entry,
+    figure_legend,
+    marker_entries,
+    new_figure,
+    panel_grid,
+    points_with_ci,
+)
+from sd2.report.collect import with_variant_columns
 
-MAL_LABEL = "MAL τ (tokens per verification step)"
-IMPROVEMENT_LABEL = "improvement factor (×, from MACs)"
-MACS_LABEL = "draft MACs per token (linear layers)"
-SPARSITY_LABEL = "sparsity of decoder linears (%)"
-PANEL_SIZE = (4.0, 3.0)  # inches per panel
 MAX_K_COLUMNS = 4  # mal_vs_k shows one eval set only when all of them would need more columns
-CI_NOTE = "error bars: 95% bootstrap CI over prompts."
-
-# One colour per method in every figure (the registry's); a loss variant is a shade of its method's colour.
-METHOD_COLORS = {m.name: m.color for m in methods.METHODS}
-# Per loss other than the method's own: how far its colour moves toward white (> 0) or black (< 0).
-LOSS_SHADES = {"kl": 0.45, "tvdpp": -0.4, "squarehead": 0.7, "skd": -0.65}
-MARKERS = "os^Dv<>p*h"
-LINESTYLES = ("-", "--", ":", "-.")
-
-CAPTIONS = {
-    "mal_vs_sparsity": (
-        "Mean Accepted Length (MAL, bonus token included) against draft sparsity, one line per draft-making method, "
-        "greedy decoding; dense drafts are the dotted reference lines; " + CI_NOTE
-    ),
-    "mal_vs_macs": (
-        "MAL against draft MACs per token for every draft and method, greedy decoding; the grey step line is the "
-        "Pareto front (the best MAL reachable at or below each cost); " + CI_NOTE
-    ),
-    "improvement_factor": (
-        "Theoretical improvement factor MAL / (1 + k·MACs_draft/MACs_target) of each draft, greedy decoding; "
-        "above 1 speculative decoding beats autoregressive decoding in MACs; " + CI_NOTE
-    ),
-    "mal_vs_k": (
-        "MAL (top) and theoretical improvement factor (bottom) against the number of drafted tokens k, "
-        "greedy decoding measured by the teacher-forced walk (same-tokenizer pairs), one line per draft; "
-        "stars mark the k with the largest improvement factor; shaded bands: 95% bootstrap CI over prompts."
-    ),
-    "acceptance_by_position": (
-        "Share of verification steps in which the drafted token at each position was accepted, greedy decoding, "
-        "one line per draft."
-    ),
-    "tokenizer_comparison": (
-        "MAL of each draft with a same-tokenizer target and with a different-tokenizer target "
-        "(Universal Assisted Generation), greedy decoding; " + CI_NOTE
-    ),
-    "speedup": (
-        "Measured CPU wall-clock speed-up of speculative decoding over autoregressive decoding of the target "
-        "(tokens/s ratio, batch size 1), greedy decoding."
-    ),
-    "loss_curves": (
-        "Loss curves: pretraining of the from-scratch models (against tokens) and fine-tuning of each draft "
-        "(against steps); solid validation, dashed training loss."
-    ),
-}
-FIGURES = tuple(CAPTIONS)
-ALL_QUANTIZATIONS = ("mal_vs_weight_bytes",)
+TREE_BUDGET_LABEL = "tree budget n (draft tokens per step)"
+BYTES_LABEL = "draft weight bytes read per token"
+# A quantization-aware draft (-qat) beside its one-shot scheme: the same shape, turned.
+QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w8a16-qat": "D", "w4a16": "^", "w4a16-qat": "v"}
 
 
 # ---------------------------------------------------------------- table helpers
@@ -130,18 +96,6 @@ def same_variant(df: pd.DataFrame, method: str, loss, sparsity=None) -> pd.Serie
     return mask if sparsity is None else mask & (df["sparsity"] == sparsity)
 
 
-def ci_yerr(rows: pd.DataFrame, value: str) -> np.ndarray | None:
-    """Error-bar lengths below and above `value` from its 95% CI columns; None where the table has none (speed-up).
-
-    A missing interval gives NaN lengths, which matplotlib leaves undrawn.
-    """
-    low, high = f"{value}_ci_low", f"{value}_ci_high"
-    if low not in rows:
-        return None
-    # A percentile interval may miss its point estimate on a degenerate sample; errorbar rejects negative lengths.
-    return np.vstack([(rows[value] - rows[low]).clip(lower=0), (rows[high] - rows[value]).clip(lower=0)])
-
-
 def sparsity_styles(df: pd.DataFrame) -> dict:
     """Line style per sparsity level, solid for dense and the lowest sparse level (colour tells the method)."""
     sparse = sorted(set(df["sparsity"]) - {0})
@@ -151,7 +105,7 @@ def sparsity_styles(df: pd.DataFrame) -> dict:
 def variant_order(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Unique (keys..., method, loss, sparsity) combinations in table order (methods by the registry, ce first)."""
     combos = df[keys + ["method", "loss", "sparsity"]].drop_duplicates()
-    combos = combos.assign(_rank=combos["method"].map(method_rank), _loss_rank=combos["loss"].map(methods.loss_rank))
+    combos = combos.assign(_rank=combos["method"].map(methods.rank), _loss_rank=combos["loss"].map(methods.loss_rank))
     by = keys + ["_rank", "method", "_loss_rank", "sparsity"]
     return combos.sort_values(by).drop(columns=["_rank", "_loss_rank"])
 
@@ -167,64 +121,6 @@ def pareto_front(points: pd.DataFrame, cost: str, value: str) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
-# ---------------------------------------------------------------- figure helpers
-
-
-def new_figure(n_rows: int, n_cols: int, title: str, sharey: bool = True):
-    # At least 10 inches wide so that the title and the legend fit beside one panel.
-    fig = Figure(figsize=(max(10.0, PANEL_SIZE[0] * n_cols + 2.0), PANEL_SIZE[1] * n_rows + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey=sharey)
-    fig.suptitle(title)
-    return fig, axes
-
-
-def empty_figure(title: str, message: str = "no data in the tables") -> Figure:
-    fig, axes = new_figure(1, 1, title)
-    axes[0, 0].text(0.5, 0.5, message, ha="center", va="center", transform=axes[0, 0].transAxes)
-    axes[0, 0].set_axis_off()
-    return fig
-
-
-def figure_legend(fig: Figure, axes) -> None:
-    """One legend for the whole figure, labels deduplicated across panels."""
-    seen = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize="small")
-
-
-def panel_grid(df: pd.DataFrame, row_key: str, col_keys: list[str], title: str, draw) -> Figure:
-    """One row of panels per value of `row_key`, one column per combination of `col_keys`.
-
-    draw(ax, panel, row_value, column, j) fills a panel with its rows of `df`; `column` is the
-    tuple of col_keys values and j the column index (the leftmost panel carries the y label).
-    The figure gets one legend.
-    """
-    row_values = sorted(df[row_key].unique())
-    columns = sorted(set(zip(*(df[key] for key in col_keys))))
-    fig, axes = new_figure(len(row_values), len(columns), title)
-    for i, row_value in enumerate(row_values):
-        for j, column in enumerate(columns):
-            mask = df[row_key] == row_value
-            for key, value in zip(col_keys, column):
-                mask &= df[key] == value
-            draw(axes[i, j], df[mask], row_value, column, j)
-    figure_legend(fig, axes)
-    return fig
-
-
-def color(method: str, loss=None) -> str:
-    """The method's colour; a loss other than the method's own shades it (toward white or black)."""
-    base = METHOD_COLORS.get(method, methods.UNKNOWN_COLOR)
-    shade = LOSS_SHADES.get(loss, 0.0) if isinstance(loss, str) and loss != methods.default_loss(method) else 0.0
-    rgb = np.array([int(base[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
-    rgb = rgb + (255 - rgb) * shade if shade > 0 else rgb * (1 + shade)
-    return "#" + "".join(f"{int(round(v)):02x}" for v in rgb)
-
-
 def mean_row(rows: pd.DataFrame) -> pd.DataFrame:
     """The numeric columns' means as a one-row frame: one bar, with its error bar, for several rows."""
     return rows.mean(numeric_only=True).to_frame().T
@@ -236,18 +132,27 @@ def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
     combos = variant_order(df, ["draft"])
     for x, c in enumerate(combos.itertuples(index=False)):
         point = mean_row(df[(df["draft"] == c.draft) & same_variant(df, c.method, c.loss, c.sparsity)])
-        ax.bar(
-            x,
-            point[value],
-            yerr=ci_yerr(point, value),
-            capsize=3,
-            color=color(c.method, c.loss),
-            label=methods.label(c.method, c.loss),
-        )
+        bar_with_ci(ax, x, point, value, color(c.method, c.loss), methods.label(c.method, c.loss), capsize=3)
     # The draft's name only matters when a panel holds more than one draft model.
     several = combos["draft"].nunique() > 1
     labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity, c.loss) for c in combos.itertuples()]
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
+
+
+def few_prompts_note(df: pd.DataFrame, value: str, bars: bool = False) -> list:
+    """The legend entry for cells with too few prompts, where `df` has such a cell and `value` a CI."""
+    return [few_prompts_entry(bars)] if f"{value}_ci_low" in df and few_prompts(df).any() else []
+
+
+def panel_columns(rows: pd.DataFrame, scope: str) -> tuple[list, str]:
+    """The (eval set, target, draft) panels of a per-k figure, and its scope: one eval set only
+    when all of them would need more than MAX_K_COLUMNS columns."""
+    columns = sorted(set(zip(rows["eval_set"], rows["target"], rows["draft"])))
+    if len(columns) > MAX_K_COLUMNS:
+        first = columns[0][0]
+        columns = [c for c in columns if c[0] == first]
+        scope += f", eval set {first} only"
+    return columns, scope
 
 
 # ---------------------------------------------------------------- figures
@@ -272,21 +177,15 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
                 ax.axhline(rows["mal"].mean(), color=color(line.method, line.loss), linestyle=":", linewidth=1)
             # Lines share sparsity levels: a small sideways shift per line keeps their error bars apart.
             shift = (n - (len(lines) - 1) / 2) * 0.8
-            ax.errorbar(
-                rows["sparsity"] + shift,
-                rows["mal"],
-                yerr=ci_yerr(rows, "mal"),
-                marker="o",
-                capsize=3,
-                color=color(line.method, line.loss),
-                label=methods.label(line.method, line.loss),
-            )
+            c = color(line.method, line.loss)
+            ax.plot(rows["sparsity"] + shift, rows["mal"], color=c)
+            points_with_ci(ax, rows["sparsity"] + shift, rows, "mal", "o", c, methods.label(line.method, line.loss))
         ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
         ax.set_xlabel(SPARSITY_LABEL)
         ax.set_ylabel(MAL_LABEL if j == 0 else "")
         ax.grid(alpha=0.3)
 
-    return panel_grid(df, "eval_set", ["target", "draft"], title, draw)
+    return panel_grid(df, "eval_set", ["target", "draft"], title, draw, few_prompts_note(df, "mal"))
 
 
 def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -295,23 +194,15 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
     title = slice_title("MAL against draft cost: which drafts are Pareto-optimal", df, temperature)
     if df.empty:
         return empty_figure(title)
-    drafts = sorted(df["draft"].unique())
+    marks = {draft: MARKERS[d % len(MARKERS)] for d, draft in enumerate(sorted(df["draft"].unique()))}
 
     def draw(ax, panel, eval_set, column, j):
         for line in variant_order(panel, [])[["method", "loss"]].drop_duplicates().itertuples(index=False):
-            for d, draft in enumerate(drafts):
+            for draft in marks:
                 rows = panel[same_variant(panel, line.method, line.loss) & (panel["draft"] == draft)]
                 if len(rows):
-                    ax.errorbar(
-                        rows["draft_macs_per_token"],
-                        rows["mal"],
-                        yerr=ci_yerr(rows, "mal"),
-                        fmt=MARKERS[d % len(MARKERS)],
-                        capsize=3,
-                        color=color(line.method, line.loss),
-                        label=methods.label(line.method, line.loss),
-                        zorder=3,
-                    )
+                    c, label = color(line.method, line.loss), methods.label(line.method, line.loss)
+                    points_with_ci(ax, rows["draft_macs_per_token"], rows, "mal", marks[draft], c, label, zorder=3)
         front = pareto_front(panel, "draft_macs_per_token", "mal")
         ax.step(
             front["draft_macs_per_token"],
@@ -328,16 +219,9 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
         ax.set_ylabel(MAL_LABEL if j == 0 else "")
         ax.grid(alpha=0.3)
 
-    fig = panel_grid(df, "eval_set", ["target"], title, draw)
-    if len(drafts) > 1:
-        fig.text(
-            0.99,
-            0.01,
-            "markers: " + ", ".join(f"{MARKERS[d % len(MARKERS)]} {name}" for d, name in enumerate(drafts)),
-            ha="right",
-            fontsize="small",
-        )
-    return fig
+    # The marker tells the draft model only when there are several.
+    extra = marker_entries(marks, "draft") if len(marks) > 1 else []
+    return panel_grid(df, "eval_set", ["target"], title, draw, extra + few_prompts_note(df, "mal"))
 
 
 def bars_per_target(
@@ -356,7 +240,7 @@ def bars_per_target(
         ax.set_ylabel(ylabel if j == 0 else "")
         ax.grid(axis="y", alpha=0.3)
 
-    return panel_grid(df, "eval_set", ["target"], title, draw)
+    return panel_grid(df, "eval_set", ["target"], title, draw, few_prompts_note(df, value, bars=True))
 
 
 def plot_improvement_factor(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -393,17 +277,6 @@ def k_panel(ax, panel: pd.DataFrame, value: str, styles: dict) -> None:
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-
-
-def panel_columns(rows: pd.DataFrame, scope: str) -> tuple[list, str]:
-    """The (eval set, target, draft) panels of a per-k figure, and its scope: one eval set only
-    when all of them would need more than MAX_K_COLUMNS columns."""
-    columns = sorted(set(zip(rows["eval_set"], rows["target"], rows["draft"])))
-    if len(columns) > MAX_K_COLUMNS:
-        first = columns[0][0]
-        columns = [c for c in columns if c[0] == first]
-        scope += f", eval set {first} only"
-    return columns, scope
 
 
 def plot_mal_vs_k(measurements: pd.DataFrame) -> Figure:
@@ -483,17 +356,17 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
                     (panel["target"] == target.target) & same_variant(panel, combo.method, combo.loss, combo.sparsity)
                 ]
                 if len(rows):
-                    point = mean_row(rows)
-                    ax.bar(
+                    bar_with_ci(
+                        ax,
                         x + (t - (len(targets) - 1) / 2) * width,
-                        point["mal"],
-                        width,
-                        yerr=ci_yerr(point, "mal"),
+                        mean_row(rows),
+                        "mal",
+                        f"C{t}",
+                        f"{target.target} ({tok})",
+                        width=width,
                         capsize=2,
-                        color=f"C{t}",
                         hatch=None if target.same_tokenizer else "//",
                         edgecolor="white",
-                        label=f"{target.target} ({tok})",
                     )
         ax.set_xticks(
             range(len(combos)),
@@ -506,7 +379,7 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
         ax.set_ylabel(MAL_LABEL if j == 0 else "")
         ax.grid(axis="y", alpha=0.3)
 
-    return panel_grid(df, "eval_set", ["draft"], title, draw)
+    return panel_grid(df, "eval_set", ["draft"], title, draw, few_prompts_note(df, "mal", bars=True))
 
 
 def plot_speedup(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -564,48 +437,43 @@ def plot_loss_curves(training: pd.DataFrame) -> Figure:
     return fig
 
 
-PLOTS = {
-    "mal_vs_sparsity": plot_mal_vs_sparsity,
-    "mal_vs_macs": plot_mal_vs_macs,
-    "improvement_factor": plot_improvement_factor,
-    "mal_vs_k": plot_mal_vs_k,
-    "acceptance_by_position": plot_acceptance_by_position,
-    "tokenizer_comparison": plot_tokenizer_comparison,
-    "speedup": plot_speedup,
-}
+def tree_lines(axes, rows: pd.DataFrame, ref: pd.DataFrame, c: str, marker: str, label: str) -> None:
+    """One draft variant in a column of the tree figure (axes: MAL, improvement factor): the tree against
+    its budget with its CI band, the chain of as many nodes (`ref`) dotted, the branching above each MAL."""
+    for ax, value in zip(axes, ("mal", "improvement_factor")):
+        ax.plot(rows["tree_budget"], rows[value], "-", marker=marker, color=c, label=label)
+        ax.fill_between(
+            rows["tree_budget"], rows[f"{value}_ci_low"], rows[f"{value}_ci_high"], color=c, alpha=0.12, linewidth=0
+        )
+        ax.plot(ref["k"], ref[value], ":", marker=marker, markerfacecolor="none", color=c)
+    for row in rows.itertuples(index=False):
+        axes[0].annotate(
+            str(row.tree_branching),
+            (row.tree_budget, row.mal),
+            textcoords="offset points",
+            xytext=(0, 5),
+            ha="center",
+            fontsize="xx-small",
+            color=c,
+        )
 
 
-def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
-    """PNG and PDF, each written atomically; no creation date, so reruns give identical PDFs."""
-    # Lay out once and freeze it: both files share the layout, which is the slow part.
-    fig.draw_without_rendering()
-    fig.set_layout_engine("none")
-    paths = []
-    for ext, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        path = Path(out_dir) / f"{stem}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, metadata=metadata)
-        paths.append(path)
-    return paths
-
-
-def make_figures(tables_dir, out_dir) -> list[Path]:
-    """Every figure of FIGURES as out_dir/{stem}.png and .pdf; returns the paths in FIGURES order."""
-    measurements, training = load_tables(tables_dir)
-    paths = []
-    for stem in FIGURES:
-        if stem == "loss_curves":
-            fig = plot_loss_curves(training)
-        else:
-            # Quantized drafts only in the bytes figure: elsewhere a line per method would mix them.
-            fig = PLOTS[stem](measurements if stem in ALL_QUANTIZATIONS else unquantized(measurements))
-        paths += save_figure(fig, out_dir, stem)
-    return paths
-
-
-# ---------------------------------------------------------------- draft-token trees (sd2.measure.trees)
-
-TREE_BUDGET_LABEL = "tree budget n (draft tokens per step)"
+def tree_column(axes, panel: pd.DataFrame, chain_panel: pd.DataFrame, marks: dict) -> None:
+    """Every draft variant of one (eval set, target, draft) column: trees from `panel`, chains of
+    as many nodes from `chain_panel`; the marker tells the sparsity level."""
+    for combo in variant_order(panel, []).itertuples(index=False):
+        rows = panel[same_variant(panel, combo.method, combo.loss, combo.sparsity)].sort_values("tree_budget")
+        ref = chain_panel[
+            same_variant(chain_panel, combo.method, combo.loss, combo.sparsity)
+            & chain_panel["k"].isin(rows["tree_budget"])
+        ].sort_values("k")
+        label = variant_label(combo.method, combo.sparsity, combo.loss)
+        tree_lines(axes, rows, ref, color(combo.method, combo.loss), marks[combo.sparsity], label)
+    axes[1].axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axes[1].set_xlabel(TREE_BUDGET_LABEL)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
 
 
 def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
@@ -631,73 +499,17 @@ def plot_mal_vs_tree_budget(measurements: pd.DataFrame) -> Figure:
             rows[(rows["eval_set"] == eval_set) & (rows["target"] == target) & (rows["draft"] == draft)]
             for rows in (tree_rows, chains)
         )
-        for combo in variant_order(panel, []).itertuples(index=False):
-            rows = panel[same_variant(panel, combo.method, combo.loss, combo.sparsity)].sort_values("tree_budget")
-            ref = chain_panel[
-                same_variant(chain_panel, combo.method, combo.loss, combo.sparsity)
-                & chain_panel["k"].isin(rows["tree_budget"])
-            ].sort_values("k")
-            c, marker = color(combo.method, combo.loss), marks[combo.sparsity]
-            for i, value in enumerate(("mal", "improvement_factor")):
-                ax = axes[i, j]
-                ax.plot(
-                    rows["tree_budget"],
-                    rows[value],
-                    "-",
-                    marker=marker,
-                    color=c,
-                    label=variant_label(combo.method, combo.sparsity, combo.loss),
-                )
-                ax.fill_between(
-                    rows["tree_budget"],
-                    rows[f"{value}_ci_low"],
-                    rows[f"{value}_ci_high"],
-                    color=c,
-                    alpha=0.12,
-                    linewidth=0,
-                )
-                ax.plot(ref["k"], ref[value], ":", marker=marker, markerfacecolor="none", color=c)
-            for row in rows.itertuples(index=False):
-                axes[0, j].annotate(
-                    str(row.tree_branching),
-                    (row.tree_budget, row.mal),
-                    textcoords="offset points",
-                    xytext=(0, 5),
-                    ha="center",
-                    fontsize="xx-small",
-                    color=c,
-                )
+        tree_column(axes[:, j], panel, chain_panel, marks)
         axes[0, j].set_title(f"{eval_set}: {draft} → {target}", fontsize="medium")
         axes[0, j].set_ylabel(MAL_LABEL if j == 0 else "")
         axes[1, j].set_ylabel(IMPROVEMENT_LABEL if j == 0 else "")
-        axes[1, j].axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        axes[1, j].set_xlabel(TREE_BUDGET_LABEL)
-        for ax in axes[:, j]:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
     # Neutral legend entries for the two line styles, after the variants.
-    axes[0, 0].plot([], [], "-", color="black", label="tree (shape per budget)")
-    axes[0, 0].plot([], [], ":", color="black", label="chain of as many nodes (k = n)")
-    figure_legend(fig, axes)
+    styles = [
+        Line2D([], [], linestyle="-", color="black", label="tree (shape per budget)"),
+        Line2D([], [], linestyle=":", color="black", label="chain of as many nodes (k = n)"),
+    ]
+    figure_legend(fig, axes, styles)
     return fig
-
-
-CAPTIONS["mal_vs_tree_budget"] = (
-    "MAL (top) and theoretical improvement factor MAL / (1 + expanded nodes·MACs_draft/MACs_target) (bottom) "
-    "against the node budget of a static draft-token tree, greedy decoding measured exactly from the draft's "
-    "teacher-forced ranks (same-tokenizer pairs), one solid line per draft with its branching per depth written "
-    "above each point; dotted: the chain with as many draft tokens (k = budget) where the walk measured it; "
-    "shaded bands: 95% bootstrap CI over prompts."
-)
-PLOTS["mal_vs_tree_budget"] = plot_mal_vs_tree_budget
-FIGURES = tuple(CAPTIONS)
-
-
-# ---------------------------------------------------------------- weight bytes, quantization (sd2.measure.weight_bytes)
-
-BYTES_LABEL = "draft weight bytes read per token"
-# A quantization-aware draft (-qat) beside its one-shot scheme: the same shape, turned.
-QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w8a16-qat": "D", "w4a16": "^", "w4a16-qat": "v"}
 
 
 def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.0, k: int | None = None) -> Figure:
@@ -711,17 +523,17 @@ def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.
         return empty_figure(title, "no records with weight bytes (measured before bytes were counted)")
 
     def draw(ax, panel, eval_set, column, j):
-        for c in variant_order(panel, ["draft", "quantization"]).itertuples(index=False):
-            rows = panel[same_variant(panel, c.method, c.loss, c.sparsity) & (panel["draft"] == c.draft)]
-            rows = rows[rows["quantization"] == c.quantization]
-            ax.errorbar(
+        for v in variant_order(panel, ["draft", "quantization"]).itertuples(index=False):
+            rows = panel[same_variant(panel, v.method, v.loss, v.sparsity) & (panel["draft"] == v.draft)]
+            rows = rows[rows["quantization"] == v.quantization]
+            points_with_ci(
+                ax,
                 rows["draft_weight_bytes_per_token"],
-                rows["mal"],
-                yerr=ci_yerr(rows, "mal"),
-                fmt=QUANTIZATION_MARKERS.get(c.quantization, "X"),
-                capsize=3,
-                color=color(c.method, c.loss),
-                label=methods.label(c.method, c.loss),
+                rows,
+                "mal",
+                QUANTIZATION_MARKERS.get(v.quantization, "X"),
+                color(v.method, v.loss),
+                methods.label(v.method, v.loss),
                 zorder=3,
             )
         front = pareto_front(panel, "draft_weight_bytes_per_token", "mal")
@@ -736,36 +548,15 @@ def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.
         ax.set_ylabel(MAL_LABEL if j == 0 else "")
         ax.grid(alpha=0.3)
 
-    fig = panel_grid(df, "eval_set", ["target"], title, draw)
-    shown = [q for q in QUANTIZATION_MARKERS if q in set(df["quantization"])]
-    fig.text(
-        0.99,
-        0.01,
-        "markers: " + ", ".join(f"{QUANTIZATION_MARKERS[q]} {q}" for q in shown),
-        ha="right",
-        fontsize="small",
-    )
-    return fig
-
-
-CAPTIONS["mal_vs_weight_bytes"] = (
-    "MAL against the bytes of weights each draft reads per generated token (log scale): 16-bit weights, "
-    "quantized decoder layers at 8 or 4 bits with their scales, sparse layers in a bitmask layout where it is "
-    "smaller; marker = quantization, colour = method; the grey step line is the Pareto front; " + CI_NOTE
-)
-PLOTS["mal_vs_weight_bytes"] = plot_mal_vs_weight_bytes
-FIGURES = tuple(CAPTIONS)
+    present = set(df["quantization"])
+    shown = {q: m for q, m in QUANTIZATION_MARKERS.items() if q in present}
+    shown |= {q: "X" for q in sorted(present - set(QUANTIZATION_MARKERS))}
+    extra = marker_entries(shown, "quantization") + few_prompts_note(df, "mal")
+    return panel_grid(df, "eval_set", ["target"], title, draw, extra)
 
 
 # ---------------------------------------------------------------- sparse kernels (benchmarks/sparse_kernels.py)
-# Not a FIGURES entry: the benchmark draws it from its own table, rule `figures` never does.
-
-SPARSE_KERNELS_CAPTION = (
-    "Speed-up of sparse kernels over dense torch (zeros stored) for one decoder layer's linear layers "
-    "(q, k, v, o, gate, up, down: dense time / backend time, both summed over the layer) against unstructured "
-    "sparsity, on the CPU named in the title; rows: batch 1 (drafting) and k + 1 (verification); above the dashed "
-    "line the sparse kernel is faster."
-)
+# Not in the figure registry: the benchmark draws it from its own table, rule `figures` never does.
 
 
 def sparse_layer_speedups(table: pd.DataFrame) -> pd.DataFrame:

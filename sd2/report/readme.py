@@ -1,8 +1,9 @@
-"""`make readme`: the README's result blocks, generated from the committed tables.
+"""`make readme`: the result blocks of the README and of docs/*.md, generated from the committed tables.
 
-Every number the README shows about the default run sits between a pair of markers,
-<!-- generated:NAME --> and <!-- /generated:NAME -->, and is rewritten from
-results/ by this module; text outside the markers is left alone. No torch here.
+Every number the documentation shows about a run sits between a pair of markers,
+<!-- generated:NAME --> and <!-- /generated:NAME -->, in README.md or in any page of docs/, and is
+rewritten from results/ (or, for the methods table, from the registry sd2.methods) by this module;
+text outside the markers is left alone. No torch here.
 """
 
 import json
@@ -12,16 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from sd2 import methods
-from sd2.report.results import (
-    baseline_comparisons,
-    ci_column,
-    family_comparisons,
-    loss_comparisons,
-    markdown_table,
-    summary_markdown,
-    with_ci,
-    with_variant_columns,
-)
+from sd2.report.collect import with_variant_columns
+from sd2.report.comparisons import baseline_comparisons, family_comparisons, loss_comparisons
+from sd2.report.markdown import ci_column, markdown_table, summary_markdown, with_ci
 
 
 def run_time(results: Path) -> str:
@@ -41,12 +35,47 @@ def run_time(results: Path) -> str:
     )
 
 
+def _machine(record: dict) -> str:
+    machine = record["machine"]
+    bf16 = "native bf16" if machine.get("native_bf16") else "no native bf16"
+    return f"{machine['cpu']}, {machine['cores']} cores, {bf16}"
+
+
+def _test_time(target: str, record: dict) -> str:
+    counts = ", ".join(f"{record[key]} {key}" for key in ("passed", "skipped") if record.get(key))
+    return (
+        f"- `make {target}`: **{record['seconds'] / 60:.0f} min** ({counts}) on {_machine(record)} "
+        f"({record['created'][:10]}, `results/test_time.json`)."
+    )
+
+
+def commands(results: Path) -> str:
+    """How long the two commands took when they last ran in full (results/run_time.json, results/test_time.json)."""
+    run = results / "run_time.json"
+    if run.exists():
+        rec = json.loads(run.read_text())
+        lines = [
+            f"- `make run` from nothing: **{rec['seconds'] / 60:.0f} min** ({rec['seconds']:,} s) on {_machine(rec)} "
+            f"({rec['provenance']['created'][:10]}, `results/run_time.json`)."
+        ]
+    else:
+        lines = [
+            "- `make run`: no recorded run from nothing yet (`make clean && make run` writes `results/run_time.json`)."
+        ]
+    tests = results / "test_time.json"
+    recorded = json.loads(tests.read_text()) if tests.exists() else {}
+    if "test" not in recorded:
+        lines.append("- `make test`: not timed yet (a complete run records its wall time in `results/test_time.json`).")
+    lines += [_test_time(target, recorded[target]) for target in ("test", "test-integration") if target in recorded]
+    return "\n".join(lines)
+
+
 def models(results: Path) -> str:
     table = pd.read_csv(results / "tables" / "models.csv")
     return markdown_table(table)
 
 
-# The demo models' aims (issue 11): what makes the default run's numbers worth reading.
+# The demo models' aims: what makes the default run's numbers worth reading.
 AIMS = {
     "target_body_rate": 0.8,
     "target_distinct_4gram_share": 0.6,
@@ -62,10 +91,7 @@ def _check(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def aims(results: Path) -> str:
-    """Each aim of the demo models against the tables, met or missed, with the numbers."""
-    m = pd.read_csv(results / "tables" / "models.csv")
-    targets, drafts = m[m["role"] == "target"], m[m["role"] == "draft"]
+def _target_aims(targets: pd.DataFrame) -> list[str]:
     lines = []
     for t in targets.itertuples():
         ok = (
@@ -79,7 +105,14 @@ def aims(results: Path) -> str:
             f"parse rate {t.parse_rate:.2f} "
             f"(>= {AIMS['target_parse_rate']}), on {t.n_prompts} prompts: {_check(ok)}."
         )
+    return lines
+
+
+def _draft_aims(drafts: pd.DataFrame, targets: pd.DataFrame) -> list[str]:
+    """A draft must write varied bodies and be worse per byte than every target (else the pair says little)."""
     best_target_bpb = targets["val_bits_per_byte"].max()
+    target_bpb = ", ".join(f"{b:.3f}" for b in targets["val_bits_per_byte"])
+    lines = []
     for d in drafts.itertuples():
         ok = (
             d.distinct_4gram_share >= AIMS["draft_distinct_4gram_share"]
@@ -90,41 +123,63 @@ def aims(results: Path) -> str:
             f"- draft {d.model}: distinct 4-gram share {d.distinct_4gram_share:.2f} "
             f"(>= {AIMS['draft_distinct_4gram_share']}), "
             f"body rate {d.body_rate:.2f}, {d.val_bits_per_byte:.3f} bits/byte against the targets' "
-            f"{', '.join(f'{b:.3f}' for b in targets['val_bits_per_byte'])} (worse than every target): {_check(ok)}."
+            f"{target_bpb} (worse than every target): {_check(ok)}."
         )
     ratio = targets["parameters"].min() / drafts["parameters"].max()
     lines.append(
         f"- smallest target / largest draft: {ratio:.2f}x parameters (>= {AIMS['target_over_draft_parameters']}): "
         f"{_check(ratio >= AIMS['target_over_draft_parameters'])}."
     )
+    return lines
+
+
+def _best_dense_sd_aim(results: Path) -> list[str]:
     meas = results / "tables" / "measurements.csv"
-    if meas.exists():
-        df = with_variant_columns(pd.read_csv(meas))
-        first_set = df["eval_set"].iloc[0]
-        sd = df[
-            (df["method"] == "dense_sd")
-            & (df["loss"] == methods.DEFAULT_LOSS)
-            & df["headline_k"]
-            & (df["temperature"] == 0)
-            & (df["eval_set"] == first_set)
-            & (df["estimator"] == "teacher_forced_walk")
-        ]
-        if len(sd):
-            b = sd.loc[sd["mal"].idxmax()]
-            lines.append(
-                f"- best dense_sd draft, greedy MAL at k = {b['k']} on {first_set}: {b['target']}/{b['draft']} "
-                f"{b['mal']:.2f} [{b['mal_ci_low']:.2f}, {b['mal_ci_high']:.2f}] (>= {AIMS['best_dense_sd_mal']}): "
-                f"{_check(b['mal'] >= AIMS['best_dense_sd_mal'])}."
-            )
+    if not meas.exists():
+        return []
+    df = with_variant_columns(pd.read_csv(meas))
+    first_set = df["eval_set"].iloc[0]
+    sd = df[
+        (df["method"] == "dense_sd")
+        & (df["loss"] == methods.DEFAULT_LOSS)
+        & df["headline_k"]
+        & (df["temperature"] == 0)
+        & (df["eval_set"] == first_set)
+        & (df["estimator"] == "teacher_forced_walk")
+    ]
+    if not len(sd):
+        return []
+    b = sd.loc[sd["mal"].idxmax()]
+    return [
+        f"- best dense_sd draft, greedy MAL at k = {b['k']} on {first_set}: {b['target']}/{b['draft']} "
+        f"{b['mal']:.2f} [{b['mal_ci_low']:.2f}, {b['mal_ci_high']:.2f}] (>= {AIMS['best_dense_sd_mal']}): "
+        f"{_check(b['mal'] >= AIMS['best_dense_sd_mal'])}."
+    ]
+
+
+def _sweep_time_aim(results: Path) -> list[str]:
     record = results / "run_time.json"
-    if record.exists():
-        rec = json.loads(record.read_text())
-        minutes = rec["seconds"] / 60
-        lines.append(
-            f"- the whole default sweep: {minutes:.0f} min on {rec['machine']['cpu']}, "
-            f"{rec['machine']['cores']} cores, native bf16 {'yes' if rec['machine']['native_bf16'] else 'no'} "
-            f"(<= {AIMS['sweep_minutes']}): {_check(minutes <= AIMS['sweep_minutes'])}."
-        )
+    if not record.exists():
+        return []
+    rec = json.loads(record.read_text())
+    minutes = rec["seconds"] / 60
+    return [
+        f"- the whole default sweep: {minutes:.0f} min on {rec['machine']['cpu']}, "
+        f"{rec['machine']['cores']} cores, native bf16 {'yes' if rec['machine']['native_bf16'] else 'no'} "
+        f"(<= {AIMS['sweep_minutes']}): {_check(minutes <= AIMS['sweep_minutes'])}."
+    ]
+
+
+def aims(results: Path) -> str:
+    """Each aim of the demo models against the tables, met or missed, with the numbers."""
+    m = pd.read_csv(results / "tables" / "models.csv")
+    targets, drafts = m[m["role"] == "target"], m[m["role"] == "draft"]
+    lines = [
+        *_target_aims(targets),
+        *_draft_aims(drafts, targets),
+        *_best_dense_sd_aim(results),
+        *_sweep_time_aim(results),
+    ]
     return "\n".join(lines)
 
 
@@ -261,7 +316,7 @@ def precision(results: Path) -> str:
 
 
 def cuda_jobs(name: str):
-    """A block of jobs run one by one on a lent GPU (benchmarks/cuda_jobs.py, results/tables/<name>.csv)."""
+    """A block of jobs run one by one on a GPU (benchmarks/cuda_jobs.py, results/tables/<name>.csv)."""
 
     def render(results: Path) -> str:
         path = results / "tables" / f"{name}.csv"
@@ -416,25 +471,12 @@ def families_significance(results: Path) -> str:
     return significance(fam)
 
 
-def quantization(results: Path) -> str:
-    """config/quantization.yaml's run: every draft as made and quantized, greedy at the reported k: MAL,
-    weight bytes and MACs per token, the improvement factor with either cost, and each quantized draft
-    against the same draft unquantized (paired over the same prompts)."""
-    first, _ = on_top_header(results, "quantization")
-    tables = results / "quantization" / "tables"
-    if first is None or not (tables / "measurements.csv").exists():
-        return "Not run yet: `make quantization` (after `make run`) writes `results/quantization/`."
-    df = with_variant_columns(pd.read_csv(tables / "measurements.csv"))
-    df = df[(df["temperature"] == 0) & (df["estimator"] == "teacher_forced_walk") & df["headline_k"].eq(True)]
-    compared = with_variant_columns(pd.read_csv(tables / "comparisons.csv"))
-    keys = ["target", "draft", "method", "loss", "quantization", "sparsity", "eval_set", "k"]
-    vs = compared[compared["mal_ratio_vs_unquantized"].notna()][
-        keys
-        + ["mal_ratio_vs_unquantized", "vs_unquantized_ci_low", "vs_unquantized_ci_high", "vs_unquantized_significant"]
-    ]
-    qat = compared[compared["mal_ratio_vs_one_shot"].notna()] if "mal_ratio_vs_one_shot" in compared else vs.iloc[:0]
-    df = df.merge(vs, on=keys, how="left")
-    view = pd.DataFrame(
+QUANTIZATION_KEYS = ["target", "draft", "method", "loss", "quantization", "sparsity", "eval_set", "k"]
+
+
+def _quantization_view(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per draft as made or quantized: MAL, both costs, both improvement factors, the paired ratio."""
+    return pd.DataFrame(
         {
             "target": df["target"],
             "eval set": df["eval_set"],
@@ -459,9 +501,14 @@ def quantization(results: Path) -> str:
             "significant": df["vs_unquantized_significant"].map({True: "yes", False: "no"}).fillna("–"),
         }
     )
+
+
+def _quantized_summary(vs: pd.DataFrame) -> str:
+    """How many quantized drafts differ significantly from the same draft unquantized, and each scheme's range."""
     quantized = vs[vs["quantization"] != methods.NO_QUANTIZATION]
-    worse = quantized[quantized["vs_unquantized_significant"].eq(True) & (quantized["mal_ratio_vs_unquantized"] < 1)]
-    better = quantized[quantized["vs_unquantized_significant"].eq(True) & (quantized["mal_ratio_vs_unquantized"] > 1)]
+    significant = quantized["vs_unquantized_significant"].eq(True)
+    worse = quantized[significant & (quantized["mal_ratio_vs_unquantized"] < 1)]
+    better = quantized[significant & (quantized["mal_ratio_vs_unquantized"] > 1)]
     summary = (
         f"Quantized against unquantized (paired): {len(quantized)} drafts; MAL significantly lower in "
         f"{len(worse)}, significantly higher in {len(better)}, not distinguishable in "
@@ -472,32 +519,59 @@ def quantization(results: Path) -> str:
             f" {scheme}: MAL ratio {rows['mal_ratio_vs_unquantized'].min():.3f} to "
             f"{rows['mal_ratio_vs_unquantized'].max():.3f}."
         )
-    parts = [first, "", summary, "", markdown_table(view)]
-    if len(qat):
-        worse = qat[qat["vs_one_shot_significant"].eq(True) & (qat["mal_ratio_vs_one_shot"] < 1)]
-        better = qat[qat["vs_one_shot_significant"].eq(True) & (qat["mal_ratio_vs_one_shot"] > 1)]
-        qat_view = pd.DataFrame(
-            {
-                "draft": qat["draft"],
-                "method": [methods.label(m, loss) for m, loss in zip(qat["method"], qat["loss"])],
-                "sparsity": qat["sparsity"],
-                "quantization": qat["quantization"],
-                "MAL [95% CI]": ci_column(qat, "mal", "mal_ci_low", "mal_ci_high"),
-                "one-shot MAL [95% CI]": ci_column(qat, "one_shot_mal", "one_shot_mal_ci_low", "one_shot_mal_ci_high"),
-                "QAT / one-shot [paired 95% CI]": ci_column(
-                    qat, "mal_ratio_vs_one_shot", "vs_one_shot_ci_low", "vs_one_shot_ci_high"
-                ),
-                "significant": qat["vs_one_shot_significant"].map({True: "yes", False: "no"}),
-            }
-        )
-        parts += [
-            "",
-            f"Quantization-aware fine-tuning against one-shot quantization at the same steps and data (paired): "
-            f"{len(qat)} drafts; QAT significantly better in {len(better)}, significantly worse in {len(worse)}, "
-            f"not distinguishable in {len(qat) - len(better) - len(worse)}.",
-            "",
-            markdown_table(qat_view),
-        ]
+    return summary
+
+
+def _qat_section(qat: pd.DataFrame) -> list[str]:
+    """Quantization-aware fine-tuning against one-shot quantization of the same draft, paired."""
+    significant = qat["vs_one_shot_significant"].eq(True)
+    worse = qat[significant & (qat["mal_ratio_vs_one_shot"] < 1)]
+    better = qat[significant & (qat["mal_ratio_vs_one_shot"] > 1)]
+    view = pd.DataFrame(
+        {
+            "draft": qat["draft"],
+            "method": [methods.label(m, loss) for m, loss in zip(qat["method"], qat["loss"])],
+            "sparsity": qat["sparsity"],
+            "quantization": qat["quantization"],
+            "MAL [95% CI]": ci_column(qat, "mal", "mal_ci_low", "mal_ci_high"),
+            "one-shot MAL [95% CI]": ci_column(qat, "one_shot_mal", "one_shot_mal_ci_low", "one_shot_mal_ci_high"),
+            "QAT / one-shot [paired 95% CI]": ci_column(
+                qat, "mal_ratio_vs_one_shot", "vs_one_shot_ci_low", "vs_one_shot_ci_high"
+            ),
+            "significant": qat["vs_one_shot_significant"].map({True: "yes", False: "no"}),
+        }
+    )
+    return [
+        "",
+        f"Quantization-aware fine-tuning against one-shot quantization at the same steps and data (paired): "
+        f"{len(qat)} drafts; QAT significantly better in {len(better)}, significantly worse in {len(worse)}, "
+        f"not distinguishable in {len(qat) - len(better) - len(worse)}.",
+        "",
+        markdown_table(view),
+    ]
+
+
+def quantization(results: Path) -> str:
+    """config/quantization.yaml's run: every draft as made and quantized, greedy at the reported k: MAL,
+    weight bytes and MACs per token, the improvement factor with either cost, and each quantized draft
+    against the same draft unquantized (paired over the same prompts)."""
+    first, _ = on_top_header(results, "quantization")
+    tables = results / "quantization" / "tables"
+    if first is None or not (tables / "measurements.csv").exists():
+        return "Not run yet: `make quantization` (after `make run`) writes `results/quantization/`."
+    df = with_variant_columns(pd.read_csv(tables / "measurements.csv"))
+    df = df[(df["temperature"] == 0) & (df["estimator"] == "teacher_forced_walk") & df["headline_k"].eq(True)]
+    compared = with_variant_columns(pd.read_csv(tables / "comparisons.csv"))
+    ratio_columns = ["mal_ratio_vs_unquantized", "vs_unquantized_ci_low", "vs_unquantized_ci_high"]
+    vs = compared[compared["mal_ratio_vs_unquantized"].notna()][
+        QUANTIZATION_KEYS + ratio_columns + ["vs_unquantized_significant"]
+    ]
+    df = df.merge(vs, on=QUANTIZATION_KEYS, how="left")
+    parts = [first, "", _quantized_summary(vs), "", markdown_table(_quantization_view(df))]
+    if "mal_ratio_vs_one_shot" in compared:
+        qat = compared[compared["mal_ratio_vs_one_shot"].notna()]
+        if len(qat):
+            parts += _qat_section(qat)
     return "\n".join(parts)
 
 
@@ -583,7 +657,122 @@ def sparse_decoding(results: Path) -> str:
     )
 
 
+HEADLINE_METHODS = ("dense", "dense_sd", "layer_pruned", "sd2")
+
+
+def _headline_rows(results: Path) -> pd.DataFrame:
+    """Greedy rows at the reported k of the same-tokenizer target with the most exact rows, first eval set,
+    drafts as made (ce, unquantized), of the methods the paper compares."""
+    df = with_variant_columns(pd.read_csv(results / "tables" / "measurements.csv"))
+    df = df[
+        (df["temperature"] == 0)
+        & df["headline_k"].eq(True)
+        & (df["estimator"] == "teacher_forced_walk")
+        & df["method"].isin(HEADLINE_METHODS)
+        & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
+        & (df["quantization"] == methods.NO_QUANTIZATION)
+    ]
+    target = df["target"].value_counts().index[0]
+    return df[(df["target"] == target) & (df["eval_set"] == df["eval_set"].iloc[0])]
+
+
+def headline(results: Path) -> str:
+    """The one result the README shows: SD² against its dense and MAC-matched baselines on one target and
+    eval set, greedy and exact, with SD² / layer-pruned paired over the same prompts."""
+    if not (results / "tables" / "measurements.csv").exists():
+        return "No measurements yet (`make run` writes `results/tables/measurements.csv`)."
+    rows = _headline_rows(results)
+    compared = baseline_comparisons(pd.read_csv(results / "tables" / "comparisons.csv"))
+    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
+    paired = ["mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant"]
+    rows = rows.merge(compared[keys + paired], on=keys, how="left")
+    rows = rows.assign(rank=rows["method"].map(HEADLINE_METHODS.index)).sort_values(["draft", "rank", "sparsity"])
+    view = pd.DataFrame(
+        {
+            "draft": rows["draft"],
+            "method": [methods.label(m) for m in rows["method"]],
+            "sparsity %": rows["sparsity"],
+            "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
+            "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),
+            "improvement factor [95% CI]": ci_column(
+                rows, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
+            ),
+            "SD² / layer-pruned [paired 95% CI]": ci_column(
+                rows, "mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high"
+            ),
+            "significant": rows["ratio_significant"].map({True: "yes", False: "no"}).fillna("–"),
+        }
+    )
+    first = rows.iloc[0]
+    return (
+        f"{first['target']}, {first['eval_set']} ({first['n_prompts']} prompts), greedy, k = {first['k']}, "
+        f"exact teacher-forced walk; 95% bootstrap intervals over prompts.\n\n"
+        + markdown_table(view)
+        + "(`results/tables/measurements.csv`, `results/tables/comparisons.csv`; every draft: docs/results.md)"
+    )
+
+
+TUNED_ON = {
+    "target": "the target's self-distilled answers",
+    "original": "the dataset's original responses",
+    None: "not tuned",
+}
+
+
+def _method_row(m) -> dict:
+    if m.kind == "head":
+        start, sparsity = "the target's hidden states (a draft head)", "0 (a sparse copy: `heads.sparsities`)"
+        loss = "its own training (rule `train_head`)"
+    else:
+        start = methods.START_POINTS[m.init].description
+        sparsity = "every `sparsities` level" if m.sparse else "0"
+        loss = "–" if not m.tuned else f"`{m.loss}` (fixed)" if m.loss else "every entry of `losses`"
+    return {
+        "method": f"`{m.name}`",
+        "label": m.label,
+        "starts from": start,
+        "tuned on": TUNED_ON[m.data],
+        "sparsity": sparsity,
+        "loss": loss,
+    }
+
+
+def methods_table(results: Path) -> str:
+    """The registry (sd2.methods) as tables: methods, fine-tuning losses, draft-head families."""
+    losses = pd.DataFrame(
+        {
+            "loss": f"`{x.name}`",
+            "teacher": {"target": "the target's logits", "draft": "the dense draft"}.get(x.teacher, "none"),
+            "what it is": x.description,
+            "implemented by": f"`{x.objective}`",
+        }
+        for x in methods.LOSSES.values()
+    )
+    heads = pd.DataFrame(
+        {
+            "head family": f"`{h.name}`",
+            "module": f"`{h.module}`",
+            "proposes": "beams (`heads.beam_width`)" if h.beams else "one chain",
+            "default sizes (`heads.sizes`)": "; ".join(
+                f"{size}: {', '.join(f'{key} {value}' for key, value in kwargs.items())}"
+                for size, kwargs in h.default_sizes.items()
+            ),
+        }
+        for h in methods.HEAD_FAMILIES.values()
+    )
+    return "\n".join(
+        [
+            markdown_table(pd.DataFrame(_method_row(m) for m in methods.METHODS)),
+            markdown_table(losses),
+            markdown_table(heads) + "(from the registry, `sd2/methods.py`)",
+        ]
+    )
+
+
 BLOCKS = {
+    "commands": commands,
+    "headline": headline,
+    "methods": methods_table,
     "run_time": run_time,
     "precision": precision,
     "models": models,
@@ -611,19 +800,50 @@ BLOCKS = {
 }
 
 
-def update(readme_path, results_dir) -> list[str]:
-    """Rewrite every generated block of the README in place; returns the names of the blocks found."""
-    readme, results = Path(readme_path), Path(results_dir)
-    text = readme.read_text()
+MARKER = re.compile(r"<!-- generated:(\w+) -->")
+
+
+def documents(readme_path) -> list[Path]:
+    """Every file that may hold generated blocks: the README and the pages of docs/ beside it."""
+    readme = Path(readme_path)
+    return [readme, *sorted((readme.parent / "docs").glob("*.md"))]
+
+
+def render(text: str, results: Path, rendered: dict) -> tuple[str, list[str]]:
+    """text with each generated block rewritten (rendered caches each block's body by name); the names found."""
     found = []
-    for name, render in BLOCKS.items():
+    for name in MARKER.findall(text):
         pattern = re.compile(rf"(<!-- generated:{name} -->\n)(?:.*?\n)?(<!-- /generated:{name} -->)", re.S)
-        if pattern.search(text):
-            body = render(results).strip()
-            text = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
-            found.append(name)
-    unknown = set(re.findall(r"<!-- generated:(\w+) -->", text)) - set(BLOCKS)
-    if unknown:
-        raise ValueError(f"{readme}: unknown generated block(s) {sorted(unknown)} (known: {sorted(BLOCKS)})")
-    readme.write_text(text)
+        if name not in rendered:
+            rendered[name] = BLOCKS[name](results).strip()
+        text = pattern.sub(lambda m, body=rendered[name]: m.group(1) + body + "\n" + m.group(2), text)
+        found.append(name)
+    return text, found
+
+
+def regenerated(readme_path, results_dir) -> dict[Path, tuple[str, list[str]]]:
+    """Each document's text with its blocks regenerated from results_dir, and the blocks it holds; an unknown
+    block name anywhere is an error before anything is rendered."""
+    texts = {path: path.read_text() for path in documents(readme_path)}
+    for path, text in texts.items():
+        unknown = set(MARKER.findall(text)) - set(BLOCKS)
+        if unknown:
+            raise ValueError(f"{path}: unknown generated block(s) {sorted(unknown)} (known: {sorted(BLOCKS)})")
+    rendered = {}
+    return {path: render(text, Path(results_dir), rendered) for path, text in texts.items()}
+
+
+def stale(readme_path, results_dir) -> list[Path]:
+    """The documents whose generated blocks differ from what `make readme` makes from results_dir now."""
+    return [path for path, (text, _) in regenerated(readme_path, results_dir).items() if text != path.read_text()]
+
+
+def update(readme_path, results_dir) -> list[str]:
+    """Rewrite every generated block of the README and of docs/*.md beside it in place; the names of the blocks
+    found, in document order."""
+    found = []
+    for path, (text, names) in regenerated(readme_path, results_dir).items():
+        if text != path.read_text():
+            path.write_text(text)
+        found += names
     return found

@@ -1,3 +1,6 @@
+from sd2.report.figures import write_captions
+
+
 rule collect:
     input:
         records=record_paths() + head_record_paths(),
@@ -20,13 +23,18 @@ rule collect:
         " --summary {output.summary} > {log} 2>&1"
 
 
+# The report's figure captions come from the figure registry (sd2.report.figures). Snakemake reads a
+# caption from a file, so they are written, on every parse, beside Snakemake's own state.
+FIGURE_CAPTIONS = write_captions(".snakemake/captions")
+
+
 rule figures:
     input:
         measurements=f"{R}/tables/measurements.csv",
         comparisons=f"{R}/tables/comparisons.csv",
         training=f"{R}/tables/training.csv",
     output:
-        [report(f"{R}/figures/{name}.png", category="Figures", caption=f"../report/{name}.rst") for name in FIGURES],
+        [report(f"{R}/figures/{name}.png", category="Figures", caption=FIGURE_CAPTIONS[name]) for name in FIGURES],
         [f"{R}/figures/{name}.pdf" for name in FIGURES],
     params:
         sd2=SD2,

@@ -6,12 +6,16 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 from sd2 import memory, methods
-from sd2.config import validate
+from sd2.config import read, validate
 from sd2.hub import is_local, job_env
 from sd2.report.plots import FIGURES
 
-# Fills defaults in place; an unknown key, wrong type or bad value stops here, before any job.
-validate(config)
+# Snakemake has parsed the config files already, keeping the last of a key given twice: read
+# them again to refuse that. Then an unknown key, wrong type or bad value stops here, before any
+# job, and the rules see the defaults.
+for _configfile in workflow.configfiles:
+    read(_configfile)
+config.update(validate(config))
 
 W = config["workdir"]
 R = config["results_dir"]
@@ -29,6 +33,9 @@ SD2 = "python -m sd2"
 PREFIX = "".join(f"export {k}={shlex.quote(v)}; " for k, v in job_env(config["hub"]).items())
 if DeploymentMethod.CONDA not in getattr(workflow.deployment_settings, "deployment_method", ()):
     PREFIX += f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
+# Every job imports the config's extensions too: they register the methods, losses and heads it runs.
+if config["extensions"]:
+    PREFIX += f"export {methods.EXTENSIONS_ENV}={shlex.quote(','.join(config['extensions']))}; "
 shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
@@ -41,6 +48,18 @@ QUANTIZED_VARIANT = methods.quantized_pattern()
 if workflow.is_main_process:
     for _skip in methods.skipped(config):
         print(f"sd2: not made for {_skip['draft']} -> {_skip['target']}: {_skip['method']} with loss {_skip['loss']}: {_skip['reason']}", file=sys.stderr)
+
+
+# With wandb.mode online, a missing login stops the run once, before any job is submitted, rather
+# than failing every tracked job (sd2.tracking checks again in each). Not in a dry run.
+onstart:
+    if workflow.is_main_process and config["wandb"]["mode"] == "online":
+        from sd2.tracking import NO_LOGIN, wandb_logged_in
+
+        if not wandb_logged_in():
+            raise ValueError(NO_LOGIN)
+
+
 # Only what the target's continuations depend on (the prompt format included): changing
 # n_assisted must not regenerate them, changing the chat settings must.
 TARGET_OUTPUT_SETTINGS = {
@@ -89,6 +108,14 @@ def data_dir(target, name):
     return "original" if methods.BY_NAME[name].data == "original" else target
 
 
+def start_path(init, draft, data, sparsity):
+    """The checkpoint of a start point (sd2.methods.START_POINTS) made from `draft` on `data`."""
+    point = methods.start_point(init)
+    if point.path is None:
+        return model_path(draft)
+    return f"{W}/" + point.path.format(draft=draft, data=data, sparsity=sparsity)
+
+
 def draft_path(target, draft, variant, sparsity):
     """The checkpoint a (target, draft, variant, sparsity) measurement uses."""
     if methods.split_quantization(variant)[1] != methods.NO_QUANTIZATION:
@@ -97,12 +124,8 @@ def draft_path(target, draft, variant, sparsity):
     m = methods.method(methods.parse_variant(variant)[0])
     if m.tuned:
         return f"{W}/drafts/{data_dir(target, m.name)}/{draft}/{variant}-s{sparsity}"
-    if m.init == "dense":
-        return model_path(draft)
-    if m.init == "layer_pruned":
-        return f"{W}/layer_pruned/{draft}/s{sparsity}"
-    # An untuned pruned draft is calibrated on the target's self-distilled data.
-    return f"{W}/pruned/{target}/{draft}/s{sparsity}"
+    # An untuned draft is its start point, one made from data calibrated on the target's.
+    return start_path(m.init, draft, target, sparsity)
 
 
 def quantize_source(target, draft, variant, sparsity):
@@ -168,7 +191,7 @@ def job_models(rule_name, w):
         return {"model": w.model}
     if rule_name == "model_report":
         return {f"model{i}": m for i, m in enumerate(SCRATCH)}
-    if rule_name in ("self_distill", "target_outputs"):
+    if rule_name in ("self_distill", "target_outputs", "train_head"):
         return {"target": w.target}
     if rule_name in ("prune", "layer_prune", "quantize"):
         return {"draft": w.draft}
@@ -191,10 +214,10 @@ def model_resources(rule_name):
     """Slurm resources of a job of `rule_name`: the config's in a CPU run, its memory plan's in a GPU run."""
     res = config["resources"]
     if not GPU_RUN:
-        return dict(mem_mb=res["mem_mb"], runtime=res["runtime_min"], gpu=0)
+        return dict(mem_mb=res["mem_mb"], runtime=memory.runtime_min(rule_name, config), gpu=0)
     return dict(
         mem_mb=lambda wildcards: max(res["mem_mb"], job_plan(rule_name, wildcards).mem_mb),
-        runtime=res["runtime_min"],
+        runtime=memory.runtime_min(rule_name, config),
         gpu=lambda wildcards: job_plan(rule_name, wildcards).gpus,
     )
 
@@ -243,18 +266,15 @@ def finetune_method(w):
     return methods.method(name), loss
 
 
-def finetune_init(w):
-    """The checkpoint fine-tuning starts from: the registry's init (pruned on the job's data)."""
-    init = finetune_method(w)[0].init
-    if init == "dense":
-        return model_input(w.draft)
-    if init == "layer_pruned":
-        return [f"{W}/layer_pruned/{w.draft}/s{w.sparsity}"]
-    return [f"{W}/pruned/{w.data}/{w.draft}/s{w.sparsity}"]
-
-
 def finetune_init_path(w):
-    return finetune_init(w)[0] if finetune_init(w) else model_path(w.draft)
+    """The checkpoint fine-tuning starts from: the method's start point, made on the job's data."""
+    return start_path(finetune_method(w)[0].init, w.draft, w.data, w.sparsity)
+
+
+def finetune_init(w):
+    """What finetune_init_path depends on (the dense draft: its checkpoint or download)."""
+    path = finetune_init_path(w)
+    return model_input(w.draft) if path == model_path(w.draft) else [path]
 
 
 def finetune_settings(w):
@@ -302,7 +322,9 @@ def all_targets():
 
 # Target-dependent draft heads (workflow/rules/heads.smk).
 HEADS = config["heads"]
-HEAD = r"(redrafter|moa)-[A-Za-z0-9_.]+"
+# <family>-<size> of a registered head family (sd2.methods.HEAD_FAMILIES).
+HEAD = methods.head_pattern()
+HEAD_FAMILY = "|".join(methods.HEAD_FAMILIES)
 
 
 def head_names():
@@ -335,5 +357,5 @@ def head_dir(w):
 
 
 def head_beams(head):
-    """ReDrafter proposes heads.beam_width beams; MoA a chain."""
-    return HEADS["beam_width"] if head.startswith("redrafter-") else 1
+    """heads.beam_width beams for a family that proposes beams (ReDrafter), else a chain."""
+    return HEADS["beam_width"] if methods.head_family(head.partition("-")[0]).beams else 1

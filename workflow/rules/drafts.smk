@@ -65,6 +65,7 @@ rule quantize:
         method=QUANTIZED_VARIANT,
     params:
         sd2=SD2,
+        placement=lambda w: placement("quantize", w),
         model=lambda w: quantize_source(w.target, w.draft, w.method, w.sparsity),
         scheme=lambda w: methods.base_scheme(methods.split_quantization(w.method)[1]),
         settings=as_arg({**config["quantize"], "chat": config["chat"]}),
@@ -80,7 +81,7 @@ rule quantize:
         "../envs/sd2.yaml"
     shell:
         "{params.sd2} quantize --model {params.model} --calibration {input.calibration} --scheme {params.scheme}"
-        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
 rule layer_prune:

@@ -1,5 +1,5 @@
 # A plain Hugging Face checkpoint of every draft the sweep makes, with what was measured about it
-# and the vLLM command that serves it (sd2_draft.json).
+# and the vLLM command that serves it (sd2_draft.json). A local rule: it only links files.
 rule export_draft:
     input:
         draft=lambda w: draft_path(w.target, w.draft, w.method, w.sparsity),
@@ -17,12 +17,9 @@ rule export_draft:
         labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         run_name=config["run_name"],
         seed=config["seed"],
-    # Links and copies files and counts zeros one tensor at a time: no GPU, and the config's
-    # smallest memory request (a model job's in a CPU run) is enough.
+    # Links and copies files and counts zeros one tensor at a time: a local rule (workflow/Snakefile),
+    # not worth a cluster job.
     threads: 1
-    resources:
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime_min"],
     log:
         "logs/export_draft/{target}/{draft}/{method}-s{sparsity}.log",
     conda:

@@ -1,5 +1,6 @@
-# Target-dependent draft heads (sd2.drafters): ReDrafter and Mixture of Attentions, trained per
-# target on its self-distilled data and measured greedily with the rollout walk. Include after
+# Target-dependent draft heads (sd2.drafters; the families of sd2.methods.HEAD_FAMILIES, ReDrafter
+# and Mixture of Attentions built in), trained per target on its self-distilled data and measured
+# greedily with the rollout walk. Include after
 # common.smk, which holds the heads' helpers; rule collect takes head_record_paths() among its record inputs. A head is named
 # <method>-<size> (heads.sizes.<method>); its records use draft = the head name and sparsity 0,
 # or s for the sparse head pruned from it (heads.sparsities, workdir/heads/<target>/<head>-s<s>).
@@ -8,8 +9,8 @@
 ruleorder: measure_head > measure
 
 
-# Memory and placement: the target_outputs job's plan (the same frozen target, batched forwards
-# with hidden states); the head itself is small beside it.
+# Memory and placement: the train_head plan (sd2.memory: the frozen target's batched forwards with
+# hidden states and logits, the head's optimizer states and its logits over the trained depth).
 rule train_head:
     input:
         target=lambda w: model_input(w.target),
@@ -20,7 +21,7 @@ rule train_head:
         head=HEAD,
     params:
         sd2=SD2,
-        placement=lambda w: placement("target_outputs", w),
+        placement=lambda w: placement("train_head", w),
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         size=lambda w: as_arg(head_size(w.head)),
@@ -31,7 +32,7 @@ rule train_head:
         seed=config["seed"],
     threads: model_threads()
     resources:
-        **model_resources("target_outputs"),
+        **model_resources("train_head"),
     log:
         "logs/train_head/{target}/{head}.log",
     benchmark:
@@ -56,7 +57,7 @@ rule train_sparse_head:
         head=HEAD,
     params:
         sd2=SD2,
-        placement=lambda w: placement("target_outputs", w),
+        placement=lambda w: placement("train_head", w),
         target=lambda w: model_path(w.target),
         trust=lambda w: trust(w.target),
         size=lambda w: as_arg(head_size(w.head)),
@@ -67,7 +68,7 @@ rule train_sparse_head:
         seed=config["seed"],
     threads: model_threads()
     resources:
-        **model_resources("target_outputs"),
+        **model_resources("train_head"),
     log:
         "logs/train_head/{target}/{head}-s{sparsity}.log",
     benchmark:
@@ -91,7 +92,7 @@ rule measure_head:
         f"{R}/records/{{eval_set}}/{{target}}/{{head}}/{{method}}-s{{sparsity}}.json",
     wildcard_constraints:
         head=HEAD,
-        method="redrafter|moa",
+        method=HEAD_FAMILY,
     params:
         sd2=SD2,
         placement=lambda w: placement("target_outputs", w),
