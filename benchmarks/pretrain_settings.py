@@ -55,6 +55,8 @@ def main():
             warmup_steps=20,
             weight_decay=0.1,
             eval_every=50,
+            bf16="auto",
+            micro_batch_size=None,
             desc=variant,
         )
         print(

@@ -67,10 +67,11 @@ def _loading(a) -> dict:
 
 
 def _run(args, job_type):
-    from sd2.tracking import start_run
+    """The job's W&B run as a context manager: finished when the job ends, marked failed when it raises."""
+    from sd2.tracking import tracked_run
 
     cfg = args.wandb
-    return start_run(
+    return tracked_run(
         cfg, cfg.get("dir", "work/wandb"), cfg.get("group", "sd2"), job_type, args.run_name or job_type, args.labels
     )
 
@@ -122,9 +123,8 @@ def pretrain(p=None, a=None):
         return
     from sd2.pretrain import pretrain
 
-    run = _run(a, "pretrain")
-    pretrain(a.name, a.spec, a.tokenizer, a.corpus, a.out, seed=a.seed, run=run)
-    run.finish()
+    with _run(a, "pretrain") as run:
+        pretrain(a.name, a.spec, a.tokenizer, a.corpus, a.out, seed=a.seed, run=run)
 
 
 @step("model-report", "quality of pretrained models: loss, bits/byte, greedy completions")
@@ -236,9 +236,8 @@ def finetune(p=None, a=None):
         return
     from sd2.drafts.finetune import finetune
 
-    run = _run(a, "finetune")
-    finetune(a.init, a.data, a.out, settings=a.settings, seed=a.seed, teacher_dir=a.teacher, run=run)
-    run.finish()
+    with _run(a, "finetune") as run:
+        finetune(a.init, a.data, a.out, settings=a.settings, seed=a.seed, teacher_dir=a.teacher, run=run)
 
 
 @step(
@@ -285,20 +284,19 @@ def measure(p=None, a=None):
         return
     from sd2.measure.drafts import measure
 
-    run = _run(a, "measure")
-    measure(
-        a.target,
-        a.draft,
-        a.target_outputs,
-        a.out,
-        settings=a.settings,
-        labels=a.labels,
-        seed=a.seed,
-        run=run,
-        draft_dtype=a.draft_dtype,
-        **_loading(a),
-    )
-    run.finish()
+    with _run(a, "measure") as run:
+        measure(
+            a.target,
+            a.draft,
+            a.target_outputs,
+            a.out,
+            settings=a.settings,
+            labels=a.labels,
+            seed=a.seed,
+            run=run,
+            draft_dtype=a.draft_dtype,
+            **_loading(a),
+        )
 
 
 @step("train-head", "train a draft head (ReDrafter, MoA) on the target's self-distilled data", tracked=True)
@@ -319,23 +317,22 @@ def train_head(p=None, a=None):
         return
     from sd2.drafters.heads import train_head
 
-    run = _run(a, "train_head")
-    info = train_head(
-        a.target,
-        a.data,
-        a.out,
-        head_name=a.head,
-        size=a.size,
-        settings=a.settings,
-        chat_settings=a.chat,
-        seed=a.seed,
-        beam_width=a.beam_width,
-        init_dir=a.init,
-        sparsity=a.sparsity,
-        run=run,
-        **_loading(a),
-    )
-    run.finish()
+    with _run(a, "train_head") as run:
+        info = train_head(
+            a.target,
+            a.data,
+            a.out,
+            head_name=a.head,
+            size=a.size,
+            settings=a.settings,
+            chat_settings=a.chat,
+            seed=a.seed,
+            beam_width=a.beam_width,
+            init_dir=a.init,
+            sparsity=a.sparsity,
+            run=run,
+            **_loading(a),
+        )
     print(
         f"{a.head}: {info['parameters']} parameters, loss {info['history'][0]['train_loss']:.3f} -> "
         f"{info['history'][-1]['train_loss']:.3f} -> {a.out}"
@@ -360,20 +357,19 @@ def measure_head(p=None, a=None):
         return
     from sd2.drafters.heads import measure_head
 
-    run = _run(a, "measure_head")
-    measure_head(
-        a.target,
-        a.head,
-        a.target_outputs,
-        a.out,
-        settings=a.settings,
-        labels=a.labels,
-        seed=a.seed,
-        beam_width=a.beam_width,
-        run=run,
-        **_loading(a),
-    )
-    run.finish()
+    with _run(a, "measure_head") as run:
+        measure_head(
+            a.target,
+            a.head,
+            a.target_outputs,
+            a.out,
+            settings=a.settings,
+            labels=a.labels,
+            seed=a.seed,
+            beam_width=a.beam_width,
+            run=run,
+            **_loading(a),
+        )
 
 
 @step("download-model", "check access to a hub model and fetch what loading needs into the hub cache (once)")

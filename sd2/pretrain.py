@@ -68,6 +68,7 @@ def pretrain(name: str, spec: dict, tokenizer_dir, corpus_dir, out_dir, *, seed:
         weight_decay=train_cfg["weight_decay"],
         eval_every=train_cfg["eval_every"],
         bf16=train_cfg["bf16"],
+        micro_batch_size=None,  # pretraining batches are small enough to run whole
         run=run,
         desc=f"pretrain {name}",
     )
@@ -135,6 +136,7 @@ def instruct(
         weight_decay=train_cfg["weight_decay"],
         eval_every=cfg["eval_every"],
         bf16=train_cfg["bf16"],
+        micro_batch_size=None,  # pretraining batches are small enough to run whole
         run=run,
         log_step_offset=log_step_offset,
         desc=desc,

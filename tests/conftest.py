@@ -1,6 +1,10 @@
 """Shared fixtures: real tokenizers trained on a slice of the stdlib, tiny random models saved to disk."""
 
+import json
 import os
+import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,30 @@ from sd2.tokenization import train_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
+START = time.time()
+# `make test` and `make test-integration` (the README's commands, whole suites) record their wall time here.
+TEST_TIME = Path(__file__).resolve().parents[1] / "results" / "test_time.json"
+SUITES = {"not integration": "test", "integration": "test-integration"}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A whole, green `make test` / `make test-integration` writes its wall time for the README."""
+    option = session.config.option
+    suite = SUITES.get(option.markexpr)
+    if suite is None or exitstatus != 0 or option.file_or_dir or option.keyword:
+        return
+    from sd2.sweep_time import machine
+
+    stats = session.config.pluginmanager.get_plugin("terminalreporter").stats
+    record = json.loads(TEST_TIME.read_text()) if TEST_TIME.exists() else {}
+    record[suite] = {
+        "seconds": round(time.time() - START),
+        "passed": len(stats.get("passed", [])),
+        "skipped": len(stats.get("skipped", [])),
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    TEST_TIME.write_text(json.dumps(record, indent=2) + "\n")
 
 
 @pytest.fixture

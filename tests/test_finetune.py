@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sd2 import methods
 from sd2.chunked_loss import chunked_causal_lm_loss
 from sd2.drafts.finetune import finetune
 from sd2.drafts.losses import kl_loss, layer_states, squarehead, squarehead_layers, tvdpp_loss
@@ -61,6 +62,14 @@ def test_masks_unchanged_by_an_optimizer_step(pruned_dir):
     after_step(model)
     for name, module in decoder_linears(model).items():
         assert torch.equal(module.weight != 0, masks[name]), name
+
+
+def test_every_built_in_loss_resolves_to_its_objective_and_an_unknown_loss_is_named(tmp_path):
+    for name in ("ce", "kl", "tvdpp", "squarehead", "skd"):
+        objective = methods.resolve(methods.loss(name).objective)
+        assert objective.__name__ == name and objective.definition
+    with pytest.raises(ValueError, match=r"unknown loss 'x' \(known: ce, kl, tvdpp, squarehead, skd"):
+        finetune(tmp_path / "init", tmp_path / "data", tmp_path / "out", settings={**SETTINGS, "loss": "x"}, seed=0)
 
 
 def test_ce_finetune_keeps_sparsity_and_lowers_validation_loss(pruned_dir, sft_data_dir, tmp_path):

@@ -12,7 +12,7 @@ from conftest import REPO, snakemake_cmd
 from sd2 import config as sd2_config
 from sd2 import export, methods
 from sd2.config import SCHEMA_PATH
-from sd2.report import plots, results
+from sd2.report import canvas, collect
 
 
 def config(name="test.yaml", **changes) -> dict:
@@ -47,16 +47,18 @@ def test_every_loss_and_head_resolves_to_its_implementation():
 
 
 def test_tables_and_figures_read_the_registry():
-    assert results.METHOD_ORDER == methods.NAMES
-    assert set(results.DENSE_METHODS) == {"dense", "dense_sd", "direct_align"}
-    assert set(plots.METHOD_COLORS) == set(methods.NAMES)
-    assert len(set(plots.METHOD_COLORS.values())) == len(methods.NAMES)  # one colour per method
+    assert set(collect.DENSE_METHODS) == {"dense", "dense_sd", "direct_align"}
+    assert set(canvas.METHOD_COLORS) == set(methods.NAMES)
+    assert len(set(canvas.METHOD_COLORS.values())) == len(methods.NAMES)  # one colour per method
     assert len({m.label for m in methods.METHODS}) == len(methods.NAMES)
     assert methods.BY_NAME["direct_align"].label == "Direct Alignment"
     assert [methods.rank(n) for n in methods.NAMES] == list(range(len(methods.NAMES)))
     assert methods.NAMES[-1] == "sd2"  # the paper's method last in every table and legend
-    # Masks are checked on the SparseGPT-pruned copies only (layer_pruned drops whole layers instead).
+    # Masks are checked on the masked start point's copies only (layer_pruned drops whole layers instead).
     assert set(export.MASKED_METHODS) == {"sparse_oneshot", "sparse_sft", "sd2"}
+    assert {m.init for m in methods.METHODS if m.name in export.MASKED_METHODS} == {
+        name for name, point in methods.START_POINTS.items() if point.masked
+    }
 
 
 def test_registry_entries_are_consistent():

@@ -208,8 +208,9 @@ def test_qat_rows_compare_with_the_unquantized_and_the_one_shot_draft(tmp_path):
     matplotlib.use("Agg")
     from synthetic import K, write_synthetic_records
 
+    from sd2.report.collect import collect_measurements
+    from sd2.report.comparisons import collect_comparisons
     from sd2.report.plots import QUANTIZATION_MARKERS, plot_mal_vs_weight_bytes
-    from sd2.report.results import collect_comparisons, collect_measurements
 
     variants = [("sd2@w4a16-qat", 50), ("sd2@w4a16", 50), ("sd2", 50)]
     paths = write_synthetic_records(tmp_path, targets=("t_llama",), variants=variants, eval_sets=("humaneval",))

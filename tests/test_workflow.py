@@ -1,6 +1,7 @@
 """A real Snakemake run of the tiny config: every rule, outputs, caching, targeted reruns."""
 
 import json
+import os
 import re
 import subprocess
 
@@ -231,3 +232,21 @@ def test_report(tiny_run, tmp_path):
     proc = subprocess.run(snakemake_cmd(tiny_run, "--report", str(report)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report.stat().st_size > 100_000
+
+
+def test_online_tracking_without_a_login_stops_before_any_job(tmp_path):
+    """wandb.mode online: the main process checks the login once, before the first job (not in a dry run)."""
+    raw = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    online = tmp_path / "online.yaml"
+    online.write_text(yaml.safe_dump({**raw, "wandb": {"mode": "online"}}))
+    # No credentials anywhere wandb looks: an empty home, no key, no netrc.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
+    env["HOME"] = str(tmp_path / "home")
+    run = tmp_path / "run"
+    cmd = snakemake_cmd(run, "--cores", "1", "results/data/manifest.json", configfile=online)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode != 0
+    assert "wandb.mode is 'online' but wandb finds no credentials" in proc.stdout + proc.stderr
+    assert not (run / "work").exists() and not (run / "logs").exists()
+    dry = subprocess.run(snakemake_cmd(run, "-n", configfile=online), capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Target-dependent drafters: draft heads that read the target's hidden states.
 
-- `base`: the head interface (DraftHead) and the target-side helpers every head uses.
+- `base`: the head interface (DraftHead) and the target-side functions every head uses.
 - `heads`: what every head shares: training by distillation from the target, batched
   beam/chain rollouts, the offline measurement and our own decoding loop.
 - `redrafter`: ReDrafter (Zhang et al. 2024), a recurrent head fed the target's last hidden state.

@@ -245,7 +245,8 @@ def magnitude_masks(head, sparsity: float) -> dict:
     return {name: magnitude_mask(module.weight, sparsity) for name, module in linears.items()}
 
 
-def _examples(tokenizer, target_dir, data_dir, settings, chat_settings):
+def _training_batches(tokenizer, target, target_dir, data_dir, settings, chat_settings, seed: int):
+    """(endless shuffled batches of the self-distilled examples on the target's device, the data's format)."""
     from datasets import load_from_disk
 
     data = load_from_disk(str(data_dir))
@@ -261,7 +262,7 @@ def _examples(tokenizer, target_dir, data_dir, settings, chat_settings):
     examples = [e for e in examples if sum(label != -100 for label in e["labels"][2:])]
     if not examples:
         raise ValueError(f"{data_dir}: no example has an answer token past its first two positions")
-    return examples, fmt
+    return shuffled_batches(examples, settings["batch_size"], tokenizer.pad_token_id, seed, device=target.device), fmt
 
 
 def _fit(head, target, batches, settings, steps: int, desc: str, run=None, masks=None) -> list[dict]:
@@ -325,8 +326,7 @@ def train_head(
     torch.manual_seed(seed)
     target, tokenizer = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
     target.eval().requires_grad_(False)
-    examples, fmt = _examples(tokenizer, target_dir, data_dir, settings, chat_settings)
-    batches = shuffled_batches(examples, settings["batch_size"], tokenizer.pad_token_id, seed, device=target.device)
+    batches, fmt = _training_batches(tokenizer, target, target_dir, data_dir, settings, chat_settings, seed)
     if init_dir is None:
         if sparsity:
             raise ValueError(f"{head_name}: a sparse head ({sparsity}%) starts from a trained dense head (init_dir)")

@@ -111,7 +111,7 @@ def fine_tuning_data(tokenizer, data_dir, settings: dict, seed: int, device):
 
 def step_count(settings: dict, train_examples: int) -> int:
     steps = max(1, math.ceil(settings["epochs"] * train_examples / settings["batch_size"]))
-    if settings.get("max_steps"):
+    if settings["max_steps"]:
         steps = min(steps, settings["max_steps"])
     return steps
 

@@ -209,7 +209,7 @@ def squarehead(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
 
     Both terms weigh 1, as in the authors' recipes (IST-DASLab/SparseFinetuning:
     hardness_ce 1, hardness_squarehead 1, hardness_kldiv 0), and the layer terms are
-    summed, not averaged, as there. Kept from the task loss: the responses are the
+    summed, not averaged, as there. The cross-entropy stays in: the responses are the
     target's, which the dense draft only approximates, so the hidden-state term pulls
     the sparse draft back to what it computed before pruning while the cross-entropy
     keeps it moving toward the target. The positions are those that predict a response

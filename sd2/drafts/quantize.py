@@ -85,7 +85,7 @@ def fake_quantized(model, scheme: str):
     """Within the block the decoder linears compute with fake_quantize(weight): quantization-aware training.
 
     Only the forward changes: each weight stays the same leaf Parameter (optimizer state, gradient
-    hooks such as finetune.hold_masks', state dict untouched) and receives the straight-through
+    hooks such as sd2.masks.hold_masks', state dict untouched) and receives the straight-through
     gradient; scales follow the weights as they train, as they will when the result is quantized.
     """
     scheme_spec(scheme)

@@ -67,7 +67,7 @@ DEFINITIONS = {
     "tokens, positions, MAL and the histogram are counted in TARGET tokens.",
     "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
     "from the non-zero weights of the checkpoint (sd2.measure.macs.model_macs); embedding lookups cost 0; "
-    "attention-score MACs grow with context and are not included (see `python -m sd2 macs`).",
+    "attention-score MACs grow with context and are not included.",
     "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
     "per token; its CI is the MAL CI scaled the same way. best_k marks the k with the largest improvement "
     "factor for this draft, estimator and temperature.",

@@ -3,7 +3,7 @@
 Definition (the paper's): the weight MACs of the linear layers only, i.e. q, k, v, o, the MLP
 projections and lm_head, for one new token. A sparse layer costs its non-zeros; embedding lookups
 cost nothing; biases and norms are ignored. Attention-score MACs (QK^T and AV) grow with the
-context: `attention_macs_per_token` counts them apart, for a given context length.
+context and are left out, as in the paper's count.
 """
 
 import json
@@ -131,17 +131,6 @@ def model_macs(model) -> dict:
     result["dense_macs_per_token"] = int(decoder_dense + lm_weight.numel())
     result["reduction"] = 1.0 - result["macs_per_token"] / result["dense_macs_per_token"]
     return result
-
-
-def attention_macs_per_token(config, context_len: int) -> int:
-    """QK^T and AV MACs of one new token attending over `context_len` positions (all layers)."""
-    s = _sizes(config)
-    text = _text_config(config)
-    window = getattr(text, "sliding_window", None)
-    # Qwen2 keeps sliding_window set only when use_sliding_window is on (transformers 5).
-    if window and getattr(text, "use_sliding_window", True):
-        context_len = min(context_len, window)
-    return int(2 * s["layers"] * s["heads"] * s["head_dim"] * context_len)
 
 
 def resolve_config(model: str):

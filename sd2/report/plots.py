@@ -172,12 +172,12 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
             rows = panel[same_variant(panel, line.method, line.loss)].sort_values("sparsity")
             if rows.empty:
                 continue
+            c = color(line.method, line.loss)
             if is_dense(line.method):
                 # Dense drafts exist only at 0%: a reference level for the sparse ones.
-                ax.axhline(rows["mal"].mean(), color=color(line.method, line.loss), linestyle=":", linewidth=1)
+                ax.axhline(rows["mal"].mean(), color=c, linestyle=":", linewidth=1)
             # Lines share sparsity levels: a small sideways shift per line keeps their error bars apart.
             shift = (n - (len(lines) - 1) / 2) * 0.8
-            c = color(line.method, line.loss)
             ax.plot(rows["sparsity"] + shift, rows["mal"], color=c)
             points_with_ci(ax, rows["sparsity"] + shift, rows, "mal", "o", c, methods.label(line.method, line.loss))
         ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")

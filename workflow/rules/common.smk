@@ -8,7 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 from sd2 import memory, methods
 from sd2.config import read, validate
 from sd2.hub import is_local, job_env
-from sd2.report.plots import FIGURES
+from sd2.report.figures import FIGURES
 
 # Snakemake has parsed the config files already, keeping the last of a key given twice: read
 # them again to refuse that. Then an unknown key, wrong type or bad value stops here, before any
@@ -113,7 +113,7 @@ def start_path(init, draft, data, sparsity):
     point = methods.start_point(init)
     if point.path is None:
         return model_path(draft)
-    return f"{W}/" + point.path.format(draft=draft, data=data, sparsity=sparsity)
+    return f"{W}/{point.path.format(draft=draft, data=data, sparsity=sparsity)}"
 
 
 def draft_path(target, draft, variant, sparsity):
