@@ -449,7 +449,7 @@ def macs(p=None, a=None):
         )
         return
     from sd2 import config
-    from sd2.measure.macs import cli, config_macs, every_config_macs
+    from sd2.macs import cli, config_macs, every_config_macs
 
     if a.config is not None:
         result = config_macs(a.model, config.load(a.config), a.sparsity)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sd2.drafts.layer_prune import default_drop, layer_prune, remove_layers
-from sd2.measure.macs import linear_macs, model_macs
+from sd2.macs import linear_macs, model_macs
 from sd2.models import build_model, load_model, load_tokenizer
 
 SIZES = dict(

@@ -8,7 +8,7 @@ from conftest import REPO
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 from sd2 import config as sd2_config
-from sd2.measure import macs
+from sd2 import macs
 from sd2.models import scratch_config
 from sd2.shapes import SHAPE_KEYS, count_params
 

@@ -50,7 +50,7 @@ class DraftHead(torch.nn.Module):
         return {module: 1 for module in self.modules() if isinstance(module, torch.nn.Linear)}
 
     def macs_per_token(self, dense: bool = False) -> int:
-        """Linear-layer weight MACs per drafted token (sd2.measure.macs conventions): the head's own linear layers
+        """Linear-layer weight MACs per drafted token (sd2.macs conventions): the head's own linear layers
         at their non-zero weights (dense: all weights) times their uses, plus the shared lm_head (vocab x
         hidden, dense: the head computes it for every drafted token; the embedding lookup is free)."""
         own = sum(

@@ -47,7 +47,7 @@ from sd2.measure.drafts import (
     mark_best_k,
     summarize,
 )
-from sd2.measure.macs import model_macs
+from sd2.macs import model_macs
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 from sd2.training import lr_at, shuffled_batches
@@ -415,7 +415,7 @@ HEAD_DEFINITIONS = {
     "forward over prompt + the cached greedy continuation y; runs[t] = the longest proposal prefix matching "
     "y; steps: the prefill (1 committed, 0 drafted), then sd2.measure.acceptance.walk_runs from t = 1. Checked "
     "against our own decoding loop (sd2.drafters.heads.decode) on checked_prompts.",
-    "draft_macs_per_token": "the head's linear-layer weight MACs per drafted token (sd2.measure.macs conventions; the "
+    "draft_macs_per_token": "the head's linear-layer weight MACs per drafted token (sd2.macs conventions; the "
     "shared lm_head counted, embedding lookups free, the target's activations reused and not counted) times "
     "beam_width (every beam computes its token): the cost of one drafted position.",
     "checks": "checked_prompts/checked_steps: prompts and verification steps where our decoding loop committed the "

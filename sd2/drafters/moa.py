@@ -24,7 +24,7 @@ Simplifications against the paper, named:
 - Training is distillation against the target's softmax over the drafter's depth with teacher-forced
   tokens; the paper's training recipe (its losses and data mixture) is not reproduced.
 
-MACs per drafted token (sd2.measure.macs conventions, linear weights only, the target's activations
+MACs per drafted token (sd2.macs conventions, linear weights only, the target's activations
 reused): input (H + D) D + layers x (4 D^2 self-attention + 2 D^2 cross q/o + 2 D^2 cross k/v
 + 3 D I MLP, I = 2D) + output D H + LSA (L+1)(H D + 4 D^2) + the shared lm_head vocab x H.
 LSA and the cross k/v run once per newly verified context position, counted here once per

@@ -21,7 +21,7 @@ Simplifications against the paper, named:
 - Training is distillation against the target's softmax over the head's depth with teacher-forced
   inputs (the paper's local distillation); no separate ground-truth loss.
 
-MACs per drafted token (sd2.measure.macs conventions, linear weights only; the target's h is reused):
+MACs per drafted token (sd2.macs conventions, linear weights only; the target's h is reused):
 U and W (2 H^2) + layers x (2H)^2 + P (2H x H) + the shared lm_head (vocab x H).
 """
 

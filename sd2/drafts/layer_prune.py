@@ -1,7 +1,7 @@
 """Rule layer_prune: the layer-pruned baseline, whole decoder layers removed from a dense draft.
 
 The aim is the per-token linear MACs of the same draft at `sparsity` percent unstructured
-sparsity (sd2.measure.macs.linear_macs: every decoder linear sparse, lm_head dense). Whole layers
+sparsity (sd2.macs.linear_macs: every decoder linear sparse, lm_head dense). Whole layers
 only come in steps of one layer's MACs, so we drop the most layers that keep the MACs
 *not below* the aim: the baseline never gets less compute than the sparse draft it is
 compared with, and overshoots by less than one layer's MACs.
@@ -12,7 +12,7 @@ import math
 import torch
 
 from sd2.checkpoint import save_checkpoint
-from sd2.measure.macs import linear_macs, model_macs
+from sd2.macs import linear_macs, model_macs
 from sd2.models import decoder_layers, load_model, load_tokenizer
 from sd2.provenance import provenance
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sd2 import methods
 from sd2.checkpoint import write_json
 from sd2.measure import acceptance, continuations, trees
-from sd2.measure.macs import model_macs
+from sd2.macs import model_macs
 from sd2.measure.speculative import assisted_runs, decoding_path, step_stats
 from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
@@ -66,7 +66,7 @@ DEFINITIONS = {
     "different_tokenizers": "for a draft with a different tokenizer (Universal Assisted Generation), drafted "
     "tokens, positions, MAL and the histogram are counted in TARGET tokens.",
     "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
-    "from the non-zero weights of the checkpoint (sd2.measure.macs.model_macs); embedding lookups cost 0; "
+    "from the non-zero weights of the checkpoint (sd2.macs.model_macs); embedding lookups cost 0; "
     "attention-score MACs grow with context and are not included.",
     "improvement_factor": "theoretical improvement factor MAL / (1 + k * c), c = draft MACs / target MACs "
     "per token; its CI is the MAL CI scaled the same way. best_k marks the k with the largest improvement "

@@ -2,7 +2,7 @@
 
 Decoding one token multiplies the activations by every linear layer's weights once, so a
 draft at batch 1 reads all of them from memory, and on today's hardware that read, not the
-multiply-adds, takes the time. MACs (sd2.measure.macs) count the non-zeros; bytes count what a
+multiply-adds, takes the time. MACs (sd2.macs) count the non-zeros; bytes count what a
 stored layout of those weights costs, zeros and indices included:
 
 - `dense`: every weight, zeros too: numel x bits / 8.
