@@ -191,6 +191,7 @@ def quantize(p=None, a=None):
         p.add_argument("--scheme", required=True, help="w8a16 or w4a16")
         p.add_argument("--settings", type=_json, required=True, help="the config's quantize section as JSON")
         p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"])
         return
     from sd2.drafts.quantize import quantize
 
@@ -202,6 +203,7 @@ def quantize(p=None, a=None):
         calibration=a.calibration,
         settings=a.settings,
         seed=a.seed,
+        dtype=a.dtype,
     )
     print(json.dumps(summary, indent=2, default=str))
 

@@ -22,8 +22,6 @@ from sd2.provenance import provenance
 
 METADATA = "sd2_draft.json"
 SD2_FILES = {"provenance.json", "training.csv"}
-# Methods whose decoder linears carry pruning masks: SparseGPT-pruned copies (layer_pruned drops whole layers instead).
-MASKED_METHODS = tuple(m.name for m in methods.METHODS if m.init == "pruned")
 # Per (eval set, temperature), the measurement reported: exact ones first; tvd_estimate is a model of acceptance.
 ESTIMATORS = ("teacher_forced_walk", "assisted_generation")
 LABELS = ("target", "draft", "method", "sparsity")
@@ -237,7 +235,7 @@ def export_draft(
         check_tokenizer(tmp, draft_dir)
         # labels["method"] is the workflow's variant name (sd2+kl): the registry's method and its loss.
         method, loss = methods.parse_variant(labels["method"])
-        masked = method in MASKED_METHODS and labels["sparsity"] > 0
+        masked = masked_method(method) and labels["sparsity"] > 0
         tensors = tensor_summary(tmp, labels["sparsity"] if masked else None)
         draft_vocab, target_vocab = _vocab_size(tmp), _vocab_size(target, trust_remote_code)
         heterogeneous = not same_tokenizer.pop() or draft_vocab != target_vocab
@@ -267,3 +265,10 @@ def export_draft(
         }
         write_json(tmp / METADATA, metadata)
     return metadata
+
+
+def masked_method(name: str) -> bool:
+    """Whether a method's decoder linears carry pruning masks: its start point is a masked copy of the
+    dense draft (SparseGPT-pruned; layer_pruned drops whole layers instead)."""
+    m = methods.method(name)
+    return m.init is not None and methods.start_point(m.init).masked

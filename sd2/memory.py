@@ -353,7 +353,7 @@ def vllm_plan(rule: str, models: dict, shapes: dict, dtypes: dict, config: dict)
     prompt = settings.get("max_prompt_tokens") or PROMPT_TOKENS
     weights = weight_bytes(s, dt)
     per_gpu = int(config["resources"]["gpu_mem_gb"] * GB * config["engine"]["gpu_memory_utilization"])
-    longest = config["engine"]["max_model_len"] or prompt + settings["max_new_tokens"]  # as sd2.engines sets it
+    longest = config["engine"]["max_model_len"] or prompt + settings["max_new_tokens"]  # as sd2.generation sets it
     gpus = max(1, math.ceil((weights + kv_cache_bytes(s, dt, longest)) / per_gpu))
     while s.num_attention_heads % gpus:
         gpus += 1

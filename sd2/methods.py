@@ -7,14 +7,14 @@ the target's self-distilled answers, the original responses, or None for an untu
 every level of `sparsities` or at 0 only (`sparse`), with a fixed loss or the config's `losses`.
 Everything else is derived from these entries: the config schema's name lists (sd2.config), the
 Snakemake rules' wildcard patterns, paths and inputs (workflow/rules/common.smk), the tables
-(sd2.report.results), the figures (sd2.report.plots) and the exports. An extension module adds
+(sd2.report.collect, sd2.report.comparisons), the figures (sd2.report.figures) and the exports. An extension module adds
 entries with register_method, register_loss and register_head (docs/extending.md) and is named
 in the config's `extensions`.
 
 Loss is a sweep axis: a tuned method without a fixed loss is fine-tuned once per entry of
 the config's `losses`. The ce variant keeps the method's own name (the paths and records of
 earlier runs); any other is named `<method>+<loss>` (e.g. `sd2+kl`) in paths, records and
-the `method` label of the rules, and sd2.report.results splits that name back into `method` and
+the `method` label of the rules, and sd2.report.collect splits that name back into `method` and
 `loss`. A variant that cannot be made for a (target, draft) pair is skipped, not an error
 (`skipped` says which and why):
 - kl, tvdpp and skd read the target's logits: only for methods tuned on the target's own data,
@@ -146,7 +146,7 @@ class HeadFamily:
     its sizes (the config's heads.sizes.<name>: every size name becomes a head <name>-<size>)."""
 
     name: str
-    module: str  # "module:Class" of the head (a sd2.drafters.heads.DraftHead), resolved only in the job
+    module: str  # "module:Class" of the head (a sd2.drafters.base.DraftHead), resolved only in the job
     beams: bool  # proposes heads.beam_width beams (True) or one chain
     # JSON schema of one size's keys (the keyword arguments of the head's constructor besides the
     # target); a key without a default is required.

@@ -47,18 +47,15 @@ def test_every_loss_and_head_resolves_to_its_implementation():
 
 
 def test_tables_and_figures_read_the_registry():
-    assert set(collect.DENSE_METHODS) == {"dense", "dense_sd", "direct_align"}
-    assert set(canvas.METHOD_COLORS) == set(methods.NAMES)
-    assert len(set(canvas.METHOD_COLORS.values())) == len(methods.NAMES)  # one colour per method
+    assert set(collect.dense_methods()) == {"dense", "dense_sd", "direct_align"}
+    assert len({canvas.color(name) for name in methods.NAMES}) == len(methods.NAMES)  # one colour per method
+    assert canvas.color("no-such-method") == methods.UNKNOWN_COLOR
     assert len({m.label for m in methods.METHODS}) == len(methods.NAMES)
     assert methods.BY_NAME["direct_align"].label == "Direct Alignment"
     assert [methods.rank(n) for n in methods.NAMES] == list(range(len(methods.NAMES)))
     assert methods.NAMES[-1] == "sd2"  # the paper's method last in every table and legend
     # Masks are checked on the masked start point's copies only (layer_pruned drops whole layers instead).
-    assert set(export.MASKED_METHODS) == {"sparse_oneshot", "sparse_sft", "sd2"}
-    assert {m.init for m in methods.METHODS if m.name in export.MASKED_METHODS} == {
-        name for name, point in methods.START_POINTS.items() if point.masked
-    }
+    assert {name for name in methods.NAMES if export.masked_method(name)} == {"sparse_oneshot", "sparse_sft", "sd2"}
 
 
 def test_registry_entries_are_consistent():

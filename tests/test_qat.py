@@ -236,4 +236,5 @@ def test_qat_rows_compare_with_the_unquantized_and_the_one_shot_draft(tmp_path):
     fig = plot_mal_vs_weight_bytes(m)
     drawn = {line.get_marker() for ax in fig.axes for line in ax.get_lines()}
     assert {"o", "^", "v"} <= drawn
-    assert "v w4a16-qat" in " ".join(t.get_text() for t in fig.texts)
+    legend = {(h.get_marker(), h.get_label()) for leg in fig.legends for h in leg.legend_handles}
+    assert ("v", "quantization w4a16-qat") in legend

@@ -83,7 +83,9 @@ def test_no_import_circle_in_the_package():
 @pytest.mark.parametrize(("lower", "upper"), [("sd2.measure", "sd2.drafts"), ("sd2.drafts", "sd2.measure")])
 def test_drafts_and_measure_do_not_import_each_other(lower, upper):
     graph = import_graph()
-    crossing = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith(lower) for t in ts if t.startswith(upper))
+    crossing = sorted(
+        f"{m} -> {t}" for m, ts in graph.items() if m.startswith(lower) for t in ts if t.startswith(upper)
+    )
     assert crossing == []
 
 

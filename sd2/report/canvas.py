@@ -25,7 +25,6 @@ SPARSITY_LABEL = "sparsity of decoder linears (%)"
 PANEL_SIZE = (4.0, 3.0)  # inches per panel
 
 # One colour per method in every figure (the registry's); a loss variant is a shade of its method's colour.
-METHOD_COLORS = {m.name: m.color for m in methods.METHODS}
 MARKERS = "os^Dv<>p*h"
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -38,7 +37,8 @@ FEW_PROMPTS_BAR_LABEL = f"unfilled, dotted CI:\n< {MIN_PROMPTS_FOR_SIGNIFICANCE}
 
 def color(method: str, loss=None) -> str:
     """The method's colour; a loss other than the method's own shades it (toward white or black)."""
-    base = METHOD_COLORS.get(method, methods.UNKNOWN_COLOR)
+    # Read at call time: a method an extension registers after this module loads keeps its colour.
+    base = methods.BY_NAME[method].color if method in methods.BY_NAME else methods.UNKNOWN_COLOR
     own = not isinstance(loss, str) or loss == methods.default_loss(method) or loss not in methods.LOSSES
     shade = 0.0 if own else methods.LOSSES[loss].shade
     rgb = np.array([int(base[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)

@@ -17,7 +17,6 @@ from sd2 import methods
 from sd2.checkpoint import atomic_path
 
 # Drafts as dense as the draft model itself: their MACs are the reference of macs_reduction.
-DENSE_METHODS = tuple(m.name for m in methods.METHODS if m.kind == "draft" and m.init == "dense")
 
 # `method` is the registry's method, `loss` its fine-tuning loss (empty for an untuned draft),
 # `quantization` its weight quantization ("none" for none): records and curves name a variant
@@ -183,7 +182,7 @@ def add_macs_reduction(df: pd.DataFrame) -> pd.DataFrame:
     The dense reference is the draft's dense or dense_sd record (both cost the same);
     a draft without one gets NaN rather than a made-up reference.
     """
-    dense = df[df["method"].isin(DENSE_METHODS)].groupby("draft")["draft_macs_per_token"].median()
+    dense = df[df["method"].isin(dense_methods())].groupby("draft")["draft_macs_per_token"].median()
     reference = df["draft"].map(dense)
     return df.assign(macs_reduction=1.0 - df["draft_macs_per_token"] / reference)
 
@@ -271,3 +270,8 @@ def read_records(record_paths) -> list[tuple[dict, list, str]]:
             doc = json.load(f)
         out += [(r, doc.get("prompt_ids"), path) for r in doc["records"]]
     return out
+
+
+def dense_methods() -> list[str]:
+    """Draft methods that start from the dense draft (registered ones included, hence a function)."""
+    return [m.name for m in methods.METHODS if m.kind == "draft" and m.init == "dense"]
