@@ -14,6 +14,7 @@ from datasets import Dataset, load_from_disk
 
 from sd2 import data, fields
 from sd2.config import validate
+from sd2.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -349,22 +350,15 @@ def test_missing_local_file_is_named(tmp_path, section):
     else:
         data_cfg["eval_sets"]["mine"] = spec
     where = "data.finetune" if section == "finetune" else "data.eval_sets.mine"
-    with pytest.raises(FileNotFoundError, match=f"{where}: local file {missing} does not exist"):
-        run_prepare(tmp_path / "out", data_config(data_cfg))
+    # Caught when the config is validated, before any job: named by its config key.
+    with pytest.raises(ConfigError, match=f"config error at {where}.path: file {missing} does not exist"):
+        data_config(data_cfg)
 
 
 def test_unknown_file_type_is_refused(tmp_path):
     (tmp_path / "prompts.csv").write_text("prompt\nhello\n")
-    cfg = data_config(
-        {
-            "max_files": 20,
-            "eval_sets": {"mine": {"source": "file", "path": str(tmp_path / "prompts.csv")}},
-        }
-    )
-    with pytest.raises(
-        ValueError, match=r"prompts.csv; a local file must end in one of \['.json', '.jsonl', '.parquet'\]"
-    ):
-        run_prepare(tmp_path / "out", cfg)
+    with pytest.raises(ConfigError, match=r"config error at data.eval_sets.mine.path: .*prompts.csv is not one of"):
+        data_config({"max_files": 20, "eval_sets": {"mine": {"source": "file", "path": str(tmp_path / "prompts.csv")}}})
 
 
 def test_finetune_prompts_overlapping_eval_prompts_are_removed(tmp_path):

@@ -6,8 +6,8 @@ from datasets import Dataset, load_from_disk
 from hub_models import save_hub_model
 
 from sd2 import chat, generation
-from sd2.drafts.distill import partial_dir, self_distill
 from sd2.calibration import calibration_set
+from sd2.drafts.distill import partial_dir, self_distill
 from sd2.generation import decode_response, generate_batch
 from sd2.models import load_model, load_tokenizer
 

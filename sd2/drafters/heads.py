@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sd2 import chat, methods
 from sd2.checkpoint import atomic_path, write_json
 from sd2.drafters.base import head_device, on_head, target_forward
+from sd2.macs import model_macs
 from sd2.masks import apply_masks, magnitude_mask
 from sd2.measure import acceptance, continuations
 from sd2.measure.drafts import (
@@ -47,7 +48,6 @@ from sd2.measure.drafts import (
     mark_best_k,
     summarize,
 )
-from sd2.macs import model_macs
 from sd2.models import load_checkpoint
 from sd2.provenance import provenance
 from sd2.training import lr_at, shuffled_batches

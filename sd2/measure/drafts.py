@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from sd2 import methods
 from sd2.checkpoint import write_json
-from sd2.measure import acceptance, continuations, trees
 from sd2.macs import model_macs
+from sd2.measure import acceptance, continuations, trees
 from sd2.measure.speculative import assisted_runs, decoding_path, step_stats
 from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
