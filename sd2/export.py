@@ -16,7 +16,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.checkpoint import atomic_path, write_json
 from sd2.provenance import provenance
 
@@ -234,7 +234,7 @@ def export_draft(
         files = copy_checkpoint(draft_dir, weights, tmp)
         check_tokenizer(tmp, draft_dir)
         # labels["method"] is the workflow's variant name (sd2+kl): the registry's method and its loss.
-        method, loss = methods.parse_variant(labels["method"])
+        method, loss = variants.parse_variant(labels["method"])
         masked = masked_method(method) and labels["sparsity"] > 0
         tensors = tensor_summary(tmp, labels["sparsity"] if masked else None)
         draft_vocab, target_vocab = _vocab_size(tmp), _vocab_size(target, trust_remote_code)

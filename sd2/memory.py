@@ -48,7 +48,7 @@ on the CPU before it moves to a GPU, or everything for a CPU job, plus HOST_BASE
 import math
 from dataclasses import dataclass, field
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.errors import ConfigError
 from sd2.shapes import Shape, model_shape
 
@@ -405,10 +405,10 @@ def job_plans(config: dict) -> list[Plan]:
         plans += [plan_job(rule, {"target": t}, config) for rule in ("self_distill", "target_outputs", *heads)]
     for d in drafts:
         plans += [plan_job(rule, {"draft": d}, config) for rule in ("prune", "layer_prune")]
-        if set(config.get("quantization", [])) - {methods.NO_QUANTIZATION}:
+        if set(config.get("quantization", [])) - {variants.NO_QUANTIZATION}:
             plans.append(plan_job("quantize", {"draft": d}, config))
         # A loss that reads another model's outputs loads it beside the draft: the target or the draft itself.
-        tuned = [(t, v) for t in targets for v in methods.variants(config, t, d) if methods.BY_NAME[v.method].tuned]
+        tuned = [(t, v) for t in targets for v in variants.variants(config, t, d) if methods.BY_NAME[v.method].tuned]
         teachers = dict.fromkeys({"target": t, "draft": d}.get(methods.LOSSES[v.loss].teacher) for t, v in tuned)
         plans += [plan_job("finetune", {"draft": d, "teacher": t}, config) for t in teachers]
         plans += [plan_job("measure", {"target": t, "draft": d}, config) for t in targets if t != d]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sd2 import methods
+from sd2 import variants
 
 # Our scheme names -> the weights' quantization (llm-compressor's preset it follows, for the record).
 SCHEMES = {
@@ -33,9 +33,9 @@ def scheme_spec(scheme: str) -> dict:
     """The weights' format of a scheme; a quantization-aware one ('w4a16-qat') stores its base scheme's."""
     if scheme == "none":
         raise ValueError("quantization 'none' means the draft is not quantized: there is nothing to run")
-    if methods.base_scheme(scheme) not in SCHEMES:
+    if variants.base_scheme(scheme) not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r} (known: {', '.join(SCHEMES)}, or none)")
-    return SCHEMES[methods.base_scheme(scheme)]
+    return SCHEMES[variants.base_scheme(scheme)]
 
 
 def group_size(scheme: str, in_features: int) -> int:

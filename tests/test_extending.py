@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.errors import ConfigError
 
 # Registration only (imported by config validation, no torch): the loss's objective and the head's
@@ -165,12 +165,12 @@ def test_registered_names_join_the_derived_schema_and_patterns(registry):
         methods.Method("pruned_sd", "pruned_sd", "draft", "pruned", "target", True, None, "#000001")
     )
     cfg = sd2_config.validate({**base_config(), "losses": ["ce", "toy"], "methods": ["sd2", "pruned_sd"]})
-    names = {v.name for v in methods.variants(cfg, "tiny-llama", "tiny-draft")}
+    names = {v.name for v in variants.variants(cfg, "tiny-llama", "tiny-draft")}
     assert names == {"sd2", "sd2+toy", "pruned_sd", "pruned_sd+toy"}
-    assert re.fullmatch(methods.finetuned_pattern(), "pruned_sd+toy@w4a16-qat")
+    assert re.fullmatch(variants.finetuned_pattern(), "pruned_sd+toy@w4a16-qat")
     assert methods.NAMES[-1] == "pruned_sd" and methods.rank("pruned_sd") == len(methods.NAMES) - 1
     # kl-like: a target teacher across tokenizer families is skipped, not an error.
-    assert "do not share a tokenizer" in methods.skip_reason(cfg, "tiny-qwen", "tiny-draft", "sd2", "toy")
+    assert "do not share a tokenizer" in variants.skip_reason(cfg, "tiny-qwen", "tiny-draft", "sd2", "toy")
 
 
 def test_a_registered_head_family_gets_its_sizes_and_pattern(registry):

@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
-from sd2 import export, methods
+from sd2 import export, methods, variants
 from sd2.config import SCHEMA_PATH
 from sd2.report import canvas, collect
 
@@ -77,18 +77,18 @@ def test_registry_entries_are_consistent():
 @pytest.mark.parametrize("name", methods.NAMES)
 def test_variant_names_round_trip(name):
     tuned = methods.BY_NAME[name].tuned
-    assert methods.parse_variant(methods.variant_name(name, methods.default_loss(name))) == (
+    assert variants.parse_variant(variants.variant_name(name, methods.default_loss(name))) == (
         name,
         methods.default_loss(name),
     )
-    assert methods.variant_name(name, methods.default_loss(name)) == name  # earlier runs' paths and records
+    assert variants.variant_name(name, methods.default_loss(name)) == name  # earlier runs' paths and records
     for loss in methods.LOSSES:
         if methods.takes_losses(methods.BY_NAME[name]) and loss != "ce":
-            assert methods.variant_name(name, loss) == f"{name}+{loss}"
-            assert methods.parse_variant(f"{name}+{loss}") == (name, loss)
+            assert variants.variant_name(name, loss) == f"{name}+{loss}"
+            assert variants.parse_variant(f"{name}+{loss}") == (name, loss)
         elif loss != methods.default_loss(name):
             with pytest.raises(ValueError):
-                methods.variant_name(name, loss)
+                variants.variant_name(name, loss)
     # A head's training is its own rules': no loss of the axis.
     own = methods.BY_NAME[name].loss or "ce" if tuned and methods.BY_NAME[name].kind == "draft" else None
     assert methods.default_loss(name) == own
@@ -96,35 +96,35 @@ def test_variant_names_round_trip(name):
 
 def test_variant_names_that_are_not_made_are_refused():
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
-        methods.parse_variant("sd2+l2")
+        variants.parse_variant("sd2+l2")
     with pytest.raises(ValueError, match="is named 'sd2'"):
-        methods.parse_variant("sd2+ce")  # one name per checkpoint: today's paths for ce
+        variants.parse_variant("sd2+ce")  # one name per checkpoint: today's paths for ce
     with pytest.raises(ValueError, match="not fine-tuned with the `losses` axis"):
-        methods.parse_variant("direct_align+kl")
+        variants.parse_variant("direct_align+kl")
 
 
 def test_wildcard_patterns_match_exactly_the_variant_names():
-    pattern, tuned = methods.variant_pattern(), methods.variant_pattern(tuned_only=True)
+    pattern, tuned = variants.variant_pattern(), variants.variant_pattern(tuned_only=True)
     cfg = config(losses=list(methods.LOSSES), methods=list(methods.NAMES))
-    made = {v.name for t in cfg["targets"] for v in methods.variants(cfg, t, "tiny-draft")}
+    made = {v.name for t in cfg["targets"] for v in variants.variants(cfg, t, "tiny-draft")}
     assert {"sd2+kl", "sd2+squarehead", "direct_align", "dense"} <= made
     for name in made:
         assert re.fullmatch(pattern, name)
-        assert bool(re.fullmatch(tuned, name)) == methods.BY_NAME[methods.parse_variant(name)[0]].tuned
+        assert bool(re.fullmatch(tuned, name)) == methods.BY_NAME[variants.parse_variant(name)[0]].tuned
     for name in ("sd2+ce", "direct_align+kl", "dense+kl", "redrafter", "sd2+l2", "sd2-s50"):
         assert not re.fullmatch(pattern, name), name
 
 
 def test_labels_name_the_loss_when_it_is_not_the_methods_own():
-    assert methods.label("sd2", "ce") == "sd2" and methods.label("sd2", "kl") == "sd2 (kl)"
-    assert methods.label("direct_align", "tvdpp") == "Direct Alignment"
-    assert methods.label("dense", None) == "dense" and methods.label("mystery", None) == "mystery"
+    assert variants.label("sd2", "ce") == "sd2" and variants.label("sd2", "kl") == "sd2 (kl)"
+    assert variants.label("direct_align", "tvdpp") == "Direct Alignment"
+    assert variants.label("dense", None) == "dense" and variants.label("mystery", None) == "mystery"
     assert methods.ce_counterpart("direct_align") == "dense_sd" and methods.ce_counterpart("sd2") == "sd2"
     assert methods.ce_counterpart("dense") is None
 
 
 def variant_set(cfg, target, draft):
-    return {(v.name, v.sparsity) for v in methods.variants(cfg, target, draft)}
+    return {(v.name, v.sparsity) for v in variants.variants(cfg, target, draft)}
 
 
 def test_losses_fan_out_where_they_can_be_made():
@@ -145,7 +145,7 @@ def test_losses_fan_out_where_they_can_be_made():
         assert not {v for v in pairs if v[0] in ("layer_pruned+squarehead", "dense_sd+squarehead")}
     # Untuned methods and fixed losses ignore the axis.
     assert not {v for v in same if v[0].startswith(("dense+", "sparse_oneshot+", "direct_align+"))}
-    reasons = {(s["target"], s["method"], s["loss"]): s["reason"] for s in methods.skipped(cfg)}
+    reasons = {(s["target"], s["method"], s["loss"]): s["reason"] for s in variants.skipped(cfg)}
     assert "do not share a tokenizer" in reasons[("tiny-qwen", "sd2", "kl")]
     assert "tuned on original data" in reasons[("tiny-llama", "sparse_sft", "kl")]
     assert "not a masked copy" in reasons[("tiny-llama", "layer_pruned", "squarehead")]
@@ -155,25 +155,25 @@ def test_losses_fan_out_where_they_can_be_made():
 def test_ce_alone_keeps_todays_variants():
     cfg = config()
     assert cfg["losses"] == ["ce"]
-    names = [v.name for v in methods.variants(cfg, "tiny-qwen", "tiny-draft")]
+    names = [v.name for v in variants.variants(cfg, "tiny-qwen", "tiny-draft")]
     assert names == ["dense", "dense_sd", "layer_pruned", "sd2", "sparse_sft", "sparse_oneshot"]
 
 
 def test_heads_are_left_to_their_own_rules():
     cfg = config(methods=["dense", "redrafter", "moa", "sd2"])
-    assert {v.method for v in methods.variants(cfg, "tiny-llama", "tiny-draft")} == {"dense", "sd2"}
+    assert {v.method for v in variants.variants(cfg, "tiny-llama", "tiny-draft")} == {"dense", "sd2"}
 
 
 def test_hub_pairs_share_a_tokenizer_by_vocabulary_size():
     paper = config("paper.yaml")
-    assert methods.shares_tokenizer(paper, "llama-3.2-1b-instruct", "llama-3.1-70b-instruct")
-    assert not methods.shares_tokenizer(paper, "llama-3.2-1b-instruct", "qwen2.5-7b-instruct")
+    assert variants.shares_tokenizer(paper, "llama-3.2-1b-instruct", "llama-3.1-70b-instruct")
+    assert not variants.shares_tokenizer(paper, "llama-3.2-1b-instruct", "qwen2.5-7b-instruct")
     # A hub id without `shape` cannot be sized before download: counted as different (skipped).
     paper["models"]["llama-3.1-8b-instruct"].pop("shape")
-    assert not methods.shares_tokenizer(paper, "llama-3.2-1b-instruct", "llama-3.1-8b-instruct")
+    assert not variants.shares_tokenizer(paper, "llama-3.2-1b-instruct", "llama-3.1-8b-instruct")
     tiny = config()
-    assert methods.shares_tokenizer(tiny, "tiny-draft", "tiny-llama")
-    assert not methods.shares_tokenizer(tiny, "tiny-draft", "tiny-qwen")
+    assert variants.shares_tokenizer(tiny, "tiny-draft", "tiny-llama")
+    assert not variants.shares_tokenizer(tiny, "tiny-draft", "tiny-qwen")
 
 
 def finetune_jobs(text: str) -> list[dict]:
@@ -191,7 +191,7 @@ def finetune_jobs(text: str) -> list[dict]:
 
 def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
     """A dry run of config/test.yaml with three losses: every record and every fine-tuning job is the
-    registry's (sd2.methods.variants), starting from its init, on its data, with its loss and teacher."""
+    registry's (sd2.variants.variants), starting from its init, on its data, with its loss and teacher."""
     raw = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     changed = tmp_path / "losses.yaml"
     changed.write_text(yaml.safe_dump({**raw, "losses": ["ce", "kl", "squarehead"]}))
@@ -207,7 +207,7 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         for t in cfg["targets"]
         for d in cfg["drafts"]
         if d != t
-        for v in methods.variants(cfg, t, d)
+        for v in variants.variants(cfg, t, d)
     }
     assert planned == expected and {n for _, _, n, _ in planned} >= {"sd2+kl", "sd2+squarehead", "direct_align"}
     assert "sd2: not made for tiny-draft -> tiny-qwen: sd2 with loss kl" in text  # said, not an error
@@ -218,7 +218,7 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         for t in cfg["targets"]
         for d in cfg["drafts"]
         if d != t
-        for v in methods.variants(cfg, t, d)
+        for v in variants.variants(cfg, t, d)
         if methods.BY_NAME[v.method].tuned
     }
     assert sorted(tuple(j["--labels"][k] for k in ("target", "draft", "method", "sparsity")) for j in jobs) == sorted(
@@ -226,7 +226,7 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
     )
     for job in jobs:
         data, draft, name, sparsity = (job["--labels"][k] for k in ("target", "draft", "method", "sparsity"))
-        method, loss = methods.parse_variant(name)
+        method, loss = variants.parse_variant(name)
         m = methods.BY_NAME[method]
         start = methods.START_POINTS[m.init].path
         init = f"work/{start.format(draft=draft, data=data, sparsity=sparsity)}" if start else f"work/models/{draft}"
@@ -256,14 +256,14 @@ def test_memory_plans_load_the_teachers_the_variants_need():
 
 def test_quantized_variant_names():
     """<variant>@<scheme>: split back, matched by the measure rule's pattern, not by finetune's."""
-    assert methods.split_quantization("sd2+kl@w4a16") == ("sd2+kl", "w4a16")
-    assert methods.split_quantization("sd2") == ("sd2", "none")
-    assert methods.parse_variant("sd2+kl@w4a16") == ("sd2", "kl")
-    assert methods.quantized_name("dense_sd", "none") == "dense_sd"
-    assert methods.label("sd2", "kl", "w8a16") == "sd2 (kl) w8a16"
+    assert variants.split_quantization("sd2+kl@w4a16") == ("sd2+kl", "w4a16")
+    assert variants.split_quantization("sd2") == ("sd2", "none")
+    assert variants.parse_variant("sd2+kl@w4a16") == ("sd2", "kl")
+    assert variants.quantized_name("dense_sd", "none") == "dense_sd"
+    assert variants.label("sd2", "kl", "w8a16") == "sd2 (kl) w8a16"
     with pytest.raises(ValueError, match="unknown quantization 'w2a16'"):
-        methods.split_quantization("sd2@w2a16")
-    measured, tuned = methods.variant_pattern(quantized=True), methods.variant_pattern(tuned_only=True)
+        variants.split_quantization("sd2@w2a16")
+    measured, tuned = variants.variant_pattern(quantized=True), variants.variant_pattern(tuned_only=True)
     assert re.fullmatch(measured, "sd2+kl@w4a16") and re.fullmatch(measured, "dense@w8a16")
     assert not re.fullmatch(tuned, "sd2@w4a16") and not re.fullmatch(measured, "sd2@none")
     cfg = {
@@ -273,6 +273,6 @@ def test_quantized_variant_names():
         "quantization": ["none", "w4a16"],
         "models": {"t": {"tokenizer": "a"}, "d": {"tokenizer": "a"}},
     }
-    names = [v.name for v in methods.variants(cfg, "t", "d", quantized=True)]
+    names = [v.name for v in variants.variants(cfg, "t", "d", quantized=True)]
     assert names == ["dense_sd", "dense_sd@w4a16", "sd2", "sd2@w4a16"]
-    assert [v.name for v in methods.variants(cfg, "t", "d")] == ["dense_sd", "sd2"]
+    assert [v.name for v in variants.variants(cfg, "t", "d")] == ["dense_sd", "sd2"]

@@ -12,7 +12,6 @@ import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 from synthetic import K_MAX, VARIANTS, K, write_synthetic_tables
 
-from sd2.methods import parse_variant
 from sd2.report.canvas import FEW_PROMPTS_BAR_LABEL, FEW_PROMPTS_LABEL, save_figure
 from sd2.report.canvas import color as variant_color
 from sd2.report.figures import CI_NOTE, FIGURES, make_figures, register_figure, write_captions
@@ -31,6 +30,7 @@ from sd2.report.plots import (
     same_variant,
     variant_label,
 )
+from sd2.variants import parse_variant
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]

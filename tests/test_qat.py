@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, snakemake_cmd
 from datasets import load_from_disk
 
-from sd2 import chat, methods, training
+from sd2 import chat, training, variants
 from sd2.config import SCHEMA_PATH
 from sd2.drafts.finetune import finetune
 from sd2.drafts.quantize import fake_quantized, quantize
@@ -94,18 +94,18 @@ def test_quantization_aware_finetune_trains_the_quantized_model_with_the_mask_he
 
 
 def test_qat_scheme_names():
-    assert methods.QUANTIZATIONS == ("none", "w8a16", "w8a16-qat", "w4a16", "w4a16-qat")
-    assert methods.split_quantization("sd2+kl@w4a16-qat") == ("sd2+kl", "w4a16-qat")
-    assert methods.parse_variant("sd2+kl@w4a16-qat") == ("sd2", "kl")
-    assert methods.quantization_aware("w8a16-qat") and not methods.quantization_aware("w8a16")
-    assert methods.base_scheme("w4a16-qat") == "w4a16" and methods.base_scheme("w4a16") == "w4a16"
-    assert methods.label("sd2", "ce", "w4a16-qat") == "sd2 w4a16-qat"
-    ranks = [methods.quantization_rank(q) for q in ("none", "w8a16", "w8a16-qat", "w4a16", "w4a16-qat")]
+    assert variants.QUANTIZATIONS == ("none", "w8a16", "w8a16-qat", "w4a16", "w4a16-qat")
+    assert variants.split_quantization("sd2+kl@w4a16-qat") == ("sd2+kl", "w4a16-qat")
+    assert variants.parse_variant("sd2+kl@w4a16-qat") == ("sd2", "kl")
+    assert variants.quantization_aware("w8a16-qat") and not variants.quantization_aware("w8a16")
+    assert variants.base_scheme("w4a16-qat") == "w4a16" and variants.base_scheme("w4a16") == "w4a16"
+    assert variants.label("sd2", "ce", "w4a16-qat") == "sd2 w4a16-qat"
+    ranks = [variants.quantization_rank(q) for q in ("none", "w8a16", "w8a16-qat", "w4a16", "w4a16-qat")]
     assert ranks == sorted(ranks) and len(set(ranks)) == 5  # a QAT row right after its one-shot row
     with pytest.raises(ValueError, match="'dense@w4a16-qat': quantization-aware fine-tuning needs a fine-tuned"):
-        methods.split_quantization("dense@w4a16-qat")
+        variants.split_quantization("dense@w4a16-qat")
     with pytest.raises(ValueError, match="unknown quantization 'w4a16-gptq'"):
-        methods.split_quantization("sd2@w4a16-gptq")
+        variants.split_quantization("sd2@w4a16-gptq")
     # A QAT draft stores its base scheme's weights: the same bits, groups and bytes.
     assert scheme_spec("w4a16-qat") is scheme_spec("w4a16") and weight_bits("w8a16-qat") == weight_bits("w8a16")
     assert group_size("w4a16-qat", 176) == 88
@@ -118,9 +118,9 @@ def test_qat_wildcard_patterns():
     """finetune makes the tuned variants and their -qat fine-tunings; quantize and measure take
     <variant>@<scheme> for any variant and <variant>@<scheme>-qat for tuned ones only."""
     made, quantized, measured = (
-        methods.finetuned_pattern(),
-        methods.quantized_pattern(),
-        methods.variant_pattern(quantized=True),
+        variants.finetuned_pattern(),
+        variants.quantized_pattern(),
+        variants.variant_pattern(quantized=True),
     )
     for name in ("sd2", "sd2+kl", "direct_align", "sd2@w4a16-qat", "sd2+kl@w8a16-qat", "layer_pruned@w4a16-qat"):
         assert re.fullmatch(made, name), name
@@ -142,7 +142,7 @@ def test_aware_adds_a_qat_variant_to_tuned_methods_only():
         "quantize": {"aware": True},
         "models": {"t": {"tokenizer": "a"}, "d": {"tokenizer": "a"}},
     }
-    names = [v.name for v in methods.variants(cfg, "t", "d", quantized=True)]
+    names = [v.name for v in variants.variants(cfg, "t", "d", quantized=True)]
     assert names == [
         "dense",
         "dense@w8a16",
@@ -152,16 +152,16 @@ def test_aware_adds_a_qat_variant_to_tuned_methods_only():
         "sparse_oneshot@w4a16",
         *(f"{v}{q}" for v in ("sd2", "sd2+kl") for q in ("", "@w8a16", "@w8a16-qat", "@w4a16", "@w4a16-qat")),
     ]
-    qat = [v for v in methods.variants(cfg, "t", "d", quantized=True) if methods.quantization_aware(v.quantization)]
+    qat = [v for v in variants.variants(cfg, "t", "d", quantized=True) if variants.quantization_aware(v.quantization)]
     assert {(v.method, v.loss, v.sparsity) for v in qat} == {("sd2", "ce", 50), ("sd2", "kl", 50)}
-    assert [v.name for v in methods.variants(cfg, "t", "d")] == ["dense", "sparse_oneshot", "sd2", "sd2+kl"]
+    assert [v.name for v in variants.variants(cfg, "t", "d")] == ["dense", "sparse_oneshot", "sd2", "sd2+kl"]
     off = {**cfg, "quantize": {"aware": False}}
-    assert not any("-qat" in v.name for v in methods.variants(off, "t", "d", quantized=True))
+    assert not any("-qat" in v.name for v in variants.variants(off, "t", "d", quantized=True))
 
 
 def test_schema_lists_the_one_shot_schemes_and_aware_is_off_by_default():
     props = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
-    assert props["quantization"]["items"]["enum"] == ["none", *methods.ONE_SHOT_QUANTIZATIONS]
+    assert props["quantization"]["items"]["enum"] == ["none", *variants.ONE_SHOT_QUANTIZATIONS]
     assert props["quantize"]["properties"]["aware"]["default"] is False
 
 
@@ -212,8 +212,8 @@ def test_qat_rows_compare_with_the_unquantized_and_the_one_shot_draft(tmp_path):
     from sd2.report.comparisons import collect_comparisons
     from sd2.report.plots import QUANTIZATION_MARKERS, plot_mal_vs_weight_bytes
 
-    variants = [("sd2@w4a16-qat", 50), ("sd2@w4a16", 50), ("sd2", 50)]
-    paths = write_synthetic_records(tmp_path, targets=("t_llama",), variants=variants, eval_sets=("humaneval",))
+    drafts = [("sd2@w4a16-qat", 50), ("sd2@w4a16", 50), ("sd2", 50)]
+    paths = write_synthetic_records(tmp_path, targets=("t_llama",), variants=drafts, eval_sets=("humaneval",))
     for path in paths:
         doc = json.loads(path.read_text())
         for r in doc["records"]:
@@ -231,7 +231,7 @@ def test_qat_rows_compare_with_the_unquantized_and_the_one_shot_draft(tmp_path):
     assert 1 < qat["vs_one_shot_ci_low"] < qat["mal_ratio_vs_one_shot"] < qat["vs_one_shot_ci_high"]
     assert qat["vs_one_shot_significant"] and pd.isna(one_shot["mal_ratio_vs_one_shot"])
 
-    assert set(QUANTIZATION_MARKERS) == set(methods.QUANTIZATIONS)
+    assert set(QUANTIZATION_MARKERS) == set(variants.QUANTIZATIONS)
     assert len(set(QUANTIZATION_MARKERS.values())) == len(QUANTIZATION_MARKERS)
     fig = plot_mal_vs_weight_bytes(m)
     drawn = {line.get_marker() for ax in fig.axes for line in ax.get_lines()}

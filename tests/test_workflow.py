@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, snakemake_cmd
 
 from sd2 import config as sd2_config
-from sd2 import methods
+from sd2 import methods, variants
 
 # What the rules make at each sparsity level (the registry, sd2/methods.py).
 SPARSE_METHODS = {m.name for m in methods.METHODS if m.kind == "draft" and m.sparse}
@@ -26,13 +26,13 @@ def pairs(cfg) -> list[tuple[str, str]]:
 
 
 def n_variants(cfg) -> int:
-    """Drafts made over all pairs: (variant, sparsity) per pair (sd2.methods.variants)."""
-    return sum(len(methods.variants(cfg, t, d)) for t, d in pairs(cfg))
+    """Drafts made over all pairs: (variant, sparsity) per pair (sd2.variants.variants)."""
+    return sum(len(variants.variants(cfg, t, d)) for t, d in pairs(cfg))
 
 
 def n_cells(cfg) -> int:
     """Measured cells: eval set x (target, draft) pair x (variant, sparsity, quantization)."""
-    return len(cfg["data"]["eval_sets"]) * sum(len(methods.variants(cfg, t, d, quantized=True)) for t, d in pairs(cfg))
+    return len(cfg["data"]["eval_sets"]) * sum(len(variants.variants(cfg, t, d, quantized=True)) for t, d in pairs(cfg))
 
 
 def dry_run(workdir, configfile="config/test.yaml", *args):
@@ -72,7 +72,7 @@ def test_all_outputs(tiny_run):
     assert same and other  # the tiny config covers both decoding paths
     per_file = {p: 2 * measure["k_max"] + 1 if p in same else 2 for p in pairs(cfg)}
     assert len(table) == len(cfg["data"]["eval_sets"]) * sum(
-        len(methods.variants(cfg, t, d)) * per_file[(t, d)] for t, d in pairs(cfg)
+        len(variants.variants(cfg, t, d)) * per_file[(t, d)] for t, d in pairs(cfg)
     )
     assert set(table["method"]) == set(cfg["methods"])
     # Direct Alignment (TVD++ against the target's logits) only where the tokenizers match.

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import methods
+from sd2 import variants
 from sd2.checkpoint import write_json
 from sd2.macs import model_macs
 from sd2.measure import acceptance, continuations, trees
@@ -251,7 +251,7 @@ def load_continuations(outputs_path, settings: dict) -> tuple[dict, list[dict]]:
 def costs(target, draft, labels: dict) -> dict:
     """A record's cost columns: MACs and weight bytes per token of both models, and their ratios."""
     target_macs, draft_macs = model_macs(target)["macs_per_token"], model_macs(draft)["macs_per_token"]
-    quantization = methods.split_quantization(labels.get("method") or "")[1]
+    quantization = variants.split_quantization(labels.get("method") or "")[1]
     draft_bytes, target_bytes = model_weight_bytes(draft, quantization), model_weight_bytes(target)
     return {
         "draft_macs_per_token": draft_macs,

@@ -13,14 +13,14 @@ import json
 
 import pandas as pd
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.checkpoint import atomic_path
 
 # Drafts as dense as the draft model itself: their MACs are the reference of macs_reduction.
 
 # `method` is the registry's method, `loss` its fine-tuning loss (empty for an untuned draft),
 # `quantization` its weight quantization ("none" for none): records and curves name a variant
-# `<method>+<loss>@<scheme>` (sd2.methods.variant_name, quantized_name), split here.
+# `<method>+<loss>@<scheme>` (sd2.variants.variant_name, quantized_name), split here.
 KEYS = ["target", "draft", "method", "loss", "quantization", "sparsity", "eval_set", "temperature", "estimator", "k"]
 MEASUREMENT_COLUMNS = KEYS + [
     "headline_k",
@@ -94,7 +94,7 @@ def with_variant_columns(df: pd.DataFrame) -> pd.DataFrame:
     if "loss" not in df.columns:
         df = df.assign(loss=df["method"].map(lambda m: methods.default_loss(m) if isinstance(m, str) else None))
     if "quantization" not in df.columns:
-        df = df.assign(quantization=methods.NO_QUANTIZATION)
+        df = df.assign(quantization=variants.NO_QUANTIZATION)
     return df
 
 
@@ -102,7 +102,7 @@ def unquantized(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of drafts served with their weights as made (the comparisons between methods)."""
     if "quantization" not in df.columns:
         return df
-    return df[df["quantization"].isna() | (df["quantization"] == methods.NO_QUANTIZATION)]
+    return df[df["quantization"].isna() | (df["quantization"] == variants.NO_QUANTIZATION)]
 
 
 def with_rank(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -121,7 +121,7 @@ def with_rank(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str
     if "loss" in df.columns:
         ranked = ranked.assign(_loss_rank=df["loss"].map(methods.loss_rank))
     if "quantization" in df.columns:
-        ranked = ranked.assign(_quantization_rank=df["quantization"].map(methods.quantization_rank))
+        ranked = ranked.assign(_quantization_rank=df["quantization"].map(variants.quantization_rank))
     return ranked, by
 
 
@@ -158,8 +158,8 @@ def record_row(record: dict, record_file: str) -> dict:
     if missing:
         raise ValueError(f"{record_file}: record without {missing}")
     row = {c: record.get(c) for c in MEASUREMENT_COLUMNS}
-    row["method"], row["loss"] = methods.parse_variant(record["method"])
-    row["quantization"] = methods.split_quantization(record["method"])[1]
+    row["method"], row["loss"] = variants.parse_variant(record["method"])
+    row["quantization"] = variants.split_quantization(record["method"])[1]
     # Records from before measure.draft_kernel existed were all timed with the draft as stored.
     row["draft_kernel"] = record.get("draft_kernel") or "dense"
     for col in ("acceptance_by_position", "accepted_length_histogram"):
@@ -241,7 +241,7 @@ def collect_training(curves: list[dict], out_csv) -> pd.DataFrame:
         # A from-scratch model's file names its own stages (pretrain, then instruct).
         labels = {c: curve.get(c) for c in CURVE_LABELS if not (c == "stage" and "stage" in log.columns)}
         if curve.get("method"):
-            labels["method"], labels["loss"] = methods.parse_variant(curve["method"])
+            labels["method"], labels["loss"] = variants.parse_variant(curve["method"])
         frames.append(log.assign(**labels)[TRAINING_COLUMNS])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRAINING_COLUMNS)
     if len(df):

@@ -6,7 +6,7 @@ Every MAL comparison resamples the same prompts on both sides (sd2.measure.stats
 
 import pandas as pd
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.measure.stats import excludes, paired_ratio_ci
 from sd2.report.collect import drop_ranks, read_records, unquantized, with_rank, write_table
 
@@ -128,8 +128,8 @@ def _reported_records(record_paths) -> dict:
         settings = (record.get("provenance") or {}).get("settings") or {}
         if record.get("estimator") == "tvd_estimate" or record["k"] not in settings.get("k", [record["k"]]):
             continue
-        method, loss = methods.parse_variant(record["method"])
-        scheme = methods.split_quantization(record["method"])[1]
+        method, loss = variants.parse_variant(record["method"])
+        scheme = variants.split_quantization(record["method"])[1]
         cell = tuple(record[c] for c in ("target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"))
         index[(method, loss, scheme, *cell)] = (record, ids)
     return index
@@ -139,11 +139,11 @@ def _comparison_columns(index: dict, variant: tuple, cell: list, rec: dict, ids)
     """The comparison columns of one record (`variant` = (method, loss, scheme) in `cell`) against its
     counterparts in `index`; None for a record that is compared with nothing."""
     method, loss, scheme = variant
-    none = methods.NO_QUANTIZATION
+    none = variants.NO_QUANTIZATION
     if scheme != none:
         extra = _quantization_row(rec, ids, index.get((method, loss, none, *cell)))
-        if methods.quantization_aware(scheme):
-            extra.update(_one_shot_row(rec, ids, index.get((method, loss, methods.base_scheme(scheme), *cell))))
+        if variants.quantization_aware(scheme):
+            extra.update(_one_shot_row(rec, ids, index.get((method, loss, variants.base_scheme(scheme), *cell))))
         return extra
     if method == "sd2" and loss == methods.DEFAULT_LOSS:
         others = {"sd2": (rec, ids)}
@@ -240,14 +240,14 @@ def family_comparisons(record_paths, reference: str = "dense_sd") -> pd.DataFram
         kept.append((record, ids))
     refs = {}
     for record, ids in kept:
-        method, loss = methods.parse_variant(record["method"])
+        method, loss = variants.parse_variant(record["method"])
         if method == reference and loss == methods.DEFAULT_LOSS:
             cell = (record["target"], record["eval_set"], record["k"])
             refs[(*cell, record["draft"])] = (record, ids)
             refs.setdefault(cell, (record, ids))
     rows = []
     for record, ids in kept:
-        method, loss = methods.parse_variant(record["method"])
+        method, loss = variants.parse_variant(record["method"])
         cell = (record["target"], record["eval_set"], record["k"])
         head = methods.BY_NAME[method].kind == "head" if method in methods.BY_NAME else False
         ref = refs.get(cell) if head else refs.get((*cell, record["draft"]))

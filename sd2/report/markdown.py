@@ -5,7 +5,7 @@ No torch here.
 
 import pandas as pd
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.report.collect import sort_measurements, with_variant_columns
 from sd2.report.comparisons import baseline_comparisons, loss_comparisons
 
@@ -89,7 +89,7 @@ def per_draft_markdown(measurements: pd.DataFrame, temperature: float) -> str:
     evals = [c[len("mal_") :] for c in table.columns if c.startswith("mal_")]
     # The method's label names a loss other than its own ('sd2 (kl)'), and Direct Alignment as such.
     shown = table[["target", "draft", "method", "sparsity", "k", "estimator"]].copy()
-    shown["method"] = [methods.label(m, loss) for m, loss in zip(table["method"], table["loss"])]
+    shown["method"] = [variants.label(m, loss) for m, loss in zip(table["method"], table["loss"])]
     for e in evals:
         shown[f"MAL {e} [95% CI]"] = ci_column(table, f"mal_{e}", f"ci_low_{e}", f"ci_high_{e}")
         shown[f"n {e}"] = table[f"n_{e}"].astype("Int64")
@@ -119,8 +119,8 @@ def baseline_markdown(cmp_t: pd.DataFrame) -> str:
 def loss_markdown(by_loss: pd.DataFrame) -> str:
     """Each loss variant against the ce variant of its method, from comparisons.csv rows."""
     view = by_loss[["target", "draft"]].copy()
-    view["draft variant"] = [methods.label(m, loss) for m, loss in zip(by_loss["method"], by_loss["loss"])]
-    view["against"] = by_loss["ce_method"].map(lambda m: methods.label(m, methods.DEFAULT_LOSS) + " (ce)")
+    view["draft variant"] = [variants.label(m, loss) for m, loss in zip(by_loss["method"], by_loss["loss"])]
+    view["against"] = by_loss["ce_method"].map(lambda m: variants.label(m, methods.DEFAULT_LOSS) + " (ce)")
     view = view.join(by_loss[["sparsity", "eval_set", "k", "estimator", "n_prompts"]])
     view["MAL [95% CI]"] = ci_column(by_loss, "mal", "mal_ci_low", "mal_ci_high")
     view["MAL with ce [95% CI]"] = ci_column(by_loss, "ce_mal", "ce_mal_ci_low", "ce_mal_ci_high")

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.report.canvas import (
     IMPROVEMENT_LABEL,
     LINESTYLES,
@@ -42,7 +42,7 @@ MAX_K_COLUMNS = 4  # mal_vs_k shows one eval set only when all of them would nee
 TREE_BUDGET_LABEL = "tree budget n (draft tokens per step)"
 BYTES_LABEL = "draft weight bytes read per token"
 # A quantization-aware draft (-qat) beside its one-shot scheme: the same shape, turned.
-QUANTIZATION_MARKERS = {methods.NO_QUANTIZATION: "o", "w8a16": "s", "w8a16-qat": "D", "w4a16": "^", "w4a16-qat": "v"}
+QUANTIZATION_MARKERS = {variants.NO_QUANTIZATION: "o", "w8a16": "s", "w8a16-qat": "D", "w4a16": "^", "w4a16-qat": "v"}
 
 
 # ---------------------------------------------------------------- table helpers
@@ -86,7 +86,7 @@ def is_dense(method: str) -> bool:
 def variant_label(method: str, sparsity, loss=None) -> str:
     """'dense', 'Direct Alignment', 'sd2 s50' or 'sd2 (kl) s50': a draft-making method, with its loss
     where it is not the method's own, at a sparsity level."""
-    name = methods.label(method, loss)
+    name = variants.label(method, loss)
     return name if is_dense(method) else f"{name} s{int(sparsity)}"
 
 
@@ -132,7 +132,7 @@ def bar_panel(ax, df: pd.DataFrame, value: str) -> None:
     combos = variant_order(df, ["draft"])
     for x, c in enumerate(combos.itertuples(index=False)):
         point = mean_row(df[(df["draft"] == c.draft) & same_variant(df, c.method, c.loss, c.sparsity)])
-        bar_with_ci(ax, x, point, value, color(c.method, c.loss), methods.label(c.method, c.loss), capsize=3)
+        bar_with_ci(ax, x, point, value, color(c.method, c.loss), variants.label(c.method, c.loss), capsize=3)
     # The draft's name only matters when a panel holds more than one draft model.
     several = combos["draft"].nunique() > 1
     labels = [f"{c.draft}: " * several + variant_label(c.method, c.sparsity, c.loss) for c in combos.itertuples()]
@@ -179,7 +179,7 @@ def plot_mal_vs_sparsity(measurements: pd.DataFrame, temperature: float = 0.0, k
             # Lines share sparsity levels: a small sideways shift per line keeps their error bars apart.
             shift = (n - (len(lines) - 1) / 2) * 0.8
             ax.plot(rows["sparsity"] + shift, rows["mal"], color=c)
-            points_with_ci(ax, rows["sparsity"] + shift, rows, "mal", "o", c, methods.label(line.method, line.loss))
+            points_with_ci(ax, rows["sparsity"] + shift, rows, "mal", "o", c, variants.label(line.method, line.loss))
         ax.set_title(f"{eval_set}: {column[1]} → {column[0]}", fontsize="medium")
         ax.set_xlabel(SPARSITY_LABEL)
         ax.set_ylabel(MAL_LABEL if j == 0 else "")
@@ -201,7 +201,7 @@ def plot_mal_vs_macs(measurements: pd.DataFrame, temperature: float = 0.0, k: in
             for draft in marks:
                 rows = panel[same_variant(panel, line.method, line.loss) & (panel["draft"] == draft)]
                 if len(rows):
-                    c, label = color(line.method, line.loss), methods.label(line.method, line.loss)
+                    c, label = color(line.method, line.loss), variants.label(line.method, line.loss)
                     points_with_ci(ax, rows["draft_macs_per_token"], rows, "mal", marks[draft], c, label, zorder=3)
         front = pareto_front(panel, "draft_macs_per_token", "mal")
         ax.step(
@@ -533,7 +533,7 @@ def plot_mal_vs_weight_bytes(measurements: pd.DataFrame, temperature: float = 0.
                 "mal",
                 QUANTIZATION_MARKERS.get(v.quantization, "X"),
                 color(v.method, v.loss),
-                methods.label(v.method, v.loss),
+                variants.label(v.method, v.loss),
                 zorder=3,
             )
         front = pareto_front(panel, "draft_weight_bytes_per_token", "mal")

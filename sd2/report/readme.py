@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sd2 import methods
+from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import baseline_comparisons, family_comparisons, loss_comparisons
 from sd2.report.markdown import ci_column, markdown_table, summary_markdown, with_ci
@@ -232,7 +232,7 @@ def significance(results: Path) -> str:
         up = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_low"] > 1)]
         down = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_high"] < 1)]
         lines.append(
-            f"- **{methods.label(method, loss)} / {methods.label(cells['ce_method'].iloc[0], 'ce')} (ce) MAL** "
+            f"- **{variants.label(method, loss)} / {variants.label(cells['ce_method'].iloc[0], 'ce')} (ce) MAL** "
             f"(greedy, {len(cells)} cells, same steps and data): ratio {cells['mal_ratio_vs_ce'].min():.2f} to "
             f"{cells['mal_ratio_vs_ce'].max():.2f}; significantly above 1 in {len(up)} cells, below 1 in "
             f"{len(down)}, not significant in {len(cells) - len(up) - len(down)}."
@@ -398,7 +398,7 @@ def families(results: Path) -> str:
             "target": df["target"],
             "eval set": df["eval_set"],
             "k": df["k"],
-            "drafter": [methods.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
+            "drafter": [variants.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
             "draft": df["draft"],
             "sparsity": df["sparsity"],
             "estimator": df["estimator"],
@@ -447,7 +447,7 @@ def families_trees(results: Path) -> str:
             {
                 "target": r.target,
                 "eval set": r.eval_set,
-                "drafter": methods.label(r.method, r.loss),
+                "drafter": variants.label(r.method, r.loss),
                 "draft": r.draft,
                 "sparsity": r.sparsity,
                 "budget (nodes)": r.tree_budget,
@@ -482,7 +482,7 @@ def _quantization_view(df: pd.DataFrame) -> pd.DataFrame:
             "eval set": df["eval_set"],
             "k": df["k"],
             "draft": df["draft"],
-            "method": [methods.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
+            "method": [variants.label(m, loss) for m, loss in zip(df["method"], df["loss"])],
             "sparsity": df["sparsity"],
             "quantization": df["quantization"],
             "n": df["n_prompts"],
@@ -505,7 +505,7 @@ def _quantization_view(df: pd.DataFrame) -> pd.DataFrame:
 
 def _quantized_summary(vs: pd.DataFrame) -> str:
     """How many quantized drafts differ significantly from the same draft unquantized, and each scheme's range."""
-    quantized = vs[vs["quantization"] != methods.NO_QUANTIZATION]
+    quantized = vs[vs["quantization"] != variants.NO_QUANTIZATION]
     significant = quantized["vs_unquantized_significant"].eq(True)
     worse = quantized[significant & (quantized["mal_ratio_vs_unquantized"] < 1)]
     better = quantized[significant & (quantized["mal_ratio_vs_unquantized"] > 1)]
@@ -530,7 +530,7 @@ def _qat_section(qat: pd.DataFrame) -> list[str]:
     view = pd.DataFrame(
         {
             "draft": qat["draft"],
-            "method": [methods.label(m, loss) for m, loss in zip(qat["method"], qat["loss"])],
+            "method": [variants.label(m, loss) for m, loss in zip(qat["method"], qat["loss"])],
             "sparsity": qat["sparsity"],
             "quantization": qat["quantization"],
             "MAL [95% CI]": ci_column(qat, "mal", "mal_ci_low", "mal_ci_high"),
@@ -670,7 +670,7 @@ def _headline_rows(results: Path) -> pd.DataFrame:
         & (df["estimator"] == "teacher_forced_walk")
         & df["method"].isin(HEADLINE_METHODS)
         & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
-        & (df["quantization"] == methods.NO_QUANTIZATION)
+        & (df["quantization"] == variants.NO_QUANTIZATION)
     ]
     target = df["target"].value_counts().index[0]
     return df[(df["target"] == target) & (df["eval_set"] == df["eval_set"].iloc[0])]
@@ -690,7 +690,7 @@ def headline(results: Path) -> str:
     view = pd.DataFrame(
         {
             "draft": rows["draft"],
-            "method": [methods.label(m) for m in rows["method"]],
+            "method": [variants.label(m) for m in rows["method"]],
             "sparsity %": rows["sparsity"],
             "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
             "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),

@@ -5,7 +5,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from sd2 import memory, methods
+from sd2 import memory, methods, variants
 from sd2.config import read, validate
 from sd2.hub import is_local, job_env
 from sd2.report.figures import FIGURES
@@ -39,14 +39,14 @@ if config["extensions"]:
 shell.prefix(PREFIX)
 NAME = r"[A-Za-z0-9_.-]+"
 # A draft variant: a draft-kind method of the registry (sd2.methods), `+<loss>` for a loss other than its own.
-VARIANT = methods.variant_pattern(quantized=True)
+VARIANT = variants.variant_pattern(quantized=True)
 # The finetune rule's outputs are the tuned variants and their quantization-aware fine-tunings (<variant>@<scheme>-qat).
-TUNED_VARIANT = methods.finetuned_pattern()
-QUANTIZED_VARIANT = methods.quantized_pattern()
+TUNED_VARIANT = variants.finetuned_pattern()
+QUANTIZED_VARIANT = variants.quantized_pattern()
 # Variants a config asks for but a pair cannot make (e.g. kl across tokenizer families): said by the
 # main process (not again in every job), not an error.
 if workflow.is_main_process:
-    for _skip in methods.skipped(config):
+    for _skip in variants.skipped(config):
         print(f"sd2: not made for {_skip['draft']} -> {_skip['target']}: {_skip['method']} with loss {_skip['loss']}: {_skip['reason']}", file=sys.stderr)
 
 
@@ -118,10 +118,10 @@ def start_path(init, draft, data, sparsity):
 
 def draft_path(target, draft, variant, sparsity):
     """The checkpoint a (target, draft, variant, sparsity) measurement uses."""
-    if methods.split_quantization(variant)[1] != methods.NO_QUANTIZATION:
+    if variants.split_quantization(variant)[1] != variants.NO_QUANTIZATION:
         # Quantized on the target's self-distilled data, so per target even where the draft is not.
         return f"{W}/quantized/{target}/{draft}/{variant}-s{sparsity}"
-    m = methods.method(methods.parse_variant(variant)[0])
+    m = methods.method(variants.parse_variant(variant)[0])
     if m.tuned:
         return f"{W}/drafts/{data_dir(target, m.name)}/{draft}/{variant}-s{sparsity}"
     # An untuned draft is its start point, one made from data calibrated on the target's.
@@ -131,9 +131,9 @@ def draft_path(target, draft, variant, sparsity):
 def quantize_source(target, draft, variant, sparsity):
     """The checkpoint the quantize rule reads for a quantized variant (the unquantized variant's, or
     for <variant>@<scheme>-qat its quantization-aware fine-tuning, the finetune rule's, under drafts/)."""
-    base, scheme = methods.split_quantization(variant)
-    if methods.quantization_aware(scheme):
-        name = methods.parse_variant(base)[0]
+    base, scheme = variants.split_quantization(variant)
+    if variants.quantization_aware(scheme):
+        name = variants.parse_variant(base)[0]
         return f"{W}/drafts/{data_dir(target, name)}/{draft}/{variant}-s{sparsity}"
     return draft_path(target, draft, base, sparsity)
 
@@ -151,9 +151,9 @@ def quantize_input(target, draft, variant, sparsity):
 
 
 def draft_variants(target, draft, quantized=False):
-    """(variant, sparsity) of the pair's drafts (sd2.methods.variants: methods, losses, sparsity levels;
+    """(variant, sparsity) of the pair's drafts (sd2.variants.variants: methods, losses, sparsity levels;
     `quantized`: each also per scheme of `quantization`)."""
-    return [(v.name, v.sparsity) for v in methods.variants(config, target, draft, quantized)]
+    return [(v.name, v.sparsity) for v in variants.variants(config, target, draft, quantized)]
 
 
 def record_paths():
@@ -173,7 +173,7 @@ def tuned_drafts():
     for t in config["targets"]:
         for d in config["drafts"]:
             for m, s in draft_variants(t, d):
-                name = methods.parse_variant(m)[0]
+                name = variants.parse_variant(m)[0]
                 if methods.BY_NAME[name].tuned:
                     path = draft_path(t, d, m, s)
                     seen[path] = {"stage": "finetune", "model": d, "target": data_dir(t, name), "draft": d, "method": m, "sparsity": s}
@@ -262,7 +262,7 @@ def training_curves():
 
 def finetune_method(w):
     """The registry entry and the loss of a finetune job's variant (the `method` wildcard)."""
-    name, loss = methods.parse_variant(w.method)
+    name, loss = variants.parse_variant(w.method)
     return methods.method(name), loss
 
 
@@ -281,9 +281,9 @@ def finetune_settings(w):
     """config.finetune with the variant's loss (the job reads it as settings["loss"]), and for a
     <variant>@<scheme>-qat the scheme its forward is fake-quantised to (settings["quantization_aware"])."""
     settings = {**config["finetune"], "loss": finetune_method(w)[1], "chat": config["chat"]}
-    scheme = methods.split_quantization(w.method)[1]
-    if methods.quantization_aware(scheme):
-        settings["quantization_aware"] = methods.base_scheme(scheme)
+    scheme = variants.split_quantization(w.method)[1]
+    if variants.quantization_aware(scheme):
+        settings["quantization_aware"] = variants.base_scheme(scheme)
     return as_arg(settings)
 
 

@@ -67,7 +67,7 @@ rule quantize:
         sd2=SD2,
         placement=lambda w: placement("quantize", w),
         model=lambda w: quantize_source(w.target, w.draft, w.method, w.sparsity),
-        scheme=lambda w: methods.base_scheme(methods.split_quantization(w.method)[1]),
+        scheme=lambda w: variants.base_scheme(variants.split_quantization(w.method)[1]),
         settings=as_arg({**config["quantize"], "chat": config["chat"]}),
         seed=config["seed"],
     threads: model_threads()
