@@ -62,7 +62,7 @@ test-integration: $(STAMP)
 figures: $(STAMP)
 	snakemake figures --allowed-rules figures --cores 1 --force --configfile $(CONFIG)
 
-# The README's result blocks (between <!-- generated:... --> markers) from the committed tables.
+# The generated blocks (between <!-- generated:... --> markers) of README.md and docs/*.md, from the committed tables.
 readme: $(STAMP)
 	$(BIN)/python -m sd2 readme
 
