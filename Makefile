@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run families quantization test test-integration figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run families quantization test test-integration test-times figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -57,6 +57,12 @@ test: $(STAMP)
 
 test-integration: $(STAMP)
 	$(BIN)/pytest -m integration
+
+# Both suites whole, their wall times recorded in results/test_time.json, then the README's blocks.
+test-times: $(STAMP)
+	SD2_RECORD_TEST_TIME=1 $(BIN)/pytest -m "not integration"
+	SD2_RECORD_TEST_TIME=1 $(BIN)/pytest -m integration
+	$(BIN)/python -m sd2 readme
 
 # Every figure from the committed tables alone: no model job is considered.
 figures: $(STAMP)

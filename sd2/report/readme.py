@@ -45,7 +45,7 @@ def _test_time(target: str, record: dict) -> str:
     counts = ", ".join(f"{record[key]} {key}" for key in ("passed", "skipped") if record.get(key))
     return (
         f"- `make {target}`: **{record['seconds'] / 60:.0f} min** ({counts}) on {_machine(record)} "
-        f"({record['created'][:10]}, `results/test_time.json`)."
+        f"({record['created'][:10]}, `make test-times`)."
     )
 
 
@@ -65,7 +65,7 @@ def commands(results: Path) -> str:
     tests = results / "test_time.json"
     recorded = json.loads(tests.read_text()) if tests.exists() else {}
     if "test" not in recorded:
-        lines.append("- `make test`: not timed yet (a complete run records its wall time in `results/test_time.json`).")
+        lines.append("- `make test`: not timed yet (`make test-times` records both suites' wall time in `results/test_time.json`).")
     lines += [_test_time(target, recorded[target]) for target in ("test", "test-integration") if target in recorded]
     return "\n".join(lines)
 
