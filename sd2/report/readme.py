@@ -66,7 +66,7 @@ def commands(results: Path) -> str:
     recorded = json.loads(tests.read_text()) if tests.exists() else {}
     if "test" not in recorded:
         lines.append(
-            "- `make test`: not timed yet (`make test-times` records both suites' wall time in `results/test_time.json`)."
+            "- `make test`: not timed yet (`make test-times` records both suites' wall time in results/test_time.json)."
         )
     lines += [_test_time(target, recorded[target]) for target in ("test", "test-integration") if target in recorded]
     return "\n".join(lines)
