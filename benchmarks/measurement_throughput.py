@@ -22,7 +22,7 @@ from sd2.measure.speculative import assisted_runs
 from sd2.models import load_checkpoint
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="work/models/llama-target")
     parser.add_argument("--draft", default="work/models/llama-draft-m")
@@ -34,20 +34,20 @@ def main():
     parser.add_argument("--assisted-prompts", type=int, default=4)
     parser.add_argument("--walk-prompts", type=int, default=None, help="default: every prompt of the file")
     parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per teacher-forced pass (the config's measure.batch_size)"
+    )
+    parser.add_argument(
         "--drafts-per-target",
         type=int,
         default=20,
         help="drafts sharing one continuations file (the default sweep: 20)",
     )
     parser.add_argument("--threads", type=int, default=1, help="the measure rule runs 1-thread jobs")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cached = continuations.load(args.outputs)
-    items = cached["items"][: args.walk_prompts] if args.walk_prompts else cached["items"]
-    target, tok = load_checkpoint(args.target)
-    draft, _ = load_checkpoint(args.draft)
-    max_new = cached["max_new_tokens"]
+    return parser.parse_args()
 
+
+def time_assisted(target, draft, tok, items, args, max_new) -> tuple[int, float]:
+    """(target tokens, seconds) of assisted generation at one k on the first prompts."""
     start = time.perf_counter()
     runs = assisted_runs(
         target,
@@ -60,16 +60,29 @@ def main():
         max_new_tokens=max_new,
         seed=0,
     )
-    assisted_s = time.perf_counter() - start
-    assisted_tokens = sum(len(r["tokens"]) for r in runs)
+    return sum(len(r["tokens"]) for r in runs), time.perf_counter() - start
 
+
+def time_walk(draft, tok, items, args, max_new) -> tuple[int, float]:
+    """(target tokens, seconds) of the teacher-forced pass and the walk for every k = 1..k_max."""
     start = time.perf_counter()
     pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in items]
-    forced = acceptance.teacher_forced_matches(draft, pairs, pad_id=tok.pad_token_id)
+    forced = acceptance.teacher_forced_matches(draft, pairs, pad_id=tok.pad_token_id, batch_size=args.batch_size)
     for k in range(1, args.k_max + 1):
         [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, items)]
-    walk_s = time.perf_counter() - start
-    walk_tokens = sum(len(it["continuation_ids"]) for it in items)
+    return sum(len(it["continuation_ids"]) for it in items), time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    cached = continuations.load(args.outputs)
+    items = cached["items"][: args.walk_prompts] if args.walk_prompts else cached["items"]
+    target, tok = load_checkpoint(args.target)
+    draft, _ = load_checkpoint(args.draft)
+    max_new = cached["max_new_tokens"]
+    assisted_tokens, assisted_s = time_assisted(target, draft, tok, items, args, max_new)
+    walk_tokens, walk_s = time_walk(draft, tok, items, args, max_new)
     shared_s = cached["stats"]["generation_seconds"] * len(items) / len(cached["items"]) / args.drafts_per_target
 
     rate_assisted = assisted_tokens / assisted_s

@@ -43,10 +43,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2.checkpoint import write_json
+from sd2.generation import decoding_kwargs
 from sd2.hub import LLAMA_3_2, LLAMA_3_2_VOCAB
 from sd2.masks import magnitude_mask
 from sd2.measure import continuations
-from sd2.measure.speculative import decoding_kwargs, pin_draft, sd_generate, step_stats
+from sd2.measure.speculative import pin_draft, sd_generate, step_stats
 from sd2.measure.stats import paired_ratio_ci
 from sd2.models import decoder_linears, load_checkpoint
 from sd2.provenance import provenance

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from sd2.measure.speculative import ar_generate, assisted_runs, decoding_kwargs, load_prompts, step_stats
+from sd2.generation import decoding_kwargs
+from sd2.measure.speculative import ar_generate, assisted_runs, load_prompts, step_stats
 from sd2.models import load_checkpoint
 
 
