@@ -27,7 +27,7 @@ def wandb_logged_in() -> bool:
     That order (wandb 0.31, wandb.sdk.lib.wbauth.authenticate_session): WANDB_API_KEY or
     WANDB_IDENTITY_TOKEN_FILE, then the .netrc entry `wandb login` writes ($NETRC, ~/.netrc or
     ~/_netrc), then an api_key in a wandb settings file. Asked without a prompt and without
-    changing the session, so a job on a node without a terminal gets an answer, not a hang.
+    changing the login state, so a job on a node without a terminal gets an answer, not a hang.
     wandb.login(prompt=False) would answer too, but says False whenever WANDB_MODE is offline or
     disabled in the environment, and starts wandb's service (seconds).
     """
