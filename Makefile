@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run families quantization test test-integration test-times figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run real families quantization test test-integration test-times figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ install-gpu: $(GPU_STAMP)
 # from nothing and records its wall time in results/run_time.json; see the README.
 run: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config $(CONFIG) --cores 2 --threads 2
+
+# SD² on a real instruct model (SmolLM2-135M-Instruct; config/real.yaml) on 2 cores, from the hub
+# or its GGUF package: its own work-real/ and results/real/, time in results/real/run_time.json.
+real: $(STAMP)
+	$(BIN)/python -m sd2 sweep --config config/real.yaml --cores 2 --threads 2
 
 # The other drafter families (config/families.yaml), on top of `make run`'s work/: its own jobs
 # only, timed into results/families/run_time.json.

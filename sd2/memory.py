@@ -84,6 +84,7 @@ RUNTIME_CLASS = {
     "prune": "calibration",
     "quantize": "calibration",
     "layer_prune": "light",
+    "layer_subset": "light",
 }
 
 
@@ -339,6 +340,7 @@ PLANNERS = {
     "target_outputs": _generation_need,
     "prune": _compression_need,
     "layer_prune": _layer_prune_need,
+    "layer_subset": _layer_prune_need,
     "quantize": _compression_need,
     "finetune": _finetune_need,
     "measure": _measure_need,

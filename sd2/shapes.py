@@ -3,7 +3,7 @@ checkpoint's config.json, or a from-scratch spec. The memory plan, the registry'
 and `sd2 macs` read them."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd2.errors import ConfigError
@@ -101,8 +101,15 @@ def model_shape(name: str, config: dict) -> Shape:
             dtype=s["dtype"],
             **{k: s[k] for k in SHAPE_KEYS},
         )
+    if "layers_of" in spec:
+        whole = model_shape(spec["layers_of"]["model"], config)
+        keep = spec["layers_of"]["keep"]
+        return replace(
+            whole, num_hidden_layers=keep, params=whole.params - (whole.num_hidden_layers - keep) * whole.layer_params
+        )
     if "hub" not in spec:
-        vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
+        tokenizer = config["tokenizers"][spec["tokenizer"]]
+        vocab = tokenizer.get("vocab_size") or model_shape(tokenizer["model"], config).vocab_size
         # build_model creates from-scratch models in float32 and pretrain saves them so.
         return shape_from_config({**spec, "model_type": spec["arch"], "vocab_size": vocab}, "float32")
     local = Path(spec["hub"]).expanduser() / "config.json"

@@ -20,6 +20,7 @@ from sd2.checkpoint import write_json
 from sd2.models import build_model, count_parameters
 from sd2.precision import native_bf16, precision_name, resolve_bf16
 from sd2.provenance import provenance
+from sd2.shapes import model_shape
 
 
 def config_digest(config: dict) -> str:
@@ -82,11 +83,11 @@ def probe(config: dict) -> dict:
     """Per from-scratch model: parameters, precision, seconds per step, and its pretraining estimate."""
     models = {}
     for name, spec in config["models"].items():
-        if "hub" in spec:
+        if "hub" in spec or "layers_of" in spec:
             continue
         train = spec["train"]
         bf16, _ = resolve_bf16(train["bf16"], "cpu")
-        vocab = config["tokenizers"][spec["tokenizer"]]["vocab_size"]
+        vocab = model_shape(name, config).vocab_size
         seconds = step_seconds(spec, vocab, bf16)
         steps = max(1, train["tokens"] // (train["batch_size"] * train["seq_len"]))
         models[name] = {
@@ -299,7 +300,7 @@ def _prepare_from_nothing(base: list[str], work: Path, results: Path, marker: Pa
         )
         subprocess.run([*base, "--delete-all-output", "--cores", "1", "--quiet", "all"], check=True)
         work.mkdir(parents=True)
-        write_json(marker, {"seconds": 0, "invocations": 0, "estimate": found})
+        write_json(marker, {"seconds": 0, "invocations": 0, "estimate": found, "started": time.time()})
     elif marker.exists():
         print(f"make run: resuming a run from nothing ({marker}); its wall time keeps adding up", flush=True)
     else:
@@ -358,9 +359,10 @@ def run_sweep(config_path, *, cores: int) -> int:
     _prepare_from_nothing(base, work, results, marker, found)
     status = _timed_snakemake(base, cores, marker)
     if status == 0:
-        write_table(job_times("logs/benchmarks"), results / "tables" / "job_times.csv")
-        if marker.exists():
-            state = json.loads(marker.read_text())
+        state = json.loads(marker.read_text()) if marker.exists() else {}
+        # Only this run's jobs: logs/benchmarks is shared by every config run from this checkout.
+        write_table(job_times("logs/benchmarks", since=state.get("started")), results / "tables" / "job_times.csv")
+        if state:
             # The first invocation's probe; the config is the one that completed the sweep.
             rec = record(
                 state["seconds"],

@@ -66,3 +66,13 @@ def train_tokenizer(kind: str, vocab_size: int, texts, out_dir) -> PreTrainedTok
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(out_dir)
     return fast
+
+
+def copy_tokenizer(model_dir, out_dir):
+    """A model's own tokenizer, for a from-scratch draft that must speak the target's vocabulary."""
+    from sd2.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    return tok

@@ -70,22 +70,46 @@ def layer_prune(draft_dir, out_dir, *, sparsity: int, drop: list[int] | None = N
     dense = linear_macs(model.config)
     if drop is None:
         drop = default_drop(n, n - layers_to_keep(model.config, sparsity))
-    drop = sorted(int(i) for i in drop)
-    keep = remove_layers(model, drop)
-    achieved = model_macs(model)
     summary = {
         "sparsity": sparsity,
-        "dropped_layers": drop,
-        "kept_layers": keep,
-        "num_hidden_layers": len(keep),
-        "original_num_hidden_layers": n,
+        **_drop_layers(model, drop),
         "target_macs_per_token": aim["macs_per_token"],
-        "achieved_macs_per_token": achieved["macs_per_token"],
         "dense_macs_per_token": dense["macs_per_token"],
         "layer_macs": dense["decoder_linear_macs"] // n,
         "rule": "drop the most layers whose MACs stay >= the sparse draft's (first and last layer kept)",
     }
-    info = provenance(seed=None, draft=str(draft_dir), sparsity=sparsity, drop=drop)
+    info = provenance(seed=None, draft=str(draft_dir), sparsity=sparsity, drop=summary["dropped_layers"])
     info.update(summary)
     save_checkpoint(model, tokenizer, out_dir, info)
     return summary
+
+
+def layer_subset(model_dir, out_dir, *, keep: int, dtype="auto") -> dict:
+    """A draft of `keep` of the model's decoder layers: the first, the last, the rest spread evenly (default_drop).
+
+    The same rule as the layer-pruned baseline's, so that a draft cut from the target and a
+    baseline cut from that draft keep layers the same way.
+    """
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype)
+    n = model.config.num_hidden_layers
+    if not 2 <= keep <= n:
+        raise ValueError(f"layers_of.keep must be in [2, {n}] for {model_dir} ({n} decoder layers), got {keep}")
+    summary = {**_drop_layers(model, default_drop(n, n - keep)), "rule": "first and last layer, the rest spread evenly"}
+    info = provenance(seed=None, model=str(model_dir), keep=keep)
+    info.update(summary)
+    save_checkpoint(model, tokenizer, out_dir, info)
+    return summary
+
+
+def _drop_layers(model, drop: list[int]) -> dict:
+    n = model.config.num_hidden_layers
+    drop = sorted(int(i) for i in drop)
+    keep = remove_layers(model, drop)
+    return {
+        "dropped_layers": drop,
+        "kept_layers": keep,
+        "num_hidden_layers": len(keep),
+        "original_num_hidden_layers": n,
+        "achieved_macs_per_token": model_macs(model)["macs_per_token"],
+    }

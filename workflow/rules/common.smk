@@ -20,9 +20,15 @@ config.update(validate(config))
 W = config["workdir"]
 R = config["results_dir"]
 MODELS = config["models"]
-SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec)
+SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec and "layers_of" not in spec)
+# Drafts made of some of another model's layers (layer_subset).
+SUBSETS = sorted(name for name, spec in MODELS.items() if "layers_of" in spec)
+# Hub models with a GGUF fallback: fetch_model writes them to {W}/hub/<name> from either source.
+FETCHED = sorted(name for name, spec in MODELS.items() if "gguf" in spec)
 # Hub models that download_model fetches; a `hub:` that is an existing directory is used in place.
-DOWNLOADED = sorted(name for name, spec in MODELS.items() if "hub" in spec and not is_local(spec["hub"]))
+DOWNLOADED = sorted(
+    name for name, spec in MODELS.items() if "hub" in spec and name not in FETCHED and not is_local(spec["hub"])
+)
 # Every job runs `python -m sd2` (passed on as params.sd2, so the command text is the same
 # wherever the repository and its virtualenv live: a moved checkout reruns nothing). Under
 # `--sdm conda` the job's environment (workflow/envs/sd2.yaml) provides `python`; otherwise the
@@ -82,14 +88,16 @@ def as_arg(value):
 
 
 def model_path(name):
-    """Local checkpoint of a from-scratch model, or the hub id / path of a real one."""
-    return f"{W}/models/{name}" if name in SCRATCH else MODELS[name]["hub"]
+    """Local checkpoint of a model made here or fetched with its GGUF fallback, or the hub id / path of a real one."""
+    if name in SCRATCH or name in SUBSETS:
+        return f"{W}/models/{name}"
+    return f"{W}/hub/{name}" if name in FETCHED else MODELS[name]["hub"]
 
 
 def model_input(name):
-    """What a job that loads `name` depends on: its checkpoint if trained here, its download if from the hub."""
-    if name in SCRATCH:
-        return [f"{W}/models/{name}"]
+    """What a job that loads `name` depends on: its checkpoint if made here or fetched, its download if from the hub."""
+    if name in SCRATCH or name in SUBSETS or name in FETCHED:
+        return [model_path(name)]
     return [f"{W}/hub/{name}.json"] if name in DOWNLOADED else []
 
 
@@ -193,6 +201,8 @@ def job_models(rule_name, w):
         return {f"model{i}": m for i, m in enumerate(SCRATCH)}
     if rule_name in ("self_distill", "target_outputs", "train_head"):
         return {"target": w.target}
+    if rule_name == "layer_subset":
+        return {"draft": MODELS[w.model]["layers_of"]["model"]}
     if rule_name in ("prune", "layer_prune", "quantize"):
         return {"draft": w.draft}
     if rule_name == "finetune":
@@ -308,7 +318,7 @@ def export_paths():
         for d in config["drafts"]
         if d != t
         for m, s in draft_variants(t, d)
-        if draft_path(t, d, m, s) != model_path(d) or d in SCRATCH
+        if draft_path(t, d, m, s) != model_path(d) or d in SCRATCH or d in SUBSETS
     ]
 
 

@@ -21,19 +21,28 @@ rule prepare_data:
         " --eval {params.evals} --manifest {output.manifest} --seed {params.seed} > {log} 2>&1"
 
 
+def tokenizer_source(family):
+    """The model a from_model tokenizer family is copied from (None for a trained family)."""
+    return config["tokenizers"][family].get("model")
+
+
 rule train_tokenizer:
     input:
         corpus=f"{W}/data/corpus",
+        source=lambda w: model_input(tokenizer_source(w.family)) if tokenizer_source(w.family) else [],
     output:
         directory(f"{W}/tokenizers/{{family}}"),
     params:
         sd2=SD2,
         kind=lambda w: config["tokenizers"][w.family]["kind"],
-        vocab=lambda w: config["tokenizers"][w.family]["vocab_size"],
+        size=lambda w: (
+            f"--model {model_path(tokenizer_source(w.family))}"
+            if tokenizer_source(w.family)
+            else f"--vocab-size {config['tokenizers'][w.family]['vocab_size']}"
+        ),
     log:
         "logs/train_tokenizer/{family}.log",
     conda:
         "../envs/sd2.yaml"
     shell:
-        "{params.sd2} train-tokenizer --corpus {input.corpus} --kind {params.kind} --vocab-size {params.vocab}"
-        " --out {output} > {log} 2>&1"
+        "{params.sd2} train-tokenizer --corpus {input.corpus} --kind {params.kind} {params.size} --out {output} > {log} 2>&1"

@@ -54,3 +54,26 @@ rule model_report:
         "{params.sd2} model-report --models {params.models} --roles {params.roles} --corpus {input.corpus}"
         " --prompts {input.prompts} --table {output.table} --examples {output.examples}"
         " --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
+
+
+rule layer_subset:
+    input:
+        lambda w: model_input(MODELS[w.model]["layers_of"]["model"]),
+    output:
+        directory(f"{W}/models/{{model}}"),
+    wildcard_constraints:
+        model="|".join(SUBSETS) or "^$",
+    params:
+        sd2=SD2,
+        placement=lambda w: placement("layer_subset", w),
+        whole=lambda w: model_path(MODELS[w.model]["layers_of"]["model"]),
+        keep=lambda w: MODELS[w.model]["layers_of"]["keep"],
+    threads: 1
+    resources:
+        **model_resources("layer_subset"),
+    log:
+        "logs/layer_subset/{model}.log",
+    conda:
+        "../envs/sd2.yaml"
+    shell:
+        "{params.sd2} layer-subset --model {params.whole} --keep {params.keep} --out {output} {params.placement} > {log} 2>&1"
