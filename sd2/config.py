@@ -188,7 +188,9 @@ def _check_tokenizers(config: dict) -> None:
                     f"(a key of models: {sorted(config['models'])}), got {spec.get('model')!r}"
                 )
         elif "vocab_size" not in spec or "model" in spec:
-            raise ConfigError(f"config error at {where}: a trained tokenizer ({spec['kind']}) takes vocab_size, not model")
+            raise ConfigError(
+                f"config error at {where}: a trained tokenizer ({spec['kind']}) takes vocab_size, not model"
+            )
 
 
 def _check_layers_of(name: str, spec: dict, models: dict) -> None:

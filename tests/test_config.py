@@ -20,7 +20,9 @@ def test_config():
     return yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "test.yaml", "paper.yaml", "families.yaml", "quantization.yaml"])
+@pytest.mark.parametrize(
+    "name", ["config.yaml", "test.yaml", "paper.yaml", "families.yaml", "quantization.yaml", "real.yaml"]
+)
 def test_shipped_configs_validate(name):
     cfg = load(ROOT / "config" / name)
     assert cfg["targets"] and cfg["drafts"]
@@ -113,6 +115,34 @@ BAD = [
         lambda c: (c["models"].update({"tiny-draft": {"hub": "org/model"}}), c["resources"].update(gpu=1)),
         "models.tiny-draft.shape",
         "hub id",
+    ),
+    # A draft made of another model's layers, a tokenizer copied from a model, a GGUF fallback.
+    (
+        lambda c: c["models"].update(sub={"layers_of": {"model": "nowhere", "keep": 2}}),
+        "models.sub.layers_of.model",
+        "nowhere",
+    ),
+    (
+        lambda c: c["models"].update(sub={"layers_of": {"model": "tiny-llama", "keep": 2}, "arch": "llama"}),
+        "models.sub",
+        "arch",
+    ),
+    (lambda c: c["models"].update(sub={"layers_of": {"model": "tiny-llama", "keep": 1}}), "models.sub", "keep"),
+    (lambda c: c["tokenizers"].update(own={"kind": "from_model"}), "tokenizers.own.model", "from_model"),
+    (lambda c: c["tokenizers"].update(own={"kind": "byte_bpe"}), "tokenizers.own", "vocab_size"),
+    (
+        lambda c: c["models"]["tiny-llama"].update(
+            gguf={"package": "p==1", "file": "m.gguf", "sha256": "0" * 64, "quantization": "Q4_1"}
+        ),
+        "models.tiny-llama.gguf",
+        "hub",
+    ),
+    (
+        lambda c: c["models"].update(
+            m={"hub": "org/m", "gguf": {"package": "p==1", "file": "m.gguf", "sha256": "xyz", "quantization": "Q4_1"}}
+        ),
+        "models.m.gguf.sha256",
+        "xyz",
     ),
 ]
 HUB_SHAPE = {
@@ -300,3 +330,16 @@ def test_snakemake_stops_before_any_job(tmp_path, test_config):
     assert "config error at finetune" in proc.stdout + proc.stderr
     assert "learning_rate" in proc.stdout + proc.stderr
     assert not (tmp_path / "wd" / "work").exists()
+
+
+def test_real_config_models_are_sized_without_any_download():
+    """The real-model config: a GGUF fallback for the target, a draft of its layers, a draft with its tokenizer."""
+    from sd2.shapes import model_shape
+
+    cfg = load(ROOT / "config" / "real.yaml")
+    target, layers, scratch = "smollm2-135m-instruct", "smollm2-layers6", "smollm2-scratch"
+    assert cfg["models"][target]["gguf"]["quantization"] == "Q4_1"
+    whole, part = model_shape(target, cfg), model_shape(layers, cfg)
+    assert whole.params == 134_515_008 and part.num_hidden_layers == 6
+    assert part.params == whole.params - 24 * whole.layer_params
+    assert model_shape(scratch, cfg).vocab_size == whole.vocab_size == 49152

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sd2.drafts.layer_prune import default_drop, layer_prune, remove_layers
+from sd2.drafts.layer_prune import default_drop, layer_prune, layer_subset, remove_layers
 from sd2.macs import linear_macs, model_macs
 from sd2.models import build_model, load_model, load_tokenizer
 
@@ -86,3 +86,25 @@ def test_default_drop_is_interior_and_centred():
     assert default_drop(6, 0) == []
     with pytest.raises(ValueError):
         default_drop(4, 3)
+
+
+def test_layer_subset_keeps_the_first_last_and_spread_layers_with_their_weights(deep_llama_dir, tmp_path):
+    """A draft cut from a model: the layers default_drop keeps, with the model's own weights; its KV cache works."""
+    out = tmp_path / "subset"
+    summary = layer_subset(deep_llama_dir, out, keep=3)
+    assert summary["kept_layers"] == [0, 2, 5] and summary["num_hidden_layers"] == 3
+    whole, part = load_model(deep_llama_dir), load_model(out)
+    for new, old in enumerate(summary["kept_layers"]):
+        for (name, a), (_, b) in zip(
+            part.model.layers[new].named_parameters(), whole.model.layers[old].named_parameters()
+        ):
+            assert torch.equal(a, b), (new, old, name)
+    assert torch.equal(part.lm_head.weight, whole.lm_head.weight)
+    assert json.loads((out / "provenance.json").read_text())["settings"]["keep"] == 3
+    _generates_with_cache(out, part)
+
+
+def test_layer_subset_refuses_more_layers_than_the_model_has(deep_llama_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"keep must be in \[2, 6\]"):
+        layer_subset(deep_llama_dir, tmp_path / "subset", keep=7)
+    assert not (tmp_path / "subset").exists()

@@ -122,6 +122,51 @@ def test_all_outputs(tiny_run):
     assert record["records"][0]["provenance"]["seed"] == 0
 
 
+def test_exports_load_with_transformers_alone_and_decode_the_recorded_steps(tiny_run):
+    """Each exported draft of the same-tokenizer target, loaded by AutoModelForCausalLM from its export
+    directory alone, commits on each checked prompt the tokens in the steps its record counts, in
+    transformers' own assisted generation (prompts where batch-1 decoding leaves the cached
+    continuation, a floating-point near-tie, cannot be compared and are skipped)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sd2.generation import decoding_kwargs
+    from sd2.measure.speculative import pin_draft, sd_generate
+
+    cfg, target_name = load("config/test.yaml"), "tiny-llama"
+    measure, k = cfg["measure"], cfg["measure"]["k"][0]
+    items = json.loads((tiny_run / "work" / "target_outputs" / target_name / "humaneval.json").read_text())["items"]
+    target = AutoModelForCausalLM.from_pretrained(tiny_run / "work" / "models" / target_name).eval()
+    settings = decoding_kwargs(0.0, measure["max_new_tokens"], target.generation_config.pad_token_id)
+    exports = sorted((tiny_run / "work" / "export" / target_name).glob("*/*/sd2_draft.json"))
+    assert len(exports) == len(variants.variants(cfg, target_name, cfg["drafts"][0]))
+    compared = 0
+    for meta in exports:
+        export = meta.parent
+        record = json.loads(
+            (
+                tiny_run
+                / "results"
+                / "records"
+                / "humaneval"
+                / target_name
+                / export.parent.name
+                / f"{export.name}.json"
+            ).read_text()
+        )
+        walk = next(r for r in record["records"] if r["estimator"] == "teacher_forced_walk" and r["k"] == k)
+        draft = AutoModelForCausalLM.from_pretrained(export).eval()
+        pin_draft(draft, k)
+        for i, item in enumerate(items[:3]):
+            new, steps = sd_generate(target, draft, torch.tensor([item["prompt_ids"]]), settings)
+            if new.tolist() != item["continuation_ids"]:
+                continue
+            assert sum(c for c, _ in steps[:-1]) == walk["per_prompt"]["accepted_tokens"][i], export
+            assert len(steps) - 1 == walk["per_prompt"]["steps"][i], export
+            compared += 1
+    assert compared >= 2 * len(exports)
+
+
 def test_second_run_schedules_nothing(tiny_run):
     assert "Nothing to be done" in dry_run(tiny_run)
 
@@ -185,7 +230,7 @@ def job_resources(text):
 def test_dry_run_builds_every_shipped_config(tmp_path):
     outs = {}
     shipped = ("config/config.yaml", "config/test.yaml", "config/paper.yaml", "config/families.yaml")
-    for name in (*shipped, "config/quantization.yaml"):
+    for name in (*shipped, "config/quantization.yaml", "config/real.yaml"):
         proc = subprocess.run(
             snakemake_cmd(tmp_path / name.replace("/", "_"), "-n", "-p", configfile=name),
             capture_output=True,
@@ -224,6 +269,10 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     quantized = job_counts(outs["config/quantization.yaml"])
     assert quantized["quantize"] == 2 * 5 * 2 * 2 and quantized["measure"] == 2 * 5 * (1 + 2 * 2)
     assert "quantize" not in job_counts(outs["config/config.yaml"])
+    # The real model: fetched once (hub or GGUF), one draft cut from its layers, one with its tokenizer.
+    real = job_counts(outs["config/real.yaml"])
+    assert real["fetch_model"] == real["layer_subset"] == real["pretrain"] == 1 and "download_model" not in real
+    assert "sd2 train-tokenizer" in outs["config/real.yaml"] and "--kind from_model --model" in outs["config/real.yaml"]
 
 
 def test_report(tiny_run, tmp_path):

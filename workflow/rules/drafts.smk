@@ -14,6 +14,8 @@ rule self_distill:
     threads: model_threads()
     resources:
         **model_resources("self_distill"),
+    # Every fine-tuned draft waits for the target's answers: first when cores are scarce.
+    priority: 10
     log:
         "logs/self_distill/{target}.log",
     benchmark:

@@ -1,0 +1,171 @@
+"""The generated blocks of the real-model run (`make real`, config/real.yaml, results/real/): SD² against
+its baselines on a pretrained instruct target, and the same comparisons beside the demo's and the paper's."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from sd2 import methods, variants
+from sd2.report.collect import with_variant_columns
+from sd2.report.comparisons import baseline_comparisons
+from sd2.report.markdown import ci_column, markdown_table
+
+REAL = "real"
+METHODS = ["dense", "dense_sd", "layer_pruned", "sparse_oneshot", "sparse_sft", "sd2"]
+# As the paper reports them (Lasby et al., arXiv 2504.08838; Llama-3.1-70B-Instruct target, Llama-3.2 drafts).
+PAPER = {"sd2_over_layer_pruned": 1.59, "macs_cut_pct_at_50": 43.87}
+
+
+def _greedy_rows(results: Path) -> pd.DataFrame:
+    df = with_variant_columns(pd.read_csv(results / "tables" / "measurements.csv"))
+    return df[
+        (df["temperature"] == 0)
+        & df["headline_k"].eq(True)
+        & (df["estimator"] == "teacher_forced_walk")
+        & df["method"].isin(METHODS)
+        & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
+        & (df["quantization"] == variants.NO_QUANTIZATION)
+    ]
+
+
+def _compared(results: Path) -> pd.DataFrame:
+    compared = baseline_comparisons(pd.read_csv(results / "tables" / "comparisons.csv"))
+    return compared[compared["temperature"] == 0]
+
+
+def weights_note(real: Path, target: str) -> str:
+    """Where the target's weights came from (fetch_model's marker), as results must say."""
+    marker = real / "models" / f"{target}.json"
+    if not marker.exists():
+        return "weights as configured"
+    return json.loads(marker.read_text())["weights"]
+
+
+def _run_line(real: Path) -> str:
+    path = real / "run_time.json"
+    if not path.exists():
+        return "`make real` has not completed a run from nothing here yet."
+    rec = json.loads(path.read_text())
+    machine = rec["machine"]
+    return (
+        f"`make real` from nothing: **{rec['seconds'] / 60:.0f} min** ({rec['seconds']:,} s) on {machine['cpu']}, "
+        f"{machine['cores']} cores ({rec['recorded'][:10]}, `results/real/run_time.json`)."
+    )
+
+
+def real_model(results: Path) -> str:
+    """The real-model run: every draft's MAL, cost and speed-up, SD² paired against dense_sd and layer-pruned."""
+    real = results / REAL
+    if not (real / "tables" / "measurements.csv").exists():
+        return "No real-model results yet (`make real` writes `results/real/`)."
+    rows = _greedy_rows(real)
+    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
+    paired = [
+        "mal_change_pct",
+        "change_ci_low",
+        "change_ci_high",
+        "change_significant",
+        "mal_ratio_vs_layer_pruned",
+        "ratio_ci_low",
+        "ratio_ci_high",
+        "ratio_significant",
+    ]
+    rows = rows.merge(_compared(real)[keys + paired], on=keys, how="left")
+    rows = rows.assign(rank=rows["method"].map(METHODS.index)).sort_values(["draft", "rank", "sparsity"])
+    view = pd.DataFrame(
+        {
+            "draft": rows["draft"],
+            "method": [variants.label(m) for m in rows["method"]],
+            "sparsity %": rows["sparsity"],
+            "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
+            "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),
+            "improvement factor [95% CI]": ci_column(
+                rows, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
+            ),
+            "MAL change vs dense_sd, % [paired CI]": _marked(rows, "mal_change_pct", "change", "change_significant"),
+            "SD² / layer-pruned [paired CI]": _marked(rows, "mal_ratio_vs_layer_pruned", "ratio", "ratio_significant"),
+            "CPU speed-up": rows["speedup"].map(lambda v: f"{v:.2f}x" if v == v else "–"),
+        }
+    )
+    first = rows.iloc[0]
+    return (
+        f"{first['target']} ({weights_note(real, first['target'])}), {first['eval_set']} "
+        f"({first['n_prompts']} prompts, asked through its chat template), greedy, k = {first['k']}, exact "
+        "teacher-forced walk; 95% bootstrap intervals over prompts, the SD² columns paired over the same "
+        "prompts (* = the interval excludes no change). CPU speed-up: wall-clock tokens/s of speculative "
+        "decoding over the target alone, batch 1, on the few prompts each job times. "
+        + _run_line(real)
+        + "\n\n"
+        + markdown_table(view)
+        + "(`results/real/tables/measurements.csv`, `results/real/tables/comparisons.csv`)\n\n"
+        + "\n".join(f"- {s}" for s in verdicts(rows))
+    )
+
+
+def _marked(rows: pd.DataFrame, value: str, prefix: str, significant: str) -> list[str]:
+    shown = ci_column(rows, value, f"{prefix}_ci_low", f"{prefix}_ci_high")
+    return [s + ("*" if flag is True else "") for s, flag in zip(shown, rows[significant])]
+
+
+def verdicts(rows: pd.DataFrame) -> list[str]:
+    """One sentence per SD² draft, from its paired intervals: better, worse or not distinguishable."""
+    out = []
+    for _, r in rows[rows["method"] == "sd2"].iterrows():
+        vs_lp = _direction(r["mal_ratio_vs_layer_pruned"], r["ratio_ci_low"], r["ratio_ci_high"], 1.0)
+        vs_sd = _direction(r["mal_change_pct"], r["change_ci_low"], r["change_ci_high"], 0.0)
+        out.append(
+            f"{r['draft']}, SD² at {r['sparsity']}% ({1 - r['macs_reduction']:.2f} of the dense draft's MACs): "
+            f"MAL {vs_lp} the layer-pruned draft's ({r['mal_ratio_vs_layer_pruned']:.2f}x "
+            f"[{r['ratio_ci_low']:.2f}, {r['ratio_ci_high']:.2f}]) and {vs_sd} dense_sd's "
+            f"({r['mal_change_pct']:+.1f}% [{r['change_ci_low']:+.1f}, {r['change_ci_high']:+.1f}])."
+        )
+    best = rows.loc[rows["speedup"].idxmax()] if rows["speedup"].notna().any() else None
+    if best is not None:
+        faster = "faster" if best["speedup"] > 1 else "slower"
+        out.append(
+            f"Fastest on this CPU: {best['draft']} {variants.label(best['method'])} at {best['sparsity']}%, "
+            f"{best['speedup']:.2f}x the target alone ({best['sd_tokens_per_s']:.1f} against "
+            f"{best['ar_tokens_per_s']:.1f} tokens/s): speculative decoding is {faster} here."
+        )
+    return out
+
+
+def _direction(value: float, low: float, high: float, none: float) -> str:
+    if value != value:
+        return "cannot be compared with"
+    if low > none:
+        return "is significantly above"
+    if high < none:
+        return "is significantly below"
+    return "is not distinguishable from"
+
+
+def beside_the_paper(results: Path) -> str:
+    """SD² against layer-pruned and the MACs 50% sparsity saves: the paper, the demo run and the real-model run."""
+    runs = {"demo (from-scratch models)": results, "real model": results / REAL}
+    lines = []
+    for name, path in runs.items():
+        if not (path / "tables" / "comparisons.csv").exists():
+            continue
+        compared = _compared(path)
+        compared = compared[compared["estimator"] == "teacher_forced_walk"]
+        ratios = compared["mal_ratio_vs_layer_pruned"].dropna()
+        at_50 = compared[compared["sparsity"] == 50]["macs_reduction_pct"].dropna()
+        sig = f"{compared['ratio_significant'].eq(True).sum()} of {len(ratios)} cells significant"
+        lines.append(
+            {
+                "run": name,
+                "SD² / layer-pruned MAL": f"{ratios.min():.2f}–{ratios.max():.2f} ({sig})",
+                "MACs cut at 50% sparsity": f"{at_50.min():.1f}–{at_50.max():.1f}%",
+            }
+        )
+    lines.insert(
+        0,
+        {
+            "run": "paper (Llama-3.1-70B target)",
+            "SD² / layer-pruned MAL": f"{PAPER['sd2_over_layer_pruned']:.2f}",
+            "MACs cut at 50% sparsity": f"{PAPER['macs_cut_pct_at_50']:.2f}% (Llama-3.2-3B draft)",
+        },
+    )
+    return markdown_table(pd.DataFrame(lines)) + "(greedy, exact walk, every same-tokenizer cell of each run)"
