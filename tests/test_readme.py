@@ -11,6 +11,7 @@ from synthetic import write_synthetic_tables
 
 from sd2 import methods
 from sd2.report.readme import BLOCKS, commands, headline, methods_table, regenerated, stale, update
+from sd2.report.real_model import beside_the_paper, real_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -219,6 +220,31 @@ def test_headline_block_compares_sd2_with_its_baselines(results):
     assert {r[1] for r in rows} <= {"dense", "dense_sd", "layer_pruned", "sd2"} and any(r[1] == "sd2" for r in rows)
     assert all(r[6] == "–" for r in rows if r[1] != "sd2")  # the paired ratio is SD²'s alone
     assert all(re.match(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", r[6]) for r in rows if r[1] == "sd2")
+
+
+def test_real_model_block_pairs_sd2_with_both_baselines_and_says_where_the_weights_came_from(results):
+    """The real-model block reads results/real/: one row per draft variant, SD²'s paired columns, a verdict per
+    SD² draft that follows its intervals, and the weights' source from fetch_model's marker."""
+    real = results / "real"
+    write_synthetic_tables(real)
+    (real / "models").mkdir(exist_ok=True)
+    target = pd.read_csv(real / "tables" / "measurements.csv")["target"].value_counts().index[0]
+    weights = "Q4_1 GGUF weights dequantized to float32: they carry its rounding"
+    (real / "models" / f"{target}.json").write_text(json.dumps({"weights": weights}))
+    text = real_model(results)
+    assert weights in text and "`make real` has not completed" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][2:]
+    assert rows and all((r[6] == "–") == (r[1] != "sd2") for r in rows)
+    compared = pd.read_csv(real / "tables" / "comparisons.csv")
+    sd2 = compared[
+        (compared["method"] == "sd2") & (compared["target"] == target) & (compared["eval_set"] == "humaneval")
+    ]
+    verdicts = [line for line in text.splitlines() if line.startswith("- ") and "SD² at" in line]
+    assert len(verdicts) == len(sd2[(sd2["temperature"] == 0) & (sd2["loss"] == "ce")])
+    for line in verdicts:
+        assert re.search(r"MAL is (significantly (above|below)|not distinguishable from) the layer-pruned", line)
+    paper = beside_the_paper(results)
+    assert "1.59" in paper and "43.87%" in paper and "real model" in paper and "demo" in paper
 
 
 def test_methods_block_is_the_registry():

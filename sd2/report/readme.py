@@ -16,7 +16,7 @@ from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import baseline_comparisons, family_comparisons, loss_comparisons
 from sd2.report.markdown import ci_column, markdown_table, summary_markdown, with_ci
-from sd2.report.real_model import beside_the_paper, real_model
+from sd2.report.real_model import beside_the_paper, layer_subsets, real_model
 
 
 def run_time(results: Path) -> str:
@@ -777,6 +777,7 @@ BLOCKS = {
     "headline": headline,
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,
+    "layer_subsets": layer_subsets,
     "methods": methods_table,
     "run_time": run_time,
     "precision": precision,

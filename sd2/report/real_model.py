@@ -18,8 +18,10 @@ PAPER = {"sd2_over_layer_pruned": 1.59, "macs_cut_pct_at_50": 43.87}
 
 
 def _greedy_rows(results: Path) -> pd.DataFrame:
+    """Exact greedy rows at the reported k, drafts as made, of the target with the most rows, on HumanEval
+    (or the first eval set by name where there is none)."""
     df = with_variant_columns(pd.read_csv(results / "tables" / "measurements.csv"))
-    return df[
+    df = df[
         (df["temperature"] == 0)
         & df["headline_k"].eq(True)
         & (df["estimator"] == "teacher_forced_walk")
@@ -27,6 +29,9 @@ def _greedy_rows(results: Path) -> pd.DataFrame:
         & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
         & (df["quantization"] == variants.NO_QUANTIZATION)
     ]
+    target = df["target"].value_counts().index[0]
+    evals = sorted(set(df["eval_set"]))
+    return df[(df["target"] == target) & (df["eval_set"] == ("humaneval" if "humaneval" in evals else evals[0]))]
 
 
 def _compared(results: Path) -> pd.DataFrame:
@@ -50,7 +55,7 @@ def _run_line(real: Path) -> str:
     machine = rec["machine"]
     return (
         f"`make real` from nothing: **{rec['seconds'] / 60:.0f} min** ({rec['seconds']:,} s) on {machine['cpu']}, "
-        f"{machine['cores']} cores ({rec['recorded'][:10]}, `results/real/run_time.json`)."
+        f"{machine['cores']} cores ({rec['provenance']['created'][:10]}, `results/real/run_time.json`)."
     )
 
 
@@ -169,3 +174,12 @@ def beside_the_paper(results: Path) -> str:
         },
     )
     return markdown_table(pd.DataFrame(lines)) + "(greedy, exact walk, every same-tokenizer cell of each run)"
+
+
+def layer_subsets(results: Path) -> str:
+    """benchmarks/layer_subsets.py's table: how much of the target an untuned subset of its layers agrees with."""
+    path = results / REAL / "tables" / "layer_subsets.csv"
+    if not path.exists():
+        return "Not measured yet (`python benchmarks/layer_subsets.py --out results/real/tables/layer_subsets.csv`)."
+    source = "(`benchmarks/layer_subsets.py`, `results/real/tables/layer_subsets.csv`)"
+    return markdown_table(pd.read_csv(path)) + "\n" + source
