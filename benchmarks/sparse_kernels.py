@@ -100,6 +100,7 @@ from sd2.provenance import provenance
 from sd2.report.canvas import save_figure
 from sd2.report.collect import write_table
 from sd2.report.plots import plot_sparse_kernels, sparse_layer_speedups
+from sd2.shapes import model_shape
 from sd2.sweep_time import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -165,6 +166,9 @@ def model_specs(cfg: dict, names: list[str] | None) -> dict[str, dict]:
         spec = cfg["models"][name]
         if "hidden_size" in spec:
             specs[name] = spec
+        elif "layers_of" in spec:
+            # A draft cut from a real model: its layers' sizes are the model's (config/real.yaml).
+            specs[name] = {k: getattr(model_shape(name, cfg), k) for k in LLAMA_3_2["Llama-3.2-1B"]}
     if names is None:
         return specs
     unknown = [n for n in names if n not in specs and n not in cfg["models"]]
