@@ -106,6 +106,11 @@ def trust(*names):
     return "--trust-remote-code" if any(MODELS[n].get("trust_remote_code") for n in names if n in MODELS) else ""
 
 
+def tokenizer_source(family):
+    """The model a from_model tokenizer family is copied from (None for a trained family)."""
+    return config["tokenizers"][family].get("model")
+
+
 def data_path(data):
     """Fine-tuning data: a target's self-distilled answers, or the original responses."""
     return f"{W}/data/finetune" if data == "original" else f"{W}/distill/{data}"

@@ -21,11 +21,6 @@ rule prepare_data:
         " --eval {params.evals} --manifest {output.manifest} --seed {params.seed} > {log} 2>&1"
 
 
-def tokenizer_source(family):
-    """The model a from_model tokenizer family is copied from (None for a trained family)."""
-    return config["tokenizers"][family].get("model")
-
-
 rule train_tokenizer:
     input:
         corpus=f"{W}/data/corpus",
