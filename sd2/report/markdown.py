@@ -3,6 +3,8 @@
 No torch here.
 """
 
+from pathlib import Path
+
 import pandas as pd
 
 from sd2 import methods, variants
@@ -150,3 +152,23 @@ def summary_markdown(measurements: pd.DataFrame, compared: pd.DataFrame) -> str:
                 f"\n\n{loss_markdown(by_loss)}"
             )
     return "\n".join(parts)
+
+
+def time_by_rule(results: Path, source: str = "results/tables/job_times.csv") -> str:
+    """Where a sweep's time goes: job-seconds per rule, from <results>/tables/job_times.csv."""
+    path = results / "tables" / "job_times.csv"
+    if not path.exists():
+        return f"No job times recorded (a run from nothing writes `{source}`)."
+    jobs = pd.read_csv(path)
+    by_rule = jobs.groupby("rule")["seconds"].agg(["count", "sum", "mean"]).sort_values("sum", ascending=False)
+    total = by_rule["sum"].sum()
+    table = pd.DataFrame(
+        {
+            "rule": by_rule.index,
+            "jobs": by_rule["count"].to_numpy(),
+            "job-seconds": by_rule["sum"].round().astype(int).to_numpy(),
+            "share": (by_rule["sum"] / total).map("{:.0%}".format).to_numpy(),
+            "mean s/job": by_rule["mean"].round(1).to_numpy(),
+        }
+    )
+    return markdown_table(table) + f"\nTotal {total:,.0f} job-seconds (`{source}`)."

@@ -15,8 +15,8 @@ import pandas as pd
 from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import baseline_comparisons, family_comparisons, loss_comparisons
-from sd2.report.markdown import ci_column, markdown_table, summary_markdown, with_ci
-from sd2.report.real_model import beside_the_paper, layer_subsets, real_model
+from sd2.report.markdown import ci_column, markdown_table, summary_markdown, time_by_rule, with_ci
+from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 
 
 def run_time(results: Path) -> str:
@@ -271,26 +271,6 @@ def measure_time(results: Path) -> str:
             f"`target_outputs` jobs are shared by every draft of a target and eval set)."
         )
     return "\n".join(lines)
-
-
-def time_by_rule(results: Path) -> str:
-    """Where the sweep's time goes: job-seconds per rule, from job_times.csv."""
-    path = results / "tables" / "job_times.csv"
-    if not path.exists():
-        return "No job times recorded (`make run` writes `results/tables/job_times.csv`)."
-    jobs = pd.read_csv(path)
-    by_rule = jobs.groupby("rule")["seconds"].agg(["count", "sum", "mean"]).sort_values("sum", ascending=False)
-    total = by_rule["sum"].sum()
-    table = pd.DataFrame(
-        {
-            "rule": by_rule.index,
-            "jobs": by_rule["count"].to_numpy(),
-            "job-seconds": by_rule["sum"].round().astype(int).to_numpy(),
-            "share": (by_rule["sum"] / total).map("{:.0%}".format).to_numpy(),
-            "mean s/job": by_rule["mean"].round(1).to_numpy(),
-        }
-    )
-    return markdown_table(table) + f"\nTotal {total:,.0f} job-seconds (`results/tables/job_times.csv`)."
 
 
 def benchmark_table(name: str, script: str):
@@ -778,6 +758,7 @@ BLOCKS = {
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,
     "layer_subsets": layer_subsets,
+    "real_time_by_rule": real_time_by_rule,
     "methods": methods_table,
     "run_time": run_time,
     "precision": precision,

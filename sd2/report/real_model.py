@@ -9,7 +9,7 @@ import pandas as pd
 from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import baseline_comparisons
-from sd2.report.markdown import ci_column, markdown_table
+from sd2.report.markdown import ci_column, markdown_table, time_by_rule
 
 REAL = "real"
 METHODS = ["dense", "dense_sd", "layer_pruned", "sparse_oneshot", "sparse_sft", "sd2"]
@@ -183,3 +183,8 @@ def layer_subsets(results: Path) -> str:
         return "Not measured yet (`python benchmarks/layer_subsets.py --out results/real/tables/layer_subsets.csv`)."
     source = "(`benchmarks/layer_subsets.py`, `results/real/tables/layer_subsets.csv`)"
     return markdown_table(pd.read_csv(path)) + "\n" + source
+
+
+def real_time_by_rule(results: Path) -> str:
+    """Where `make real`'s time goes: job-seconds per rule (results/real/tables/job_times.csv)."""
+    return time_by_rule(results / REAL, "results/real/tables/job_times.csv")
