@@ -12,6 +12,7 @@ a minimum); the marker this writes says which source was used, and results name 
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -135,8 +136,6 @@ def from_gguf(spec: dict, out_dir) -> None:
 
 def fetch_model(name: str, repo: str, spec: dict, out_dir, marker, *, token_env: str = "HF_TOKEN") -> dict:
     """`repo` from the hub into `out_dir`, or the GGUF of `spec` if the hub is unreachable; marker JSON says which."""
-    import os
-
     try:
         from_hub(repo, out_dir, os.environ.get(token_env) or None)
         source = {"source": "hub", "hub": repo, "weights": "as published on the hub"}
