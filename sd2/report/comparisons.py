@@ -8,7 +8,7 @@ import pandas as pd
 
 from sd2 import methods, variants
 from sd2.measure.stats import excludes, paired_ratio_ci
-from sd2.report.collect import drop_ranks, read_records, unquantized, with_rank, write_table
+from sd2.report.collect import drop_ranks, read_records, unquantized, with_rank, with_variant_columns, write_table
 
 # Fewer prompts than this: no comparison is called significant, whatever its interval.
 MIN_PROMPTS_FOR_SIGNIFICANCE = 20
@@ -362,3 +362,28 @@ def collect_comparisons(record_paths, out_csv) -> pd.DataFrame:
     df = comparisons(record_paths)
     write_table(df, out_csv)
     return df
+
+
+def exact_greedy_cells(measurements: pd.DataFrame, names) -> pd.DataFrame:
+    """Exact greedy rows at the reported k of the methods `names`, drafts as made (ce, unquantized), of the
+    target with the most such rows, on one eval set: HumanEval, or the first by name where there is none."""
+    df = with_variant_columns(measurements)
+    df = df[
+        (df["temperature"] == 0)
+        & df["headline_k"].eq(True)
+        & (df["estimator"] == "teacher_forced_walk")
+        & df["method"].isin(names)
+        & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
+        & (df["quantization"] == variants.NO_QUANTIZATION)
+    ]
+    target = df["target"].value_counts().index[0]
+    evals = sorted(set(df["eval_set"]))
+    return df[(df["target"] == target) & (df["eval_set"] == ("humaneval" if "humaneval" in evals else evals[0]))]
+
+
+def with_sd2_comparisons(rows: pd.DataFrame, compared: pd.DataFrame, columns: list[str], order) -> pd.DataFrame:
+    """exact_greedy_cells' rows with the `columns` of SD²'s paired comparisons beside their cells, sorted by
+    draft, then method in `order`, then sparsity."""
+    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
+    rows = rows.merge(baseline_comparisons(compared)[keys + columns], on=keys, how="left")
+    return rows.assign(rank=rows["method"].map(list(order).index)).sort_values(["draft", "rank", "sparsity"])

@@ -172,3 +172,17 @@ def time_by_rule(results: Path, source: str = "results/tables/job_times.csv") ->
         }
     )
     return markdown_table(table) + f"\nTotal {total:,.0f} job-seconds (`{source}`)."
+
+
+def draft_columns(rows: pd.DataFrame) -> dict:
+    """The columns a table of drafts starts with: which draft, its MAL and its cost, each with its 95% CI."""
+    return {
+        "draft": rows["draft"],
+        "method": [variants.label(m) for m in rows["method"]],
+        "sparsity %": rows["sparsity"],
+        "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
+        "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),
+        "improvement factor [95% CI]": ci_column(
+            rows, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
+        ),
+    }

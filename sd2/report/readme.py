@@ -14,8 +14,14 @@ import pandas as pd
 
 from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
-from sd2.report.comparisons import baseline_comparisons, family_comparisons, loss_comparisons
-from sd2.report.markdown import ci_column, markdown_table, summary_markdown, time_by_rule, with_ci
+from sd2.report.comparisons import (
+    baseline_comparisons,
+    exact_greedy_cells,
+    family_comparisons,
+    loss_comparisons,
+    with_sd2_comparisons,
+)
+from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 
 
@@ -643,43 +649,20 @@ def sparse_decoding(results: Path) -> str:
 HEADLINE_METHODS = ("dense", "dense_sd", "layer_pruned", "sd2")
 
 
-def _headline_rows(results: Path) -> pd.DataFrame:
-    """Greedy rows at the reported k of the same-tokenizer target with the most exact rows, first eval set,
-    drafts as made (ce, unquantized), of the methods the paper compares."""
-    df = with_variant_columns(pd.read_csv(results / "tables" / "measurements.csv"))
-    df = df[
-        (df["temperature"] == 0)
-        & df["headline_k"].eq(True)
-        & (df["estimator"] == "teacher_forced_walk")
-        & df["method"].isin(HEADLINE_METHODS)
-        & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
-        & (df["quantization"] == variants.NO_QUANTIZATION)
-    ]
-    target = df["target"].value_counts().index[0]
-    return df[(df["target"] == target) & (df["eval_set"] == df["eval_set"].iloc[0])]
-
-
 def headline(results: Path) -> str:
     """The one result the README shows: SD² against its dense and MAC-matched baselines on one target and
     eval set, greedy and exact, with SD² / layer-pruned paired over the same prompts."""
     if not (results / "tables" / "measurements.csv").exists():
         return "No measurements yet (`make run` writes `results/tables/measurements.csv`)."
-    rows = _headline_rows(results)
-    compared = baseline_comparisons(pd.read_csv(results / "tables" / "comparisons.csv"))
-    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
-    paired = ["mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant"]
-    rows = rows.merge(compared[keys + paired], on=keys, how="left")
-    rows = rows.assign(rank=rows["method"].map(HEADLINE_METHODS.index)).sort_values(["draft", "rank", "sparsity"])
+    rows = with_sd2_comparisons(
+        exact_greedy_cells(pd.read_csv(results / "tables" / "measurements.csv"), HEADLINE_METHODS),
+        pd.read_csv(results / "tables" / "comparisons.csv"),
+        ["mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant"],
+        HEADLINE_METHODS,
+    )
     view = pd.DataFrame(
         {
-            "draft": rows["draft"],
-            "method": [variants.label(m) for m in rows["method"]],
-            "sparsity %": rows["sparsity"],
-            "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
-            "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),
-            "improvement factor [95% CI]": ci_column(
-                rows, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
-            ),
+            **draft_columns(rows),
             "SD² / layer-pruned [paired 95% CI]": ci_column(
                 rows, "mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high"
             ),

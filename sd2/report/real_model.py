@@ -6,32 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from sd2 import methods, variants
-from sd2.report.collect import with_variant_columns
-from sd2.report.comparisons import baseline_comparisons
-from sd2.report.markdown import ci_column, markdown_table, time_by_rule
+from sd2 import variants
+from sd2.report.comparisons import baseline_comparisons, exact_greedy_cells, with_sd2_comparisons
+from sd2.report.markdown import ci_column, draft_columns, markdown_table, time_by_rule
 
 REAL = "real"
 METHODS = ["dense", "dense_sd", "layer_pruned", "sparse_oneshot", "sparse_sft", "sd2"]
 # As the paper reports them (Lasby et al., arXiv 2504.08838; Llama-3.1-70B-Instruct target, Llama-3.2 drafts).
 PAPER = {"sd2_over_layer_pruned": 1.59, "macs_cut_pct_at_50": 43.87}
-
-
-def _greedy_rows(results: Path) -> pd.DataFrame:
-    """Exact greedy rows at the reported k, drafts as made, of the target with the most rows, on HumanEval
-    (or the first eval set by name where there is none)."""
-    df = with_variant_columns(pd.read_csv(results / "tables" / "measurements.csv"))
-    df = df[
-        (df["temperature"] == 0)
-        & df["headline_k"].eq(True)
-        & (df["estimator"] == "teacher_forced_walk")
-        & df["method"].isin(METHODS)
-        & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
-        & (df["quantization"] == variants.NO_QUANTIZATION)
-    ]
-    target = df["target"].value_counts().index[0]
-    evals = sorted(set(df["eval_set"]))
-    return df[(df["target"] == target) & (df["eval_set"] == ("humaneval" if "humaneval" in evals else evals[0]))]
+HOUR = 3600
 
 
 def _compared(results: Path) -> pd.DataFrame:
@@ -53,9 +36,11 @@ def _run_line(real: Path) -> str:
         return "`make real` has not completed a run from nothing here yet."
     rec = json.loads(path.read_text())
     machine = rec["machine"]
+    over = rec["seconds"] - HOUR
+    verdict = f"{over / 60:.0f} min over the hour it should fit in" if over > 0 else "within the hour"
     return (
         f"`make real` from nothing: **{rec['seconds'] / 60:.0f} min** ({rec['seconds']:,} s) on {machine['cpu']}, "
-        f"{machine['cores']} cores ({rec['provenance']['created'][:10]}, `results/real/run_time.json`)."
+        f"{machine['cores']} cores, {verdict} ({rec['provenance']['created'][:10]}, `results/real/run_time.json`)."
     )
 
 
@@ -64,30 +49,17 @@ def real_model(results: Path) -> str:
     real = results / REAL
     if not (real / "tables" / "measurements.csv").exists():
         return "No real-model results yet (`make real` writes `results/real/`)."
-    rows = _greedy_rows(real)
-    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
-    paired = [
-        "mal_change_pct",
-        "change_ci_low",
-        "change_ci_high",
-        "change_significant",
-        "mal_ratio_vs_layer_pruned",
-        "ratio_ci_low",
-        "ratio_ci_high",
-        "ratio_significant",
-    ]
-    rows = rows.merge(_compared(real)[keys + paired], on=keys, how="left")
-    rows = rows.assign(rank=rows["method"].map(METHODS.index)).sort_values(["draft", "rank", "sparsity"])
+    paired = ["mal_change_pct", "change_ci_low", "change_ci_high", "change_significant"]
+    paired += ["mal_ratio_vs_layer_pruned", "ratio_ci_low", "ratio_ci_high", "ratio_significant"]
+    rows = with_sd2_comparisons(
+        exact_greedy_cells(pd.read_csv(real / "tables" / "measurements.csv"), METHODS),
+        pd.read_csv(real / "tables" / "comparisons.csv"),
+        paired,
+        METHODS,
+    )
     view = pd.DataFrame(
         {
-            "draft": rows["draft"],
-            "method": [variants.label(m) for m in rows["method"]],
-            "sparsity %": rows["sparsity"],
-            "MAL [95% CI]": ci_column(rows, "mal", "mal_ci_low", "mal_ci_high"),
-            "MACs vs dense": (1 - rows["macs_reduction"]).map("{:.2f}".format),
-            "improvement factor [95% CI]": ci_column(
-                rows, "improvement_factor", "improvement_factor_ci_low", "improvement_factor_ci_high"
-            ),
+            **draft_columns(rows),
             "MAL change vs dense_sd, % [paired CI]": _marked(rows, "mal_change_pct", "change", "change_significant"),
             "SD² / layer-pruned [paired CI]": _marked(rows, "mal_ratio_vs_layer_pruned", "ratio", "ratio_significant"),
             "CPU speed-up": rows["speedup"].map(lambda v: f"{v:.2f}x" if v == v else "–"),

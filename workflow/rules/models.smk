@@ -16,6 +16,8 @@ rule pretrain:
     threads: model_threads()
     resources:
         **model_resources("pretrain"),
+    # Every job of its drafts and targets waits for it: first when cores are scarce.
+    priority: 10
     log:
         "logs/pretrain/{model}.log",
     benchmark:
