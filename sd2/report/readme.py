@@ -23,6 +23,7 @@ from sd2.report.comparisons import (
 )
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
+from sd2.report.real_model import sparse_kernels as real_sparse_kernels
 
 
 def run_time(results: Path) -> str:
@@ -742,6 +743,7 @@ BLOCKS = {
     "beside_the_paper": beside_the_paper,
     "layer_subsets": layer_subsets,
     "real_time_by_rule": real_time_by_rule,
+    "real_sparse_kernels": real_sparse_kernels,
     "methods": methods_table,
     "run_time": run_time,
     "precision": precision,

@@ -148,13 +148,26 @@ def beside_the_paper(results: Path) -> str:
     return markdown_table(pd.DataFrame(lines)) + "(greedy, exact walk, every same-tokenizer cell of each run)"
 
 
-def layer_subsets(results: Path) -> str:
-    """benchmarks/layer_subsets.py's table: how much of the target an untuned subset of its layers agrees with."""
-    path = results / REAL / "tables" / "layer_subsets.csv"
-    if not path.exists():
-        return "Not measured yet (`python benchmarks/layer_subsets.py --out results/real/tables/layer_subsets.csv`)."
-    source = "(`benchmarks/layer_subsets.py`, `results/real/tables/layer_subsets.csv`)"
-    return markdown_table(pd.read_csv(path)) + "\n" + source
+def benchmark_table(name: str, command: str):
+    """A block that shows a benchmark's CSV for the real model (results/real/tables/<name>.csv) as it is."""
+
+    def render(results: Path) -> str:
+        path = results / REAL / "tables" / f"{name}.csv"
+        if not path.exists():
+            return f"Not measured yet (`{command} --out results/real/tables/{name}.csv`)."
+        table = pd.read_csv(path)
+        keep = [c for c in table.columns if c not in ("cpu", "torch", "versions")]
+        return markdown_table(table[keep]) + f"\n(`{command}`, `results/real/tables/{name}.csv`)"
+
+    return render
+
+
+layer_subsets = benchmark_table("layer_subsets", "python benchmarks/layer_subsets.py")
+SPARSE_KERNEL_COMMAND = (
+    "python benchmarks/sparse_kernels.py --config config/real.yaml --model smollm2-layers6 --backend torch_csr_i32 "
+    "--batches 1 6 --sparsities 0 0.5 0.7 --dtypes fp32 --threads 1 --figure results/real/figures/sparse_kernels"
+)
+sparse_kernels = benchmark_table("sparse_kernels", SPARSE_KERNEL_COMMAND)
 
 
 def real_time_by_rule(results: Path) -> str:
