@@ -9,6 +9,7 @@ import pandas as pd
 from sd2 import variants
 from sd2.report.comparisons import baseline_comparisons, exact_greedy_cells, with_sd2_comparisons
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, time_by_rule
+from sd2.report.plots import sparse_layer_speedups
 
 REAL = "real"
 METHODS = ["dense", "dense_sd", "layer_pruned", "sparse_oneshot", "sparse_sft", "sd2"]
@@ -148,18 +149,25 @@ def beside_the_paper(results: Path) -> str:
     return markdown_table(pd.DataFrame(lines)) + "(greedy, exact walk, every same-tokenizer cell of each run)"
 
 
-def benchmark_table(name: str, command: str):
-    """A block that shows a benchmark's CSV for the real model (results/real/tables/<name>.csv) as it is."""
+def benchmark_table(name: str, command: str, view=lambda table: table):
+    """A block that shows a benchmark's CSV for the real model (results/real/tables/<name>.csv), through `view`."""
 
     def render(results: Path) -> str:
         path = results / REAL / "tables" / f"{name}.csv"
         if not path.exists():
             return f"Not measured yet (`{command} --out results/real/tables/{name}.csv`)."
-        table = pd.read_csv(path)
-        keep = [c for c in table.columns if c not in ("cpu", "torch", "versions")]
-        return markdown_table(table[keep]) + f"\n(`{command}`, `results/real/tables/{name}.csv`)"
+        return markdown_table(view(pd.read_csv(path))) + f"\n(`{command}`, `results/real/tables/{name}.csv`)"
 
     return render
+
+
+def _layer_speedups(table: pd.DataFrame) -> pd.DataFrame:
+    """The CSR kernel against dense torch for a whole decoder layer, one row per batch, one column per sparsity."""
+    layer = sparse_layer_speedups(table)
+    layer = layer[layer["backend"] != "dense"]
+    wide = layer.pivot_table(index=["batch", "threads", "backend"], columns="sparsity", values="speedup")
+    wide.columns = [f"speed-up at {s:g}%" for s in wide.columns]
+    return wide.reset_index()
 
 
 layer_subsets = benchmark_table("layer_subsets", "python benchmarks/layer_subsets.py")
@@ -167,7 +175,7 @@ SPARSE_KERNEL_COMMAND = (
     "python benchmarks/sparse_kernels.py --config config/real.yaml --model smollm2-layers6 --backend torch_csr_i32 "
     "--batches 1 6 --sparsities 0 0.5 0.7 --dtypes fp32 --threads 1 --figure results/real/figures/sparse_kernels"
 )
-sparse_kernels = benchmark_table("sparse_kernels", SPARSE_KERNEL_COMMAND)
+sparse_kernels = benchmark_table("sparse_kernels", SPARSE_KERNEL_COMMAND, _layer_speedups)
 
 
 def real_time_by_rule(results: Path) -> str:
