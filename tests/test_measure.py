@@ -258,12 +258,19 @@ def test_measure_different_tokenizers(tmp_path, tiny_qwen_dir, tiny_llama_draft_
         tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=SETTINGS, labels=LABELS, seed=0
     )
     estimators = {(r["temperature"], r["estimator"]) for r in result["records"]}
-    assert estimators == {(0.0, "assisted_generation"), (1.0, "assisted_generation")}
-    greedy = next(r for r in result["records"] if r["temperature"] == 0)
-    assert greedy["decoding_path"] == "uag" and not greedy["same_tokenizer"]
-    assert (
-        greedy["n_prompts"] == max(SETTINGS["n_assisted"], SETTINGS["n_check"])
-        and greedy["checked_prompts"] == greedy["n_prompts"]
+    assert estimators == {(0.0, "uag_walk"), (0.0, "tli_walk"), (1.0, "assisted_generation")}
+    greedy = [r for r in result["records"] if r["temperature"] == 0]
+    for record in greedy:
+        assert record["decoding_path"] == "uag" and not record["same_tokenizer"]
+        # Every prompt under the exact walks; the loops that run both models agree on the checked ones.
+        assert record["n_prompts"] == len(result["prompt_ids"])
+    checked = [r for r in greedy if r["k"] in SETTINGS["k"]]
+    assert {r["estimator"] for r in checked} == {"uag_walk", "tli_walk"}
+    for record in checked:
+        assert record["checked_prompts"] + record["draft_near_ties"] + record["target_near_ties"] == SETTINGS["n_check"]
+    tli = {r["k"] for r in greedy if r["estimator"] == "tli_walk"}
+    assert tli == set(range(1, SETTINGS["k_max"] + 1)) and all(
+        r["mal_vllm"] >= 1 for r in greedy if r["estimator"] == "tli_walk"
     )
 
 

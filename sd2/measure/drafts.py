@@ -8,9 +8,12 @@ Four estimators, each named in its records:
 - `tree_walk` (greedy, shared tokenizer, measure.tree_budgets): the same pass's ranks give the
   exact MAL of a static draft-token tree per node budget (sd2.measure.trees), cross-checked on the
   first n_check prompts against sd2.measure.trees' own tree decoding loop, step by step.
+- `uag_walk` and `tli_walk` (greedy, different tokenizers; sd2.measure.cross_tokenizer): exact MAL
+  on every prompt under transformers' universal assisted generation (per headline k) and under
+  vLLM's token-level intersection (every k), each cross-checked on the first n_check prompts
+  against a decoding loop that runs both models, step by step.
 - `assisted_generation`: transformers' assisted generation, batch size 1, on the first
-  n_assisted prompts: sampling (T > 0) and different-tokenizer pairs (UAG), where the
-  walk does not apply.
+  n_assisted prompts: sampling (T > 0), where no walk applies.
 - `tvd_estimate` (T > 0, shared tokenizer): alpha = mean over positions of
   sum_x min(p, q) along the target's greedy continuations, and the i.i.d. estimate
   (1 - alpha^(k+1)) / (1 - alpha). An estimate, labelled as one.
@@ -23,9 +26,10 @@ from tqdm.auto import tqdm
 
 from sd2 import variants
 from sd2.checkpoint import write_json
+from sd2.generation import model_eos_ids
 from sd2.macs import model_macs
-from sd2.measure import acceptance, continuations, trees
-from sd2.measure.speculative import assisted_runs, decoding_path, step_stats
+from sd2.measure import acceptance, continuations, cross_tokenizer, trees
+from sd2.measure.speculative import assisted_runs, decoding_path, draft_cache_dropped, step_stats
 from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import load_checkpoint
@@ -42,6 +46,11 @@ DEFINITIONS = {
     "verification step, including the target's bonus/correction token (= mean(n_matches) + 1), range 1..k+1 "
     "for a same-tokenizer pair. The last step of every generation (the one that ends it by max_new_tokens "
     "or EOS) is excluded and counted in truncated_steps; mal * n_steps == accepted_tokens.",
+    "mal_vllm": "MAL as vLLM's spec-decode counters give it, 1 + accepted draft tokens / verification steps over "
+    "every step (the last, cut-off one included; the prefill's first token is no step), for the rules vLLM runs "
+    "(teacher_forced_walk, tli_walk): comparable with what a vLLM server logs as mean acceptance length. A last "
+    "step that matched to the end of the cached continuation counts only what it matched within it. "
+    "mal_vllm_ci_low/high: the same bootstrap over prompts.",
     "mal_ci": "mal_ci_low/high: 95% percentile bootstrap interval over prompts (prompts resampled with "
     "replacement, each prompt's steps kept together; `bootstrap` resamples, fixed seed).",
     "estimator": "teacher_forced_walk: exact greedy acceptance from one teacher-forced draft pass over the "
@@ -50,7 +59,14 @@ DEFINITIONS = {
     "positions of sum_x min(p, q) along the target's greedy continuation, MAL estimated as "
     "(1 - alpha^(k+1)) / (1 - alpha), i.i.d. acceptance assumed; tree_walk: exact greedy acceptance of a static "
     "draft-token tree from the ranks of the same teacher-forced pass (verified against "
-    "sd2.measure.trees' tree decoding loop on checked_prompts).",
+    "sd2.measure.trees' tree decoding loop on checked_prompts); uag_walk: exact greedy acceptance under "
+    "transformers' universal assisted generation, the engine's re-encoding replayed along the target's greedy "
+    "continuation with the draft's rollouts batched (verified against transformers' loop with the draft's cache "
+    "dropped on checked_prompts; engine_same_steps counts the prompts on which its loop with the draft's cache "
+    "kept took the same steps); tli_walk: exact greedy acceptance under vLLM's token-level intersection "
+    "(use_heterogeneous_vocab: the draft reads target tokens mapped one for one and proposes only the "
+    "tli_shared_tokens both vocabularies hold), from one teacher-forced pass, steps as vLLM takes them (the first "
+    "token from the prefill, k tokens drafted every step), verified against sd2.measure.cross_tokenizer's loop.",
     "tree_walk": "k = tree_budget, the node budget; the tree (tree_branching: children per node at each depth, "
     "tree_nodes <= tree_budget nodes, root excluded) accepts at a step the longest root path equal to the "
     "target's greedy continuation. drafted_tokens counts tree nodes, acceptance_by_position has one entry per "
@@ -63,8 +79,8 @@ DEFINITIONS = {
     "stop early at its own end-of-text after a rejected token still counts as drafting the full proposal.",
     "acceptance_by_position": "share of counted steps in which draft position i (0-based) was accepted.",
     "accepted_length_histogram": "number of counted steps that committed 1, 2, ... tokens (index 0 = 1 token).",
-    "different_tokenizers": "for a draft with a different tokenizer (Universal Assisted Generation), drafted "
-    "tokens, positions, MAL and the histogram are counted in TARGET tokens.",
+    "different_tokenizers": "for a draft with a different tokenizer, drafted tokens, positions, MAL and the "
+    "histogram are counted in TARGET tokens (under the intersection one draft token is one target token).",
     "macs_per_token": "per-token multiply-accumulates of the linear layers (q, k, v, o, MLP, lm_head) counted "
     "from the non-zero weights of the checkpoint (sd2.macs.model_macs); embedding lookups cost 0; "
     "attention-score MACs grow with context and are not included.",
@@ -83,8 +99,9 @@ DEFINITIONS = {
     "the `draft_kernel_layers` layers of at least 60% zeros as CSR matrices, sd2.sparse_kernel); "
     "speedup = sd_tokens_per_s / ar_tokens_per_s.",
     "checks": "checked_prompts/checked_steps: prompts and verification steps where assisted generation's "
-    "committed counts equal the walk's (greedy), or its output equals the target's cached greedy continuation "
-    "(different tokenizers). draft_near_ties/target_near_ties: prompts left out of that check because the "
+    "committed counts equal the walk's, its output being the target's cached greedy continuation (for uag_walk "
+    "transformers' loop with the draft's cache dropped, for tli_walk sd2.measure.cross_tokenizer.tli_generate). "
+    "draft_near_ties/target_near_ties: prompts left out of that check because the "
     "first disagreement sits where the draft's/target's top two logits differ by less than 1e-4.",
     "sampling": "temperature T > 0 is pure sampling (top_k=0, top_p=1, no repetition penalty) at T, seeded "
     "with torch.manual_seed(seed + prompt index) before each generate().",
@@ -126,6 +143,13 @@ def summarize(
         "improvement_factor_ci_high": high * scale,
         "per_prompt": prompts,
     }
+
+
+def vllm_counts(runs: list[list[int]], k: int, n_boot: int, seed: int) -> dict:
+    """mal_vllm with its bootstrap CI from each prompt's match runs (sd2.measure.cross_tokenizer.engine_counts)."""
+    counts = [cross_tokenizer.engine_counts(r, k) for r in runs]
+    mal, low, high = ratio_ci([a + n for a, n in counts], [n for _, n in counts], n_boot=n_boot, seed=seed)
+    return {"mal_vllm": mal, "mal_vllm_ci_low": low, "mal_vllm_ci_high": high}
 
 
 @torch.no_grad()
@@ -402,8 +426,10 @@ def walk_records(job: Job) -> None:
         for k in range(1, settings["k_max"] + 1)
     }
     checks = {k: walk_check(job, k, walks[k], forced) for k in settings["k"]}
+    runs = [acceptance.match_runs(f["matches"]) for f in forced]
     for k, generations in walks.items():
-        job.add(0.0, k, "teacher_forced_walk", job.summarize(generations, k), **checks.get(k, {}))
+        engine = vllm_counts(runs, k, settings["bootstrap"], job.seed)
+        job.add(0.0, k, "teacher_forced_walk", job.summarize(generations, k), **engine, **checks.get(k, {}))
     for budget, generations, extra in tree_records(
         job.target, job.draft, job.items, forced, settings["tree_budgets"], settings
     ):
@@ -411,29 +437,111 @@ def walk_records(job: Job) -> None:
         job.add(0.0, budget, "tree_walk", summary, **extra)
 
 
-def output_checks(job: Job, runs: list[dict], k: int) -> dict:
-    """Greedy, different tokenizers: assisted generation's outputs against the cached continuation, and its speed."""
-    n_check, ar_speed = job.settings["n_check"], job.ar_speed
-    ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
-    sd_speed = _speed(runs[:n_check], job.settings["warmup_prompts"])
+def first_difference_excused(item: dict, real: list, walked: list, gaps: list[float], k: int, rule: str) -> bool:
+    """True if a loop's steps equal the walk's; False where a draft near-tie up to the first difference explains
+    them; else raise naming the prompt and step. gaps: per step, the smallest top-2 gap of the draft's rollout."""
+    if real == walked:
+        return True
+    step = _first_difference(real, walked)
+    if min(gaps[: step + 1], default=float("inf")) < NEAR_TIE:
+        return False
+    raise AssertionError(
+        f"prompt id {item['id']!r}, k={k}: the {rule} loop and its walk disagree at verification step {step}: "
+        f"the loop took (committed, drafted) {real[step : step + 3]}, the walk {walked[step : step + 3]}"
+    )
+
+
+def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
+    """transformers' UAG on the first n_check prompts: its outputs are the cached continuations, its steps with the
+    draft's cache dropped are the walk's, and with the cache kept (timed) engine_same_steps counts equal ones."""
+    n = job.settings["n_check"]
+    kept = job.assisted(k, 0.0, n)
+    with draft_cache_dropped():
+        dropped = job.assisted(k, 0.0, n)
+    outputs_ok = [
+        check_output(job.target, it, a["tokens"], k) and check_output(job.target, it, b["tokens"], k)
+        for it, a, b in zip(job.items, kept, dropped)
+    ]
+    steps_ok = [
+        ok and first_difference_excused(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
+        for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, dropped))
+    ]
+    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(kept, job.settings["warmup_prompts"]), job.ar_speed)
+    return {**summary, "engine_same_steps": sum(r["steps"] == w for r, w in zip(kept, walked))}
+
+
+def uag_records(job: Job) -> None:
+    """Greedy, different tokenizers: uag_walk on every prompt for every headline k, checked against transformers."""
+    settings, eos = job.settings, model_eos_ids(job.target)
+    for k in settings["k"]:
+        bar = tqdm(total=len(job.items), desc=f"uag walk k={k}", mininterval=5)
+        walked, gaps = cross_tokenizer.uag_walk(
+            job.draft,
+            job.target_tok,
+            job.draft_tok,
+            job.items,
+            k=k,
+            max_new_tokens=settings["max_new_tokens"],
+            eos_ids=eos,
+            batch_size=settings["batch_size"],
+            progress=bar,
+        )
+        bar.close()
+        job.add(0.0, k, "uag_walk", job.summarize(walked, k), **uag_check(job, k, walked, gaps))
+
+
+def tli_check(job: Job, mapping: dict, k: int, walked: list) -> dict:
+    """sd2.measure.cross_tokenizer.tli_generate on the first n_check prompts: the cached outputs, the walk's steps."""
+    settings, eos = job.settings, model_eos_ids(job.target)
+    outputs_ok, steps_ok, checked_steps = [], [], 0
+    for item, steps in zip(job.items[: settings["n_check"]], walked):
+        tokens, real, gaps = cross_tokenizer.tli_generate(
+            job.target,
+            job.draft,
+            mapping,
+            item["prompt_ids"],
+            k=k,
+            max_new_tokens=settings["max_new_tokens"],
+            eos_ids=eos,
+        )
+        outputs_ok.append(check_output(job.target, item, tokens, k))
+        steps_ok.append(outputs_ok[-1] and first_difference_excused(item, real, steps, gaps, k, "intersection"))
+        checked_steps += len(real) if steps_ok[-1] else 0
     return {
-        "checked_prompts": sum(ok),
-        "checked_steps": sum(len(r["steps"]) for o, r in zip(ok, runs) if o),
-        "target_near_ties": ok.count(False),
-        "ar_tokens_per_s": ar_speed,
-        "sd_tokens_per_s": sd_speed,
-        "speedup": sd_speed / ar_speed if sd_speed and ar_speed else None,
+        "checked_prompts": sum(steps_ok),
+        "checked_steps": checked_steps,
+        "target_near_ties": outputs_ok.count(False),
+        "draft_near_ties": sum(o and not s for o, s in zip(outputs_ok, steps_ok)),
     }
 
 
-def assisted_records(job: Job, temperature: float) -> None:
-    """assisted_generation at `temperature` for every headline k: sampling, or greedy across tokenizers."""
+def tli_records(job: Job) -> None:
+    """Greedy, different tokenizers: tli_walk for every k = 1..k_max from one teacher-forced pass over mapped ids."""
     settings = job.settings
-    n = max(settings["n_assisted"], settings["n_check"]) if temperature == 0 else settings["n_assisted"]
-    for k in settings["k"]:
-        runs = job.assisted(k, temperature, n)
-        extra = output_checks(job, runs, k) if temperature == 0 else {}
-        job.add(temperature, k, "assisted_generation", job.summarize([r["steps"] for r in runs], k), **extra)
+    target_size = job.target.config.get_text_config().vocab_size
+    mapping = cross_tokenizer.vocab_map(
+        job.target_tok, job.draft_tok, target_size, job.draft.config.get_text_config().vocab_size
+    )
+    bar = tqdm(total=len(job.items), desc="intersection teacher-forced pass", mininterval=5)
+    pad = job.draft_tok.pad_token_id if job.draft_tok.pad_token_id is not None else 0
+    forced = cross_tokenizer.tli_matches(
+        job.draft, mapping, job.items, pad_id=pad, batch_size=settings["batch_size"], progress=bar
+    )
+    bar.close()
+    runs = [acceptance.match_runs(f["matches"]) for f in forced]
+    for k in range(1, settings["k_max"] + 1):
+        walked = [cross_tokenizer.vllm_steps(r, k) for r in runs]
+        checks = tli_check(job, mapping, k, walked) if k in settings["k"] else {}
+        engine = vllm_counts(runs, k, settings["bootstrap"], job.seed)
+        extra = {"tli_shared_tokens": mapping["shared"], "tli_target_vocab": target_size}
+        job.add(0.0, k, "tli_walk", job.summarize(walked, k), **engine, **checks, **extra)
+
+
+def assisted_records(job: Job, temperature: float) -> None:
+    """assisted_generation at a sampling `temperature` for every headline k, on the first n_assisted prompts."""
+    for k in job.settings["k"]:
+        runs = job.assisted(k, temperature, job.settings["n_assisted"])
+        job.add(temperature, k, "assisted_generation", job.summarize([r["steps"] for r in runs], k))
 
 
 def tvd_records(job: Job, temperature: float) -> None:
@@ -494,6 +602,10 @@ def measure(
     for temperature in settings["temperatures"]:
         if temperature == 0 and job.path == "assisted":
             walk_records(job)
+            continue
+        if temperature == 0:
+            uag_records(job)
+            tli_records(job)
             continue
         assisted_records(job, temperature)
         if job.path == "assisted" and settings["n_tvd"]:

@@ -19,7 +19,10 @@ import time
 import torch
 from datasets import load_from_disk
 from tqdm.auto import tqdm
-from transformers.generation.candidate_generator import AssistantVocabTranslatorCache
+from transformers.generation.candidate_generator import (
+    AssistantVocabTranslatorCache,
+    AssistedCandidateGeneratorDifferentTokenizers,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from sd2.generation import check_shipped_generation, decoding_kwargs
@@ -66,6 +69,30 @@ def count_drafted(target, drafted: list):
         yield
     finally:
         del target._get_candidate_generator
+
+
+@contextlib.contextmanager
+def draft_cache_dropped():
+    """Universal assisted generation with the draft re-reading its whole input every step.
+
+    transformers 5.17's re-encoding can replace draft tokens it already cached, and when it also
+    appends more than one new token its crop keeps the replaced tokens' keys and values, so the
+    draft's proposal then depends on tokens that are no longer its input. Dropping the cache makes
+    the loop propose from exactly the ids its re-encoding gives, the rule sd2.measure.cross_tokenizer
+    walks; the outputs stay the target's greedy ones either way.
+    """
+    generator = AssistedCandidateGeneratorDifferentTokenizers
+    update = generator._update_past_and_masks
+
+    def without_cache(self, *args, **kwargs):
+        self.assistant_kwargs.pop("past_key_values", None)
+        return update(self, *args, **kwargs)
+
+    generator._update_past_and_masks = without_cache
+    try:
+        yield
+    finally:
+        generator._update_past_and_masks = update
 
 
 def pin_draft(draft, k: int) -> None:

@@ -1,0 +1,334 @@
+"""Exact greedy acceptance for a draft whose tokenizer differs from the target's.
+
+Greedy speculative decoding commits the target's greedy continuation y whatever the draft
+proposes, so a verification step starting at target position t is decided by what the draft
+proposes there, and that depends only on the draft's input at t. Each walk below replays an
+engine's rule for that input step by step along the cached y, the draft's greedy rollouts of
+all prompts batched into one forward per round, and never runs the target:
+
+- `uag_walk`, transformers' universal assisted generation: the engine's own re-encoding code
+  (`AssistedCandidateGeneratorDifferentTokenizers`, its look-behind windows and the diagonal
+  alignment that merges re-encoded tokens across a step boundary) keeps the draft's ids, the
+  draft rolls out k tokens, and their text re-encoded by the target's tokenizer is the proposal.
+  The draft's ids depend on where earlier steps ended, so the walk runs per k.
+- `tli_walk`, vLLM's token-level intersection (`use_heterogeneous_vocab`): the draft reads and
+  writes only tokens whose strings both vocabularies hold, mapped id to id (sd2.measure.vocab_map).
+
+Both return per prompt the (committed, drafted) target tokens of every step, the last included,
+as sd2.measure.acceptance.walk does, and per step the smallest top-1 minus top-2 logit gap of the
+draft's rollout (a near-tie where the walk's batched forward and the engine's cached one may
+legitimately pick different tokens).
+"""
+
+from collections.abc import Callable, Generator
+
+import torch
+from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers
+
+# A walk is a generator per prompt: it yields the draft's input ids at a step, is sent the
+# rollout (tokens, smallest gap) and returns the step list when the continuation is committed.
+Walk = Generator[list[int], tuple[list[int], float], list[tuple[int, int]]]
+
+
+def rollouts(draft, contexts: list[list[int]], k: int, *, stop_ids: set[int], pad_id: int, allowed=None):
+    """Greedy rollouts of up to k draft tokens from each context, batched: [(tokens, smallest top-2 gap)].
+
+    A rollout ends after a token in stop_ids, as generate() does for one sequence. `allowed`
+    (a boolean mask over the draft's vocabulary) restricts the argmax to those tokens.
+    """
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):  # left padding: every row's next token sits in the last column
+        ids[i, width - len(c) :] = torch.tensor(c)
+        mask[i, width - len(c) :] = 1
+    ids, mask = ids.to(draft.device), mask.to(draft.device)
+    tokens = [[] for _ in contexts]
+    gaps = [float("inf")] * len(contexts)
+    live = [True] * len(contexts)
+    past, step_ids = None, ids
+    for _ in range(k):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        out = draft(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+        )
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        top = logits.topk(2, dim=-1).values
+        chosen = logits.argmax(-1)
+        for i, token in enumerate(chosen.tolist()):
+            if live[i]:
+                tokens[i].append(token)
+                gaps[i] = min(gaps[i], float(top[i, 0] - top[i, 1]))
+                live[i] = token not in stop_ids
+        if not any(live):
+            break
+        step_ids = chosen[:, None]
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
+    return list(zip(tokens, gaps))
+
+
+def run_walks(
+    walks: list[Walk], rollout: Callable[[list[list[int]]], list], *, batch_size: int, progress=None
+) -> tuple[list[list[tuple[int, int]]], list[list[float]]]:
+    """Drive every prompt's walk to its end, one batched rollout per round: (steps, gaps) per prompt."""
+    steps: list = [None] * len(walks)
+    gaps: list[list[float]] = [[] for _ in walks]
+    pending = {}
+    for i, w in enumerate(walks):
+        pending[i] = next(w)
+    while pending:
+        order = sorted(pending, key=lambda i: len(pending[i]))
+        results = {}
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            for i, result in zip(chunk, rollout([pending[i] for i in chunk])):
+                results[i] = result
+        for i, result in results.items():
+            gaps[i].append(result[1])
+            try:
+                pending[i] = walks[i].send(result)
+            except StopIteration as done:
+                steps[i] = done.value
+                del pending[i]
+                if progress is not None:
+                    progress.update(1)
+    return steps, gaps
+
+
+def verify(candidate: list[int], y: list[int], t: int, *, length_left: int, eos_ids: set[int]) -> int:
+    """Target tokens one greedy verification step commits at t, as transformers' assisted decoding does.
+
+    The target's argmax along y is y itself; a candidate that reaches the length limit or ends with
+    an end-of-text and matches throughout gives its last token back to the target, and the step
+    commits at most the tokens left to generate.
+    """
+    matched = 0
+    for proposed, wanted in zip(candidate, y[t:]):
+        if proposed != wanted:
+            break
+        matched += 1
+    done = len(candidate) >= length_left or bool(candidate and candidate[-1] in eos_ids)
+    if done and matched == len(candidate):
+        matched -= 1
+    return min(matched + 1, length_left, len(y) - t)
+
+
+def _uag_engine(target_tok, draft_tok, draft, max_length: int) -> AssistedCandidateGeneratorDifferentTokenizers:
+    """transformers' UAG candidate generator without its models: only its re-encoding state and code."""
+    engine = AssistedCandidateGeneratorDifferentTokenizers.__new__(AssistedCandidateGeneratorDifferentTokenizers)
+    config = draft.generation_config
+    engine.target_tokenizer, engine.assistant_tokenizer = target_tok, draft_tok
+    engine.prev_target_ids_len, engine.prev_assistant_ids = None, None
+    # generate() fills unset look-behinds with its global defaults (10 and 10 in transformers 5).
+    defaults = config._get_default_generation_params()
+    engine.target_lookbehind = config.target_lookbehind or defaults["target_lookbehind"]
+    engine.assistant_lookbehind = config.assistant_lookbehind or defaults["assistant_lookbehind"]
+    engine.main_model_max_length = max_length
+    return engine
+
+
+def uag_steps(engine, prompt_ids: list[int], y: list[int], *, max_new_tokens: int, eos_ids: set[int]) -> Walk:
+    """One prompt's walk under transformers' UAG (`AssistedCandidateGeneratorDifferentTokenizers.get_candidates`)."""
+    steps, t = [], 0
+    while t < len(y):
+        input_ids = torch.tensor([prompt_ids + y[:t]])
+        draft_ids, _ = engine._prepare_assistant_input_ids(input_ids)
+        engine.prev_assistant_ids = draft_ids
+        tokens, _ = yield draft_ids[0].tolist()
+        sequences = torch.cat([draft_ids, torch.tensor([tokens], dtype=draft_ids.dtype)], dim=-1)
+        proposal = engine._process_assistant_outputs(input_ids, sequences)
+        engine.prev_target_ids_len, engine.prev_assistant_ids = input_ids.shape[1], sequences
+        candidate = proposal[0, input_ids.shape[1] :].tolist()
+        committed = verify(candidate, y, t, length_left=max_new_tokens - t, eos_ids=eos_ids)
+        steps.append((committed, len(candidate)))
+        t += committed
+    return steps
+
+
+def uag_walk(
+    draft,
+    target_tok,
+    draft_tok,
+    items: list[dict],
+    *,
+    k: int,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    batch_size: int,
+    progress=None,
+):
+    """(steps, gaps) per item ({prompt_ids, continuation_ids}) under transformers' UAG at k draft tokens per step.
+
+    eos_ids are the target's: transformers stops the draft's rollout at them too, as draft ids.
+    """
+    walks = [
+        uag_steps(
+            _uag_engine(target_tok, draft_tok, draft, len(it["prompt_ids"]) + max_new_tokens),
+            it["prompt_ids"],
+            it["continuation_ids"],
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+        )
+        for it in items
+    ]
+    pad = draft_tok.pad_token_id if draft_tok.pad_token_id is not None else 0
+
+    def rollout(contexts):
+        return rollouts(draft, contexts, k, stop_ids=eos_ids, pad_id=pad)
+
+    with torch.no_grad():
+        return run_walks(walks, rollout, batch_size=batch_size, progress=progress)
+
+
+def _space_prefixes(tokenizer) -> tuple[str, ...]:
+    """The marker a tokenizer writes for a leading space, found as vLLM's vocab_mapping does: from " a"."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))[0]
+    if len(first) > 1 and first.endswith("a") and first[0] not in " \t":
+        return (first[:-1],)
+    return ("Ġ", "▁")
+
+
+def _normalized_vocab(tokenizer, vocab_size: int) -> dict[str, int]:
+    """{token string with a leading space marker written as ' ': the first id that has it}, ids < vocab_size."""
+    prefixes, out = _space_prefixes(tokenizer), {}
+    for token, token_id in tokenizer.get_vocab().items():
+        for p in prefixes:
+            if token.startswith(p):
+                token = " " + token[len(p) :]
+                break
+        if token_id < vocab_size and token not in out:
+            out[token] = token_id
+    return out
+
+
+def vocab_map(target_tok, draft_tok, target_vocab_size: int, draft_vocab_size: int) -> dict:
+    """vLLM's token-level intersection: tokens whose normalized strings both vocabularies hold, mapped id to id.
+
+    Returns {target_to_draft: LongTensor (target vocab, -1 where absent), draft_allowed: BoolTensor over the
+    draft vocab, draft_fallback: the draft id an absent target token becomes (its unk, else its eos), shared: count}.
+    """
+    target_vocab = _normalized_vocab(target_tok, target_vocab_size)
+    draft_vocab = _normalized_vocab(draft_tok, draft_vocab_size)
+    target_to_draft = torch.full((target_vocab_size,), -1, dtype=torch.long)
+    allowed = torch.zeros(draft_vocab_size, dtype=torch.bool)
+    for token in target_vocab.keys() & draft_vocab.keys():
+        target_to_draft[target_vocab[token]] = draft_vocab[token]
+        allowed[draft_vocab[token]] = True
+    fallback = draft_tok.unk_token_id if draft_tok.unk_token_id is not None else draft_tok.eos_token_id
+    if fallback is None:
+        raise ValueError("the draft tokenizer has neither an unk nor an eos token for target tokens it lacks")
+    return {
+        "target_to_draft": target_to_draft,
+        "draft_allowed": allowed,
+        "draft_fallback": int(fallback),
+        "shared": int(allowed.sum()),
+    }
+
+
+def to_draft_ids(mapping: dict, target_ids: list[int]) -> list[int]:
+    """Target ids as the draft reads them under the intersection: one for one, absent ones as the fallback."""
+    mapped = mapping["target_to_draft"][torch.tensor(target_ids, dtype=torch.long)]
+    return torch.where(mapped < 0, mapping["draft_fallback"], mapped).tolist()
+
+
+@torch.no_grad()
+def tli_matches(draft, mapping: dict, items: list[dict], *, pad_id: int, batch_size: int, progress=None) -> list[dict]:
+    """Per item, teacher-forced over the mapped prompt + y: matches[s] = the draft's argmax over the shared tokens
+    at s is y[s] (mapped), and its top-2 gap there. The draft's input never depends on step boundaries under
+    the intersection, so one pass gives every step for every k."""
+    out: list[dict | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt_ids"]) + len(items[i]["continuation_ids"]))
+    allowed = mapping["draft_allowed"].to(draft.device)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        seqs = [to_draft_ids(mapping, items[i]["prompt_ids"] + items[i]["continuation_ids"]) for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+        logits = draft(input_ids=ids.to(draft.device), attention_mask=mask.to(draft.device)).logits.float()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        for row, i in enumerate(idx):
+            p, y = len(items[i]["prompt_ids"]), items[i]["continuation_ids"]
+            own = logits[row, p - 1 : p - 1 + len(y)]
+            wanted = mapping["target_to_draft"][torch.tensor(y)].to(own.device)
+            top = own.topk(2, dim=-1).values
+            out[i] = {
+                "matches": ((own.argmax(-1) == wanted) & (wanted >= 0)).cpu().tolist(),
+                "gap": (top[:, 0] - top[:, 1]).cpu().tolist(),
+            }
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def vllm_steps(runs: list[int], k: int) -> list[tuple[int, int]]:
+    """(committed, drafted) per verification step as vLLM runs greedy drafting, the last step included.
+
+    runs[t] = how many of y[t], y[t+1], ... the draft proposes right from t (sd2.measure.acceptance.match_runs).
+    The prefill gives y[0] with no draft; every later step drafts k tokens and commits 1 + the accepted ones,
+    the last step cut where y ends (its accepted count, as vLLM's counters see it, is `engine_counts`'s).
+    """
+    steps, t = [], 1
+    while t < len(runs):
+        accepted = min(runs[t], k)
+        steps.append((min(accepted + 1, len(runs) - t), k))
+        t += accepted + 1
+    return steps
+
+
+def engine_counts(runs: list[int], k: int) -> tuple[int, int]:
+    """(accepted draft tokens, verification steps) as vLLM's spec-decode counters add them up over one request:
+    every step, the last one included, accepted before any cut (within y: what the target says after y is not
+    cached, so a last step that matched to y's end may count fewer than vLLM would)."""
+    accepted, steps, t = 0, 0, 1
+    while t < len(runs):
+        a = min(runs[t], k)
+        accepted, steps, t = accepted + a, steps + 1, t + a + 1
+    return accepted, steps
+
+
+@torch.no_grad()
+def tli_generate(
+    target, draft, mapping: dict, prompt_ids: list[int], *, k: int, max_new_tokens: int, eos_ids: set[int]
+):
+    """A greedy decoding loop under the token-level intersection, batch size 1, both models run in full each step.
+
+    The measuring instrument the tli walk is checked against: the target generates its first token alone
+    (vLLM's prefill), then every step the draft proposes k shared tokens from the mapped sequence, the target
+    verifies them in one forward and commits the agreeing ones and its own next token. Returns (new tokens,
+    [(committed, drafted)] per step, the last included) and the smallest draft top-2 gap per step.
+    """
+    allowed = mapping["draft_allowed"].to(draft.device)
+    draft_to_target = torch.full((allowed.numel(),), -1, dtype=torch.long)
+    shared = mapping["target_to_draft"] >= 0
+    draft_to_target[mapping["target_to_draft"][shared]] = torch.nonzero(shared)[:, 0]
+
+    def target_next(ids):
+        return target(input_ids=torch.tensor([ids], device=target.device)).logits[0].argmax(-1).tolist()
+
+    seq, new, steps, gaps = list(prompt_ids), [], [], []
+    new.append(target_next(seq)[-1])
+    while len(new) < max_new_tokens and new[-1] not in eos_ids:
+        proposal, gap, past = [], float("inf"), None
+        step_ids = torch.tensor([to_draft_ids(mapping, seq + new)], device=draft.device)
+        for _ in range(k):
+            out = draft(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[0, -1].float().masked_fill(~allowed, float("-inf"))
+            top = logits.topk(2).values
+            gap = min(gap, float(top[0] - top[1]))
+            choice = int(logits.argmax())
+            proposal.append(int(draft_to_target[choice]))
+            step_ids = torch.tensor([[choice]], device=draft.device)
+        verdicts = target_next(seq + new + proposal)[len(seq) + len(new) - 1 :]
+        accepted = next((i for i, (p, v) in enumerate(zip(proposal, verdicts)) if p != v), k)
+        committed = (proposal[:accepted] + [verdicts[accepted]])[: max_new_tokens - len(new)]
+        if any(token in eos_ids for token in committed):
+            committed = committed[: next(i for i, token in enumerate(committed) if token in eos_ids) + 1]
+        new += committed
+        steps.append((len(committed), k))
+        gaps.append(gap)
+    return new, steps, gaps
