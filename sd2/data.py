@@ -194,6 +194,17 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+class TrainingText:
+    """Does a prompt occur in a training file, compared after whitespace normalisation?"""
+
+    def __init__(self, texts):
+        # Normalised texts hold no newline, so a prompt found in the joined string lies within one file.
+        self.joined = "\n".join(map(_normalise, texts))
+
+    def holds(self, row: dict) -> bool:
+        return _normalise(row["prompt"]) in self.joined
+
+
 class EvalOverlap:
     """Does a text overlap an evaluation prompt, compared after whitespace normalisation?"""
 
@@ -244,8 +255,9 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
     reports = {}
     corpus = _corpus(data_cfg, seed, reports)
 
-    evals = {}
+    evals, in_training = {}, {}
     for name, spec in data_cfg["eval_sets"].items():
+        reject = None
         if spec["source"] == "humaneval":
             rows = humaneval_prompts()
         elif spec["source"] == "stdlib_heldout":
@@ -253,11 +265,15 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
                 {"id": r["id"], "prompt": r["prompt"]}
                 for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])
             ]
+            # A held-out function also written out in a training module leaves the eval set, so that the
+            # training corpus stays the same however many held-out prompts are measured.
+            reject = TrainingText(corpus["train"]["text"]).holds
         else:
             rows, reports[f"eval_sets.{name}"] = source_rows(
                 spec, {"prompt": spec["prompt_field"]}, f"data.eval_sets.{name}"
             )
-        evals[name] = Dataset.from_list(_select(_unique_prompts(rows), spec["n"], seed)[0])
+        kept, in_training[name] = _select(_unique_prompts(rows), spec["n"], seed, reject)
+        evals[name] = Dataset.from_list(kept)
 
     # No evaluation prompt may be seen in training: drop any training file that contains one,
     # and any fine-tuning prompt (or response) that overlaps one.
@@ -284,9 +300,11 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
     info = manifest(corpus, finetune, evals)
     info["sources"] = reports
     info["removed_for_eval_overlap"] = {
-        "rule": "whitespace-normalised text: a training file containing an eval prompt; a fine-tuning prompt "
-        "containing, equal to or within an eval prompt, or a response containing one",
+        "rule": "whitespace-normalised text: a held-out stdlib prompt found in a training file leaves the eval set; "
+        "a training file containing another eval prompt; a fine-tuning prompt containing, equal to or within an "
+        "eval prompt, or a response containing one",
         "corpus_files": {"count": len(removed_files), "paths": removed_files},
+        "eval_prompts_in_training": {name: {"count": len(ids), "ids": ids} for name, ids in in_training.items()},
         "finetune": {"count": len(removed_prompts), "ids": removed_prompts},
     }
     info["provenance"] = provenance(seed=seed, data=data_cfg)

@@ -410,3 +410,36 @@ def test_sample_of_finetune_prompts_skips_overlaps_and_stays_full(tmp_path):
     assert len(finetune) == 10 and all(p.endswith("clean") for p in finetune["prompt"])
     removed = info["removed_for_eval_overlap"]["finetune"]
     assert 0 < removed["count"] == len(removed["ids"]) <= 20
+
+
+def test_heldout_prompts_found_in_training_leave_the_eval_set_not_the_corpus(tmp_path):
+    """Growing the held-out set never moves the training corpus: a held-out function also written out in a
+    training file is dropped from the eval set instead."""
+    infos, outs = [], []
+    for n in (10, 5000):
+        cfg = data_config(
+            {
+                "max_files": 150,
+                "validation_fraction": 0.2,
+                "max_finetune_prompts": 40,
+                "max_body_chars": 800,
+                "eval_sets": {"held": {"source": "stdlib_heldout", "n": n}},
+            }
+        )
+        outs.append(tmp_path / str(n))
+        infos.append(run_prepare(outs[-1], cfg))
+    assert infos[0]["splits"]["train"]["sha256"] == infos[1]["splits"]["train"]["sha256"]
+    held = load_from_disk(str(outs[1] / "eval_held"))
+    assert len(held) > 10
+    training = data.TrainingText(load_from_disk(str(outs[1] / "corpus"))["train"]["text"])
+    assert not any(training.holds(row) for row in held)
+    dropped = infos[1]["removed_for_eval_overlap"]["eval_prompts_in_training"]["held"]
+    assert dropped["count"] == len(dropped["ids"]) and not set(dropped["ids"]) & set(held["id"])
+
+
+def test_training_text_finds_a_prompt_whatever_its_whitespace():
+    training = data.TrainingText(["x = 1\n\ndef f(a):\n    '''Add one.'''\n    return a + 1\n", "y = 2\n"])
+    assert training.holds({"prompt": "def f(a):\n  '''Add one.'''"})
+    assert not training.holds({"prompt": "def g(a):\n    '''Add one.'''"})
+    # A prompt never spans two files.
+    assert not training.holds({"prompt": "return a + 1 y = 2"})
