@@ -175,7 +175,27 @@ def _check_references(config: dict) -> None:
             f"config error at measure.k: {max(measure['k'])} is more than measure.k_max={measure['k_max']} "
             "(the walk covers k = 1..k_max)"
         )
+    _check_every_k(config)
     _check_data(config)
+
+
+def _check_every_k(config: dict) -> None:
+    """measure.check_every_k must name a cell the sweep measures."""
+    cell = config["measure"]["check_every_k"]
+    if cell is None:
+        return
+    known = {
+        "draft": config["drafts"],
+        "method": config["methods"],
+        "sparsity": [0] + config["sparsities"],
+        "eval_set": list(config["data"]["eval_sets"]),
+    }
+    for key, values in known.items():
+        if cell[key] not in values:
+            raise ConfigError(
+                f"config error at measure.check_every_k.{key}: {cell[key]!r} is not one the sweep measures "
+                f"(known: {values})"
+            )
 
 
 def _check_tokenizers(config: dict) -> None:

@@ -57,6 +57,20 @@ BAD = [
     (lambda c: c["finetune"].update(bf16="fp16"), "finetune.bf16", "fp16"),
     (lambda c: c["measure"].update(k=[3, 9], k_max=8), "measure.k", "k_max"),
     (lambda c: c["measure"].update(bootstrap=100), "measure.bootstrap", "100"),
+    (
+        lambda c: c["measure"].update(
+            check_every_k={"draft": "nope", "method": "dense", "sparsity": 0, "eval_set": "humaneval", "prompts": 4}
+        ),
+        "measure.check_every_k.draft",
+        "nope",
+    ),
+    (
+        lambda c: c["measure"].update(
+            check_every_k={"draft": "tiny-draft", "method": "dense", "sparsity": 30, "eval_set": "x", "prompts": 4}
+        ),
+        "measure.check_every_k.sparsity",
+        "30",
+    ),
     # data sources: each names what it reads, and nothing it would ignore
     (lambda c: c["data"].update(hub={"dataset": "org/set"}), "data", "hub"),
     (lambda c: c["data"]["eval_sets"].update(x={"source": "hub"}), "data.eval_sets.x.dataset", "needs a dataset"),

@@ -332,3 +332,24 @@ def test_default_measure_has_no_tree_records(tmp_path, pair, outputs):
     settings = {**SETTINGS, "temperatures": [0.0], "tree_budgets": []}
     result = ms.measure(pair[0], pair[1], outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0)
     assert {r["estimator"] for r in result["records"]} == {"teacher_forced_walk"}
+
+
+def test_check_every_k_cell_checks_every_k(tmp_path, pair, outputs, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir):
+    """The check_every_k cell is checked at every k on its prompts, both across and within a tokenizer."""
+    cell = {key: LABELS[key] for key in ("draft", "method", "sparsity", "eval_set")}
+    settings = {**SETTINGS, "temperatures": [0.0], "check_every_k": {**cell, "prompts": 4}}
+    same = ms.measure(pair[0], pair[1], outputs, tmp_path / "a.json", settings=settings, labels=LABELS, seed=0)
+    qwen_outputs = tmp_path / "qwen.json"
+    continuations.target_outputs(tiny_qwen_dir, eval_dir, qwen_outputs, settings=SETTINGS, seed=0)
+    across = ms.measure(
+        tiny_qwen_dir, tiny_llama_draft_dir, qwen_outputs, tmp_path / "b.json", settings=settings, labels=LABELS, seed=0
+    )
+    every_k = set(range(1, SETTINGS["k_max"] + 1))
+    for result, estimators in ((same, ["teacher_forced_walk"]), (across, ["uag_walk", "tli_walk"])):
+        for estimator in estimators:
+            records = [r for r in result["records"] if r["estimator"] == estimator]
+            assert {r["k"] for r in records} == every_k
+            for r in records:
+                assert r["checked_prompts"] + r["draft_near_ties"] + r["target_near_ties"] == 4
+    other = ms.check_plan(settings, {**LABELS, "method": "dense"})
+    assert other == {k: SETTINGS["n_check"] for k in SETTINGS["k"]}

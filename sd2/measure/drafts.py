@@ -304,6 +304,7 @@ class Job:
     base: dict  # the columns every record shares
     settings: dict
     seed: int
+    checks: dict[int, int]  # k -> prompts the decoding loops check the walks on (check_plan)
     run: object = None
     records: list[dict] = field(default_factory=list)
 
@@ -341,6 +342,15 @@ class Job:
                 max_new_tokens=self.settings["max_new_tokens"],
                 seed=self.seed,
             )
+
+
+def check_plan(settings: dict, labels: dict) -> dict[int, int]:
+    """{k: prompts} on which the decoding loops check this cell's walks: every k on check_every_k's prompts in its
+    cell, else the headline k on n_check prompts."""
+    deep = settings.get("check_every_k")
+    if deep and all(labels.get(key) == deep[key] for key in ("draft", "method", "sparsity", "eval_set")):
+        return {k: deep["prompts"] for k in range(1, settings["k_max"] + 1)}
+    return {k: settings["n_check"] for k in settings["k"]}
 
 
 def prepare(
@@ -390,6 +400,7 @@ def prepare(
         base=base,
         settings=settings,
         seed=seed,
+        checks=check_plan(settings, labels),
         run=run,
     )
 
@@ -406,14 +417,15 @@ def teacher_forced(job: Job) -> list[dict]:
 
 
 def walk_check(job: Job, k: int, walked: list, forced: list[dict]) -> dict:
-    """Assisted generation on the first n_check prompts against the walk at k, step by step, and timed."""
-    runs = job.assisted(k, 0.0, job.settings["n_check"])
+    """Assisted generation on the first job.checks[k] prompts against the walk at k, step by step, and timed."""
+    runs = job.assisted(k, 0.0, job.checks[k])
     outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
     steps_ok = [
         ok and check_steps(it, r["steps"], walked[i], forced[i]["gap"], k)
         for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, runs))
     ]
-    return check_summary(outputs_ok, steps_ok, runs, _speed(runs, job.settings["warmup_prompts"]), job.ar_speed)
+    timed = runs[: job.settings["n_check"]]  # the prompts the target alone was timed on
+    return check_summary(outputs_ok, steps_ok, runs, _speed(timed, job.settings["warmup_prompts"]), job.ar_speed)
 
 
 def walk_records(job: Job) -> None:
@@ -425,7 +437,7 @@ def walk_records(job: Job) -> None:
         k: [acceptance.walk(f["matches"], k, max_new, it["ended_by_eos"]) for f, it in zip(forced, job.items)]
         for k in range(1, settings["k_max"] + 1)
     }
-    checks = {k: walk_check(job, k, walks[k], forced) for k in settings["k"]}
+    checks = {k: walk_check(job, k, walks[k], forced) for k in job.checks}
     runs = [acceptance.match_runs(f["matches"]) for f in forced]
     for k, generations in walks.items():
         engine = vllm_counts(runs, k, settings["bootstrap"], job.seed)
@@ -452,9 +464,10 @@ def first_difference_excused(item: dict, real: list, walked: list, gaps: list[fl
 
 
 def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
-    """transformers' UAG on the first n_check prompts: its outputs are the cached continuations, its steps with the
-    draft's cache dropped are the walk's, and with the cache kept (timed) engine_same_steps counts equal ones."""
-    n = job.settings["n_check"]
+    """transformers' UAG on the first job.checks[k] prompts: its outputs are the cached continuations, its steps
+    with the draft's cache dropped are the walk's, and with the cache kept (timed) engine_same_steps counts equal
+    ones."""
+    n = job.checks[k]
     kept = job.assisted(k, 0.0, n)
     with draft_cache_dropped():
         dropped = job.assisted(k, 0.0, n)
@@ -466,14 +479,15 @@ def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
         ok and first_difference_excused(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
         for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, dropped))
     ]
-    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(kept, job.settings["warmup_prompts"]), job.ar_speed)
+    timed = kept[: job.settings["n_check"]]  # the prompts the target alone was timed on
+    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(timed, job.settings["warmup_prompts"]), job.ar_speed)
     return {**summary, "engine_same_steps": sum(r["steps"] == w for r, w in zip(kept, walked))}
 
 
 def uag_records(job: Job) -> None:
-    """Greedy, different tokenizers: uag_walk on every prompt for every headline k, checked against transformers."""
+    """Greedy, different tokenizers: uag_walk on every prompt for every checked k, checked against transformers."""
     settings, eos = job.settings, model_eos_ids(job.target)
-    for k in settings["k"]:
+    for k in sorted(job.checks):
         bar = tqdm(total=len(job.items), desc=f"uag walk k={k}", mininterval=5)
         walked, gaps = cross_tokenizer.uag_walk(
             job.draft,
@@ -491,10 +505,11 @@ def uag_records(job: Job) -> None:
 
 
 def tli_check(job: Job, mapping: dict, k: int, walked: list) -> dict:
-    """sd2.measure.cross_tokenizer.tli_generate on the first n_check prompts: the cached outputs, the walk's steps."""
+    """sd2.measure.cross_tokenizer.tli_generate on the first job.checks[k] prompts: the cached outputs, the walk's
+    steps."""
     settings, eos = job.settings, model_eos_ids(job.target)
     outputs_ok, steps_ok, checked_steps = [], [], 0
-    for item, steps in zip(job.items[: settings["n_check"]], walked):
+    for item, steps in zip(job.items[: job.checks[k]], walked):
         tokens, real, gaps = cross_tokenizer.tli_generate(
             job.target,
             job.draft,
@@ -531,7 +546,7 @@ def tli_records(job: Job) -> None:
     runs = [acceptance.match_runs(f["matches"]) for f in forced]
     for k in range(1, settings["k_max"] + 1):
         walked = [cross_tokenizer.vllm_steps(r, k) for r in runs]
-        checks = tli_check(job, mapping, k, walked) if k in settings["k"] else {}
+        checks = tli_check(job, mapping, k, walked) if k in job.checks else {}
         engine = vllm_counts(runs, k, settings["bootstrap"], job.seed)
         extra = {"tli_shared_tokens": mapping["shared"], "tli_target_vocab": target_size}
         job.add(0.0, k, "tli_walk", job.summarize(walked, k), **engine, **checks, **extra)
