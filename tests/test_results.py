@@ -161,6 +161,7 @@ def test_comparisons_by_hand(compared):
     assert row["ratio_ci_low"] < row["mal_ratio_vs_layer_pruned"] < row["ratio_ci_high"]
     assert row["ratio_significant"]  # 2.9 against 1.9 with the prompt effect cancelled
     assert row["macs_reduction_pct"] == pytest.approx(45.0)  # 0.9 * 50% of the dense draft's MACs
+    assert row["layer_pruned_macs_vs_sd2_pct"] == pytest.approx(0.0)  # the synthetic cut matches SD²'s MACs
     assert row["mal_change_pct"] == pytest.approx(100 * (row["sd2_mal"] / row["dense_sd_mal"] - 1))
     assert row["change_ci_low"] < row["mal_change_pct"] < row["change_ci_high"] < 0
 

@@ -10,6 +10,8 @@ from sd2 import methods, variants
 from sd2.measure.stats import excludes, paired_ratio_ci
 from sd2.report.collect import drop_ranks, read_records, unquantized, with_rank, with_variant_columns, write_table
 
+# The exact greedy estimators of a chain draft: one shared tokenizer, then the two different-tokenizer rules.
+EXACT_CHAINS = ("teacher_forced_walk", "uag_walk", "tli_walk")
 # Fewer prompts than this: no comparison is called significant, whatever its interval.
 MIN_PROMPTS_FOR_SIGNIFICANCE = 20
 
@@ -42,6 +44,7 @@ BASELINE_COLUMNS = [
     "ratio_ci_high",
     "ratio_significant",
     "macs_reduction_pct",
+    "layer_pruned_macs_vs_sd2_pct",
     "mal_change_pct",
     "change_ci_low",
     "change_ci_high",
@@ -164,7 +167,8 @@ def comparisons(record_paths) -> pd.DataFrame:
 
     Rows of sd2 with loss ce, the paper's comparisons:
     - mal_ratio_vs_layer_pruned = MAL(sd2) / MAL(layer_pruned at the same sparsity level, i.e.
-      layers dropped to match that sparse draft's MACs); the paper reports 1.59.
+      layers dropped to match that sparse draft's MACs); the paper reports 1.59. Whole layers match
+      those MACs only roughly: layer_pruned_macs_vs_sd2_pct = 100 * (MACs(layer_pruned) / MACs(sd2) - 1).
     - macs_reduction_pct = 100 * (1 - MACs(sd2) / MACs(dense_sd)); the paper reports 43.87.
     - mal_change_pct = 100 * (MAL(sd2) / MAL(dense_sd) - 1); the paper reports -8.36.
     Rows of every other loss variant (a tuned method with a loss other than ce, direct_align included):
@@ -231,7 +235,7 @@ def family_comparisons(record_paths, reference: str = "dense_sd") -> pd.DataFram
     A chain draft is compared with the reference of its own size; a head, which has no draft size,
     with its target's first reference in file order (reference_draft names it).
     """
-    exact = ("teacher_forced_walk", "rollout_walk")
+    exact = EXACT_CHAINS + ("rollout_walk",)
     kept = []
     for record, ids, _ in read_records(record_paths):
         settings = (record.get("provenance") or {}).get("settings") or {}
@@ -334,6 +338,9 @@ def _baseline_row(others: dict) -> dict:
     )
     dense_macs = others["dense_sd"][0]["draft_macs_per_token"] if "dense_sd" in others else float("nan")
     row["macs_reduction_pct"] = 100.0 * (1.0 - sd2["draft_macs_per_token"] / dense_macs)
+    # Whole layers cannot always match SD²'s MACs: every comparison with it carries the difference.
+    pruned_macs = others["layer_pruned"][0]["draft_macs_per_token"] if "layer_pruned" in others else float("nan")
+    row["layer_pruned_macs_vs_sd2_pct"] = 100.0 * (pruned_macs / sd2["draft_macs_per_token"] - 1.0)
     row.update(
         mal_change_pct=100.0 * (change[0] - 1),
         change_ci_low=100.0 * (change[1] - 1),
@@ -364,19 +371,23 @@ def collect_comparisons(record_paths, out_csv) -> pd.DataFrame:
     return df
 
 
-def exact_greedy_cells(measurements: pd.DataFrame, names) -> pd.DataFrame:
-    """Exact greedy rows at the reported k of the methods `names`, drafts as made (ce, unquantized), of the
-    target with the most such rows, on one eval set: HumanEval, or the first by name where there is none."""
+def exact_greedy_cells(
+    measurements: pd.DataFrame, names, estimator: str = "teacher_forced_walk", target: str | None = None
+) -> pd.DataFrame:
+    """Exact greedy rows of `estimator` at the reported k of the methods `names`, drafts as made (ce,
+    unquantized), of `target` (default: the target with the most such rows), on one eval set: HumanEval, or
+    the first by name where there is none."""
     df = with_variant_columns(measurements)
     df = df[
         (df["temperature"] == 0)
         & df["headline_k"].eq(True)
-        & (df["estimator"] == "teacher_forced_walk")
+        & (df["estimator"] == estimator)
         & df["method"].isin(names)
         & (df["loss"].isna() | (df["loss"] == methods.DEFAULT_LOSS))
         & (df["quantization"] == variants.NO_QUANTIZATION)
     ]
-    target = df["target"].value_counts().index[0]
+    target = target or df["target"].value_counts().index[0]
+    df = df[df["target"] == target]
     evals = sorted(set(df["eval_set"]))
     return df[(df["target"] == target) & (df["eval_set"] == ("humaneval" if "humaneval" in evals else evals[0]))]
 
@@ -384,6 +395,6 @@ def exact_greedy_cells(measurements: pd.DataFrame, names) -> pd.DataFrame:
 def with_sd2_comparisons(rows: pd.DataFrame, compared: pd.DataFrame, columns: list[str], order) -> pd.DataFrame:
     """exact_greedy_cells' rows with the `columns` of SD²'s paired comparisons beside their cells, sorted by
     draft, then method in `order`, then sparsity."""
-    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature"]
+    keys = ["target", "draft", "method", "sparsity", "eval_set", "temperature", "estimator"]
     rows = rows.merge(baseline_comparisons(compared)[keys + columns], on=keys, how="left")
     return rows.assign(rank=rows["method"].map(list(order).index)).sort_values(["draft", "rank", "sparsity"])

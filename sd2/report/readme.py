@@ -15,6 +15,7 @@ import pandas as pd
 from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import (
+    MIN_PROMPTS_FOR_SIGNIFICANCE,
     baseline_comparisons,
     exact_greedy_cells,
     family_comparisons,
@@ -24,6 +25,7 @@ from sd2.report.comparisons import (
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 from sd2.report.real_model import sparse_kernels as real_sparse_kernels
+from sd2.report.verdicts import headline_verdicts, verdicts
 
 
 def run_time(results: Path) -> str:
@@ -203,8 +205,44 @@ def _share(df: pd.DataFrame, column: str) -> str:
     return f"{int(df[column].sum())} of {len(df)}"
 
 
+def _pooled(compared: pd.DataFrame) -> list[str]:
+    """Pooled ranges of SD²'s paired comparisons over cells of one target and estimator, each with enough
+    prompts to be called significant (MIN_PROMPTS_FOR_SIGNIFICANCE); the others are named apart."""
+    lines = []
+    for (target, estimator), cells in compared.groupby(["target", "estimator"], sort=False):
+        few = cells[cells["n_prompts"] < MIN_PROMPTS_FOR_SIGNIFICANCE]
+        cells = cells[cells["n_prompts"] >= MIN_PROMPTS_FOR_SIGNIFICANCE]
+        where = f"{target}, {estimator}"
+        if len(few):
+            lines.append(
+                f"- **{where}**: {len(few)} cells on fewer than {MIN_PROMPTS_FOR_SIGNIFICANCE} prompts, "
+                "left out of every range and never called significant."
+            )
+        ratio, change = cells.dropna(subset=["ratio_ci_low"]), cells.dropna(subset=["change_ci_low"])
+        if len(ratio):
+            up = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_low"] > 1)]
+            down = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_high"] < 1)]
+            lines.append(
+                f"- **{where}: SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of draft x sparsity x eval set, "
+                f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} "
+                f"prompts): ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to "
+                f"{ratio['mal_ratio_vs_layer_pruned'].max():.2f}; significantly above 1 in {len(up)} cells, below 1 "
+                f"in {len(down)}, not significant in {len(ratio) - len(up) - len(down)}; the layer-pruned draft's MACs "
+                f"differ from SD²'s by {ratio['layer_pruned_macs_vs_sd2_pct'].min():+.1f}% to "
+                f"{ratio['layer_pruned_macs_vs_sd2_pct'].max():+.1f}%."
+            )
+        if len(change):
+            lines.append(
+                f"- **{where}: SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% "
+                f"to {-change['macs_reduction_pct'].min():.1f}%, MAL change {change['mal_change_pct'].min():+.1f}% "
+                f"to {change['mal_change_pct'].max():+.1f}%; significant in {_share(change, 'change_significant')} "
+                "cells."
+            )
+    return lines
+
+
 def significance(results: Path) -> str:
-    """What the paired comparisons say, in sentences, greedy decoding."""
+    """What the paired comparisons say, in sentences, greedy decoding: per target and estimator."""
     compared = pd.read_csv(results / "tables" / "comparisons.csv")
     # Each kind of row leaves the other kind's *_significant empty, so pandas reads those columns as objects.
     flags = [c for c in ("ratio_significant", "change_significant", "vs_ce_significant") if c in compared]
@@ -214,30 +252,7 @@ def significance(results: Path) -> str:
     greedy = baseline_comparisons(compared[compared["temperature"] == 0])
     if not len(greedy):
         return "No comparisons in the tables."
-    ratio, change = greedy.dropna(subset=["ratio_ci_low"]), greedy.dropna(subset=["change_ci_low"])
-    up = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_low"] > 1)]
-    down = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_high"] < 1)]
-    lines = []
-    if len(ratio):
-        lines.append(
-            f"- **SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of target x draft x sparsity x eval set, "
-            f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} prompts): "
-            f"ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to {ratio['mal_ratio_vs_layer_pruned'].max():.2f}; "
-            f"significantly above 1 in {len(up)} cells, below 1 in {len(down)}, "
-            f"not significant in {len(ratio) - len(up) - len(down)}."
-        )
-    if len(change):
-        lines.append(
-            f"- **SD² against dense_sd**: MACs {-change['macs_reduction_pct'].max():.1f}% "
-            f"to {-change['macs_reduction_pct'].min():.1f}%, "
-            f"MAL change {change['mal_change_pct'].min():+.1f}% to {change['mal_change_pct'].max():+.1f}%; "
-            f"significant in {_share(change, 'change_significant')} cells."
-        )
-    for name, df in (("ratio", ratio), ("change", change)):
-        quiet = df[~df[f"{name}_significant"]]
-        if len(quiet):
-            where = "; ".join(f"{r.target}/{r.draft} s{r.sparsity} {r.eval_set}" for r in quiet.itertuples())
-            lines.append(f"  Not significant ({'vs layer-pruned' if name == 'ratio' else 'vs dense_sd'}): {where}.")
+    lines = _pooled(greedy)
     for (method, loss), cells in by_loss.groupby(["method", "loss"], sort=False):
         up = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_low"] > 1)]
         down = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_high"] < 1)]
@@ -739,6 +754,8 @@ def methods_table(results: Path) -> str:
 BLOCKS = {
     "commands": commands,
     "headline": headline,
+    "headline_verdicts": headline_verdicts,
+    "verdicts": verdicts,
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,
     "layer_subsets": layer_subsets,

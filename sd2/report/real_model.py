@@ -10,6 +10,7 @@ from sd2 import variants
 from sd2.report.comparisons import baseline_comparisons, exact_greedy_cells, with_sd2_comparisons
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, time_by_rule
 from sd2.report.plots import sparse_layer_speedups
+from sd2.report.verdicts import direction
 
 REAL = "real"
 METHODS = ["dense", "dense_sd", "layer_pruned", "sparse_oneshot", "sparse_sft", "sd2"]
@@ -90,8 +91,8 @@ def verdicts(rows: pd.DataFrame) -> list[str]:
     """One sentence per SD² draft, from its paired intervals: better, worse or not distinguishable."""
     out = []
     for _, r in rows[rows["method"] == "sd2"].iterrows():
-        vs_lp = _direction(r["mal_ratio_vs_layer_pruned"], r["ratio_ci_low"], r["ratio_ci_high"], 1.0)
-        vs_sd = _direction(r["mal_change_pct"], r["change_ci_low"], r["change_ci_high"], 0.0)
+        vs_lp = direction(r["mal_ratio_vs_layer_pruned"], r["ratio_ci_low"], r["ratio_ci_high"], 1.0)
+        vs_sd = direction(r["mal_change_pct"], r["change_ci_low"], r["change_ci_high"], 0.0)
         out.append(
             f"{r['draft']}, SD² at {r['sparsity']}% ({1 - r['macs_reduction']:.2f} of the dense draft's MACs): "
             f"MAL {vs_lp} the layer-pruned draft's ({r['mal_ratio_vs_layer_pruned']:.2f}x "
@@ -107,16 +108,6 @@ def verdicts(rows: pd.DataFrame) -> list[str]:
             f"{best['ar_tokens_per_s']:.1f} tokens/s): speculative decoding is {faster} here."
         )
     return out
-
-
-def _direction(value: float, low: float, high: float, none: float) -> str:
-    if value != value:
-        return "cannot be compared with"
-    if low > none:
-        return "is significantly above"
-    if high < none:
-        return "is significantly below"
-    return "is not distinguishable from"
 
 
 def beside_the_paper(results: Path) -> str:
