@@ -259,6 +259,8 @@ def test_measure_different_tokenizers(tmp_path, tiny_qwen_dir, tiny_llama_draft_
     )
     estimators = {(r["temperature"], r["estimator"]) for r in result["records"]}
     assert estimators == {(0.0, "uag_walk"), (0.0, "tli_walk"), (1.0, "assisted_generation")}
+    # The fixtures' models were saved without training: no precision to name.
+    assert all(r["draft_training_precision"] is None and "target_training_precision" in r for r in result["records"])
     greedy = [r for r in result["records"] if r["temperature"] == 0]
     for record in greedy:
         assert record["decoding_path"] == "uag" and not record["same_tokenizer"]
@@ -353,3 +355,20 @@ def test_check_every_k_cell_checks_every_k(tmp_path, pair, outputs, tiny_qwen_di
                 assert r["checked_prompts"] + r["draft_near_ties"] + r["target_near_ties"] == 4
     other = ms.check_plan(settings, {**LABELS, "method": "dense"})
     assert other == {k: SETTINGS["n_check"] for k in SETTINGS["k"]}
+
+
+def test_training_precision_follows_the_checkpoints_a_draft_was_made_from(tmp_path):
+    from sd2.provenance import provenance, training_precision
+
+    def stage(name, precision=None, **settings):
+        (tmp_path / name).mkdir()
+        info = {**provenance(seed=0, **settings), **({"precision": precision} if precision else {})}
+        (tmp_path / name / "provenance.json").write_text(json.dumps(info))
+        return str(tmp_path / name)
+
+    base = stage("base", "bf16", model="tiny-draft")
+    pruned = stage("pruned", model=base, sparsity=50)
+    tuned = stage("tuned", "fp32", init=pruned)
+    assert training_precision(tuned) == "bf16+fp32"
+    assert training_precision(base) == "bf16"
+    assert training_precision(tmp_path / "nowhere") is None

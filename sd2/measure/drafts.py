@@ -33,7 +33,7 @@ from sd2.measure.speculative import assisted_runs, decoding_path, draft_cache_dr
 from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
 from sd2.models import load_checkpoint
-from sd2.provenance import provenance
+from sd2.provenance import provenance, training_precision
 from sd2.sparse_kernel import kernel_modules, swapped
 
 # A teacher-forced pass and incremental decoding run different kernels (other shapes, other
@@ -103,6 +103,9 @@ DEFINITIONS = {
     "transformers' loop with the draft's cache dropped, for tli_walk sd2.measure.cross_tokenizer.tli_generate). "
     "draft_near_ties/target_near_ties: prompts left out of that check because the "
     "first disagreement sits where the draft's/target's top two logits differ by less than 1e-4.",
+    "training_precision": "target_/draft_training_precision: the precisions the model was trained in, base first "
+    "(bf16+fp32: a bf16 stage, then an fp32 one), from the provenance.json of the checkpoint and of those it was "
+    "made from; empty for a checkpoint no training here made.",
     "sampling": "temperature T > 0 is pure sampling (top_k=0, top_p=1, no repetition penalty) at T, seeded "
     "with torch.manual_seed(seed + prompt index) before each generate().",
     "prompts": "the eval prompt as the target sees it: a user turn in the target's chat template (with the "
@@ -613,6 +616,10 @@ def measure(
     draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device, dtype=draft_dtype)
     job = prepare(
         target, draft, target_tok, draft_tok, cached, items, settings=settings, labels=labels, seed=seed, run=run
+    )
+    # Runs on CPUs with and without native bf16 train in different precisions: every record says which.
+    job.base.update(
+        target_training_precision=training_precision(target_dir), draft_training_precision=training_precision(draft_dir)
     )
     for temperature in settings["temperatures"]:
         if temperature == 0 and job.path == "assisted":
