@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run real test-real families quantization test test-integration test-times figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run real test-real families quantization replicates test test-integration test-times figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -54,6 +54,11 @@ families: $(STAMP)
 # work/ likewise, timed into results/quantization/run_time.json.
 quantization: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config config/quantization.yaml --cores 2 --on-top
+
+# The replicate study (config/replicates.yaml), on top of `make run`'s data: the default sweep's models
+# retrained with other seeds (work/replicates/, results/replicates/), then which verdicts hold across runs.
+replicates: $(STAMP)
+	$(BIN)/python -m sd2 replicates --study config/replicates.yaml --cores 2
 
 # The suite but the two end-to-end runs (a Slurm cluster, the paper config on stand-ins), which
 # take longer than the rest together; CI runs both targets.

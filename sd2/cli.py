@@ -565,6 +565,24 @@ def sweep(p=None, a=None):
     sys.exit((run_on_top if a.on_top else run_sweep)(a.config, cores=a.cores))
 
 
+@step("replicates", "make replicates: the default sweep retrained with other seeds, and the replicates table")
+def replicates(p=None, a=None):
+    if p:
+        p.add_argument("--study", default="config/replicates.yaml", help="the replicate study (config/replicates.yaml)")
+        p.add_argument("--cores", type=int, default=2)
+        p.add_argument("--tables-only", action="store_true", help="only the table, from the replicates' records")
+        return
+    from sd2 import replicates as study
+
+    if a.tables_only:
+        from sd2.report.replicates import write_tables
+
+        for table in write_tables(study.read_study(a.study)):
+            print(table)
+        return
+    sys.exit(study.run(a.study, cores=a.cores))
+
+
 @step("job-times", "per-job wall time and memory from Snakemake's benchmark files, as a table")
 def job_times(p=None, a=None):
     if p:

@@ -235,9 +235,9 @@ def run_on_top(config_path, *, cores: int) -> int:
 
     config = load(config_path)
     work, results = Path(config["workdir"]), Path(config["results_dir"])
-    if not (work / "models").is_dir():
+    if not (work / "data").is_dir():
         raise SystemExit(
-            f"{config_path} runs on top of the default run, but {work}/models does not exist: run `make run` first"
+            f"{config_path} runs on top of the default run, but {work}/data does not exist: run `make run` first"
         )
     marker, state = _on_top_marker(results)
     # Resuming over a completed record (the config gained jobs since): that record is kept inside the new one.

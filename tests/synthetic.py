@@ -135,8 +135,8 @@ def synthetic_record(target, draft, method, sparsity, eval_set, temperature, est
 
 
 def records_of(target, draft, method, sparsity, eval_set) -> list[dict]:
-    """What sd2.measure.drafts writes: the walk for every k (same tokenizer) or assisted generation at K,
-    greedy and sampled."""
+    """What sd2.measure.drafts writes: greedy, the walk for every k (same tokenizer) or the UAG walk at K and the
+    token-intersection walk for every k (different tokenizers); sampled, assisted generation at K."""
     if TARGETS[target]:
         greedy = [
             synthetic_record(target, draft, method, sparsity, eval_set, 0.0, "teacher_forced_walk", k)
@@ -147,7 +147,11 @@ def records_of(target, draft, method, sparsity, eval_set) -> list[dict]:
             for k in range(1, K_MAX + 1)
         ]
     else:
-        greedy, sampled = [synthetic_record(target, draft, method, sparsity, eval_set, 0.0, "assisted_generation")], []
+        greedy = [synthetic_record(target, draft, method, sparsity, eval_set, 0.0, "uag_walk")]
+        greedy += [
+            synthetic_record(target, draft, method, sparsity, eval_set, 0.0, "tli_walk", k) for k in range(1, K_MAX + 1)
+        ]
+        sampled = []
     return greedy + [synthetic_record(target, draft, method, sparsity, eval_set, 1.0, "assisted_generation")] + sampled
 
 
@@ -173,7 +177,9 @@ def write_synthetic_records(
 
 
 def rows_per_file(target) -> int:
-    return 2 * K_MAX + 1 if TARGETS[target] else 2
+    # Same tokenizer: the walk and the TVD estimate per k, assisted generation sampled; different: the UAG walk,
+    # the intersection walk per k, assisted generation sampled.
+    return 2 * K_MAX + 1 if TARGETS[target] else K_MAX + 2
 
 
 def write_training_log(path, n=4, start=5.0):

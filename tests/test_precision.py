@@ -154,7 +154,7 @@ def test_on_top_run_adds_up_cut_invocations(tmp_path, monkeypatch):
     from records made before any timing says its time is not the whole config's."""
     results = tmp_path / "results" / "families"
     cfg = {"workdir": str(tmp_path / "work"), "results_dir": str(results)}
-    (tmp_path / "work" / "models").mkdir(parents=True)
+    (tmp_path / "work" / "data").mkdir(parents=True)
     outcomes = iter([1, 0])
     monkeypatch.setattr("sd2.config.load", lambda path: cfg)
     monkeypatch.setattr("subprocess.run", lambda cmd: type("Done", (), {"returncode": next(outcomes)})())

@@ -8,6 +8,7 @@ import pytest
 from synthetic import (
     DENSE_DRAFT_MACS,
     EVAL_SETS,
+    K_MAX,
     N_PROMPTS,
     TARGETS,
     VARIANTS,
@@ -69,8 +70,10 @@ def test_collect_measurements_sorted_deterministically(tmp_path):
         ("sd2", "kl", 70),
     ]
     assert list(a["target"].unique()) == ["t_llama", "t_qwen"]
-    head = b[(b["target"] == "t_qwen")].iloc[:2]
-    assert list(head["temperature"]) == [0.0, 1.0]
+    # Within a draft: greedy before sampled, then by estimator and k.
+    dense = b[(b["target"] == "t_qwen") & (b["method"] == "dense") & (b["eval_set"] == "humaneval")]
+    assert list(dense["temperature"]) == sorted(dense["temperature"]) and dense["temperature"].iloc[0] == 0.0
+    assert list(dense["estimator"])[: K_MAX + 1] == ["tli_walk"] * K_MAX + ["uag_walk"]
 
 
 def test_macs_reduction_against_dense_draft(measurements):
@@ -112,7 +115,8 @@ def test_collect_training_long_table(tmp_path):
 
 def test_summary_table(measurements):
     s = summary_table(measurements)
-    assert len(s) == len(TARGETS) * len(VARIANTS)
+    # A row per estimator at the headline k: the walk (same tokenizer); the UAG and intersection walks (different).
+    assert len(s) == 3 * len(VARIANTS)
     assert s.loc[s["method"] == "dense", "loss"].isna().all() and set(s.loc[s["method"] == "sd2", "loss"]) == {
         "ce",
         "kl",
@@ -128,7 +132,7 @@ def test_summary_table(measurements):
         "improvement_factor",
         "speedup",
     } <= set(s.columns)
-    assert set(s["k"]) == {K} and set(s["estimator"]) == {"teacher_forced_walk", "assisted_generation"}
+    assert set(s["k"]) == {K} and set(s["estimator"]) == {"teacher_forced_walk", "uag_walk", "tli_walk"}
     row = s[(s["target"] == "t_qwen") & (s["method"] == "sd2") & (s["sparsity"] == 50)].iloc[0]
     assert row["mal_humaneval"] == pytest.approx(3.4 - 0.5 - 0.3, abs=0.01)
     assert row["ci_low_humaneval"] < row["mal_humaneval"] < row["ci_high_humaneval"]
@@ -147,8 +151,9 @@ def compared(tmp_path):
 def test_comparisons_by_hand(compared):
     assert list(compared.columns) == COMPARISON_COLUMNS
     baseline = compared[compared["loss"] == "ce"]
-    # per target: two eval sets x two sd2 levels x (greedy + sampled assisted); tvd estimates are not compared
-    assert len(baseline) == len(TARGETS) * len(EVAL_SETS) * 2 * 2 and set(baseline["method"]) == {"sd2"}
+    # two eval sets x two sd2 levels x estimators at K: the walk and sampled assisted generation (same tokenizer),
+    # the UAG and intersection walks and sampled assisted generation (different); tvd estimates are not compared
+    assert len(baseline) == len(EVAL_SETS) * 2 * (2 + 3) and set(baseline["method"]) == {"sd2"}
     assert set(compared["k"]) == {K}
     row = baseline[
         (baseline["target"] == "t_llama")
@@ -169,8 +174,8 @@ def test_comparisons_by_hand(compared):
 def test_loss_variants_against_their_ce_variant(compared):
     """sd2+kl against sd2 (ce) at the same sparsity, direct_align against dense_sd (ce): paired ratios."""
     by_loss = compared[compared["loss"] != "ce"]
-    # per target: two eval sets x (greedy + sampled assisted) x (direct_align + sd2+kl at two levels)
-    assert len(by_loss) == len(TARGETS) * len(EVAL_SETS) * 2 * 3
+    # two eval sets x estimators at K (2 same tokenizer, 3 different) x (direct_align + sd2+kl at two levels)
+    assert len(by_loss) == len(EVAL_SETS) * (2 + 3) * 3
     assert by_loss["mal_ratio_vs_layer_pruned"].isna().all() and compared["mal_ratio_vs_ce"].notna().sum() == len(
         by_loss
     )

@@ -67,3 +67,33 @@ def paired_ratio_ci(
 def excludes(low: float, high: float, value: float) -> bool:
     """Whether the interval [low, high] lies entirely on one side of `value` (significant at its level)."""
     return bool(np.isfinite(low) and np.isfinite(high) and (low > value or high < value))
+
+
+def two_level_ci(runs: list, statistic, *, n_boot: int, seed: int, level: float = LEVEL) -> tuple[float, float, float]:
+    """(mean over runs of statistic(run's sums), low, high): a bootstrap of training runs, then of prompts in each.
+
+    runs: one tuple of aligned per-prompt arrays per run (a run's prompts are the same across its arrays);
+    statistic maps the tuple of their sums (each array summed over a resample of the run's prompts) to a
+    number, e.g. a paired MAL ratio. Each resample draws len(runs) runs with replacement and, for every run
+    drawn, its own resample of that run's prompts, so the interval covers the training run as well as the
+    choice of prompts.
+    """
+    if not runs:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    n_runs = len(runs)
+    per_run = []
+    for arrays in runs:
+        arrays = [np.asarray(a, dtype=float) for a in arrays]
+        idx = rng.integers(0, len(arrays[0]), size=(n_boot * n_runs, len(arrays[0])))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_run.append((statistic(*[a.sum() for a in arrays]), statistic(*[a[idx].sum(1) for a in arrays])))
+    picks = rng.integers(0, n_runs, size=(n_boot, n_runs))
+    draws = np.arange(n_boot * n_runs).reshape(n_boot, n_runs)  # a fresh prompt resample for every pick
+    samples = np.stack([per_run[r][1] for r in range(n_runs)])[picks, draws].mean(1)
+    return float(np.mean([estimate for estimate, _ in per_run])), *_interval(samples, level)
+
+
+def paired_ratio(num_a, den_a, num_b, den_b):
+    """(sum(num_a) / sum(den_a)) / (sum(num_b) / sum(den_b)) from the sums: two_level_ci's paired MAL ratio."""
+    return (num_a / den_a) / (num_b / den_b)

@@ -25,6 +25,7 @@ from sd2.report.comparisons import (
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 from sd2.report.real_model import sparse_kernels as real_sparse_kernels
+from sd2.report.replicates import replicates_block
 from sd2.report.verdicts import headline_verdicts, verdicts
 
 
@@ -756,6 +757,7 @@ BLOCKS = {
     "headline": headline,
     "headline_verdicts": headline_verdicts,
     "verdicts": verdicts,
+    "replicates": replicates_block,
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,
     "layer_subsets": layer_subsets,

@@ -1,0 +1,132 @@
+"""What the replicate study says (config/replicates.yaml): SD²'s comparisons across training runs.
+
+Per kind of replicate, SD² cell (target, draft, eval set, exact estimator, headline k, sparsity) and
+baseline (the layer-pruned draft at SD²'s sparsity, dense_sd),
+over the default run (seed 0) and every replicate of that kind:
+- each run's own paired verdict (sd2.measure.stats.paired_ratio_ci over its prompts), and whether
+  they all point the same way;
+- the two-level bootstrap interval (runs, then prompts within a run: sd2.measure.stats.two_level_ci),
+  which covers the training run as well as the choice of prompts;
+- the spread of the per-run ratios (their standard deviation): under `full` replicates it comes
+  from pretraining and fine-tuning, under `finetune` ones from fine-tuning alone.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sd2 import config, methods, variants
+from sd2.measure.stats import excludes, paired_ratio, paired_ratio_ci, two_level_ci
+from sd2.replicates import name
+from sd2.report.collect import read_records, write_table
+from sd2.report.comparisons import EXACT_CHAINS
+from sd2.report.verdicts import direction
+
+BASELINES = ("layer_pruned", "dense_sd")
+# A cell of one run: its draft's record is found by (*CELL, method, sparsity).
+CELL = ["target", "draft", "eval_set", "estimator", "k"]
+
+
+def run_dirs(study: dict) -> dict[str, list[tuple[str, Path]]]:
+    """{kind: [(run, results dir)]}: the default run as seed 0 of every kind, then the kind's replicates."""
+    base = config.load(study["base"])
+    return {
+        kind: [(f"seed{base['seed']}", Path(base["results_dir"]))]
+        + [(name(kind, s), Path(study["results_dir"]) / name(kind, s)) for s in study["seeds"]]
+        for kind in study["kinds"]
+    }
+
+
+def _cells(results: Path) -> dict:
+    """{(cell..., method): (per_prompt, prompt ids)} of the exact greedy records at a headline k, drafts as made."""
+    found = {}
+    for record, ids, _ in read_records((results / "records").rglob("*.json")):
+        settings = (record.get("provenance") or {}).get("settings") or {}
+        method, loss = variants.parse_variant(record["method"])
+        if (
+            record["temperature"] != 0
+            or record["estimator"] not in EXACT_CHAINS
+            or record["k"] not in settings.get("k", [])
+            or loss not in (None, methods.DEFAULT_LOSS)
+            or variants.split_quantization(record["method"])[1] != variants.NO_QUANTIZATION
+        ):
+            continue
+        key = (*(record[c] for c in CELL), method, record["sparsity"])
+        found[key] = (record["per_prompt"], ids[: record["n_prompts"]])
+    return found
+
+
+def _paired_arrays(cells: dict, cell: tuple, sparsity: int, baseline: str):
+    """(sd2 tokens, sd2 steps, baseline tokens, baseline steps) per prompt, or None where one side is missing."""
+    sd2 = cells.get((*cell, "sd2", sparsity))
+    other = cells.get((*cell, baseline, sparsity if baseline == "layer_pruned" else 0))
+    if sd2 is None or other is None or sd2[1] != other[1]:
+        return None
+    (a, _), (b, _) = sd2, other
+    return (a["accepted_tokens"], a["steps"], b["accepted_tokens"], b["steps"])
+
+
+def replicate_rows(study: dict, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per kind, SD² cell and baseline measured in every run of that kind."""
+    rows = []
+    for kind, runs in run_dirs(study).items():
+        per_run = [(label, _cells(path)) for label, path in runs]
+        keys = {(key[:-2], key[-1]) for key in per_run[0][1] if key[-2] == "sd2"}
+        for cell, sparsity in sorted(keys, key=str):
+            for baseline in BASELINES:
+                arrays = [_paired_arrays(cells, cell, sparsity, baseline) for _, cells in per_run]
+                if any(a is None for a in arrays):
+                    continue
+                one_level = [paired_ratio_ci(*a, n_boot=n_boot, seed=seed) for a in arrays]
+                verdicts = [direction(*r, 1.0) for r in one_level]
+                ratio, low, high = two_level_ci(arrays, paired_ratio, n_boot=n_boot, seed=seed)
+                rows.append(
+                    {
+                        "kind": kind,
+                        **dict(zip(CELL, cell)),
+                        "sparsity": sparsity,
+                        "baseline": baseline,
+                        "runs": len(arrays),
+                        "run_labels": " ".join(label for label, _ in per_run),
+                        "run_ratios": " ".join(f"{r[0]:.4f}" for r in one_level),
+                        "run_verdicts": "; ".join(v.removeprefix("is ") for v in verdicts),
+                        "verdict_holds": len(set(verdicts)) == 1,
+                        "ratio": ratio,
+                        "ratio_ci_low": low,
+                        "ratio_ci_high": high,
+                        "ratio_significant": excludes(low, high, 1.0),
+                        "run_spread_sd": float(np.std([r[0] for r in one_level], ddof=1)),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def write_tables(study: dict) -> list[Path]:
+    """results/replicates/tables/replicates.csv."""
+    out = Path(study["results_dir"]) / "tables" / "replicates.csv"
+    write_table(replicate_rows(study), out)
+    return [out]
+
+
+def replicates_block(results: Path) -> str:
+    """The README's replicate verdicts: per cell, whether SD²'s verdict against each baseline holds across runs."""
+    path = results / "replicates" / "tables" / "replicates.csv"
+    if not path.exists():
+        return "No replicate study yet (`make replicates` after `make run` writes `results/replicates/`)."
+    table = pd.read_csv(path)
+    lines = []
+    for kind, rows in table.groupby("kind", sort=False):
+        held = rows["verdict_holds"].eq(True)
+        lines.append(
+            f"- **{kind} replicates** ({rows['runs'].max()} runs each): the verdict holds in every run in "
+            f"{int(held.sum())} of {len(rows)} comparisons; run-to-run spread of the ratio (sd) "
+            f"{rows['run_spread_sd'].median():.3f} median."
+        )
+        for _, r in rows[~held].iterrows():
+            lines.append(
+                f"  - does not hold: {r['target']}/{r['draft']} s{r['sparsity']} {r['eval_set']} ({r['estimator']}) "
+                f"against {r['baseline']}: {r['run_verdicts']} (two-level {r['ratio']:.2f} "
+                f"[{r['ratio_ci_low']:.2f}, {r['ratio_ci_high']:.2f}])"
+            )
+    return "\n".join(lines)
