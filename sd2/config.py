@@ -180,7 +180,13 @@ def _check_references(config: dict) -> None:
 
 
 def _check_every_k(config: dict) -> None:
-    """measure.check_every_k must name a cell the sweep measures."""
+    """measure.check_every_k must name a cell the sweep measures, measure.uag_eval_sets eval sets it has."""
+    unknown = sorted(set(config["measure"]["uag_eval_sets"] or []) - set(config["data"]["eval_sets"]))
+    if unknown:
+        raise ConfigError(
+            f"config error at measure.uag_eval_sets: {unknown} not among data.eval_sets "
+            f"{sorted(config['data']['eval_sets'])}"
+        )
     cell = config["measure"]["check_every_k"]
     if cell is None:
         return

@@ -347,12 +347,13 @@ def test_check_every_k_cell_checks_every_k(tmp_path, pair, outputs, tiny_qwen_di
         tiny_qwen_dir, tiny_llama_draft_dir, qwen_outputs, tmp_path / "b.json", settings=settings, labels=LABELS, seed=0
     )
     every_k = set(range(1, SETTINGS["k_max"] + 1))
-    for result, estimators in ((same, ["teacher_forced_walk"]), (across, ["uag_walk", "tli_walk"])):
-        for estimator in estimators:
-            records = [r for r in result["records"] if r["estimator"] == estimator]
-            assert {r["k"] for r in records} == every_k
-            for r in records:
-                assert r["checked_prompts"] + r["draft_near_ties"] + r["target_near_ties"] == 4
+    # The UAG walk runs at the headline k only (its loop check on the cell's prompts there).
+    checked = (("teacher_forced_walk", same, every_k), ("tli_walk", across, every_k), ("uag_walk", across, {3}))
+    for estimator, result, ks in checked:
+        records = [r for r in result["records"] if r["estimator"] == estimator]
+        assert {r["k"] for r in records} == ks
+        for r in records:
+            assert r["checked_prompts"] + r["draft_near_ties"] + r["target_near_ties"] == 4
     other = ms.check_plan(settings, {**LABELS, "method": "dense"})
     assert other == {k: SETTINGS["n_check"] for k in SETTINGS["k"]}
 
@@ -372,3 +373,13 @@ def test_training_precision_follows_the_checkpoints_a_draft_was_made_from(tmp_pa
     assert training_precision(tuned) == "bf16+fp32"
     assert training_precision(base) == "bf16"
     assert training_precision(tmp_path / "nowhere") is None
+
+
+def test_uag_walk_runs_on_the_eval_sets_named(tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir):
+    outputs = tmp_path / "outputs.json"
+    continuations.target_outputs(tiny_qwen_dir, eval_dir, outputs, settings=SETTINGS, seed=0)
+    settings = {**SETTINGS, "temperatures": [0.0], "uag_eval_sets": ["elsewhere"]}
+    result = ms.measure(
+        tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0
+    )
+    assert {r["estimator"] for r in result["records"]} == {"tli_walk"}

@@ -16,8 +16,8 @@ all prompts batched into one forward per round, and never runs the target:
 
 Both return per prompt the (committed, drafted) target tokens of every step, the last included,
 as sd2.measure.acceptance.walk does, and per step the smallest top-1 minus top-2 logit gap of the
-draft's rollout (a near-tie where the walk's batched forward and the engine's cached one may
-legitimately pick different tokens).
+draft's rollout (a near-tie where the walk's batched forward and the engine's own may legitimately
+pick different tokens).
 """
 
 from collections.abc import Callable, Generator
@@ -30,70 +30,131 @@ from transformers.generation.candidate_generator import AssistedCandidateGenerat
 Walk = Generator[list[int], tuple[list[int], float], list[tuple[int, int]]]
 
 
-def rollouts(draft, contexts: list[list[int]], k: int, *, stop_ids: set[int], pad_id: int, allowed=None):
-    """Greedy rollouts of up to k draft tokens from each context, batched: [(tokens, smallest top-2 gap)].
-
-    A rollout ends after a token in stop_ids, as generate() does for one sequence. `allowed`
-    (a boolean mask over the draft's vocabulary) restricts the argmax to those tokens.
-    """
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):  # left padding: every row's next token sits in the last column
-        ids[i, width - len(c) :] = torch.tensor(c)
-        mask[i, width - len(c) :] = 1
-    ids, mask = ids.to(draft.device), mask.to(draft.device)
-    tokens = [[] for _ in contexts]
-    gaps = [float("inf")] * len(contexts)
-    live = [True] * len(contexts)
-    past, step_ids = None, ids
-    for _ in range(k):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        out = draft(
-            input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
-        )
-        past, logits = out.past_key_values, out.logits[:, -1].float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        top = logits.topk(2, dim=-1).values
-        chosen = logits.argmax(-1)
-        for i, token in enumerate(chosen.tolist()):
-            if live[i]:
-                tokens[i].append(token)
-                gaps[i] = min(gaps[i], float(top[i, 0] - top[i, 1]))
-                live[i] = token not in stop_ids
-        if not any(live):
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
             break
-        step_ids = chosen[:, None]
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
-    return list(zip(tokens, gaps))
+        n += 1
+    return n
+
+
+class DraftRows:
+    """Greedy draft rollouts for a fixed batch of walks, round after round, each row reusing its cached keys
+    and values for the part of its input that did not change.
+
+    One cache serves every row: each forward appends a block of slots to all rows (a row's new tokens first,
+    then padding), and a row's attention mask keeps only the slots of its current input, so a row whose
+    input was rewritten (re-encoding replaced its last tokens) drops those slots and feeds the new ones, at
+    their own positions (position_ids). What a row attends to is exactly its input, as if it were run alone
+    from scratch: the rule transformers' loop follows with the draft's cache dropped.
+    """
+
+    def __init__(self, draft, rows: int, pad_id: int):
+        self.draft, self.pad_id, self.rows = draft, pad_id, rows
+        self.reset()
+
+    def reset(self) -> None:
+        """An empty cache: the next round feeds every row its whole input."""
+        self.past = None
+        self.mask = torch.zeros((self.rows, 0), dtype=torch.long, device=self.draft.device)
+        self.slots: list[list[int]] = [[] for _ in range(self.rows)]  # a row's cache slot per input position
+        self.tokens: list[list[int]] = [[] for _ in range(self.rows)]  # the token each of those slots holds
+
+    def _forward(self, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed each row its tokens at positions from its start; the logits after each row's last token."""
+        width = max(1, max(len(f) for f in feeds))
+        ids = torch.full((len(feeds), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        for i, (feed, start) in enumerate(zip(feeds, starts)):
+            ids[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+            positions[i] = torch.arange(start, start + width)
+        first = self.mask.shape[1]
+        # Padding attends (it must attend to something) but comes after a row's tokens, which never see it.
+        self.mask = torch.cat([self.mask, torch.ones_like(ids, device=self.mask.device)], dim=1)
+        out = self.draft(
+            input_ids=ids.to(self.draft.device),
+            attention_mask=self.mask,
+            position_ids=positions.to(self.draft.device),
+            past_key_values=self.past,
+            use_cache=True,
+        )
+        self.past = out.past_key_values
+        for i, feed in enumerate(feeds):
+            self.mask[i, first + len(feed) : first + width] = 0
+            self.slots[i] += range(first, first + len(feed))
+            self.tokens[i] += feed
+        return out.logits[torch.arange(len(feeds)), [max(len(f), 1) - 1 for f in feeds]].float()
+
+    def rollout(self, contexts: list, k: int, *, stop_ids: set[int], allowed=None) -> list:
+        """Up to k greedy draft tokens after each context (None: a finished row): [(tokens, smallest top-2 gap)].
+
+        A rollout ends after a token in stop_ids, as generate() does for one sequence; `allowed` (a boolean
+        mask over the draft's vocabulary) restricts the argmax to those tokens.
+        """
+        longest = max((len(c) for c in contexts if c is not None), default=0)
+        if self.mask.shape[1] > 2 * longest + 64:
+            self.reset()  # mostly dropped slots by now: recomputing the inputs costs less than attending to them
+        feeds, starts = [], []
+        for i, context in enumerate(contexts):
+            if context is None:
+                feeds.append([])
+                starts.append(len(self.tokens[i]))
+                continue
+            keep = min(_common_prefix(context, self.tokens[i]), len(context) - 1)
+            self.mask[i, self.slots[i][keep:]] = 0
+            del self.slots[i][keep:], self.tokens[i][keep:]
+            feeds.append(context[keep:])
+            starts.append(keep)
+        logits = self._forward(feeds, starts)
+        tokens = [[] for _ in contexts]
+        gaps = [float("inf")] * len(contexts)
+        live = [c is not None for c in contexts]
+        for step in range(k):
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            top = logits.topk(2, dim=-1).values
+            for i, token in enumerate(logits.argmax(-1).tolist()):
+                if live[i]:
+                    tokens[i].append(token)
+                    gaps[i] = min(gaps[i], float(top[i, 0] - top[i, 1]))
+                    live[i] = token not in stop_ids
+            if step == k - 1 or not any(live):
+                break
+            feeds = [[t[-1]] if alive else [] for t, alive in zip(tokens, live)]
+            logits = self._forward(feeds, [len(r) for r in self.tokens])
+        return [None if c is None else (t, g) for c, t, g in zip(contexts, tokens, gaps)]
 
 
 def run_walks(
-    walks: list[Walk], rollout: Callable[[list[list[int]]], list], *, batch_size: int, progress=None
+    walks: list[Walk],
+    rollout: Callable[[DraftRows, list], list],
+    new_rows: Callable[[int], DraftRows],
+    *,
+    batch_size: int,
+    progress=None,
 ) -> tuple[list[list[tuple[int, int]]], list[list[float]]]:
-    """Drive every prompt's walk to its end, one batched rollout per round: (steps, gaps) per prompt."""
+    """Drive every prompt's walk to its end, batch_size walks at a time, one batched rollout per round:
+    (steps, gaps) per prompt."""
     steps: list = [None] * len(walks)
     gaps: list[list[float]] = [[] for _ in walks]
-    pending = {}
-    for i, w in enumerate(walks):
-        pending[i] = next(w)
-    while pending:
-        order = sorted(pending, key=lambda i: len(pending[i]))
-        results = {}
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
-            for i, result in zip(chunk, rollout([pending[i] for i in chunk])):
-                results[i] = result
-        for i, result in results.items():
-            gaps[i].append(result[1])
-            try:
-                pending[i] = walks[i].send(result)
-            except StopIteration as done:
-                steps[i] = done.value
-                del pending[i]
-                if progress is not None:
-                    progress.update(1)
+    for first in range(0, len(walks), batch_size):
+        batch = range(first, min(first + batch_size, len(walks)))
+        rows = new_rows(len(batch))
+        pending = {i: next(walks[i]) for i in batch}
+        while pending:
+            results = rollout(rows, [pending.get(i) for i in batch])
+            for i, result in zip(batch, results):
+                if result is None:
+                    continue
+                gaps[i].append(result[1])
+                try:
+                    pending[i] = walks[i].send(result)
+                except StopIteration as done:
+                    steps[i] = done.value
+                    del pending[i]
+                    if progress is not None:
+                        progress.update(1)
     return steps, gaps
 
 
@@ -175,11 +236,18 @@ def uag_walk(
     ]
     pad = draft_tok.pad_token_id if draft_tok.pad_token_id is not None else 0
 
-    def rollout(contexts):
-        return rollouts(draft, contexts, k, stop_ids=eos_ids, pad_id=pad)
+    def rollout(rows, contexts):
+        return rows.rollout(contexts, k, stop_ids=eos_ids)
 
+    def new_rows(n):
+        return DraftRows(draft, n, pad)
+
+    # Prompts of similar lengths together: the cache's width is the longest row's.
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt_ids"]))
     with torch.no_grad():
-        return run_walks(walks, rollout, batch_size=batch_size, progress=progress)
+        steps, gaps = run_walks([walks[i] for i in order], rollout, new_rows, batch_size=batch_size, progress=progress)
+    back = {i: n for n, i in enumerate(order)}
+    return [steps[back[i]] for i in range(len(items))], [gaps[back[i]] for i in range(len(items))]
 
 
 def _space_prefixes(tokenizer) -> tuple[str, ...]:

@@ -467,30 +467,31 @@ def first_difference_excused(item: dict, real: list, walked: list, gaps: list[fl
 
 
 def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
-    """transformers' UAG on the first job.checks[k] prompts: its outputs are the cached continuations, its steps
-    with the draft's cache dropped are the walk's, and with the cache kept (timed) engine_same_steps counts equal
-    ones."""
-    n = job.checks[k]
-    kept = job.assisted(k, 0.0, n)
+    """transformers' UAG against the walk at k: with the draft's cache dropped on the first job.checks[k] prompts
+    its outputs are the cached continuations and its steps the walk's; with the cache kept (timed, the first
+    n_check prompts) engine_same_steps counts the prompts whose steps are the walk's."""
+    n_check = job.settings["n_check"]
+    kept = job.assisted(k, 0.0, n_check)
     with draft_cache_dropped():
-        dropped = job.assisted(k, 0.0, n)
-    outputs_ok = [
-        check_output(job.target, it, a["tokens"], k) and check_output(job.target, it, b["tokens"], k)
-        for it, a, b in zip(job.items, kept, dropped)
-    ]
+        dropped = job.assisted(k, 0.0, job.checks[k])
+    for item, run in zip(job.items, kept):
+        check_output(job.target, item, run["tokens"], k)
+    outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, dropped)]
     steps_ok = [
         ok and first_difference_excused(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
         for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, dropped))
     ]
-    timed = kept[: job.settings["n_check"]]  # the prompts the target alone was timed on
-    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(timed, job.settings["warmup_prompts"]), job.ar_speed)
+    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(kept, job.settings["warmup_prompts"]), job.ar_speed)
     return {**summary, "engine_same_steps": sum(r["steps"] == w for r, w in zip(kept, walked))}
 
 
 def uag_records(job: Job) -> None:
-    """Greedy, different tokenizers: uag_walk on every prompt for every checked k, checked against transformers."""
+    """Greedy, different tokenizers: uag_walk on every prompt at every headline k, checked against transformers,
+    on the eval sets measure.uag_eval_sets names (its draft rollouts cost far more than one teacher-forced pass)."""
     settings, eos = job.settings, model_eos_ids(job.target)
-    for k in sorted(job.checks):
+    if settings.get("uag_eval_sets") is not None and job.base["eval_set"] not in settings["uag_eval_sets"]:
+        return
+    for k in settings["k"]:
         bar = tqdm(total=len(job.items), desc=f"uag walk k={k}", mininterval=5)
         walked, gaps = cross_tokenizer.uag_walk(
             job.draft,
