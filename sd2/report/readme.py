@@ -206,6 +206,15 @@ def _share(df: pd.DataFrame, column: str) -> str:
     return f"{int(df[column].sum())} of {len(df)}"
 
 
+def _directions(cells: pd.DataFrame, prefix: str) -> tuple[int, int, int]:
+    """Cells whose paired ratio (columns <prefix>_significant, _ci_low, _ci_high) is significantly above 1,
+    significantly below 1, and neither."""
+    significant = cells[f"{prefix}_significant"]
+    up = int((significant & (cells[f"{prefix}_ci_low"] > 1)).sum())
+    down = int((significant & (cells[f"{prefix}_ci_high"] < 1)).sum())
+    return up, down, len(cells) - up - down
+
+
 def _pooled(compared: pd.DataFrame) -> list[str]:
     """Pooled ranges of SD²'s paired comparisons over cells of one target and estimator, each with enough
     prompts to be called significant (MIN_PROMPTS_FOR_SIGNIFICANCE); the others are named apart."""
@@ -221,14 +230,13 @@ def _pooled(compared: pd.DataFrame) -> list[str]:
             )
         ratio, change = cells.dropna(subset=["ratio_ci_low"]), cells.dropna(subset=["change_ci_low"])
         if len(ratio):
-            up = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_low"] > 1)]
-            down = ratio[ratio["ratio_significant"] & (ratio["ratio_ci_high"] < 1)]
+            up, down, neither = _directions(ratio, "ratio")
             lines.append(
                 f"- **{where}: SD² / layer-pruned MAL** (greedy, {len(ratio)} cells of draft x sparsity x eval set, "
                 f"paired 95% bootstrap CIs over {int(ratio['n_prompts'].min())}-{int(ratio['n_prompts'].max())} "
                 f"prompts): ratio {ratio['mal_ratio_vs_layer_pruned'].min():.2f} to "
-                f"{ratio['mal_ratio_vs_layer_pruned'].max():.2f}; significantly above 1 in {len(up)} cells, below 1 "
-                f"in {len(down)}, not significant in {len(ratio) - len(up) - len(down)}; the layer-pruned draft's MACs "
+                f"{ratio['mal_ratio_vs_layer_pruned'].max():.2f}; significantly above 1 in {up} cells, below 1 "
+                f"in {down}, not significant in {neither}; the layer-pruned draft's MACs "
                 f"differ from SD²'s by {ratio['layer_pruned_macs_vs_sd2_pct'].min():+.1f}% to "
                 f"{ratio['layer_pruned_macs_vs_sd2_pct'].max():+.1f}%."
             )
@@ -255,13 +263,12 @@ def significance(results: Path) -> str:
         return "No comparisons in the tables."
     lines = _pooled(greedy)
     for (method, loss), cells in by_loss.groupby(["method", "loss"], sort=False):
-        up = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_low"] > 1)]
-        down = cells[cells["vs_ce_significant"] & (cells["vs_ce_ci_high"] < 1)]
+        up, down, neither = _directions(cells, "vs_ce")
         lines.append(
             f"- **{variants.label(method, loss)} / {variants.label(cells['ce_method'].iloc[0], 'ce')} (ce) MAL** "
             f"(greedy, {len(cells)} cells, same steps and data): ratio {cells['mal_ratio_vs_ce'].min():.2f} to "
-            f"{cells['mal_ratio_vs_ce'].max():.2f}; significantly above 1 in {len(up)} cells, below 1 in "
-            f"{len(down)}, not significant in {len(cells) - len(up) - len(down)}."
+            f"{cells['mal_ratio_vs_ce'].max():.2f}; significantly above 1 in {up} cells, below 1 in "
+            f"{down}, not significant in {neither}."
         )
     return "\n".join(lines)
 
