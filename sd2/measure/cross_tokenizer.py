@@ -3,21 +3,22 @@
 Greedy speculative decoding commits the target's greedy continuation y whatever the draft
 proposes, so a verification step starting at target position t is decided by what the draft
 proposes there, and that depends only on the draft's input at t. Each walk below replays an
-engine's rule for that input step by step along the cached y, the draft's greedy rollouts of
-all prompts batched into one forward per round, and never runs the target:
+engine's rule for that input along the cached y and never runs the target:
 
 - `uag_walk`, transformers' universal assisted generation: the engine's own re-encoding code
   (`AssistedCandidateGeneratorDifferentTokenizers`, its look-behind windows and the diagonal
   alignment that merges re-encoded tokens across a step boundary) keeps the draft's ids, the
   draft rolls out k tokens, and their text re-encoded by the target's tokenizer is the proposal.
-  The draft's ids depend on where earlier steps ended, so the walk runs per k.
+  The draft's ids depend on where earlier steps ended, so the walk goes step by step and per k,
+  the rollouts of a batch of prompts run together (`DraftRows`).
 - `tli_walk`, vLLM's token-level intersection (`use_heterogeneous_vocab`): the draft reads and
-  writes only tokens whose strings both vocabularies hold, mapped id to id (sd2.measure.vocab_map).
+  writes only tokens whose strings both vocabularies hold, mapped id to id (`vocab_map`). Its input
+  never depends on step boundaries, so one teacher-forced pass gives every step for every k.
 
-Both return per prompt the (committed, drafted) target tokens of every step, the last included,
-as sd2.measure.acceptance.walk does, and per step the smallest top-1 minus top-2 logit gap of the
-draft's rollout (a near-tie where the walk's batched forward and the engine's own may legitimately
-pick different tokens).
+Both give per prompt the (committed, drafted) target tokens of every step, the last included, as
+sd2.measure.acceptance.walk does, and the draft's top-1 minus top-2 logit gaps (a near-tie where
+the walk's forward and the engine's own may legitimately pick different tokens). Each is checked
+against a loop that runs both models: transformers' own for UAG, `tli_generate` for the intersection.
 """
 
 from collections.abc import Callable, Generator
