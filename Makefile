@@ -60,7 +60,7 @@ quantization: $(STAMP)
 replicates: $(STAMP)
 	$(BIN)/python -m sd2 replicates --study config/replicates.yaml --cores 2
 
-# The suite but the two end-to-end runs (a Slurm cluster, the paper config on stand-ins), which
+# The suite but the end-to-end runs (a Slurm cluster, the paper config on stand-ins, a replicate), which
 # take longer than the rest together; CI runs both targets.
 test: $(STAMP)
 	$(BIN)/pytest -m "not integration and not real_weights"
