@@ -79,8 +79,14 @@ def step_seconds(spec: dict, vocab_size: int, bf16: bool, steps: int = 2, seed: 
     return sum(times[1:]) / steps
 
 
+# Below this share of its threads' time the probe was competing with other work: its times are too long.
+BUSY_CPU_SHARE = 0.75
+
+
 def probe(config: dict) -> dict:
-    """Per from-scratch model: parameters, precision, seconds per step, and its pretraining estimate."""
+    """Per from-scratch model: parameters, precision, seconds per step, and its pretraining estimate; and
+    cpu_share, the CPU time the probe got over its wall time on all its threads (near 1 on an idle machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     models = {}
     for name, spec in config["models"].items():
         if "hub" in spec or "layers_of" in spec:
@@ -98,10 +104,12 @@ def probe(config: dict) -> dict:
             "steps": steps,
             "pretrain_seconds": round(steps * seconds),
         }
+    share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
     return {
         "machine": machine(),
         "models": models,
         "pretrain_seconds": sum(m["pretrain_seconds"] for m in models.values()),
+        "cpu_share": round(share, 2),
     }
 
 
@@ -133,6 +141,12 @@ def describe(found: dict) -> str:
             f" -> pretraining ~{m['pretrain_seconds'] / 60:.0f} min ({m['steps']} steps)"
         )
     lines.append(f"Pretraining alone: ~{found['pretrain_seconds'] / 60:.0f} min.")
+    share = found.get("cpu_share")
+    if share is not None and share < BUSY_CPU_SHARE:
+        lines.append(
+            f"This machine is busy: the probe got {share:.0%} of its threads' time, so these times are too long "
+            "by about as much, and a run now would be slowed the same way."
+        )
     if found["sweep_seconds"] is not None:
         ref = found["scaled_from"]
         which = (
@@ -154,7 +168,7 @@ def record(seconds: int, found: dict, out, invocations: int = 1) -> dict:
         "invocations": invocations,
         "machine": found["machine"],
         "config_digest": found["config_digest"],
-        "probe": {k: found[k] for k in ("models", "pretrain_seconds")},
+        "probe": {k: found.get(k) for k in ("models", "pretrain_seconds", "cpu_share")},
         "estimated_seconds": found["sweep_seconds"],
         "provenance": provenance(),
     }

@@ -91,6 +91,8 @@ def test_estimate_then_record_then_scaled_estimate(tmp_path, native):
     llama = first["models"]["tiny-llama"]
     assert llama["precision"] == "fp32" and llama["steps"] == 40000 // (8 * 64) and llama["step_seconds"] > 0
     assert first["sweep_seconds"] is None and "not estimated" in sweep_time.describe(first)
+    assert 0 < first["cpu_share"] and "busy" not in sweep_time.describe({**first, "cpu_share": 0.9})
+    assert "busy: the probe got 40% of its threads' time" in sweep_time.describe({**first, "cpu_share": 0.4})
 
     rec = sweep_time.record(600, first, tmp_path / "run_time.json")
     on_disk = json.loads((tmp_path / "run_time.json").read_text())
