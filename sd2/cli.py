@@ -573,14 +573,13 @@ def replicates(p=None, a=None):
         p.add_argument("--tables-only", action="store_true", help="only the table, from the replicates' records")
         return
     from sd2 import replicates as study
+    from sd2.report.replicates import write_tables
 
-    if a.tables_only:
-        from sd2.report.replicates import write_tables
-
+    status = 0 if a.tables_only else study.run(a.study, cores=a.cores)
+    if status == 0:
         for table in write_tables(study.read_study(a.study)):
             print(table)
-        return
-    sys.exit(study.run(a.study, cores=a.cores))
+    sys.exit(status)
 
 
 @step("job-times", "per-job wall time and memory from Snakemake's benchmark files, as a table")

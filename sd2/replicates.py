@@ -4,7 +4,7 @@ Each replicate is the base config with its seed, its own workdir and results, ru
 default run's prepared data (and, for the `finetune` kind, its pretrained models, self-distilled
 answers and target continuations), hard-linked into the replicate's workdir with their times kept
 so that Snakemake (`--rerun-triggers mtime`, as for every run on top) takes them as made. What the
-replicates say is in sd2.report.replicates.
+replicates say is in sd2.report.replicates (`make replicates` writes its table after the runs).
 """
 
 import os
@@ -87,8 +87,7 @@ def link_default_run(base: dict, cfg: dict, kind: str) -> list[str]:
 
 
 def run(study_path, *, cores: int) -> int:
-    """Every replicate of the study in turn (a finished one is kept), then the replicates table."""
-    from sd2.report.replicates import write_tables
+    """Every replicate of the study in turn (a finished one is kept)."""
     from sd2.sweep_time import run_on_top
 
     study = read_study(study_path)
@@ -103,6 +102,4 @@ def run(study_path, *, cores: int) -> int:
             status = run_on_top(path, cores=cores)
             if status:
                 return status
-    for table in write_tables(study):
-        print(table)
     return 0

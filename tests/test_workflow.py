@@ -67,12 +67,15 @@ def test_all_outputs(tiny_run):
     table = pd.read_csv(tiny_run / "results" / "tables" / "measurements.csv")
     measure = cfg["measure"]
     # Rows per record file: same tokenizer, the walk at k = 1..k_max + sampled assisted generation
-    # + the TVD estimate at k = 1..k_max; across tokenizers, assisted generation greedy + sampled.
+    # + the TVD estimate at k = 1..k_max; across tokenizers, the intersection walk at k = 1..k_max + the
+    # UAG walk at each headline k + sampled assisted generation.
     models = cfg["models"]
     same = [(t, d) for t, d in pairs(cfg) if models[t]["tokenizer"] == models[d]["tokenizer"]]
     other = [p for p in pairs(cfg) if p not in same]
     assert same and other  # the tiny config covers both decoding paths
-    per_file = {p: 2 * measure["k_max"] + 1 if p in same else 2 for p in pairs(cfg)}
+    per_file = {
+        p: 2 * measure["k_max"] + 1 if p in same else measure["k_max"] + len(measure["k"]) + 1 for p in pairs(cfg)
+    }
     assert len(table) == len(cfg["data"]["eval_sets"]) * sum(
         len(variants.variants(cfg, t, d)) * per_file[(t, d)] for t, d in pairs(cfg)
     )
@@ -98,11 +101,13 @@ def test_all_outputs(tiny_run):
     outputs = sorted((tiny_run / "work" / "target_outputs").rglob("*.json"))
     assert len(outputs) == len(cfg["targets"]) * len(cfg["data"]["eval_sets"])  # shared by every draft
     comparisons = pd.read_csv(tiny_run / "results" / "tables" / "comparisons.csv")
-    # One row per (target, draft, sparsity, eval set) and temperature for sd2 against its baselines,
-    # one per (same-tokenizer pair, eval set) and temperature for Direct Alignment against dense_sd (ce).
+    # One row per (target, draft, sparsity, eval set), temperature and estimator at the headline k for sd2
+    # against its baselines (greedy across tokenizers: the UAG and the intersection walks), one per
+    # (same-tokenizer pair, eval set) and temperature for Direct Alignment against dense_sd (ce).
     per_pair = len(cfg["data"]["eval_sets"]) * len(measure["temperatures"])
     baseline = comparisons[comparisons["loss"] == "ce"]
-    assert len(baseline) == len(pairs(cfg)) * len(cfg["sparsities"]) * per_pair
+    rows_per_pair = {p: per_pair if p in same else per_pair + len(cfg["data"]["eval_sets"]) for p in pairs(cfg)}
+    assert len(baseline) == len(cfg["sparsities"]) * sum(rows_per_pair.values())
     assert baseline["mal_ratio_vs_layer_pruned"].notna().all()
     by_loss = comparisons[comparisons["loss"] != "ce"]
     assert len(by_loss) == len(same) * per_pair and set(by_loss["ce_method"]) == {"dense_sd"}
