@@ -13,7 +13,7 @@ from transformers.generation.candidate_generator import AssistedCandidateGenerat
 from sd2.generation import decoding_kwargs, model_eos_ids
 from sd2.measure import acceptance
 from sd2.measure import cross_tokenizer as ct
-from sd2.measure.drafts import first_difference_excused
+from sd2.measure.drafts import rollout_steps_agree
 from sd2.measure.speculative import assisted_runs, draft_cache_dropped
 from sd2.models import build_model
 
@@ -95,10 +95,10 @@ def test_uag_walk_takes_transformers_steps(fitted_pair, k, monkeypatch, one_thre
         runs = _transformers_loop(fitted_pair, k)
     for item, run, steps, gap in zip(items, runs, walked, gaps):
         assert run["tokens"] == item["continuation_ids"]
-        assert first_difference_excused(item, run["steps"], steps, gap, k, "uag")
+        assert rollout_steps_agree(item, run["steps"], steps, gap, k, "uag")
         assert sum(c for c, _ in steps) == len(item["continuation_ids"])
     committed = [c for steps in walked for c, _ in steps]
-    assert max(committed) >= 3, "the fitted draft should get several tokens right in one step"
+    assert max(committed) >= min(k + 1, 3), "the fitted draft should get several tokens right in one step"
     # Re-encoding replaced draft tokens across a step boundary (transformers' discrepancy) somewhere.
     assert any(n > 0 for n in merges)
 
@@ -141,7 +141,7 @@ def test_tli_walk_takes_its_loops_steps(fitted_pair, k, one_thread):
             target, draft, mapping, item["prompt_ids"], k=k, max_new_tokens=MAX_NEW, eos_ids=eos
         )
         assert tokens == item["continuation_ids"]
-        assert first_difference_excused(item, real, walked, gaps, k, "intersection")
+        assert rollout_steps_agree(item, real, walked, gaps, k, "intersection")
         accepted += sum(c - 1 for c, _ in walked)
     assert accepted > 0
 

@@ -63,7 +63,8 @@ DEFINITIONS = {
     "transformers' universal assisted generation, the engine's re-encoding replayed along the target's greedy "
     "continuation with the draft's rollouts batched (verified against transformers' loop with the draft's cache "
     "dropped on checked_prompts; engine_same_steps counts the prompts on which its loop with the draft's cache "
-    "kept took the same steps); tli_walk: exact greedy acceptance under vLLM's token-level intersection "
+    "kept committed the cached continuation with the same steps); tli_walk: exact greedy acceptance under vLLM's "
+    "token-level intersection "
     "(use_heterogeneous_vocab: the draft reads target tokens mapped one for one and proposes only the "
     "tli_shared_tokens both vocabularies hold), from one teacher-forced pass, steps as vLLM takes them (the first "
     "token from the prefill, k tokens drafted every step), verified against sd2.measure.cross_tokenizer's loop.",
@@ -181,23 +182,32 @@ def check_output(target, item: dict, tokens: list[int], k: int) -> bool:
     )
 
 
+def steps_agree(item: dict, real: list, walked: list, gap_at, k: int, loop: str) -> bool:
+    """True if a decoding loop's steps equal its walk's; False where the draft's top-2 gap at the first difference,
+    gap_at(step), is a near-tie; else raise naming the prompt and step."""
+    if real == walked:
+        return True
+    step = _first_difference(real, walked)
+    if gap_at(step) < NEAR_TIE:
+        return False
+    raise AssertionError(
+        f"prompt id {item['id']!r}, k={k}: the {loop} loop and its walk disagree at verification step {step}: "
+        f"the loop took {real[step : step + 3]}, the walk {walked[step : step + 3]}"
+    )
+
+
 def check_steps(
     item: dict, real: list[tuple[int, int]], walked: list[tuple[int, int]], gaps: list[float], k: int
 ) -> bool:
-    """True if the per-step committed counts agree; False for a draft near-tie; else raise naming prompt and step."""
+    """steps_agree on the committed counts of assisted generation and the teacher-forced walk; gaps: per token."""
     got, want = [c for c, _ in real], [c for c, _ in walked]
-    if got == want:
-        return True
-    step = _first_difference(got, want)
-    start = sum(want[:step])
-    span = gaps[start : start + max(got[step] if step < len(got) else 1, want[step] if step < len(want) else 1)]
-    if span and min(span) < NEAR_TIE:
-        return False
-    raise AssertionError(
-        f"prompt id {item['id']!r}, k={k}: assisted generation and the teacher-forced walk disagree at verification "
-        f"step {step} (new token {start}): assisted generation committed {got[step : step + 3]}, "
-        f"the walk {want[step : step + 3]}"
-    )
+
+    def gap_at(step: int) -> float:
+        start = sum(want[:step])
+        span = gaps[start : start + max(got[step] if step < len(got) else 1, want[step] if step < len(want) else 1)]
+        return min(span, default=float("inf"))
+
+    return steps_agree(item, got, want, gap_at, k, "assisted generation")
 
 
 def tree_checks(target, draft, items: list[dict], generations: list, branching, budget: int, max_new: int) -> dict:
@@ -452,18 +462,10 @@ def walk_records(job: Job) -> None:
         job.add(0.0, budget, "tree_walk", summary, **extra)
 
 
-def first_difference_excused(item: dict, real: list, walked: list, gaps: list[float], k: int, rule: str) -> bool:
-    """True if a loop's steps equal the walk's; False where a draft near-tie up to the first difference explains
-    them; else raise naming the prompt and step. gaps: per step, the smallest top-2 gap of the draft's rollout."""
-    if real == walked:
-        return True
-    step = _first_difference(real, walked)
-    if min(gaps[: step + 1], default=float("inf")) < NEAR_TIE:
-        return False
-    raise AssertionError(
-        f"prompt id {item['id']!r}, k={k}: the {rule} loop and its walk disagree at verification step {step}: "
-        f"the loop took (committed, drafted) {real[step : step + 3]}, the walk {walked[step : step + 3]}"
-    )
+def rollout_steps_agree(item: dict, real: list, walked: list, gaps: list[float], k: int, loop: str) -> bool:
+    """steps_agree on (committed, drafted) steps of a different-tokenizer loop and walk; gaps: per step, the smallest
+    top-2 gap of the draft's rollout, and every rollout up to the first difference counts (each fed the next)."""
+    return steps_agree(item, real, walked, lambda step: min(gaps[: step + 1], default=float("inf")), k, loop)
 
 
 def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
@@ -474,15 +476,15 @@ def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
     kept = job.assisted(k, 0.0, n_check)
     with draft_cache_dropped():
         dropped = job.assisted(k, 0.0, job.checks[k])
-    for item, run in zip(job.items, kept):
-        check_output(job.target, item, run["tokens"], k)
+    kept_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, kept)]
     outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, dropped)]
     steps_ok = [
-        ok and first_difference_excused(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
+        ok and rollout_steps_agree(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
         for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, dropped))
     ]
     summary = check_summary(outputs_ok, steps_ok, dropped, _speed(kept, job.settings["warmup_prompts"]), job.ar_speed)
-    return {**summary, "engine_same_steps": sum(r["steps"] == w for r, w in zip(kept, walked))}
+    same = sum(ok and r["steps"] == w for ok, r, w in zip(kept_ok, kept, walked))
+    return {**summary, "engine_same_steps": same}
 
 
 def uag_records(job: Job) -> None:
@@ -524,7 +526,7 @@ def tli_check(job: Job, mapping: dict, k: int, walked: list) -> dict:
             eos_ids=eos,
         )
         outputs_ok.append(check_output(job.target, item, tokens, k))
-        steps_ok.append(outputs_ok[-1] and first_difference_excused(item, real, steps, gaps, k, "intersection"))
+        steps_ok.append(outputs_ok[-1] and rollout_steps_agree(item, real, steps, gaps, k, "intersection"))
         checked_steps += len(real) if steps_ok[-1] else 0
     return {
         "checked_prompts": sum(steps_ok),
