@@ -21,7 +21,7 @@ the walk's forward and the engine's own may legitimately pick different tokens).
 against a loop that runs both models: transformers' own for UAG, `tli_generate` for the intersection.
 """
 
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 
 import torch
 from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers
@@ -128,34 +128,37 @@ class DraftRows:
 
 
 def run_walks(
-    walks: list[Walk],
-    rollout: Callable[[DraftRows, list], list],
-    new_rows: Callable[[int], DraftRows],
-    *,
-    batch_size: int,
-    progress=None,
+    walks: list[Walk], rows: DraftRows, k: int, *, stop_ids: set[int], progress=None
 ) -> tuple[list[list[tuple[int, int]]], list[list[float]]]:
-    """Drive every prompt's walk to its end, batch_size walks at a time, one batched rollout per round:
-    (steps, gaps) per prompt."""
+    """Drive every prompt's walk to its end, one batched rollout of `rows` per round: (steps, gaps) per prompt.
+
+    A row whose walk ends takes the next walk at once, so a round's batch stays full until the walks run out
+    instead of waiting for the longest walk of a fixed batch.
+    """
     steps: list = [None] * len(walks)
     gaps: list[list[float]] = [[] for _ in walks]
-    for first in range(0, len(walks), batch_size):
-        batch = range(first, min(first + batch_size, len(walks)))
-        rows = new_rows(len(batch))
-        pending = {i: next(walks[i]) for i in batch}
-        while pending:
-            results = rollout(rows, [pending.get(i) for i in batch])
-            for i, result in zip(batch, results):
-                if result is None:
-                    continue
-                gaps[i].append(result[1])
-                try:
-                    pending[i] = walks[i].send(result)
-                except StopIteration as done:
-                    steps[i] = done.value
-                    del pending[i]
-                    if progress is not None:
-                        progress.update(1)
+    queue = iter(range(len(walks)))
+    walk_of: list[int | None] = [None] * rows.rows
+    contexts: list[list[int] | None] = [None] * rows.rows
+
+    def admit(row: int) -> None:
+        walk_of[row] = next(queue, None)
+        contexts[row] = None if walk_of[row] is None else next(walks[walk_of[row]])
+
+    for row in range(rows.rows):
+        admit(row)
+    while any(i is not None for i in walk_of):
+        for row, (i, result) in enumerate(zip(list(walk_of), rows.rollout(contexts, k, stop_ids=stop_ids))):
+            if i is None:
+                continue
+            gaps[i].append(result[1])
+            try:
+                contexts[row] = walks[i].send(result)
+            except StopIteration as done:
+                steps[i] = done.value
+                if progress is not None:
+                    progress.update(1)
+                admit(row)
     return steps, gaps
 
 
@@ -236,17 +239,11 @@ def uag_walk(
         for it in items
     ]
     pad = draft_tok.pad_token_id if draft_tok.pad_token_id is not None else 0
-
-    def rollout(rows, contexts):
-        return rows.rollout(contexts, k, stop_ids=eos_ids)
-
-    def new_rows(n):
-        return DraftRows(draft, n, pad)
-
-    # Prompts of similar lengths together: the cache's width is the longest row's.
+    rows = DraftRows(draft, min(batch_size, len(items)) or 1, pad)
+    # Prompts of similar lengths side by side: the cache's width follows the longest row's input.
     order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt_ids"]))
     with torch.no_grad():
-        steps, gaps = run_walks([walks[i] for i in order], rollout, new_rows, batch_size=batch_size, progress=progress)
+        steps, gaps = run_walks([walks[i] for i in order], rows, k, stop_ids=eos_ids, progress=progress)
     back = {i: n for n, i in enumerate(order)}
     return [steps[back[i]] for i in range(len(items))], [gaps[back[i]] for i in range(len(items))]
 
