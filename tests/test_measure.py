@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from transformers.generation.candidate_generator import AssistedCandidateGeneratorDifferentTokenizers
 
 from sd2.generation import generate_batch
 from sd2.masks import magnitude_mask
@@ -383,3 +384,31 @@ def test_uag_walk_runs_on_the_eval_sets_named(tmp_path, tiny_qwen_dir, tiny_llam
         tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0
     )
     assert {r["estimator"] for r in result["records"]} == {"tli_walk"}
+
+
+def test_uag_check_reruns_with_the_cache_dropped_where_the_kept_loop_left_the_walk(
+    tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir, monkeypatch
+):
+    """The cache-kept loop's steps made to differ on the first prompt (as transformers' cropping defect does): that
+    prompt leaves engine_same_steps, is run again with the draft's cache dropped, and still counts as checked."""
+    outputs = tmp_path / "outputs.json"
+    continuations.target_outputs(tiny_qwen_dir, eval_dir, outputs, settings=SETTINGS, seed=0)
+    real, dropped_prompts = ms.assisted_runs, []
+
+    def kept_defect(target, draft, target_tok, draft_tok, prompts, **kwargs):
+        runs = real(target, draft, target_tok, draft_tok, prompts, **kwargs)
+        if AssistedCandidateGeneratorDifferentTokenizers._update_past_and_masks.__name__ == "without_cache":
+            dropped_prompts.extend(prompts)
+        elif kwargs["temperature"] == 0:
+            runs[0] = {**runs[0], "steps": [(1, kwargs["k"])] + runs[0]["steps"]}
+        return runs
+
+    monkeypatch.setattr(ms, "assisted_runs", kept_defect)
+    settings = {**SETTINGS, "temperatures": [0.0]}
+    result = ms.measure(
+        tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0
+    )
+    (uag,) = [r for r in result["records"] if r["estimator"] == "uag_walk"]
+    first = json.loads(outputs.read_text())["items"][0]["prompt_ids"]
+    assert first in dropped_prompts and len(dropped_prompts) == SETTINGS["n_check"] - uag["engine_same_steps"]
+    assert uag["checked_prompts"] + uag["draft_near_ties"] + uag["target_near_ties"] == SETTINGS["n_check"]

@@ -357,11 +357,30 @@ def engine_counts(runs: list[int], k: int) -> tuple[int, int]:
     return accepted, steps
 
 
+class CachedModel:
+    """A model run on a growing sequence with its keys and values kept: each call feeds only what follows the
+    longest prefix it has already seen (the cache cropped to it), as a serving engine's decoding loop does."""
+
+    def __init__(self, model):
+        self.model, self.past, self.seen = model, None, []
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """The logits after every token of ids from the first one not cached on."""
+        keep = min(_common_prefix(ids, self.seen), len(ids) - 1)
+        if self.past is not None:
+            self.past.crop(keep)
+        out = self.model(
+            input_ids=torch.tensor([ids[keep:]], device=self.model.device), past_key_values=self.past, use_cache=True
+        )
+        self.past, self.seen = out.past_key_values, list(ids)
+        return out.logits[0].float()
+
+
 @torch.no_grad()
 def tli_generate(
     target, draft, mapping: dict, prompt_ids: list[int], *, k: int, max_new_tokens: int, eos_ids: set[int]
 ):
-    """A greedy decoding loop under the token-level intersection, batch size 1, both models run in full each step.
+    """A greedy decoding loop under the token-level intersection, batch size 1, each model with its own cache.
 
     The measuring instrument the tli walk is checked against: the target generates its first token alone
     (vLLM's prefill), then every step the draft proposes k shared tokens from the mapped sequence, the target
@@ -372,24 +391,19 @@ def tli_generate(
     draft_to_target = torch.full((allowed.numel(),), -1, dtype=torch.long)
     shared = mapping["target_to_draft"] >= 0
     draft_to_target[mapping["target_to_draft"][shared]] = torch.nonzero(shared)[:, 0]
-
-    def target_next(ids):
-        return target(input_ids=torch.tensor([ids], device=target.device)).logits[0].argmax(-1).tolist()
-
-    seq, new, steps, gaps = list(prompt_ids), [], [], []
-    new.append(target_next(seq)[-1])
+    target_run, draft_run = CachedModel(target), CachedModel(draft)
+    seq, steps, gaps = list(prompt_ids), [], []
+    new = [int(target_run.logits(seq)[-1].argmax())]
     while len(new) < max_new_tokens and new[-1] not in eos_ids:
-        proposal, gap, past = [], float("inf"), None
-        step_ids = torch.tensor([to_draft_ids(mapping, seq + new)], device=draft.device)
+        drafted, proposal, gap = to_draft_ids(mapping, seq + new), [], float("inf")
         for _ in range(k):
-            out = draft(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[0, -1].float().masked_fill(~allowed, float("-inf"))
+            logits = draft_run.logits(drafted)[-1].masked_fill(~allowed, float("-inf"))
             top = logits.topk(2).values
             gap = min(gap, float(top[0] - top[1]))
             choice = int(logits.argmax())
             proposal.append(int(draft_to_target[choice]))
-            step_ids = torch.tensor([[choice]], device=draft.device)
-        verdicts = target_next(seq + new + proposal)[len(seq) + len(new) - 1 :]
+            drafted = drafted + [choice]
+        verdicts = target_run.logits(seq + new + proposal)[-k - 1 :].argmax(-1).tolist()
         accepted = next((i for i, (p, v) in enumerate(zip(proposal, verdicts)) if p != v), k)
         committed = (proposal[:accepted] + [verdicts[accepted]])[: max_new_tokens - len(new)]
         if any(token in eos_ids for token in committed):

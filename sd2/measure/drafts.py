@@ -61,10 +61,10 @@ DEFINITIONS = {
     "draft-token tree from the ranks of the same teacher-forced pass (verified against "
     "sd2.measure.trees' tree decoding loop on checked_prompts); uag_walk: exact greedy acceptance under "
     "transformers' universal assisted generation, the engine's re-encoding replayed along the target's greedy "
-    "continuation with the draft's rollouts batched (verified against transformers' loop with the draft's cache "
-    "dropped on checked_prompts; engine_same_steps counts the prompts on which its loop with the draft's cache "
-    "kept committed the cached continuation with the same steps); tli_walk: exact greedy acceptance under vLLM's "
-    "token-level intersection "
+    "continuation with the draft's rollouts batched (verified against transformers' loop on checked_prompts: as "
+    "users run it, the draft's cache kept, and with the cache dropped where that loop's steps differ from the "
+    "walk's; engine_same_steps counts the prompts on which the cache-kept loop committed the cached continuation "
+    "in the walk's steps); tli_walk: exact greedy acceptance under vLLM's token-level intersection "
     "(use_heterogeneous_vocab: the draft reads target tokens mapped one for one and proposes only the "
     "tli_shared_tokens both vocabularies hold), from one teacher-forced pass, steps as vLLM takes them (the first "
     "token from the prefill, k tokens drafted every step), verified against sd2.measure.cross_tokenizer's loop.",
@@ -101,7 +101,8 @@ DEFINITIONS = {
     "speedup = sd_tokens_per_s / ar_tokens_per_s.",
     "checks": "checked_prompts/checked_steps: prompts and verification steps where assisted generation's "
     "committed counts equal the walk's, its output being the target's cached greedy continuation (for uag_walk "
-    "transformers' loop with the draft's cache dropped, for tli_walk sd2.measure.cross_tokenizer.tli_generate). "
+    "transformers' loop, its draft cache dropped where the kept cache changed its steps, for tli_walk "
+    "sd2.measure.cross_tokenizer.tli_generate). "
     "draft_near_ties/target_near_ties: prompts left out of that check because the "
     "first disagreement sits where the draft's/target's top two logits differ by less than 1e-4.",
     "training_precision": "target_/draft_training_precision: the precisions the model was trained in, base first "
@@ -341,15 +342,16 @@ class Job:
         cost_ratio = self.base["macs_ratio"]
         return summarize(generations, k, cost_ratio, self.settings["bootstrap"], self.seed, draft_forwards)
 
-    def assisted(self, k: int, temperature: float, n: int) -> list[dict]:
-        """assisted_runs on the first n prompts, the draft's layers as draft_kernel says."""
+    def assisted(self, k: int, temperature: float, n: int, items: list[dict] | None = None) -> list[dict]:
+        """assisted_runs on the first n prompts (of items, else of the job), the draft's layers as draft_kernel
+        says."""
         with swapped(self.draft, self.kernel_layers):
             return assisted_runs(
                 self.target,
                 self.draft,
                 self.target_tok,
                 self.draft_tok,
-                [it["prompt_ids"] for it in self.items[:n]],
+                [it["prompt_ids"] for it in (self.items if items is None else items)[:n]],
                 k=k,
                 temperature=temperature,
                 max_new_tokens=self.settings["max_new_tokens"],
@@ -469,22 +471,28 @@ def rollout_steps_agree(item: dict, real: list, walked: list, gaps: list[float],
 
 
 def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
-    """transformers' UAG against the walk at k: with the draft's cache dropped on the first job.checks[k] prompts
-    its outputs are the cached continuations and its steps the walk's; with the cache kept (timed, the first
-    n_check prompts) engine_same_steps counts the prompts whose steps are the walk's."""
-    n_check = job.settings["n_check"]
-    kept = job.assisted(k, 0.0, n_check)
-    with draft_cache_dropped():
-        dropped = job.assisted(k, 0.0, job.checks[k])
+    """transformers' UAG against the walk at k on the first job.checks[k] prompts (timed on the first n_check).
+
+    The loop runs as users run it, the draft's cache kept; engine_same_steps counts the prompts where it output
+    the cached continuation in the walk's steps. Where it did not, transformers' defect in cropping that cache
+    (sd2.measure.speculative.draft_cache_dropped) can be the cause, so the loop runs again with the cache dropped
+    and its output must be the cached continuation and its steps the walk's.
+    """
+    kept = job.assisted(k, 0.0, job.checks[k])
     kept_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, kept)]
-    outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, dropped)]
+    same = [ok and r["steps"] == w for ok, r, w in zip(kept_ok, kept, walked)]
+    again = [i for i, ok in enumerate(same) if not ok]
+    runs, outputs_ok = list(kept), list(kept_ok)
+    with draft_cache_dropped():
+        dropped = job.assisted(k, 0.0, len(again), [job.items[i] for i in again])
+    for i, run in zip(again, dropped):
+        runs[i], outputs_ok[i] = run, check_output(job.target, job.items[i], run["tokens"], k)
     steps_ok = [
         ok and rollout_steps_agree(it, r["steps"], walked[i], gaps[i], k, "universal assisted generation")
-        for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, dropped))
+        for i, (ok, it, r) in enumerate(zip(outputs_ok, job.items, runs))
     ]
-    summary = check_summary(outputs_ok, steps_ok, dropped, _speed(kept, job.settings["warmup_prompts"]), job.ar_speed)
-    same = sum(ok and r["steps"] == w for ok, r, w in zip(kept_ok, kept, walked))
-    return {**summary, "engine_same_steps": same}
+    speed = _speed(kept[: job.settings["n_check"]], job.settings["warmup_prompts"])
+    return {**check_summary(outputs_ok, steps_ok, runs, speed, job.ar_speed), "engine_same_steps": sum(same)}
 
 
 def uag_records(job: Job) -> None:
