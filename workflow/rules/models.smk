@@ -16,8 +16,9 @@ rule pretrain:
     threads: model_threads()
     resources:
         **model_resources("pretrain"),
-    # Every job of its drafts and targets waits for it: first when cores are scarce.
-    priority: 10
+    # Every job of its drafts and targets waits for it: first when cores are scarce, and a target (the longest
+    # training, then the answers every fine-tuned draft waits for) before a draft.
+    priority: lambda w: 20 if w.model in config["targets"] else 10
     log:
         "logs/pretrain/{model}.log",
     benchmark:
