@@ -295,20 +295,29 @@ def measure(p=None, a=None):
         p.add_argument("--target", required=True)
         p.add_argument("--draft", required=True)
         p.add_argument("--trust-remote-code", action="store_true")
-        p.add_argument("--target-outputs", required=True, help="the target_outputs JSON of this target and eval set")
+        p.add_argument(
+            "--eval-set",
+            nargs=3,
+            action="append",
+            required=True,
+            metavar=("NAME", "TARGET_OUTPUTS", "OUT"),
+            help="an eval set's name, the target_outputs JSON of this target on it and the records file to write "
+            "(repeat it for each eval set: the models are loaded once)",
+        )
         p.add_argument("--settings", type=_json, required=True, help="the config's measure section as JSON")
-        p.add_argument("--out", required=True)
         # --dtype and --device-map are the target's; the draft sits on the first GPU.
         _placement(p, dtype=["--dtype", "--draft-dtype"], device_map=True)
         return
-    from sd2.measure.drafts import measure
+    from sd2.measure.drafts import measure_eval_sets
 
+    names = [name for name, _, _ in a.eval_set]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"measure: --eval-set names repeat: {names}")
     with _run(a, "measure") as run:
-        measure(
+        measure_eval_sets(
             a.target,
             a.draft,
-            a.target_outputs,
-            a.out,
+            {name: (outputs, out) for name, outputs, out in a.eval_set},
             settings=a.settings,
             labels=a.labels,
             seed=a.seed,

@@ -605,11 +605,16 @@ def tvd_records(job: Job, temperature: float) -> None:
         job.add(temperature, k, "tvd_estimate", result)
 
 
-def measure(
+def measure(target_dir, draft_dir, outputs_path, out_path, *, labels: dict, **kwargs) -> dict:
+    """Every record of one (target, draft, eval set) as one JSON file at out_path (measure_eval_sets)."""
+    name = labels["eval_set"]
+    return measure_eval_sets(target_dir, draft_dir, {name: (outputs_path, out_path)}, labels=labels, **kwargs)[name]
+
+
+def measure_eval_sets(
     target_dir,
     draft_dir,
-    outputs_path,
-    out_path,
+    eval_sets: dict,
     *,
     settings: dict,
     labels: dict,
@@ -621,18 +626,41 @@ def measure(
     draft_dtype="auto",
     device_map=None,
 ) -> dict:
-    """Every record of one (target, draft, eval set) as one JSON file at out_path."""
-    cached, items = load_continuations(outputs_path, settings)
+    """Every record of one (target, draft) on each eval set, {name: (target_outputs path, out path)}: the models
+    are loaded once, every continuations file is read (and checked against the settings) before anything is
+    measured, and each eval set's records are one JSON file at its out path. Returns {name: that file's content}."""
+    continuations_of = {name: load_continuations(outputs, settings) for name, (outputs, _) in eval_sets.items()}
     target, target_tok = load_checkpoint(target_dir, trust_remote_code, device, dtype=dtype, device_map=device_map)
     draft, draft_tok = load_checkpoint(draft_dir, trust_remote_code, device, dtype=draft_dtype)
-    job = prepare(
-        target, draft, target_tok, draft_tok, cached, items, settings=settings, labels=labels, seed=seed, run=run
-    )
     # Runs on CPUs with and without native bf16 train in different precisions: every record says which.
-    job.base.update(
-        target_training_precision=training_precision(target_dir), draft_training_precision=training_precision(draft_dir)
-    )
-    for temperature in settings["temperatures"]:
+    precisions = {
+        "target_training_precision": training_precision(target_dir),
+        "draft_training_precision": training_precision(draft_dir),
+    }
+    outputs = {}
+    for name, (cached, items) in continuations_of.items():
+        job = prepare(
+            target,
+            draft,
+            target_tok,
+            draft_tok,
+            cached,
+            items,
+            settings=settings,
+            labels={**labels, "eval_set": name},
+            seed=seed,
+            run=run,
+        )
+        job.base.update(precisions)
+        measure_job(job)
+        outputs[name] = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": job.records}
+        write_json(eval_sets[name][1], outputs[name], indent=None)
+    return outputs
+
+
+def measure_job(job: Job) -> None:
+    """The records of every temperature and estimator the settings ask for, best_k marked."""
+    for temperature in job.settings["temperatures"]:
         if temperature == 0 and job.path == "assisted":
             walk_records(job)
             continue
@@ -641,12 +669,9 @@ def measure(
             tli_records(job)
             continue
         assisted_records(job, temperature)
-        if job.path == "assisted" and settings["n_tvd"]:
+        if job.path == "assisted" and job.settings["n_tvd"]:
             tvd_records(job, temperature)
     mark_best_k(job.records)
-    output = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": job.records}
-    write_json(out_path, output, indent=None)
-    return output
 
 
 def mark_best_k(records: list[dict]) -> None:

@@ -19,6 +19,7 @@ config.update(validate(config))
 
 W = config["workdir"]
 R = config["results_dir"]
+EVAL_SETS = list(config["data"]["eval_sets"])
 MODELS = config["models"]
 SCRATCH = sorted(name for name, spec in MODELS.items() if "hub" not in spec and "layers_of" not in spec)
 # Drafts made of some of another model's layers (layer_subset).

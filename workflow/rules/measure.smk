@@ -27,13 +27,15 @@ rule target_outputs:
         " --settings {params.settings} --out {output} --seed {params.seed} --threads {threads} {params.placement} > {log} 2>&1"
 
 
+# One job per draft for every eval set: the models load once (a job's imports and loading cost more than
+# measuring a small eval set's greedy cells).
 rule measure:
     input:
         target=lambda w: model_input(w.target),
         draft=lambda w: draft_input(w.target, w.draft, w.method, w.sparsity),
-        outputs=f"{W}/target_outputs/{{target}}/{{eval_set}}.json",
+        outputs=[f"{W}/target_outputs/{{target}}/{e}.json" for e in EVAL_SETS],
     output:
-        f"{R}/records/{{eval_set}}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json",
+        [f"{R}/records/{e}/{{target}}/{{draft}}/{{method}}-s{{sparsity}}.json" for e in EVAL_SETS],
     # Draft variants of sd2.methods (heads are measured by their own rules).
     wildcard_constraints:
         method=VARIANT,
@@ -43,8 +45,11 @@ rule measure:
         target=lambda w: model_path(w.target),
         draft=lambda w: draft_path(w.target, w.draft, w.method, w.sparsity),
         trust=lambda w: trust(w.target, w.draft),
+        eval_sets=lambda w, input, output: " ".join(
+            f"--eval-set {e} {i} {o}" for e, i, o in zip(EVAL_SETS, input.outputs, output)
+        ),
         settings=as_arg(config["measure"]),
-        labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity), "eval_set": w.eval_set}),
+        labels=lambda w: as_arg({"target": w.target, "draft": w.draft, "method": w.method, "sparsity": int(w.sparsity)}),
         wandb=wandb_arg(),
         seed=config["seed"],
     # One thread in a CPU run: two measurement jobs share the 2-core default machine.
@@ -52,14 +57,14 @@ rule measure:
     resources:
         **model_resources("measure"),
     log:
-        "logs/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.log",
+        "logs/measure/{target}/{draft}/{method}-s{sparsity}.log",
     benchmark:
-        "logs/benchmarks/measure/{eval_set}/{target}/{draft}/{method}-s{sparsity}.tsv"
+        "logs/benchmarks/measure/{target}/{draft}/{method}-s{sparsity}.tsv"
     conda:
         "../envs/sd2.yaml"
     shell:
-        "{params.sd2} measure --target {params.target} --draft {params.draft} {params.trust} --target-outputs {input.outputs}"
-        " --settings {params.settings} --labels {params.labels} --out {output} --seed {params.seed}"
+        "{params.sd2} measure --target {params.target} --draft {params.draft} {params.trust} {params.eval_sets}"
+        " --settings {params.settings} --labels {params.labels} --seed {params.seed}"
         " --threads {threads} --wandb {params.wandb}"
-        " --run-name measure-{wildcards.eval_set}-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
+        " --run-name measure-{wildcards.target}-{wildcards.draft}-{wildcards.method}-s{wildcards.sparsity}"
         " {params.placement} > {log} 2>&1"
