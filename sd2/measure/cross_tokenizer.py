@@ -40,6 +40,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# Dead cache slots DraftRows tolerates before it compacts (a few rounds' worth of rollout slots).
+COMPACT_SLACK = 16
+
+
 class DraftRows:
     """Greedy draft rollouts for a fixed batch of walks, round after round, each row reusing its cached keys
     and values for the part of its input that did not change.
@@ -47,20 +51,36 @@ class DraftRows:
     One cache serves every row: each forward appends a block of slots to all rows (a row's new tokens first,
     then padding), and a row's attention mask keeps only the slots of its current input, so a row whose
     input was rewritten (re-encoding replaced its last tokens) drops those slots and feeds the new ones, at
-    their own positions (position_ids). What a row attends to is exactly its input, as if it were run alone
-    from scratch: the rule transformers' loop follows with the draft's cache dropped.
+    their own positions (position_ids); dropped slots are gathered out of the cache once they add up. What
+    a row attends to is exactly its input, as if it were run alone from scratch: the rule transformers'
+    loop follows with the draft's cache dropped.
     """
 
     def __init__(self, draft, rows: int, pad_id: int):
         self.draft, self.pad_id, self.rows = draft, pad_id, rows
-        self.reset()
-
-    def reset(self) -> None:
-        """An empty cache: the next round feeds every row its whole input."""
         self.past = None
         self.mask = torch.zeros((self.rows, 0), dtype=torch.long, device=self.draft.device)
         self.slots: list[list[int]] = [[] for _ in range(self.rows)]  # a row's cache slot per input position
         self.tokens: list[list[int]] = [[] for _ in range(self.rows)]  # the token each of those slots holds
+
+    def _compact(self) -> None:
+        """Drop the slots no row attends to: each row's live slots gathered to the front of a narrower cache.
+
+        Keys are stored with their rotary positions applied, so gathering them keeps each row's positions;
+        a gather costs far less than attending to (and appending behind) slots that are all masked.
+        """
+        width = max((len(s) for s in self.slots), default=0)
+        if self.past is None or self.mask.shape[1] <= width + COMPACT_SLACK:
+            return
+        index = torch.zeros((self.rows, width), dtype=torch.long, device=self.mask.device)
+        self.mask = torch.zeros((self.rows, width), dtype=torch.long, device=self.mask.device)
+        for i, slots in enumerate(self.slots):
+            index[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+            self.mask[i, : len(slots)] = 1
+            self.slots[i] = list(range(len(slots)))
+        for layer in self.past.layers:
+            gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
 
     def _forward(self, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed each row its tokens at positions from its start; the logits after each row's last token."""
@@ -93,9 +113,6 @@ class DraftRows:
         A rollout ends after a token in stop_ids, as generate() does for one sequence; `allowed` (a boolean
         mask over the draft's vocabulary) restricts the argmax to those tokens.
         """
-        longest = max((len(c) for c in contexts if c is not None), default=0)
-        if self.mask.shape[1] > 2 * longest + 64:
-            self.reset()  # mostly dropped slots by now: recomputing the inputs costs less than attending to them
         feeds, starts = [], []
         for i, context in enumerate(contexts):
             if context is None:
@@ -107,6 +124,7 @@ class DraftRows:
             del self.slots[i][keep:], self.tokens[i][keep:]
             feeds.append(context[keep:])
             starts.append(keep)
+        self._compact()
         logits = self._forward(feeds, starts)
         tokens = [[] for _ in contexts]
         gaps = [float("inf")] * len(contexts)
