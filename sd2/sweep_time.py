@@ -88,15 +88,16 @@ def probe(config: dict) -> dict:
     cpu_share, the CPU time the probe got over its wall time on all its threads (near 1 on an idle machine)."""
     wall, cpu = time.perf_counter(), time.process_time()
     models = {}
-    scratch = {name: spec for name, spec in config["models"].items() if "hub" not in spec and "layers_of" not in spec}
-    # The process's first training steps also pay one-time costs (thread pools, kernel choice): without a
-    # throwaway run, the first model measured came out up to 3x slower than an identical second one.
-    for name, spec in list(scratch.items())[:1]:
-        step_seconds(spec, model_shape(name, config).vocab_size, resolve_bf16(spec["train"]["bf16"], "cpu")[0], 1)
-    for name, spec in scratch.items():
+    for name, spec in config["models"].items():
+        if "hub" in spec or "layers_of" in spec:
+            continue
         train = spec["train"]
         bf16, _ = resolve_bf16(train["bf16"], "cpu")
         vocab = model_shape(name, config).vocab_size
+        if not models:
+            # The process's first training steps also pay one-time costs (thread pools, kernel choice): without
+            # a throwaway step, the first model measured came out up to 3x slower than an identical second one.
+            step_seconds(spec, vocab, bf16, steps=1)
         seconds = step_seconds(spec, vocab, bf16)
         steps = max(1, train["tokens"] // (train["batch_size"] * train["seq_len"]))
         models[name] = {
