@@ -342,16 +342,15 @@ class Job:
         cost_ratio = self.base["macs_ratio"]
         return summarize(generations, k, cost_ratio, self.settings["bootstrap"], self.seed, draft_forwards)
 
-    def assisted(self, k: int, temperature: float, n: int, items: list[dict] | None = None) -> list[dict]:
-        """assisted_runs on the first n prompts (of items, else of the job), the draft's layers as draft_kernel
-        says."""
+    def assisted(self, k: int, temperature: float, items: list[dict]) -> list[dict]:
+        """assisted_runs on these items' prompts, the draft's layers as draft_kernel says."""
         with swapped(self.draft, self.kernel_layers):
             return assisted_runs(
                 self.target,
                 self.draft,
                 self.target_tok,
                 self.draft_tok,
-                [it["prompt_ids"] for it in (self.items if items is None else items)[:n]],
+                [it["prompt_ids"] for it in items],
                 k=k,
                 temperature=temperature,
                 max_new_tokens=self.settings["max_new_tokens"],
@@ -433,7 +432,7 @@ def teacher_forced(job: Job) -> list[dict]:
 
 def walk_check(job: Job, k: int, walked: list, forced: list[dict]) -> dict:
     """Assisted generation on the first job.checks[k] prompts against the walk at k, step by step, and timed."""
-    runs = job.assisted(k, 0.0, job.checks[k])
+    runs = job.assisted(k, 0.0, job.items[: job.checks[k]])
     outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
     steps_ok = [
         ok and check_steps(it, r["steps"], walked[i], forced[i]["gap"], k)
@@ -478,13 +477,13 @@ def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
     (sd2.measure.speculative.draft_cache_dropped) can be the cause, so the loop runs again with the cache dropped
     and its output must be the cached continuation and its steps the walk's.
     """
-    kept = job.assisted(k, 0.0, job.checks[k])
+    kept = job.assisted(k, 0.0, job.items[: job.checks[k]])
     kept_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, kept)]
     same = [ok and r["steps"] == w for ok, r, w in zip(kept_ok, kept, walked)]
     again = [i for i, ok in enumerate(same) if not ok]
     runs, outputs_ok = list(kept), list(kept_ok)
     with draft_cache_dropped():
-        dropped = job.assisted(k, 0.0, len(again), [job.items[i] for i in again])
+        dropped = job.assisted(k, 0.0, [job.items[i] for i in again])
     for i, run in zip(again, dropped):
         runs[i], outputs_ok[i] = run, check_output(job.target, job.items[i], run["tokens"], k)
     steps_ok = [
@@ -569,7 +568,7 @@ def tli_records(job: Job) -> None:
 def assisted_records(job: Job, temperature: float) -> None:
     """assisted_generation at a sampling `temperature` for every headline k, on the first n_assisted prompts."""
     for k in job.settings["k"]:
-        runs = job.assisted(k, temperature, job.settings["n_assisted"])
+        runs = job.assisted(k, temperature, job.items[: job.settings["n_assisted"]])
         job.add(temperature, k, "assisted_generation", job.summarize([r["steps"] for r in runs], k))
 
 
