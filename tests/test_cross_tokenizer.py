@@ -103,6 +103,33 @@ def test_uag_walk_takes_transformers_steps(fitted_pair, k, monkeypatch, one_thre
     assert any(n > 0 for n in merges)
 
 
+def test_uag_walk_prefills_admitted_prompts_apart_with_the_same_steps(fitted_pair, monkeypatch, one_thread):
+    """A prompt admitted into a running batch is cached by a forward of its own row (DraftRows._prefill): the
+    walk takes the same steps as when it is fed through the shared forward of every row."""
+    target, draft, target_tok, draft_tok, items = fitted_pair
+
+    def walk():
+        eos = model_eos_ids(target)
+        walked, _ = ct.uag_walk(
+            draft, target_tok, draft_tok, items, k=3, max_new_tokens=MAX_NEW, eos_ids=eos, batch_size=2
+        )
+        return walked
+
+    monkeypatch.setattr(ct, "PREFILL_MIN", 10**6)
+    shared = walk()
+    prefills = []
+    original = ct.DraftRows._prefill
+
+    def counted(self, rows, feeds):
+        prefills.append(rows)
+        original(self, rows, feeds)
+
+    monkeypatch.setattr(ct.DraftRows, "_prefill", counted)
+    monkeypatch.setattr(ct, "PREFILL_MIN", 0)
+    assert walk() == shared
+    assert len(prefills) >= len(items) - 2, "every prompt admitted after the first round is prefilled apart"
+
+
 def test_uag_loop_with_its_cache_kept_is_lossless_too(fitted_pair, one_thread):
     """transformers' own loop (the draft's cache kept, as users run it, and timed by measure) outputs the target's
     greedy continuation; where its steps differ from the walk's, measure counts it in engine_same_steps."""

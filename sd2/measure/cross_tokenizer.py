@@ -42,6 +42,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 # Dead cache slots DraftRows tolerates before it compacts (a few rounds' worth of rollout slots).
 COMPACT_SLACK = 16
+# A feed longer than this (a newly admitted prompt) is prefilled in a forward of its own rows only: in the
+# shared forward every row would compute that many positions.
+PREFILL_MIN = 32
 
 
 class DraftRows:
@@ -51,7 +54,8 @@ class DraftRows:
     One cache serves every row: each forward appends a block of slots to all rows (a row's new tokens first,
     then padding), and a row's attention mask keeps only the slots of its current input, so a row whose
     input was rewritten (re-encoding replaced its last tokens) drops those slots and feeds the new ones, at
-    their own positions (position_ids); dropped slots are gathered out of the cache once they add up. What
+    their own positions (position_ids); dropped slots are gathered out of the cache once they add up, and a
+    newly admitted prompt is cached by a forward of its own row (`_prefill`), not padded into every row's. What
     a row attends to is exactly its input, as if it were run alone from scratch: the rule transformers'
     loop follows with the draft's cache dropped.
     """
@@ -81,6 +85,32 @@ class DraftRows:
         for layer in self.past.layers:
             gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+
+    def _prefill(self, rows: list[int], feeds: list[list[int]]) -> None:
+        """Cache these rows' whole feeds (each from position 0) in a forward of those rows alone, then append
+        the keys and values to every row's cache as new slots, live for those rows only."""
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for n, feed in enumerate(feeds):
+            ids[n, : len(feed)], mask[n, : len(feed)] = torch.tensor(feed, dtype=torch.long), 1
+        past = self.draft(
+            input_ids=ids.to(self.draft.device), attention_mask=mask.to(self.draft.device), use_cache=True
+        ).past_key_values
+        index = torch.tensor(rows, device=self.mask.device)
+        for layer, fresh in zip(self.past.layers, past.layers):
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                grown = old.new_zeros((*old.shape[:2], width, old.shape[-1]))
+                grown[index] = getattr(fresh, name)
+                setattr(layer, name, torch.cat([old, grown], dim=2))
+        first = self.mask.shape[1]
+        fresh_mask = torch.zeros((self.rows, width), dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, fresh_mask], dim=1)
+        for row, feed in zip(rows, feeds):
+            self.mask[row, first : first + len(feed)] = 1
+            self.slots[row] += range(first, first + len(feed))
+            self.tokens[row] += feed
 
     def _forward(self, feeds: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feed each row its tokens at positions from its start; the logits after each row's last token."""
@@ -113,17 +143,24 @@ class DraftRows:
         A rollout ends after a token in stop_ids, as generate() does for one sequence; `allowed` (a boolean
         mask over the draft's vocabulary) restricts the argmax to those tokens.
         """
-        feeds, starts = [], []
+        feeds, starts, long = [], [], []
         for i, context in enumerate(contexts):
             if context is None:
                 feeds.append([])
                 starts.append(len(self.tokens[i]))
                 continue
             keep = min(_common_prefix(context, self.tokens[i]), len(context) - 1)
+            if self.past is not None and len(context) - keep > PREFILL_MIN:
+                keep = 0
+                long.append(i)
             self.mask[i, self.slots[i][keep:]] = 0
             del self.slots[i][keep:], self.tokens[i][keep:]
             feeds.append(context[keep:])
             starts.append(keep)
+        if long:
+            self._prefill(long, [feeds[i][:-1] for i in long])
+            for i in long:
+                feeds[i], starts[i] = feeds[i][-1:], len(self.tokens[i])
         self._compact()
         logits = self._forward(feeds, starts)
         tokens = [[] for _ in contexts]
