@@ -180,13 +180,15 @@ def _check_references(config: dict) -> None:
 
 
 def _check_every_k(config: dict) -> None:
-    """measure.check_every_k must name a cell the sweep measures, measure.uag_eval_sets eval sets it has."""
-    unknown = sorted(set(config["measure"]["uag_eval_sets"] or []) - set(config["data"]["eval_sets"]))
-    if unknown:
-        raise ConfigError(
-            f"config error at measure.uag_eval_sets: {unknown} not among data.eval_sets "
-            f"{sorted(config['data']['eval_sets'])}"
-        )
+    """measure.check_every_k must name a cell the sweep measures, measure.uag_eval_sets eval sets it has and
+    measure.uag_methods registered methods."""
+    for key, known_names, where in (
+        ("uag_eval_sets", set(config["data"]["eval_sets"]), "data.eval_sets"),
+        ("uag_methods", set(methods.BY_NAME), "the registered methods"),
+    ):
+        unknown = sorted(set(config["measure"][key] or []) - known_names)
+        if unknown:
+            raise ConfigError(f"config error at measure.{key}: {unknown} not among {where} {sorted(known_names)}")
     cell = config["measure"]["check_every_k"]
     if cell is None:
         return

@@ -58,6 +58,7 @@ BAD = [
     (lambda c: c["measure"].update(k=[3, 9], k_max=8), "measure.k", "k_max"),
     (lambda c: c["measure"].update(bootstrap=100), "measure.bootstrap", "100"),
     (lambda c: c["measure"].update(uag_eval_sets=["humaneval", "mbpp"]), "measure.uag_eval_sets", "mbpp"),
+    (lambda c: c["measure"].update(uag_methods=["sd2", "sd3"]), "measure.uag_methods", "sd3"),
     (
         lambda c: c["measure"].update(
             check_every_k={"draft": "nope", "method": "dense", "sparsity": 0, "eval_set": "humaneval", "prompts": 4}

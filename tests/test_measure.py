@@ -376,10 +376,11 @@ def test_training_precision_follows_the_checkpoints_a_draft_was_made_from(tmp_pa
     assert training_precision(tmp_path / "nowhere") is None
 
 
-def test_uag_walk_runs_on_the_eval_sets_named(tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir):
+@pytest.mark.parametrize("key", ["uag_eval_sets", "uag_methods"])
+def test_uag_walk_runs_on_the_eval_sets_and_methods_named(tmp_path, tiny_qwen_dir, tiny_llama_draft_dir, eval_dir, key):
     outputs = tmp_path / "outputs.json"
     continuations.target_outputs(tiny_qwen_dir, eval_dir, outputs, settings=SETTINGS, seed=0)
-    settings = {**SETTINGS, "temperatures": [0.0], "uag_eval_sets": ["elsewhere"]}
+    settings = {**SETTINGS, "temperatures": [0.0], key: ["elsewhere"]}
     result = ms.measure(
         tiny_qwen_dir, tiny_llama_draft_dir, outputs, tmp_path / "r.json", settings=settings, labels=LABELS, seed=0
     )

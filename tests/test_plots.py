@@ -178,8 +178,8 @@ def test_pareto_front():
 def test_main_slice_keeps_measured_rows_at_the_reported_k(measurements):
     greedy = main_slice(measurements)
     assert set(greedy["k"]) == {K} and greedy["headline_k"].all()
-    # A different-tokenizer pair is drawn under transformers' rule; the intersection walk is in the tables only.
-    assert set(greedy["estimator"]) == {"teacher_forced_walk", "uag_walk"}
+    # A different-tokenizer pair is drawn under vLLM's intersection rule; transformers' UAG walk is in the tables only.
+    assert set(greedy["estimator"]) == {"teacher_forced_walk", "tli_walk"}
     assert len(greedy) == len(greedy.drop_duplicates(["target", "draft", "method", "loss", "sparsity", "eval_set"]))
     sampled = main_slice(measurements, temperature=1.0)
     assert set(sampled["estimator"]) == {"assisted_generation"}  # the tvd_estimate is not a measurement

@@ -496,10 +496,12 @@ def uag_check(job: Job, k: int, walked: list, gaps: list) -> dict:
 
 def uag_records(job: Job) -> None:
     """Greedy, different tokenizers: uag_walk on every prompt at every headline k, checked against transformers,
-    on the eval sets measure.uag_eval_sets names (its draft rollouts cost far more than one teacher-forced pass)."""
+    on the eval sets and methods measure.uag_eval_sets and uag_methods name (its draft rolls out at every step,
+    which costs far more than the intersection walk's one teacher-forced pass)."""
     settings, eos = job.settings, model_eos_ids(job.target)
-    if settings.get("uag_eval_sets") is not None and job.base["eval_set"] not in settings["uag_eval_sets"]:
-        return
+    for key, label in (("uag_eval_sets", "eval_set"), ("uag_methods", "method")):
+        if settings.get(key) is not None and job.base[label] not in settings[key]:
+            return
     for k in settings["k"]:
         bar = tqdm(total=len(job.items), desc=f"uag walk k={k}", mininterval=5)
         walked, gaps = cross_tokenizer.uag_walk(

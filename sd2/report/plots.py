@@ -60,13 +60,13 @@ def main_slice(measurements: pd.DataFrame, temperature: float = 0.0, k: int | No
     """Measured rows at one temperature and one reported k (default: the smallest reported k).
 
     The walk's other k values belong to the MAL-vs-k figure only, the tvd_estimate is a model of
-    acceptance, not a measurement, and a different-tokenizer pair is drawn under transformers' rule
-    (uag_walk) only: vLLM's token-intersection walk of the same pair is in the tables.
+    acceptance, not a measurement, and a different-tokenizer pair is drawn under vLLM's token-intersection
+    rule (tli_walk, measured for every draft) only: transformers' rule (uag_walk) is in the tables.
     """
     # eq(True): a column with empty cells is read back as objects, where astype(bool) makes NaN True.
     df = measurements[
         (measurements["temperature"] == temperature)
-        & ~measurements["estimator"].isin(["tvd_estimate", "tli_walk"])
+        & ~measurements["estimator"].isin(["tvd_estimate", "uag_walk"])
         & measurements["headline_k"].eq(True)
     ]
     if k is None and len(df):

@@ -226,6 +226,12 @@ def job_plan(rule_name, w):
     return PLANS[key]
 
 
+def is_check_cell(w):
+    """The measure job of measure.check_every_k's draft: its walks are checked against the loops at every k."""
+    cell = config["measure"]["check_every_k"]
+    return bool(cell) and (w.draft, w.method, int(w.sparsity)) == (cell["draft"], cell["method"], cell["sparsity"])
+
+
 def model_resources(rule_name):
     """Slurm resources of a job of `rule_name`: the config's in a CPU run, its memory plan's in a GPU run."""
     res = config["resources"]

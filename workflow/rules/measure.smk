@@ -56,6 +56,8 @@ rule measure:
     threads: model_threads(1)
     resources:
         **model_resources("measure"),
+    # The cell checked at every k takes several times an ordinary one: started first, it does not end the run alone.
+    priority: lambda w: 1 if is_check_cell(w) else 0
     log:
         "logs/measure/{target}/{draft}/{method}-s{sparsity}.log",
     benchmark:
