@@ -149,7 +149,7 @@ def test_cells_with_few_prompts_are_hollow_with_dotted_intervals(measurements):
     faces = [
         (c.get_label(), p.get_facecolor()) for c in bars.axes[0].containers if isinstance(c, BarContainer) for p in c
     ]
-    assert {label for label, _ in faces} == {"t_llama (same tokenizer)", "t_qwen (different tokenizer, UAG)"}
+    assert {label for label, _ in faces} == {"t_llama (same tokenizer)", "t_qwen (different tokenizer, intersection)"}
     assert all((face == (1, 1, 1, 1)) == ("t_qwen" in label) for label, face in faces)
 
 

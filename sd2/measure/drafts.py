@@ -19,7 +19,7 @@ Four estimators, each named in its records:
   (1 - alpha^(k+1)) / (1 - alpha). An estimate, labelled as one.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -367,40 +367,25 @@ def check_plan(settings: dict, labels: dict) -> dict[int, int]:
     return {k: settings["n_check"] for k in settings["k"]}
 
 
-def prepare(
-    target,
-    draft,
-    target_tok,
-    draft_tok,
-    cached: dict,
-    items: list[dict],
-    *,
-    settings: dict,
-    labels: dict,
-    seed: int,
-    run,
-) -> Job:
-    """The Job of these models and continuations: its decoding path, kernel layers and shared record columns.
-
-    Raises on what cannot be measured before anything is measured.
+def prepare(target, draft, target_tok, draft_tok, *, settings: dict, labels: dict, seed: int, run) -> Job:
+    """The Job of these models, before any eval set: its decoding path, kernel layers and the record columns
+    they share (costs included, counted once per draft). Raises on what cannot be measured before anything is.
     """
     path = decoding_path(target, draft, target_tok, draft_tok)
     # Built before the teacher-forced pass, so a draft the kernel cannot run fails at once.
     kernel_layers = kernel_modules(draft, settings["draft_kernel"])
-    cost = costs(target, draft, labels)
     budgets = settings["tree_budgets"]
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"measure.tree_budgets has repeated budgets: {budgets}")
     base = {
         **{key: labels.get(key) for key in ("target", "draft", "method", "sparsity", "eval_set")},
-        **cost,
+        **costs(target, draft, labels),
         "draft_kernel": settings["draft_kernel"],
         "draft_kernel_layers": len(kernel_layers),
         "same_tokenizer": path == "assisted",
         "decoding_path": path,
         "device": str(target.device),
-        # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
-        "prompt_format": cached["provenance"]["settings"].get("chat"),
+        "prompt_format": None,
     }
     return Job(
         target,
@@ -409,13 +394,27 @@ def prepare(
         draft_tok,
         path=path,
         kernel_layers=kernel_layers,
-        items=items,
-        ar_speed=cached["timing"]["ar_tokens_per_s"],
+        items=[],
+        ar_speed=None,
         base=base,
         settings=settings,
         seed=seed,
-        checks=check_plan(settings, labels),
+        checks={},
         run=run,
+    )
+
+
+def on_eval_set(job: Job, name: str, cached: dict, items: list[dict]) -> Job:
+    """The draft's Job on one eval set's cached continuations (load_continuations), with no records yet."""
+    # The prompt format the cached prompt_ids were made with (sd2.chat.describe).
+    base = {**job.base, "eval_set": name, "prompt_format": cached["provenance"]["settings"].get("chat")}
+    return replace(
+        job,
+        items=items,
+        ar_speed=cached["timing"]["ar_tokens_per_s"],
+        base=base,
+        checks=check_plan(job.settings, base),
+        records=[],
     )
 
 
@@ -638,21 +637,11 @@ def measure_eval_sets(
         "target_training_precision": training_precision(target_dir),
         "draft_training_precision": training_precision(draft_dir),
     }
+    draft_job = prepare(target, draft, target_tok, draft_tok, settings=settings, labels=labels, seed=seed, run=run)
+    draft_job.base.update(precisions)
     outputs = {}
     for name, (cached, items) in continuations_of.items():
-        job = prepare(
-            target,
-            draft,
-            target_tok,
-            draft_tok,
-            cached,
-            items,
-            settings=settings,
-            labels={**labels, "eval_set": name},
-            seed=seed,
-            run=run,
-        )
-        job.base.update(precisions)
+        job = on_eval_set(draft_job, name, cached, items)
         measure_job(job)
         outputs[name] = {"definitions": DEFINITIONS, "prompt_ids": [it["id"] for it in items], "records": job.records}
         write_json(eval_sets[name][1], outputs[name], indent=None)

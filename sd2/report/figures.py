@@ -152,12 +152,14 @@ register_figure(
         plots.plot_tokenizer_comparison,
         ("measurements",),
         caption=(
-            "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (Universal Assisted "
-            "Generation), greedy decoding; " + CI_NOTE
+            "MAL of each draft with a same-tokenizer target and with a different-tokenizer target (vLLM's token-level "
+            "intersection), greedy decoding; " + CI_NOTE
         ),
         details=(
-            "With a different-tokenizer target the draft's tokens are decoded to text and re-tokenized for the target "
-            "(transformers' Universal Assisted Generation); hatched bars."
+            "With a different-tokenizer target the draft reads and proposes only the tokens both vocabularies hold, "
+            "mapped one for one (vLLM's token-level intersection, measured for every draft); hatched bars. "
+            "transformers' Universal Assisted Generation, measured for the drafts the SD² comparisons use, is in the "
+            "tables."
         ),
     )
 )

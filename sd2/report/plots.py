@@ -338,7 +338,7 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
     """Rows: eval sets. Columns: drafts. Grouped bars: each draft variant with each target,
     hatched when the tokenizers differ."""
     df = main_slice(measurements, temperature, k)
-    title = slice_title("Same-tokenizer target vs different-tokenizer (UAG) target: MAL", df, temperature)
+    title = slice_title("Same-tokenizer target vs different-tokenizer (intersection) target: MAL", df, temperature)
     if df.empty:
         return empty_figure(title)
     targets = (
@@ -351,7 +351,7 @@ def plot_tokenizer_comparison(measurements: pd.DataFrame, temperature: float = 0
     def draw(ax, panel, eval_set, column, j):
         combos = variant_order(panel, [])
         for t, target in enumerate(targets.itertuples(index=False)):
-            tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, UAG"
+            tok = "same tokenizer" if target.same_tokenizer else "different tokenizer, intersection"
             for x, combo in enumerate(combos.itertuples(index=False)):
                 rows = panel[
                     (panel["target"] == target.target) & same_variant(panel, combo.method, combo.loss, combo.sparsity)
