@@ -102,6 +102,10 @@ def test_replicate_table_from_records(tmp_path):
     shutil.copytree(tmp_path / "results" / "replicates", tmp_path / "shown" / "replicates")
     text = replicates_block(tmp_path / "shown")
     assert "finetune replicates** (2 runs each)" in text and "does not hold: t_llama/d_small s50" in text
+    # A kind the study names but no replicate of which has finished is said to be missing.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "replicates.yaml").write_text("kinds: [finetune, full]\n")
+    assert "**full replicates**: not run yet" in replicates_block(tmp_path / "shown")
 
 
 @pytest.mark.integration

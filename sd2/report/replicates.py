@@ -129,4 +129,9 @@ def replicates_block(results: Path) -> str:
                 f"against {r['baseline']}: {r['run_verdicts']} (two-level {r['ratio']:.2f} "
                 f"[{r['ratio_ci_low']:.2f}, {r['ratio_ci_high']:.2f}])"
             )
+    # A kind of the study with no finished replicate yet is said to be missing, not left out silently.
+    study = results.parent / "config" / "replicates.yaml"
+    for kind in config.read(study)["kinds"] if study.exists() else []:
+        if kind not in set(table["kind"]):
+            lines.append(f"- **{kind} replicates**: not run yet (`make replicates` runs them after the kinds above).")
     return "\n".join(lines)
