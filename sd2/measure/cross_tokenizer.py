@@ -40,6 +40,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded on the right to the longest."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq, dtype=torch.long), 1
+    return ids, mask
+
+
 # Dead cache slots DraftRows tolerates before it compacts (a few rounds' worth of rollout slots).
 COMPACT_SLACK = 16
 # A feed longer than this (a newly admitted prompt) is prefilled in a forward of its own rows only: in the
@@ -89,11 +98,8 @@ class DraftRows:
     def _prefill(self, rows: list[int], feeds: list[list[int]]) -> None:
         """Cache these rows' whole feeds (each from position 0) in a forward of those rows alone, then append
         the keys and values to every row's cache as new slots, live for those rows only."""
-        width = max(len(f) for f in feeds)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for n, feed in enumerate(feeds):
-            ids[n, : len(feed)], mask[n, : len(feed)] = torch.tensor(feed, dtype=torch.long), 1
+        ids, mask = right_padded(feeds, self.pad_id)
+        width = ids.shape[1]
         past = self.draft(
             input_ids=ids.to(self.draft.device), attention_mask=mask.to(self.draft.device), use_cache=True
         ).past_key_values
@@ -365,11 +371,7 @@ def tli_matches(draft, mapping: dict, items: list[dict], *, pad_id: int, batch_s
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         seqs = [to_draft_ids(mapping, items[i]["prompt_ids"] + items[i]["continuation_ids"]) for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)], mask[row, : len(s)] = torch.tensor(s), 1
+        ids, mask = right_padded(seqs, pad_id)
         logits = draft(input_ids=ids.to(draft.device), attention_mask=mask.to(draft.device)).logits.float()
         logits = logits.masked_fill(~allowed, float("-inf"))
         for row, i in enumerate(idx):
