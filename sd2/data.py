@@ -56,28 +56,38 @@ def read_stdlib(
     return DatasetDict({k: Dataset.from_list(v) for k, v in rows.items()})
 
 
-def extract_functions(source: str, max_body_chars: int) -> list[dict]:
-    """Functions with a docstring: prompt = signature + docstring, response = original body."""
+def _functions(source: str):
+    """(name, line, header, body, documented) of every function with a body below its header. The header is the
+    signature and the docstring where there is one, else the signature and any comment lines before the first
+    statement; a function whose body starts on its `def` line, or holds only a docstring, has none."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
-        return []
+        return
     lines = source.splitlines(keepends=True)
-    found = []
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        if ast.get_docstring(node, clean=False) is None:
+        documented = ast.get_docstring(node, clean=False) is not None
+        if documented and len(node.body) < 2:
             continue
-        doc_end = node.body[0].end_lineno
-        end = node.end_lineno
-        func_lines = textwrap.dedent("".join(lines[node.lineno - 1 : end])).splitlines(keepends=True)
-        head = doc_end - node.lineno + 1
-        prompt, response = "".join(func_lines[:head]), "".join(func_lines[head:])
-        if not response.strip() or len(response) > max_body_chars:
+        header_end = node.body[0].end_lineno if documented else node.body[0].lineno - 1
+        if header_end < node.lineno:
             continue
-        found.append({"name": node.name, "prompt": prompt, "response": response})
-    return found
+        func_lines = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(keepends=True)
+        head = header_end - node.lineno + 1
+        body = "".join(func_lines[head:])
+        if body.strip():
+            yield node.name, node.lineno, "".join(func_lines[:head]), body, documented
+
+
+def extract_functions(source: str, max_body_chars: int) -> list[dict]:
+    """Functions with a docstring: prompt = signature + docstring, response = original body."""
+    return [
+        {"name": name, "prompt": header, "response": body}
+        for name, _, header, body, documented in _functions(source)
+        if documented and len(body) <= max_body_chars
+    ]
 
 
 def function_prompts(corpus: Dataset, max_body_chars: int) -> list[dict]:
@@ -86,6 +96,18 @@ def function_prompts(corpus: Dataset, max_body_chars: int) -> list[dict]:
         for fn in extract_functions(row["text"], max_body_chars):
             rows.append({"id": f"{row['path']}::{fn['name']}", **fn})
     return rows
+
+
+def function_headers(corpus: Dataset) -> dict[str, list[dict]]:
+    """The header of every function in `corpus` as a prompt, by kind: `docstring` (signature and docstring)
+    and `signature` (a function without a docstring), each with a unique id `path:line:name`. The body is not
+    kept, so no length limit applies."""
+    kinds = {"docstring": [], "signature": []}
+    for row in corpus:
+        for name, line, header, _, documented in _functions(row["text"]):
+            kind = "docstring" if documented else "signature"
+            kinds[kind].append({"id": f"{row['path']}:{line}:{name}", "prompt": header, "header": kind})
+    return kinds
 
 
 def humaneval_prompts() -> list[dict]:
@@ -250,6 +272,22 @@ def _corpus(data_cfg: dict, seed: int, reports: dict) -> DatasetDict:
     return DatasetDict({"train": parts["train"], "validation": parts["test"]})
 
 
+def _heldout(corpus: DatasetDict, n: int | None, seed: int) -> tuple[list[dict], list[str]]:
+    """At most n distinct function headers of the validation split: every docstring header before any
+    signature-only one, as the docstring ones ask what the fine-tuning prompts ask. A header also written out
+    in a training file leaves the eval set (its id is returned), so that the training corpus stays the same
+    however many held-out prompts are measured."""
+    headers = function_headers(corpus["validation"])
+    reject = TrainingText(corpus["train"]["text"]).holds
+    kept, refused = [], []
+    for rows in headers.values():
+        if n is not None and len(kept) == n:
+            break
+        more, dropped = _select(_unique_prompts(rows), None if n is None else n - len(kept), seed, reject)
+        kept, refused = kept + more, refused + dropped
+    return kept, refused
+
+
 def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict, out_manifest) -> dict:
     """Build and save every dataset; returns the manifest."""
     reports = {}
@@ -257,22 +295,16 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
 
     evals, in_training = {}, {}
     for name, spec in data_cfg["eval_sets"].items():
-        reject = None
-        if spec["source"] == "humaneval":
-            rows = humaneval_prompts()
-        elif spec["source"] == "stdlib_heldout":
-            rows = [
-                {"id": r["id"], "prompt": r["prompt"]}
-                for r in function_prompts(corpus["validation"], data_cfg["max_body_chars"])
-            ]
-            # A held-out function also written out in a training module leaves the eval set, so that the
-            # training corpus stays the same however many held-out prompts are measured.
-            reject = TrainingText(corpus["train"]["text"]).holds
+        if spec["source"] == "stdlib_heldout":
+            kept, in_training[name] = _heldout(corpus, spec["n"], seed)
         else:
-            rows, reports[f"eval_sets.{name}"] = source_rows(
-                spec, {"prompt": spec["prompt_field"]}, f"data.eval_sets.{name}"
-            )
-        kept, in_training[name] = _select(_unique_prompts(rows), spec["n"], seed, reject)
+            if spec["source"] == "humaneval":
+                rows = humaneval_prompts()
+            else:
+                rows, reports[f"eval_sets.{name}"] = source_rows(
+                    spec, {"prompt": spec["prompt_field"]}, f"data.eval_sets.{name}"
+                )
+            kept, in_training[name] = _select(_unique_prompts(rows), spec["n"], seed)
         evals[name] = Dataset.from_list(kept)
 
     # No evaluation prompt may be seen in training: drop any training file that contains one,

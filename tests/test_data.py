@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -29,6 +30,34 @@ def test_extract_functions_splits_prompt_and_body():
     assert [f["name"] for f in fns] == ["f"]
     assert fns[0]["prompt"] == 'def f(self, x):\n    """Double x.\n\n    More text.\n    """\n'
     assert fns[0]["response"] == "    y = x * 2\n    return y\n"
+
+
+def test_function_headers_are_docstring_or_signature_prompts():
+    src = (
+        'def f(x):\n    """Double x."""\n    return 2 * x\n\n\n'
+        "def g(a,\n      b):\n    # Sum.\n    return a + b\n\n\n"
+        "def h(): return 1\n\n\n"
+        'def only_doc():\n    """Nothing else."""\n'
+    )
+    ds = Dataset.from_list([{"path": "m.py", "text": src}])
+    headers = data.function_headers(ds)
+    assert [(r["id"], r["prompt"]) for r in headers["docstring"]] == [("m.py:1:f", 'def f(x):\n    """Double x."""\n')]
+    # A signature keeps the comment lines above the first statement; a body on the def line gives no header.
+    assert [(r["id"], r["prompt"]) for r in headers["signature"]] == [("m.py:6:g", "def g(a,\n      b):\n    # Sum.\n")]
+
+
+def test_heldout_takes_every_docstring_header_before_a_signature(tmp_path):
+    cfg = {"max_files": 150, "validation_fraction": 0.2, "max_finetune_prompts": 40, "max_body_chars": 800}
+    every = {"held": {"source": "stdlib_heldout", "n": 100_000}}
+    full = run_prepare(tmp_path / "all", data_config({**cfg, "eval_sets": every}))
+    kinds = Counter(load_from_disk(str(tmp_path / "all" / "eval_held"))["header"])
+    assert kinds["docstring"] > 0 and kinds["signature"] > 0
+    n = kinds["docstring"] + 5
+    run_prepare(tmp_path / "some", data_config({**cfg, "eval_sets": {"held": {"source": "stdlib_heldout", "n": n}}}))
+    held = load_from_disk(str(tmp_path / "some" / "eval_held"))
+    assert Counter(held["header"]) == {"docstring": kinds["docstring"], "signature": 5}
+    assert len(set(held["prompt"])) == len(set(held["id"])) == n
+    assert full["eval_sets"]["held"] == sum(kinds.values())
 
 
 def test_humaneval_has_164_prompts():
