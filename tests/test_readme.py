@@ -130,6 +130,13 @@ def test_aims_block_says_met_or_missed_with_the_numbers(tmp_path, results):
         ]
     )
     models.to_csv(results / "tables" / "models.csv", index=False)
+    # One held-out greedy cell made wide: the aim names it and its half-width.
+    meas = pd.read_csv(results / "tables" / "measurements.csv")
+    held = meas.index[(meas["eval_set"] == "stdlib_heldout") & meas["headline_k"] & (meas["temperature"] == 0)].tolist()
+    assert len(held) > 1
+    wide = meas.loc[held[-1]]
+    meas.loc[held[-1], ["mal_ci_low", "mal_ci_high"]] = [wide["mal"] - 0.5, wide["mal"] + 0.5]
+    meas.to_csv(results / "tables" / "measurements.csv", index=False)
     readme = tmp_path / "README.md"
     readme.write_text("<!-- generated:aims -->\n<!-- /generated:aims -->\n")
     update(readme, results)
@@ -140,6 +147,10 @@ def test_aims_block_says_met_or_missed_with_the_numbers(tmp_path, results):
     assert "1.550 bits/byte against the targets' 1.500, 1.600" in lines[3] and lines[3].endswith("**missed**.")
     assert "3.00x parameters" in lines[4] and lines[4].endswith(": met.")
     assert any("the whole default sweep: 60 min on Test CPU" in line and line.endswith(": met.") for line in lines)
+    width = next(line for line in lines if "widest 95% half-width" in line)
+    assert f"on stdlib_heldout ({wide['n_prompts']} prompts, {len(held)} cells): 0.500" in width
+    assert f"{wide['target']}/{wide['draft']} {wide['method']} s{wide['sparsity']}" in width
+    assert width.endswith("**missed**.")
 
 
 def test_time_by_rule_and_instruct_stage_blocks(tmp_path, results):

@@ -15,6 +15,7 @@ import pandas as pd
 from sd2 import methods, variants
 from sd2.report.collect import with_variant_columns
 from sd2.report.comparisons import (
+    EXACT_CHAINS,
     MIN_PROMPTS_FOR_SIGNIFICANCE,
     baseline_comparisons,
     exact_greedy_cells,
@@ -96,8 +97,10 @@ AIMS = {
     "draft_distinct_4gram_share": 0.3,
     "target_over_draft_parameters": 3.0,
     "best_dense_sd_mal": 2.0,
-    "sweep_minutes": 75,
+    "heldout_half_width": 0.11,
+    "sweep_minutes": 60,
 }
+HELDOUT = "stdlib_heldout"
 
 
 def _check(ok: bool) -> str:
@@ -170,6 +173,28 @@ def _best_dense_sd_aim(results: Path) -> list[str]:
     ]
 
 
+def _heldout_width_aim(results: Path) -> list[str]:
+    """The held-out set must be large enough to separate the drafts: every greedy cell's 95% interval at the
+    headline k, under an exact walk, at most this wide on each side."""
+    meas = results / "tables" / "measurements.csv"
+    if not meas.exists():
+        return []
+    df = pd.read_csv(meas)
+    cells = df[
+        (df["eval_set"] == HELDOUT) & df["headline_k"] & (df["temperature"] == 0) & df["estimator"].isin(EXACT_CHAINS)
+    ]
+    if not len(cells):
+        return []
+    half = (cells["mal_ci_high"] - cells["mal_ci_low"]) / 2
+    w = cells.loc[half.idxmax()]
+    aim = AIMS["heldout_half_width"]
+    return [
+        f"- widest 95% half-width of a greedy MAL at k = {w['k']} on {HELDOUT} ({int(w['n_prompts'])} prompts, "
+        f"{len(cells)} cells): {half.max():.3f}, {w['target']}/{w['draft']} {w['method']} s{w['sparsity']} "
+        f"under {w['estimator']} (<= {aim}): {_check(half.max() <= aim)}."
+    ]
+
+
 def _sweep_time_aim(results: Path) -> list[str]:
     record = results / "run_time.json"
     if not record.exists():
@@ -191,6 +216,7 @@ def aims(results: Path) -> str:
         *_target_aims(targets),
         *_draft_aims(drafts, targets),
         *_best_dense_sd_aim(results),
+        *_heldout_width_aim(results),
         *_sweep_time_aim(results),
     ]
     return "\n".join(lines)
