@@ -108,6 +108,20 @@ def test_replicate_table_from_records(tmp_path):
     assert "**full replicates**: not run yet" in replicates_block(tmp_path / "shown")
 
 
+def test_a_replicate_measured_on_other_prompts_is_refused(tmp_path):
+    """A replicate measured before the eval set changed cannot be pooled with the default run."""
+    study = _study(tmp_path)
+    write_synthetic_records(tmp_path / "results", targets=("t_llama",), eval_sets=("humaneval",))
+    replica = tmp_path / "results" / "replicates" / "finetune-seed1"
+    write_synthetic_records(replica, targets=("t_llama",), eval_sets=("humaneval",))
+    for path in (replica / "records").rglob("*.json"):
+        doc = json.loads(path.read_text())
+        doc["prompt_ids"] = [f"old/{i}" for i in doc["prompt_ids"]]
+        path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="replicate finetune-seed1 measured other humaneval prompts"):
+        replicate_rows(study, n_boot=100)
+
+
 @pytest.mark.integration
 def test_a_finetune_replicate_runs_on_top_of_a_real_run(tiny_run, tmp_path):
     """A real Snakemake run of one replicate on a hard-linked copy of the tiny run: the pretrained models are the

@@ -58,13 +58,24 @@ def _cells(results: Path) -> dict:
 
 
 def _paired_arrays(cells: dict, cell: tuple, sparsity: int, baseline: str):
-    """(sd2 tokens, sd2 steps, baseline tokens, baseline steps) per prompt, or None where one side is missing."""
+    """((sd2 tokens, sd2 steps, baseline tokens, baseline steps) per prompt, prompt ids), or None where one side
+    is missing."""
     sd2 = cells.get((*cell, "sd2", sparsity))
     other = cells.get((*cell, baseline, sparsity if baseline == "layer_pruned" else 0))
     if sd2 is None or other is None or sd2[1] != other[1]:
         return None
-    (a, _), (b, _) = sd2, other
-    return (a["accepted_tokens"], a["steps"], b["accepted_tokens"], b["steps"])
+    (a, ids), (b, _) = sd2, other
+    return (a["accepted_tokens"], a["steps"], b["accepted_tokens"], b["steps"]), ids
+
+
+def _same_prompts(per_run: list, paired: list, cell: tuple) -> None:
+    """Runs measured on other prompts than the default run (its eval set changed since) cannot be pooled."""
+    for (label, _), (_, ids) in zip(per_run[1:], paired[1:]):
+        if ids != paired[0][1]:
+            raise ValueError(
+                f"replicate {label} measured other {cell[2]} prompts than the default run ({len(ids)} against "
+                f"{len(paired[0][1])}, or other ids): the eval set changed since; run `make replicates` again"
+            )
 
 
 def replicate_rows(study: dict, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -75,9 +86,11 @@ def replicate_rows(study: dict, n_boot: int = 2000, seed: int = 0) -> pd.DataFra
         keys = {(key[:-2], key[-1]) for key in per_run[0][1] if key[-2] == "sd2"}
         for cell, sparsity in sorted(keys, key=str):
             for baseline in BASELINES:
-                arrays = [_paired_arrays(cells, cell, sparsity, baseline) for _, cells in per_run]
-                if any(a is None for a in arrays):
+                paired = [_paired_arrays(cells, cell, sparsity, baseline) for _, cells in per_run]
+                if any(a is None for a in paired):
                     continue
+                _same_prompts(per_run, paired, cell)
+                arrays = [a for a, _ in paired]
                 one_level = [paired_ratio_ci(*a, n_boot=n_boot, seed=seed) for a in arrays]
                 verdicts = [direction(*r, 1.0) for r in one_level]
                 ratio, low, high = two_level_ci(arrays, paired_ratio, n_boot=n_boot, seed=seed)
