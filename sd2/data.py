@@ -331,6 +331,12 @@ def prepare(data_cfg: dict, seed: int, out_corpus, out_finetune, out_evals: dict
 
     info = manifest(corpus, finetune, evals)
     info["sources"] = reports
+    # Which prompts are of which kind, so that a comparison can be read within each kind as well as pooled.
+    info["eval_groups"] = {
+        name: {"header": {kind: [r["id"] for r in ds if r["header"] == kind] for kind in sorted(set(ds["header"]))}}
+        for name, ds in evals.items()
+        if "header" in ds.column_names
+    }
     info["removed_for_eval_overlap"] = {
         "rule": "whitespace-normalised text: a held-out stdlib prompt found in a training file leaves the eval set; "
         "a training file containing another eval prompt; a fine-tuning prompt containing, equal to or within an "

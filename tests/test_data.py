@@ -53,8 +53,14 @@ def test_heldout_takes_every_docstring_header_before_a_signature(tmp_path):
     kinds = Counter(load_from_disk(str(tmp_path / "all" / "eval_held"))["header"])
     assert kinds["docstring"] > 0 and kinds["signature"] > 0
     n = kinds["docstring"] + 5
-    run_prepare(tmp_path / "some", data_config({**cfg, "eval_sets": {"held": {"source": "stdlib_heldout", "n": n}}}))
+    some = {"held": {"source": "stdlib_heldout", "n": n}}
+    info = run_prepare(tmp_path / "some", data_config({**cfg, "eval_sets": some}))
     held = load_from_disk(str(tmp_path / "some" / "eval_held"))
+    # The manifest lists which prompts are of which kind, for comparisons within each kind.
+    kinds_of = info["eval_groups"]["held"]["header"]
+    assert {k: set(ids) for k, ids in kinds_of.items()} == {
+        k: {i for i, h in zip(held["id"], held["header"]) if h == k} for k in ("docstring", "signature")
+    }
     assert Counter(held["header"]) == {"docstring": kinds["docstring"], "signature": 5}
     assert len(set(held["prompt"])) == len(set(held["id"])) == n
     assert full["eval_sets"]["held"] == sum(kinds.values())

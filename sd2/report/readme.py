@@ -24,6 +24,7 @@ from sd2.report.comparisons import (
     with_sd2_comparisons,
 )
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
+from sd2.report.per_prompt import groups_block
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 from sd2.report.real_model import sparse_kernels as real_sparse_kernels
 from sd2.report.replicates import replicates_block
@@ -813,6 +814,7 @@ BLOCKS = {
     "finetune_memory": benchmark_table("finetune_memory", "finetune_memory"),
     "per_draft": per_draft,
     "significance": significance,
+    "prompt_groups": groups_block,
     "measure_time": measure_time,
     "families": families,
     "families_trees": families_trees,

@@ -16,16 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sd2 import config, methods, variants
+from sd2 import config
 from sd2.measure.stats import excludes, paired_ratio, paired_ratio_ci, two_level_ci
 from sd2.replicates import name
-from sd2.report.collect import read_records, write_table
-from sd2.report.comparisons import EXACT_CHAINS
+from sd2.report.collect import write_table
+from sd2.report.per_prompt import BASELINES, CELL, exact_cells, paired_arrays
 from sd2.report.verdicts import direction
-
-BASELINES = ("layer_pruned", "dense_sd")
-# A cell of one run: its draft's record is found by (*CELL, method, sparsity).
-CELL = ["target", "draft", "eval_set", "estimator", "k"]
 
 
 def run_dirs(study: dict) -> dict[str, list[tuple[str, Path]]]:
@@ -36,36 +32,6 @@ def run_dirs(study: dict) -> dict[str, list[tuple[str, Path]]]:
         + [(name(kind, s), Path(study["results_dir"]) / name(kind, s)) for s in study["seeds"]]
         for kind in study["kinds"]
     }
-
-
-def _cells(results: Path) -> dict:
-    """{(cell..., method): (per_prompt, prompt ids)} of the exact greedy records at a headline k, drafts as made."""
-    found = {}
-    for record, ids, _ in read_records((results / "records").rglob("*.json")):
-        settings = (record.get("provenance") or {}).get("settings") or {}
-        method, loss = variants.parse_variant(record["method"])
-        if (
-            record["temperature"] != 0
-            or record["estimator"] not in EXACT_CHAINS
-            or record["k"] not in settings.get("k", [])
-            or loss not in (None, methods.DEFAULT_LOSS)
-            or variants.split_quantization(record["method"])[1] != variants.NO_QUANTIZATION
-        ):
-            continue
-        key = (*(record[c] for c in CELL), method, record["sparsity"])
-        found[key] = (record["per_prompt"], ids[: record["n_prompts"]])
-    return found
-
-
-def _paired_arrays(cells: dict, cell: tuple, sparsity: int, baseline: str):
-    """((sd2 tokens, sd2 steps, baseline tokens, baseline steps) per prompt, prompt ids), or None where one side
-    is missing."""
-    sd2 = cells.get((*cell, "sd2", sparsity))
-    other = cells.get((*cell, baseline, sparsity if baseline == "layer_pruned" else 0))
-    if sd2 is None or other is None or sd2[1] != other[1]:
-        return None
-    (a, ids), (b, _) = sd2, other
-    return (a["accepted_tokens"], a["steps"], b["accepted_tokens"], b["steps"]), ids
 
 
 def _same_prompts(per_run: list, paired: list, cell: tuple) -> None:
@@ -82,11 +48,11 @@ def replicate_rows(study: dict, n_boot: int = 2000, seed: int = 0) -> pd.DataFra
     """One row per kind, SD² cell and baseline measured in every run of that kind."""
     rows = []
     for kind, runs in run_dirs(study).items():
-        per_run = [(label, _cells(path)) for label, path in runs]
+        per_run = [(label, exact_cells(path)) for label, path in runs]
         keys = {(key[:-2], key[-1]) for key in per_run[0][1] if key[-2] == "sd2"}
         for cell, sparsity in sorted(keys, key=str):
             for baseline in BASELINES:
-                paired = [_paired_arrays(cells, cell, sparsity, baseline) for _, cells in per_run]
+                paired = [paired_arrays(cells, cell, sparsity, baseline) for _, cells in per_run]
                 if any(a is None for a in paired):
                     continue
                 _same_prompts(per_run, paired, cell)
