@@ -137,6 +137,30 @@ def test_uag_loop_with_its_cache_kept_is_lossless_too(fitted_pair, one_thread):
     assert [r["tokens"] for r in runs] == [it["continuation_ids"] for it in fitted_pair[-1]]
 
 
+class _ListedVocab:
+    """A tokenizer whose get_vocab() lists its tokens in a given order, as a fast tokenizer's hash map may."""
+
+    def __init__(self, tokens: list[tuple[str, int]]):
+        self.tokens = tokens
+
+    def get_vocab(self) -> dict:
+        return dict(self.tokens)
+
+    def encode(self, text, add_special_tokens=False):
+        return [dict(self.tokens)["▁" + text.strip()]]
+
+    def convert_ids_to_tokens(self, ids):
+        return [{i: t for t, i in self.tokens}[i] for i in ids]
+
+
+def test_tokens_that_normalize_alike_map_from_the_lowest_id_in_any_order():
+    """A metaspace vocabulary holds both "▁" and a literal " ": which one the map keeps must not depend on the
+    order get_vocab() lists them in (it changes from process to process)."""
+    tokens = [("▁", 6), (" ", 313), ("▁a", 9)]
+    for order in (tokens, tokens[::-1]):
+        assert ct._normalized_vocab(_ListedVocab(order), 400) == {" ": 6, " a": 9}
+
+
 def test_vocab_map_matches_space_markers(meta_tokenizer_dir, byte_tokenizer_dir):
     target_tok = AutoTokenizer.from_pretrained(meta_tokenizer_dir)
     draft_tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)

@@ -320,7 +320,9 @@ def _space_prefixes(tokenizer) -> tuple[str, ...]:
 def _normalized_vocab(tokenizer, vocab_size: int) -> dict[str, int]:
     """{token string with a leading space marker written as ' ': the first id that has it}, ids < vocab_size."""
     prefixes, out = _space_prefixes(tokenizer), {}
-    for token, token_id in tokenizer.get_vocab().items():
+    # By id: a fast tokenizer's get_vocab() comes from a hash map whose order changes from process to process,
+    # and where two tokens normalize alike (a metaspace vocabulary's "▁" and a literal " ") the map must not.
+    for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
         for p in prefixes:
             if token.startswith(p):
                 token = " " + token[len(p) :]
