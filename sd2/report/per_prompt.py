@@ -57,6 +57,8 @@ def group_rows(results: Path, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame
     95% interval over that group's prompts only."""
     manifest = results / "data" / "manifest.json"
     groups = json.loads(manifest.read_text()).get("eval_groups", {}) if manifest.exists() else {}
+    if not groups:
+        return pd.DataFrame()
     cells = exact_cells(results)
     rows = []
     for key in sorted((k for k in cells if k[-2] == "sd2" and k[2] in groups), key=str):
