@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sd2 import methods, variants
 from sd2.checkpoint import atomic_path, write_json
+from sd2.parallel import MASK_KEY as PARALLEL_KEY
 from sd2.provenance import provenance
 
 METADATA = "sd2_draft.json"
@@ -25,7 +26,8 @@ SD2_FILES = {"provenance.json", "training.csv"}
 # Per (eval set, temperature), the measurement reported: exact ones first; tvd_estimate is a model of acceptance.
 # The export's numbers come from the rule its `vllm serve` command runs: the shared-tokenizer walk, or for a
 # different tokenizer vLLM's token-level intersection (tli_walk), not transformers' re-encoding (uag_walk).
-ESTIMATORS = ("teacher_forced_walk", "tli_walk", "assisted_generation")
+# A parallel draft (loss pard) has only its own walk, which is the rule vLLM's parallel drafting runs.
+ESTIMATORS = ("parallel_walk", "teacher_forced_walk", "tli_walk", "assisted_generation")
 LABELS = ("target", "draft", "method", "sparsity")
 
 
@@ -163,15 +165,19 @@ def _vocab_size(name_or_path, trust_remote_code: bool = False) -> int:
     return config.get_text_config().vocab_size
 
 
-def vllm_command(target: str, draft_dir, k: int, heterogeneous: bool) -> tuple[dict, str]:
+def vllm_command(target: str, draft_dir, k: int, heterogeneous: bool, parallel: bool = False) -> tuple[dict, str]:
     """vLLM's speculative config for this draft (vllm/config/speculative.py), and `vllm serve` with it.
 
     use_heterogeneous_vocab: vLLM refuses a draft whose vocabulary size differs from the target's
     unless it is set; with it, drafting is greedy only (draft_sample_method greedy, vLLM's default).
+    parallel_drafting: a parallel draft proposes all k tokens in one pass, reading k - 1 copies of the
+    `pard_token` its config.json names after the last token.
     """
     spec = {"method": "draft_model", "model": str(Path(draft_dir).absolute()), "num_speculative_tokens": k}
     if heterogeneous:
         spec["use_heterogeneous_vocab"] = True
+    if parallel:
+        spec["parallel_drafting"] = True
     return spec, f"vllm serve {shlex.quote(str(target))} --speculative-config {shlex.quote(json.dumps(spec))}"
 
 
@@ -196,7 +202,9 @@ VLLM_NOTE = (
     "(the draft sampling its own distribution): add draft_sample_method: probabilistic for that "
     "(same vocabulary only). With use_heterogeneous_vocab vLLM drafts over the vocabularies' "
     "intersection: the headline is then the tli_walk, which measures that rule. mal_vllm is the mean "
-    "acceptance length as vLLM's counters log it (every step counted)."
+    "acceptance length as vLLM's counters log it (every step counted). With parallel_drafting vLLM feeds the "
+    "draft num_speculative_tokens - 1 copies of its config's pard_token after the last token and takes every "
+    "proposal from that one pass: the parallel_walk measures that rule."
 )
 
 
@@ -245,7 +253,8 @@ def export_draft(
         tensors = tensor_summary(tmp, labels["sparsity"] if masked else None)
         draft_vocab, target_vocab = _vocab_size(tmp), _vocab_size(target, trust_remote_code)
         heterogeneous = not same_tokenizer.pop() or draft_vocab != target_vocab
-        spec, command = vllm_command(target, out_dir, chosen["k"], heterogeneous)
+        parallel = json.loads((tmp / "config.json").read_text()).get(PARALLEL_KEY) is not None
+        spec, command = vllm_command(target, out_dir, chosen["k"], heterogeneous, parallel)
         source_prov = draft_dir / "provenance.json"
         metadata = {
             **{key: labels[key] for key in LABELS},

@@ -104,6 +104,9 @@ class Loss:
     # Trained on the draft's own answers to the data's prompts, the target correcting them
     # (sd2.drafts.skd, settings finetune.skd_*), instead of on the data's responses.
     on_policy: bool = False
+    # Teaches the draft to propose several tokens per pass from mask tokens (sd2.parallel, settings
+    # `parallel`): the checkpoint names its mask token, and measuring reads its proposals in parallel.
+    parallel: bool = False
 
 
 # Order of loss variants in tables and legends; ce is the default of every tuned method.
@@ -125,6 +128,14 @@ LOSSES = {
         "sd2.drafts.losses:skd",
         -0.65,
         on_policy=True,
+    ),
+    "pard": Loss(
+        "pard",
+        None,
+        "parallel drafting (PARD): cross-entropy of k tokens proposed in one pass from k - 1 mask tokens",
+        "sd2.drafts.losses:pard",
+        0.25,
+        parallel=True,
     ),
 }
 

@@ -15,6 +15,7 @@ the `method` label of the rules, and sd2.report.collect splits that name back in
   and only where draft and target share a tokenizer (`shares_tokenizer`);
 - squarehead matches the dense draft's hidden states layer by layer: only for masked copies of
   the dense draft (init "pruned"), not for the layer-pruned baseline, whose layers no longer pair;
+- pard makes a parallel draft, whose exact walk is built for a shared tokenizer only;
 - a variant identical to a listed method with that fixed loss (dense_sd+tvdpp is direct_align)
   is made once, under that method's name.
 
@@ -166,6 +167,8 @@ def skip_reason(config: dict, target: str, draft: str, name: str, loss: str | No
             return f"loss {loss} reads the target's logits, and {name} is tuned on {m.data} data, not the target's"
         if not shares_tokenizer(config, draft, target):
             return f"loss {loss} compares token distributions, and {draft} and {target} do not share a tokenizer"
+    if loss and methods.LOSSES[loss].parallel and not shares_tokenizer(config, draft, target):
+        return f"loss {loss} makes a parallel draft, measured only where {draft} shares {target}'s tokenizer"
     if teacher == "draft" and not methods.START_POINTS[m.init].masked:
         return f"loss {loss} pairs the dense draft's layers with its masked copy's, and {name} is not a masked copy"
     if loss and m.loss is None:

@@ -155,7 +155,7 @@ def test_an_unknown_loss_names_the_known_ones():
     raw = {**base_config(), "losses": ["ce", "toy"]}
     with pytest.raises(ConfigError, match=r"config error at losses.1: unknown loss 'toy' \(known: ce, kl, tvdpp"):
         sd2_config.validate(raw)
-    with pytest.raises(ConfigError, match=r"unknown loss 'toy' \(known: ce, kl, tvdpp, squarehead, skd\)"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'toy' \(known: ce, kl, tvdpp, squarehead, skd, pard\)"):
         methods.loss("toy")
 
 

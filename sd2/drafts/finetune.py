@@ -17,13 +17,14 @@ masks held); rule quantize then quantizes the result with the scheme, as it does
 """
 
 import contextlib
+import functools
 import math
 
 import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
-from sd2 import chat, methods, training
+from sd2 import chat, methods, parallel, training
 from sd2.checkpoint import save_checkpoint
 from sd2.chunked_loss import chunked_causal_lm_loss, default_chunk_tokens
 from sd2.drafts.quantize import fake_quantized
@@ -220,7 +221,12 @@ def finetune(init_dir, data_dir, out_dir, *, settings: dict, seed: int, teacher_
         batches = skd_batches(
             model, teacher, batches, settings=settings, stop_ids=eos_ids(init_dir), pad_id=pad, counts=on_policy_counts
         )
-    loss_fn = finetune_loss_fn(objective, teacher, chunk)
+    trained_objective = objective
+    if loss.parallel:
+        # Saved with the checkpoint: the measurement and vLLM's parallel drafting read it there.
+        model.config.pard_token = parallel.choose_mask_token(tokenizer, settings["parallel"]["mask_token"])
+        trained_objective = functools.partial(objective, settings=settings["parallel"])
+    loss_fn = finetune_loss_fn(trained_objective, teacher, chunk)
     desc = f"finetune {loss.name}"
     history = train_held(
         model, batches, val_batches, masks, loss_fn, steps=steps, micro=micro, settings=settings, desc=desc, run=run

@@ -9,7 +9,10 @@
   hidden states normalised by the teacher's; here the teacher is the dense draft itself,
   teaching its own sparse copy;
 - skd: Speculative Knowledge Distillation (Xu et al. 2024, arXiv 2410.11325): forward KL
-  to the target on responses the draft generates on-policy (sd2.drafts.skd makes them).
+  to the target on responses the draft generates on-policy (sd2.drafts.skd makes them);
+- pard: parallel drafting (An et al. 2025, arXiv 2504.18583): the response cross-entropy of the
+  draft's next-token predictions and of its mask tokens' predictions k - 1 tokens further, over
+  nested mask chains dropped at random (sd2.parallel).
 
 An objective is `objective(model, teacher, batch, chunk_tokens) -> scalar loss` (teacher None
 for ce); the output layer runs in chunks of `chunk_tokens` labelled positions (sd2.chunked_loss).
@@ -20,6 +23,7 @@ as in a causal LM's loss: position t predicts token t + 1.
 
 import torch
 
+from sd2 import parallel
 from sd2.chunked_loss import (
     check_plain_logits,
     chunk_sum,
@@ -233,3 +237,40 @@ def squarehead(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
 def skd(model, teacher, batch, chunk_tokens: int) -> torch.Tensor:
     """kl on the batch: what makes it SKD is its batches, the draft's own answers (the loss is on_policy)."""
     return kl(model, teacher, batch, chunk_tokens)
+
+
+def pard_rows(batch, settings: dict) -> list[tuple[list[int], list[list[int]]]]:
+    """Per row of a right-padded batch: its tokens and the anchors of its mask chains, every position whose
+    depth-1 mask has a response token to predict, dropped by depth (settings: the config's `parallel`)."""
+    rows = []
+    for ids, keep, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        n = int(keep.sum())
+        labelled = (labels[:n] != -100).tolist()
+        candidates = [a for a in range(n - 2) if labelled[a + 2]]
+        anchors = parallel.nested_anchors(
+            candidates, settings["k"] - 1, settings["keep"], settings["keep_min"], generator=None
+        )
+        rows.append((ids[:n].tolist(), anchors))
+    return rows
+
+
+@defined_as(
+    "mean cross-entropy over every labelled slot of the batch laid out with nested mask chains (sd2.parallel): "
+    "a real token predicts the next, the j-th mask after x_a predicts x_(a+1+j); chains kept at depth j: a fraction "
+    "max(keep**j, keep_min) of the anchors (PARD's conditional drop-token)"
+)
+def pard(model, teacher, batch, chunk_tokens: int, *, settings: dict) -> torch.Tensor:
+    """settings: the config's `parallel` (finetune binds it); the mask token is the draft config's."""
+    check_plain_logits(model)
+    mask_id = parallel.mask_token(model)
+    layout = parallel.expanded(pard_rows(batch, settings), mask_id, next(model.parameters()).dtype)
+    layout = {key: value.to(model.device) for key, value in layout.items()}
+    targets = parallel.slot_targets(layout, batch["labels"])
+    hidden = model.base_model(
+        input_ids=layout["input_ids"],
+        attention_mask=layout["attention_mask"],
+        position_ids=layout["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    keep = targets != -100
+    return chunked_cross_entropy(model, hidden[keep], targets[keep], chunk_tokens)

@@ -12,6 +12,11 @@ Four estimators, each named in its records:
   on every prompt under transformers' universal assisted generation (per headline k) and under
   vLLM's token-level intersection (every k), each cross-checked on the first n_check prompts
   against a decoding loop that runs both models, step by step.
+- `parallel_walk` (greedy, shared tokenizer, a draft with a mask token: the `pard` loss): exact MAL
+  for every k = 1..k_max from one pass with a chain of k_max - 1 masks on every continuation
+  position (sd2.measure.parallel), cross-checked and timed on the first n_check prompts against
+  our parallel decoding loop, step by step. Its cost per step is one draft pass: weight bytes
+  read once, MACs for every token that pass computes (the new real tokens and k - 1 masks).
 - `assisted_generation`: transformers' assisted generation, batch size 1, on the first
   n_assisted prompts: sampling (T > 0), where no walk applies.
 - `tvd_estimate` (T > 0, shared tokenizer): alpha = mean over positions of
@@ -24,11 +29,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from sd2 import variants
+from sd2 import parallel, variants
 from sd2.checkpoint import write_json
 from sd2.generation import model_eos_ids
 from sd2.macs import model_macs
 from sd2.measure import acceptance, continuations, cross_tokenizer, trees
+from sd2.measure.parallel import parallel_generate, parallel_matches
 from sd2.measure.speculative import assisted_runs, decoding_path, draft_cache_dropped, step_stats
 from sd2.measure.stats import ratio_ci
 from sd2.measure.weight_bytes import model_weight_bytes
@@ -566,6 +572,59 @@ def tli_records(job: Job) -> None:
         job.add(0.0, k, "tli_walk", job.summarize(walked, k), **engine, **checks, **extra)
 
 
+def parallel_check(job: Job, k: int, walked: list, forced: list[dict]) -> dict:
+    """Our parallel decoding loop on the first job.checks[k] prompts against the walk at k, step by step, and timed."""
+    eos = model_eos_ids(job.target)
+    with swapped(job.draft, job.kernel_layers):
+        runs = [
+            parallel_generate(job.target, job.draft, it["prompt_ids"], k, job.settings["max_new_tokens"], eos)
+            for it in tqdm(job.items[: job.checks[k]], desc=f"parallel decoding loop k={k}", mininterval=5)
+        ]
+    outputs_ok = [check_output(job.target, it, r["tokens"], k) for it, r in zip(job.items, runs)]
+    steps_ok = []
+    for ok, it, r, walk, f in zip(outputs_ok, job.items, runs, walked, forced):
+        # The gap of the proposals read at the step's first token: where a near-tie could change the step.
+        at_start = [f["gap"][sum(c for c, _ in walk[:step])] for step in range(len(walk))] + [float("inf")]
+        gap_at = at_start.__getitem__
+        steps_ok.append(ok and steps_agree(it, r["steps"], walk, gap_at, k, "parallel decoding"))
+    timed = runs[: job.settings["n_check"]]
+    return check_summary(outputs_ok, steps_ok, runs, _speed(timed, job.settings["warmup_prompts"]), job.ar_speed)
+
+
+def parallel_cost(summary: dict, k: int, macs_ratio: float) -> dict:
+    """The improvement factor of a parallel step: the draft computes the step's new real tokens (MAL on average)
+    and k - 1 masks, MAL / (1 + (MAL - 1 + k) x c), a monotone map of MAL applied to its CI bounds too."""
+
+    def factor(mal):
+        return mal / (1 + (mal - 1 + k) * macs_ratio)
+
+    mal = summary["mal"]
+    return {
+        "draft_passes_per_step": 1,
+        "draft_tokens_per_step": None if mal is None else mal - 1 + k,
+        "improvement_factor": None if mal is None else factor(mal),
+        "improvement_factor_ci_low": factor(summary["mal_ci_low"]),
+        "improvement_factor_ci_high": factor(summary["mal_ci_high"]),
+    }
+
+
+def parallel_records(job: Job) -> None:
+    """Greedy, a parallel draft: parallel_walk for every k = 1..k_max from one pass with mask chains."""
+    settings, max_new = job.settings, job.settings["max_new_tokens"]
+    pairs = [(it["prompt_ids"], it["continuation_ids"]) for it in job.items]
+    bar = tqdm(total=len(pairs), desc="parallel draft pass", mininterval=5)
+    forced = parallel_matches(job.draft, pairs, k=settings["k_max"], batch_size=settings["batch_size"], progress=bar)
+    bar.close()
+    runs = [f["runs"] for f in forced]
+    for k in range(1, settings["k_max"] + 1):
+        walked = [acceptance.walk_runs(r, k, max_new, it["ended_by_eos"]) for r, it in zip(runs, job.items)]
+        checks = parallel_check(job, k, walked, forced) if k in job.checks else {}
+        summary = job.summarize(walked, k)
+        summary.update(parallel_cost(summary, k, job.base["macs_ratio"]))
+        engine = vllm_counts(runs, k, settings["bootstrap"], job.seed)
+        job.add(0.0, k, "parallel_walk", summary, **engine, **checks)
+
+
 def assisted_records(job: Job, temperature: float) -> None:
     """assisted_generation at a sampling `temperature` for every headline k, on the first n_assisted prompts."""
     for k in job.settings["k"]:
@@ -650,7 +709,16 @@ def measure_eval_sets(
 
 def measure_job(job: Job) -> None:
     """The records of every temperature and estimator the settings ask for, best_k marked."""
+    drafts_in_parallel = parallel.mask_token(job.draft) is not None
+    if drafts_in_parallel and job.path != "assisted":
+        raise ValueError("a parallel draft is measured only with the target's own tokenizer")
     for temperature in job.settings["temperatures"]:
+        if temperature == 0 and drafts_in_parallel:
+            parallel_records(job)
+            continue
+        if drafts_in_parallel:
+            print(f"temperature {temperature}: not measured for a parallel draft (its walk is greedy)")
+            continue
         if temperature == 0 and job.path == "assisted":
             walk_records(job)
             continue

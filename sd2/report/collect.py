@@ -197,9 +197,10 @@ def add_macs_reduction(df: pd.DataFrame) -> pd.DataFrame:
 def add_bytes_improvement(df: pd.DataFrame) -> pd.DataFrame:
     """improvement_factor_bytes = MAL / (1 + f x draft bytes / target bytes), with weight bytes read
     per token (sd2.measure.weight_bytes) as the cost instead of MACs; f = draft forwards per step
-    (k for a chain, the expanded nodes for a tree). NaN where a record has no byte counts (heads,
-    and records measured before bytes were counted)."""
+    (k for a chain, the expanded nodes for a tree, 1 for a parallel draft's one pass). NaN where a
+    record has no byte counts (heads, and records measured before bytes were counted)."""
     forwards = df["k"].where(df["estimator"] != "tree_walk", df["tree_nodes_expanded"])
+    forwards = forwards.where(df["estimator"] != "parallel_walk", 1)
     scale = 1.0 / (1.0 + forwards * df["weight_bytes_ratio"])
     return df.assign(
         improvement_factor_bytes=df["mal"] * scale,

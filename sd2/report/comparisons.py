@@ -158,7 +158,10 @@ def _comparison_columns(index: dict, variant: tuple, cell: list, rec: dict, ids)
     if loss in (None, methods.DEFAULT_LOSS) or not methods.ce_counterpart(method):
         return None
     ce_method = methods.ce_counterpart(method)
-    return _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, none, *cell)))
+    counterpart = list(cell)
+    if methods.LOSSES[loss].parallel:  # a parallel draft against the same draft drafting one token per pass
+        counterpart[5] = "teacher_forced_walk"
+    return _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, none, *counterpart)))
 
 
 def comparisons(record_paths) -> pd.DataFrame:
@@ -173,7 +176,8 @@ def comparisons(record_paths) -> pd.DataFrame:
     - mal_change_pct = 100 * (MAL(sd2) / MAL(dense_sd) - 1); the paper reports -8.36.
     Rows of every other loss variant (a tuned method with a loss other than ce, direct_align included):
     - mal_ratio_vs_ce = MAL(variant) / MAL(ce_method with ce at the same sparsity), the same steps
-      and data (the workflow fine-tunes every loss with the same settings on the same data).
+      and data (the workflow fine-tunes every loss with the same settings on the same data); a
+      parallel draft (pard, parallel_walk) against the ce draft's teacher_forced_walk at the same k.
     Rows of a quantized draft (<variant>@<scheme>):
     - mal_ratio_vs_unquantized = MAL(quantized) / MAL(<variant> as made);
     - a quantization-aware one (@<scheme>-qat) also mal_ratio_vs_one_shot = MAL(@<scheme>-qat) /

@@ -300,9 +300,12 @@ def finetune_init(w):
 
 
 def finetune_settings(w):
-    """config.finetune with the variant's loss (the job reads it as settings["loss"]), and for a
-    <variant>@<scheme>-qat the scheme its forward is fake-quantised to (settings["quantization_aware"])."""
+    """config.finetune with the variant's loss (the job reads it as settings["loss"]), for a
+    <variant>@<scheme>-qat the scheme its forward is fake-quantised to (settings["quantization_aware"]),
+    and for a parallel-drafting loss the config's `parallel` (settings["parallel"])."""
     settings = {**config["finetune"], "loss": finetune_method(w)[1], "chat": config["chat"]}
+    if methods.LOSSES[settings["loss"]].parallel:
+        settings["parallel"] = config["parallel"]
     scheme = variants.split_quantization(w.method)[1]
     if variants.quantization_aware(scheme):
         settings["quantization_aware"] = variants.base_scheme(scheme)
