@@ -25,6 +25,11 @@ L = decoder layers, V = vocabulary, b = bytes per weight in the dtype the job lo
   micro-batch (the fp32 residual stream at every layer boundary, plus one layer recomputed
   with its gradients: T (4h + 3i) x 4 bytes) and the output layer in chunks (sd2's chunked
   loss keeps about four fp32 tensors of 2^27 logits alive: 2 GiB).
+- parallel drafting (the `pard` loss, sd2.parallel): fine-tuning reads each row with its mask
+  chains, at most seq_len x (1 + the share of chains kept at each depth) slots (3.37 x seq_len
+  at PARD's k = 8, keep 0.7, keep_min 0.2), so its activations are those of that many tokens, and
+  adds the row's additive attention mask (slots^2, counted at 4 bytes); measuring a parallel
+  draft scores prompt + new tokens + (k_max - 1) masks per new token in one pass, with its mask.
 - pretraining: as fine-tuning, without checkpointing (every layer's activations are kept)
   and with the full logits of the batch (logits, softmax and gradient: 12 bytes an entry).
 - head training (train_head, train_sparse_head): the frozen target's forward over a batch with
@@ -210,16 +215,25 @@ class Need:
     dtypes: dict = field(default_factory=dict)
 
 
-def plan_job(rule: str, models: dict, config: dict) -> Plan:
-    """The plan of one job of `rule` that loads `models` (role -> model name; None = not loaded)."""
+def parallel_slots(tokens: int, parallel: dict) -> int:
+    """Slots of a pard training row of `tokens` tokens, every position an anchor (an upper bound)."""
+    kept = sum(round(tokens * max(parallel["keep"] ** j, parallel["keep_min"])) for j in range(1, parallel["k"]))
+    return tokens + kept
+
+
+def plan_job(rule: str, models: dict, config: dict, parallel: bool = False) -> Plan:
+    """The plan of one job of `rule` that loads `models` (role -> model name; None = not loaded);
+    `parallel`: a finetune or measure job of a parallel draft (the pard loss)."""
     if rule not in PLANNERS:
         raise ValueError(f"no memory plan for rule '{rule}' (known: {', '.join(PLANNERS)})")
+    if parallel and rule not in ("finetune", "measure"):
+        raise ValueError(f"rule '{rule}' has no parallel-draft plan (finetune and measure have)")
     models = {role: name for role, name in models.items() if name is not None}
     shapes = {role: model_shape(name, config) for role, name in models.items()}
     dtypes = {role: load_dtype(models[role], config, shapes[role]) for role in models}
     if rule in ("self_distill", "target_outputs") and config["engine"]["name"] == "vllm":
         return vllm_plan(rule, models, shapes, dtypes, config)
-    need = PLANNERS[rule](rule, models, shapes, dtypes, config)
+    need = PLANNERS[rule](rule, models, shapes, dtypes, config, **({"parallel": True} if parallel else {}))
     dtypes.update(need.dtypes)
     host = HOST_BASE + need.host
     total = sum(v for k, v in need.parts.items() if not k.startswith("host_"))
@@ -245,14 +259,21 @@ def _generation_need(rule, models, shapes, dtypes, config) -> Need:
     return Need(parts, parts["weights"])
 
 
-def _measure_need(rule, models, shapes, dtypes, config) -> Need:
-    """Target and draft score every position of a batch (the teacher-forced walk)."""
+def _measure_need(rule, models, shapes, dtypes, config, parallel: bool = False) -> Need:
+    """Target and draft score every position of a batch (the teacher-forced walk; a parallel draft with a chain of
+    k_max - 1 masks on every new token, and its attention mask)."""
     m = config["measure"]
     prompt = m.get("max_prompt_tokens") or PROMPT_TOKENS
     parts, host = {}, 0
     for role in ("target", "draft"):
         s, dt = shapes[role], dtypes[role]
-        scored = inference_parts(s, dt, m["batch_size"], prompt, m["max_new_tokens"], True)
+        new = m["max_new_tokens"]
+        if parallel and role == "draft":
+            slots = prompt + new * m["k_max"]
+            scored = inference_parts(s, dt, m["batch_size"], slots, 0, True)
+            scored["attention_mask"] = m["batch_size"] * slots * slots * DTYPE_BYTES[dt]
+        else:
+            scored = inference_parts(s, dt, m["batch_size"], prompt, new, True)
         # Assisted generation runs one prompt at a time: a batch-1 KV cache beside the teacher-forced batches.
         scored["kv_cache"] = kv_cache_bytes(s, dt, prompt + m["max_new_tokens"])
         parts.update({f"{role}_{k}": v for k, v in scored.items()})
@@ -291,11 +312,15 @@ def _layer_prune_need(rule, models, shapes, dtypes, config) -> Need:
     return Need({"weights": weights}, weights, on_gpu=False)
 
 
-def _finetune_need(rule, models, shapes, dtypes, config) -> Need:
-    """The draft trained on fp32 master weights, beside the frozen teacher its loss reads (if any)."""
+def _finetune_need(rule, models, shapes, dtypes, config, parallel: bool = False) -> Need:
+    """The draft trained on fp32 master weights, beside the frozen teacher its loss reads (if any); a parallel
+    draft over its rows' mask chains too."""
     ft = config["finetune"]
     micro_batch = ft.get("micro_batch_size") or ft["batch_size"]
-    parts = training_parts(shapes["draft"], micro_batch * ft["seq_len"], fine_tuning=True)
+    row = parallel_slots(ft["seq_len"], config["parallel"]) if parallel else ft["seq_len"]
+    parts = training_parts(shapes["draft"], micro_batch * row, fine_tuning=True)
+    if parallel:
+        parts["attention_mask"] = micro_batch * row * row * 4
     host = weight_bytes(shapes["draft"], "float32")  # loaded as fp32 master weights
     if "teacher" in shapes:
         teacher = inference_parts(shapes["teacher"], dtypes["teacher"], micro_batch, ft["seq_len"], 0, True)
@@ -414,4 +439,7 @@ def job_plans(config: dict) -> list[Plan]:
         teachers = dict.fromkeys({"target": t, "draft": d}.get(methods.LOSSES[v.loss].teacher) for t, v in tuned)
         plans += [plan_job("finetune", {"draft": d, "teacher": t}, config) for t in teachers]
         plans += [plan_job("measure", {"target": t, "draft": d}, config) for t in targets if t != d]
+        if any(v.loss and methods.LOSSES[v.loss].parallel for _, v in tuned):
+            plans.append(plan_job("finetune", {"draft": d}, config, parallel=True))
+            plans += [plan_job("measure", {"target": t, "draft": d}, config, parallel=True) for t in targets if t != d]
     return plans

@@ -256,3 +256,31 @@ def test_vllm_engine_asks_for_the_gpus_its_preallocated_share_needs(paper):
     paper["engine"].update(gpu_memory_utilization=0.9, max_model_len=131072)
     assert 2 * 80 * 8 * 128 * 2 * 131072 == 42_949_672_960  # (141.1e9 + 42.9e9) / 72e9 = 2.6: 4 GPUs (64 heads)
     assert memory.plan_job("self_distill", {"target": L70}, paper).gpus == 4
+
+
+def test_a_parallel_draft_is_planned_over_its_mask_chains(paper):
+    """pard fine-tuning: a 2048-token row and its kept mask chains (k 8, keep 0.7, keep_min 0.2) are 6,910 slots."""
+    cfg = copy.deepcopy(paper)
+    cfg["finetune"]["batch_size"] = 4
+    row = 2048 + 1434 + 1004 + 702 + 492 + 410 + 410 + 410  # 2048 x max(0.7^j, 0.2), j = 1..7, rounded
+    tokens = 4 * row
+    need = (
+        1_235_814_400 * 18  # AdamW on fp32 weights, autocast's bf16 copies
+        + 16 * 60_821_504  # masks
+        + 16 * tokens * 2048 * 4  # residual stream at the layer boundaries, over every slot
+        + 2 * tokens * (4 * 2048 + 3 * 8192) * 4  # one layer recomputed
+        + 2**27 * 16  # logits in chunks
+        + 4 * row * row * 4  # each row's additive attention mask
+    )
+    plan = memory.plan_job("finetune", {"draft": L1}, cfg, parallel=True)
+    assert plan.gpu_bytes == need and plan.gpus == 1
+    plain = memory.plan_job("finetune", {"draft": L1}, cfg)
+    assert plan.parts["activations"] > 3 * plain.parts["activations"]
+    # Measuring scores 2048 prompt tokens and 128 new ones with 7 masks each: 3072 slots per row.
+    m = cfg["measure"]
+    parallel = memory.plan_job("measure", {"target": L8, "draft": L1}, cfg, parallel=True)
+    assert (
+        parallel.parts["draft_attention_mask"] == m["batch_size"] * (2048 + m["max_new_tokens"] * m["k_max"]) ** 2 * 2
+    )
+    with pytest.raises(ValueError, match="rule 'prune' has no parallel-draft plan"):
+        memory.plan_job("prune", {"draft": L1}, cfg, parallel=True)

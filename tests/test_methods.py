@@ -190,11 +190,12 @@ def finetune_jobs(text: str) -> list[dict]:
 
 
 def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
-    """A dry run of config/test.yaml with three losses: every record and every fine-tuning job is the
-    registry's (sd2.variants.variants), starting from its init, on its data, with its loss and teacher."""
+    """A dry run of config/test.yaml with four losses: every record and every fine-tuning job is the
+    registry's (sd2.variants.variants), starting from its init, on its data, with its loss and teacher,
+    and a parallel draft's job with the config's `parallel` settings."""
     raw = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     changed = tmp_path / "losses.yaml"
-    changed.write_text(yaml.safe_dump({**raw, "losses": ["ce", "kl", "squarehead"]}))
+    changed.write_text(yaml.safe_dump({**raw, "losses": ["ce", "kl", "squarehead", "pard"]}))
     cfg = sd2_config.load(changed)
     proc = subprocess.run(
         snakemake_cmd(tmp_path / "run", "-n", "-p", "all", configfile=changed), capture_output=True, text=True
@@ -209,8 +210,14 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         if d != t
         for v in variants.variants(cfg, t, d)
     }
-    assert planned == expected and {n for _, _, n, _ in planned} >= {"sd2+kl", "sd2+squarehead", "direct_align"}
+    assert planned == expected and {n for _, _, n, _ in planned} >= {
+        "sd2+kl",
+        "sd2+squarehead",
+        "direct_align",
+        "sd2+pard",
+    }
     assert "sd2: not made for tiny-draft -> tiny-qwen: sd2 with loss kl" in text  # said, not an error
+    assert "sd2: not made for tiny-draft -> tiny-qwen: sd2 with loss pard" in text
     jobs = finetune_jobs(text)
     # One job per tuned checkpoint: per target on its data, once for the original responses.
     tuned = {
@@ -234,6 +241,7 @@ def test_dag_plans_each_checkpoint_from_the_registry(tmp_path):
         assert job["--data"] == ("work/data/finetune" if m.data == "original" else f"work/distill/{data}")
         assert data == "original" if m.data == "original" else data in cfg["targets"]
         assert job["--settings"]["loss"] == loss
+        assert job["--settings"].get("parallel") == (cfg["parallel"] if loss == "pard" else None)
         teacher = {"target": f"work/models/{data}", "draft": f"work/models/{draft}", None: None}
         assert job.get("--teacher") == teacher[methods.LOSSES[loss].teacher], job
         assert job["--out"] == f"work/drafts/{data}/{draft}/{name}-s{sparsity}"

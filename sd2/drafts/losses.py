@@ -254,6 +254,13 @@ def pard_rows(batch, settings: dict) -> list[tuple[list[int], list[list[int]]]]:
     return rows
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype attention computes in: autocast's where it is on, else the weights'. An additive mask in
+    another dtype than the queries' is refused by some attention kernels."""
+    kind = model.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else next(model.parameters()).dtype
+
+
 @defined_as(
     "mean cross-entropy over every labelled slot of the batch laid out with nested mask chains (sd2.parallel): "
     "a real token predicts the next, the j-th mask after x_a predicts x_(a+1+j); chains kept at depth j: a fraction "
@@ -263,7 +270,7 @@ def pard(model, teacher, batch, chunk_tokens: int, *, settings: dict) -> torch.T
     """settings: the config's `parallel` (finetune binds it); the mask token is the draft config's."""
     check_plain_logits(model)
     mask_id = parallel.mask_token(model)
-    layout = parallel.expanded(pard_rows(batch, settings), mask_id, next(model.parameters()).dtype)
+    layout = parallel.expanded(pard_rows(batch, settings), mask_id, compute_dtype(model))
     layout = {key: value.to(model.device) for key, value in layout.items()}
     targets = parallel.slot_targets(layout, batch["labels"])
     hidden = model.base_model(

@@ -216,12 +216,21 @@ def job_models(rule_name, w):
     return {"target": w.target, "draft": w.draft}
 
 
+def drafts_in_parallel(rule_name, w):
+    """Whether a finetune or measure job's draft is a parallel one (a loss such as pard)."""
+    if rule_name not in ("finetune", "measure"):
+        return False
+    loss = variants.parse_variant(w.method)[1]
+    return bool(loss) and methods.LOSSES[loss].parallel
+
+
 def job_plan(rule_name, w):
     """The memory plan of one job; a job that needs more GPUs than resources.gpu stops the DAG here."""
     models = job_models(rule_name, w)
-    key = (rule_name, tuple(models.items()))
+    parallel = drafts_in_parallel(rule_name, w)
+    key = (rule_name, tuple(models.items()), parallel)
     if key not in PLANS:
-        PLANS[key] = memory.plan_job(rule_name, models, config)
+        PLANS[key] = memory.plan_job(rule_name, models, config, parallel=parallel)
         memory.check_fits(PLANS[key], config)
     return PLANS[key]
 
