@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG := config/config.yaml
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install install-gpu run real test-real families quantization replicates test test-integration test-times figures readme report dry-run benchmark clean
+.PHONY: install install-gpu run real parallel test-real families quantization replicates test test-integration test-times figures readme report dry-run benchmark clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ run: $(STAMP)
 # or its GGUF package: its own work-real/ and results/real/, time in results/real/run_time.json.
 real: $(STAMP)
 	$(BIN)/python -m sd2 sweep --config config/real.yaml --cores 2 --threads 2
+
+# Parallel drafts (PARD, config/parallel.yaml), on top of `make real`'s work-real/: dense_sd and sd2
+# fine-tuned with the pard loss beside their ce drafts, timed into results/parallel/run_time.json.
+parallel: $(STAMP)
+	$(BIN)/python -m sd2 sweep --config config/parallel.yaml --cores 2 --on-top
 
 # The other drafter families (config/families.yaml), on top of `make run`'s work/: its own jobs
 # only, timed into results/families/run_time.json.

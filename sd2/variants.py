@@ -138,22 +138,37 @@ def finetuned_pattern() -> str:
     return rf"{variant_pattern(tuned_only=True)}(?:{QUANT_SEPARATOR}(?:{aware}))?"
 
 
+def tokenizer_source(config: dict, name: str) -> tuple[str, str]:
+    """Where model `name`'s tokenizer comes from: ("model", a hub model's name) for a hub model, a draft cut
+    from its layers (`layers_of`) and a from-scratch model whose family copies its tokenizer (`from_model`);
+    ("family", the family) for a from-scratch model of a tokenizer trained here."""
+    spec = config["models"][name]
+    if "layers_of" in spec:
+        return tokenizer_source(config, spec["layers_of"]["model"])
+    if "hub" in spec:
+        return "model", name
+    family = config["tokenizers"][spec["tokenizer"]]
+    if family["kind"] == "from_model":
+        return tokenizer_source(config, family["model"])
+    return "family", spec["tokenizer"]
+
+
 def shares_tokenizer(config: dict, a: str, b: str) -> bool:
     """Whether models `a` and `b` of the config share a tokenizer, decided before any job runs.
 
-    From-scratch models: the same `tokenizer` family (one tokenizer is trained per family).
-    Hub models: the same vocabulary size (their `shape` or a local checkpoint's config.json);
-    a size that cannot be known without downloading counts as different. Fine-tuning checks
-    the tokenizers themselves (sd2.models.same_tokenizer) and stops where a guess was wrong.
-    A from-scratch model never shares a tokenizer with a hub model.
+    The same tokenizer source (tokenizer_source: one family trained here, or one hub model's,
+    copied or inherited) shares it. Two hub models: the same vocabulary size (their `shape` or a
+    local checkpoint's config.json); a size that cannot be known without downloading counts as
+    different. Fine-tuning checks the tokenizers themselves (sd2.models.same_tokenizer) and stops
+    where a guess was wrong. A tokenizer trained here never matches a hub model's.
     """
-    spec_a, spec_b = config["models"][a], config["models"][b]
-    if "hub" not in spec_a and "hub" not in spec_b:
-        return spec_a["tokenizer"] == spec_b["tokenizer"]
-    if "hub" not in spec_a or "hub" not in spec_b:
+    source_a, source_b = tokenizer_source(config, a), tokenizer_source(config, b)
+    if source_a == source_b:
+        return True
+    if source_a[0] != "model" or source_b[0] != "model":
         return False
     try:
-        return model_shape(a, config).vocab_size == model_shape(b, config).vocab_size
+        return model_shape(source_a[1], config).vocab_size == model_shape(source_b[1], config).vocab_size
     except ConfigError:
         return False
 

@@ -21,7 +21,8 @@ def test_config():
 
 
 @pytest.mark.parametrize(
-    "name", ["config.yaml", "test.yaml", "paper.yaml", "families.yaml", "quantization.yaml", "real.yaml"]
+    "name",
+    ["config.yaml", "test.yaml", "paper.yaml", "families.yaml", "quantization.yaml", "real.yaml", "parallel.yaml"],
 )
 def test_shipped_configs_validate(name):
     cfg = load(ROOT / "config" / name)

@@ -174,6 +174,12 @@ def test_hub_pairs_share_a_tokenizer_by_vocabulary_size():
     tiny = config()
     assert variants.shares_tokenizer(tiny, "tiny-draft", "tiny-llama")
     assert not variants.shares_tokenizer(tiny, "tiny-draft", "tiny-qwen")
+    # The real model's drafts: one cut from its layers, one from scratch with its tokenizer copied.
+    real = config("real.yaml")
+    target = "smollm2-135m-instruct"
+    assert variants.shares_tokenizer(real, "smollm2-layers6", target)
+    assert variants.shares_tokenizer(real, "smollm2-scratch", target)
+    assert variants.tokenizer_source(real, "smollm2-scratch") == ("model", target)
 
 
 def finetune_jobs(text: str) -> list[dict]:

@@ -105,8 +105,9 @@ def test_walk_equals_decoding_loop(models, k):
     assert k < 3 or deeper > 0  # some steps accept beyond the first proposal: the masks are read
 
 
-def test_pard_loss_trains_the_masks(models):
-    """A few steps of the pard loss on the target's own answers lower it, and the masks then propose better."""
+@pytest.fixture(scope="module")
+def trained(models):
+    """The draft after 60 steps of the pard loss on the target's own answers: (draft, losses, runs before)."""
     target, draft, tok, rows = models
     draft = _perturbed(draft, 0.0, 0)
     ids = [r["prompt_ids"] + r["new_ids"] for r in rows]
@@ -127,9 +128,36 @@ def test_pard_loss_trains_the_masks(models):
         loss.backward()
         optimizer.step()
         history.append(loss.item())
+    return draft.eval(), history, before
+
+
+def test_pard_loss_trains_the_masks(models, trained):
+    """A few steps of the pard loss on the target's own answers lower it, and the masks then propose better."""
+    rows = models[3]
+    draft, history, before = trained
     assert history[-1] < 0.5 * history[0]
-    after = sum(sum(f["runs"]) for f in parallel_matches(draft.eval(), items, k=4, batch_size=5))
+    items = [(r["prompt_ids"], r["new_ids"]) for r in rows]
+    after = sum(sum(f["runs"]) for f in parallel_matches(draft, items, k=4, batch_size=5))
     assert after > before
+
+
+def test_an_end_of_text_inside_the_proposals_ends_the_output(models, trained):
+    """A trained draft proposes past an end-of-text as readily as before it: the loop commits the target's output up
+    to that end-of-text and no further, in the walk's steps."""
+    target, _, tok, rows = models
+    draft = trained[0]
+    eos = rows[0]["new_ids"][2]  # a token the target emits: its output ends there
+    target.generation_config.eos_token_id = eos
+    try:
+        ended = generate_batch(target, tok, PROMPTS, max_new_tokens=N, temperature=0.0)
+    finally:
+        target.generation_config.eos_token_id = tok.eos_token_id
+    assert ended[0]["finished"]
+    forced = parallel_matches(draft, [(r["prompt_ids"], r["new_ids"]) for r in ended], k=6, batch_size=5)
+    for row, f in zip(ended, forced):
+        real = parallel_generate(target, draft, row["prompt_ids"], 6, N, [eos])
+        assert real["tokens"] == row["new_ids"]
+        assert real["steps"] == acceptance.walk_runs(f["runs"], 6, N, row["finished"])
 
 
 def test_draft_without_mask_token_is_refused(tiny_llama_dir):

@@ -268,7 +268,7 @@ def job_resources(text):
 def test_dry_run_builds_every_shipped_config(tmp_path):
     outs = {}
     shipped = ("config/config.yaml", "config/test.yaml", "config/paper.yaml", "config/families.yaml")
-    for name in (*shipped, "config/quantization.yaml", "config/real.yaml"):
+    for name in (*shipped, "config/quantization.yaml", "config/real.yaml", "config/parallel.yaml"):
         proc = subprocess.run(
             snakemake_cmd(tmp_path / name.replace("/", "_"), "-n", "-p", configfile=name),
             capture_output=True,
@@ -311,6 +311,15 @@ def test_dry_run_builds_every_shipped_config(tmp_path):
     real = job_counts(outs["config/real.yaml"])
     assert real["fetch_model"] == real["layer_subset"] == real["pretrain"] == 1 and "download_model" not in real
     assert "sd2 train-tokenizer" in outs["config/real.yaml"] and "--kind from_model --model" in outs["config/real.yaml"]
+    # Parallel drafts of the real model: dense_sd and sd2 at both levels with pard beside ce, for both drafts.
+    parallel = outs["config/parallel.yaml"]
+    tuned = set(re.findall(r"work-real/drafts/smollm2-135m-instruct/([\w-]+)/([\w+]+-s\d+)\b", parallel))
+    assert {v for d, v in tuned if d == "smollm2-layers6"} == {
+        f"{m}{loss}-s{s}"
+        for m, levels in (("dense_sd", [0]), ("sd2", [50, 70]))
+        for s in levels
+        for loss in ("", "+pard")
+    }
 
 
 def test_report(tiny_run, tmp_path):

@@ -110,6 +110,8 @@ def parallel_generate(target, draft, prompt_ids: list[int], k: int, max_new_toke
         logits = target_cache.forward(context, proposals, *path_of(drafted), last=len(context) + drafted)
         greedy = logits[-(drafted + 1) :].argmax(-1).tolist()
         accepted = next((j for j in range(drafted) if proposals[j] != greedy[j]), drafted)
+        # Proposals after an end-of-text are past the end of the output, whatever they say.
+        accepted = next((j + 1 for j in range(accepted) if proposals[j] in eos), accepted)
         if accepted and proposals[accepted - 1] in eos:
             drafted, accepted = accepted, accepted - 1
         committed = proposals[:accepted] + [greedy[accepted]]
