@@ -23,9 +23,11 @@ from sd2.measure import drafts as ms
 from sd2.measure.parallel import parallel_generate, parallel_matches
 from sd2.models import load_model, load_tokenizer
 from sd2.report.collect import collect_measurements
+from sd2.report.parallel import parallel_block, parallel_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"k": 4, "keep": 0.7, "keep_min": 0.2, "mask_token": None}
+GREEDY = {**MEASURE_SETTINGS, "temperatures": [0.0]}
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,8 @@ def test_finetune_then_measure_a_parallel_draft(pair, outputs, sft_data_dir, tmp
     finetune(pair[1], sft_data_dir, out, settings=settings, seed=0)
     tok = load_tokenizer(out)
     assert AutoConfig.from_pretrained(out).pard_token == tok.pad_token_id
-    record_path = tmp_path / "record.json"
+    records = tmp_path / "results" / "records" / "toy" / "t" / "d"
+    record_path = records / "dense_sd+pard-s0.json"
     labels = {**LABELS, "method": "dense_sd+pard", "sparsity": 0}
     result = ms.measure(pair[0], out, outputs, record_path, settings=MEASURE_SETTINGS, labels=labels, seed=0)
     by = {(r["temperature"], r["estimator"], r["k"]): r for r in result["records"]}
@@ -201,3 +204,17 @@ def test_finetune_then_measure_a_parallel_draft(pair, outputs, sft_data_dir, tmp
     )
     assert [h["estimator"] for h in exported["headline"]] == ["parallel_walk"]
     assert AutoConfig.from_pretrained(tmp_path / "export").pard_token == tok.pad_token_id
+    # Against the draft it was made from, proposing one token per pass: paired over the same prompts.
+    chained = {**labels, "method": "dense_sd"}
+    ms.measure(pair[0], pair[1], outputs, records / "dense_sd-s0.json", settings=GREEDY, labels=chained, seed=0)
+    compared = parallel_rows(tmp_path / "results").set_index("k")
+    assert list(compared.index) == list(range(1, 7)) and compared["headline_k"].tolist() == [
+        k == 3 for k in range(1, 7)
+    ]
+    for k, row in compared.iterrows():
+        assert row["mal_ratio"] == pytest.approx(row["mal"] / row["chained_mal"])
+        assert row["mal_ratio_ci_low"] <= row["mal_ratio"] <= row["mal_ratio_ci_high"]
+        bytes_ratio = by[(0.0, "parallel_walk", k)]["weight_bytes_ratio"]
+        assert row["bytes_factor"] == pytest.approx(row["mal"] / (1 + bytes_ratio))
+        assert row["bytes_factor_ratio"] == pytest.approx(row["bytes_factor"] / row["chained_bytes_factor"])
+    assert "| d | dense_sd | 0 | 3 |" in parallel_block(tmp_path / "results")

@@ -64,6 +64,21 @@ def paired_ratio_ci(
     return float(estimate), *_interval(boot, level)
 
 
+def paired_statistic_ci(statistic, *arrays, n_boot: int, seed: int, level: float = LEVEL) -> tuple[float, float, float]:
+    """(statistic(sums), low, high): `statistic` of the arrays' sums, every array resampled on the same items
+    (aligned per-prompt arrays, as paired_ratio_ci's), e.g. the ratio of two drafts' improvement factors."""
+    arrays = [np.asarray(a, dtype=float) for a in arrays]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"paired samples differ in length: {[len(a) for a in arrays]}")
+    if not len(arrays[0]):
+        return float("nan"), float("nan"), float("nan")
+    idx = bootstrap_indices(len(arrays[0]), n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        estimate = statistic(*[a.sum() for a in arrays])
+        boot = statistic(*[a[idx].sum(1) for a in arrays])
+    return float(estimate), *_interval(np.asarray(boot, dtype=float), level)
+
+
 def excludes(low: float, high: float, value: float) -> bool:
     """Whether the interval [low, high] lies entirely on one side of `value` (significant at its level)."""
     return bool(np.isfinite(low) and np.isfinite(high) and (low > value or high < value))

@@ -24,6 +24,7 @@ from sd2.report.comparisons import (
     with_sd2_comparisons,
 )
 from sd2.report.markdown import ci_column, draft_columns, markdown_table, summary_markdown, time_by_rule, with_ci
+from sd2.report.parallel import parallel_block
 from sd2.report.per_prompt import groups_block
 from sd2.report.real_model import beside_the_paper, layer_subsets, real_model, real_time_by_rule
 from sd2.report.real_model import sparse_kernels as real_sparse_kernels
@@ -792,6 +793,7 @@ BLOCKS = {
     "headline_verdicts": headline_verdicts,
     "verdicts": verdicts,
     "replicates": replicates_block,
+    "parallel": lambda results: parallel_block(results / "parallel"),
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,
     "layer_subsets": layer_subsets,
