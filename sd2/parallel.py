@@ -105,3 +105,16 @@ def slot_targets(layout: dict, tokens: torch.Tensor) -> torch.Tensor:
     inside = (layout["depth"] >= 0) & (index < tokens.shape[1])
     gathered = tokens.gather(1, index.clamp(0, tokens.shape[1] - 1))
     return torch.where(inside, gathered, torch.full_like(gathered, -100))
+
+
+def hidden_states(model, rows: list[tuple[list[int], list[list[int]]]], mask_id: int, dtype: torch.dtype):
+    """(layout on the model's device, the final hidden states of every slot): one forward pass of the base model
+    over `rows` laid out by `expanded`."""
+    layout = {key: value.to(model.device) for key, value in expanded(rows, mask_id, dtype).items()}
+    hidden = model.base_model(
+        input_ids=layout["input_ids"],
+        attention_mask=layout["attention_mask"],
+        position_ids=layout["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    return layout, hidden

@@ -270,14 +270,7 @@ def pard(model, teacher, batch, chunk_tokens: int, *, settings: dict) -> torch.T
     """settings: the config's `parallel` (finetune binds it); the mask token is the draft config's."""
     check_plain_logits(model)
     mask_id = parallel.mask_token(model)
-    layout = parallel.expanded(pard_rows(batch, settings), mask_id, compute_dtype(model))
-    layout = {key: value.to(model.device) for key, value in layout.items()}
+    layout, hidden = parallel.hidden_states(model, pard_rows(batch, settings), mask_id, compute_dtype(model))
     targets = parallel.slot_targets(layout, batch["labels"])
-    hidden = model.base_model(
-        input_ids=layout["input_ids"],
-        attention_mask=layout["attention_mask"],
-        position_ids=layout["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
     keep = targets != -100
     return chunked_cross_entropy(model, hidden[keep], targets[keep], chunk_tokens)

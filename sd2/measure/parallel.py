@@ -59,13 +59,7 @@ def parallel_matches(draft, items: list[tuple[list[int], list[int]]], *, k: int,
     for idx in _batches(items, batch_size):
         batch = [items[i] for i in idx]
         rows = [(p + y[:-1], item_anchors(len(p), len(y), k)) for p, y in batch]
-        layout = {key: v.to(draft.device) for key, v in parallel.expanded(rows, mask_id, draft.dtype).items()}
-        hidden = draft.base_model(
-            input_ids=layout["input_ids"],
-            attention_mask=layout["attention_mask"],
-            position_ids=layout["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
+        layout, hidden = parallel.hidden_states(draft, rows, mask_id, draft.dtype)
         for row, i, (p, y) in zip(range(len(idx)), idx, batch):
             t = layout["anchor"][row] - (len(p) - 1)
             depth = layout["depth"][row]
