@@ -793,6 +793,7 @@ BLOCKS = {
     "headline_verdicts": headline_verdicts,
     "verdicts": verdicts,
     "replicates": replicates_block,
+    "replicates_summary": lambda results: replicates_block(results, listed=False),
     "parallel": lambda results: parallel_block(results / "parallel"),
     "real_model": real_model,
     "beside_the_paper": beside_the_paper,

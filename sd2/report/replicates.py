@@ -88,8 +88,14 @@ def write_tables(study: dict) -> list[Path]:
     return [out]
 
 
-def replicates_block(results: Path) -> str:
-    """The README's replicate verdicts: per cell, whether SD²'s verdict against each baseline holds across runs."""
+def _per_target(rows: pd.DataFrame, column: str) -> str:
+    """'llama-target 13 of 16, qwen-target 8 of 24': the rows of each target where `column` is true."""
+    return ", ".join(f"{t} {int(r[column].eq(True).sum())} of {len(r)}" for t, r in rows.groupby("target", sort=False))
+
+
+def replicates_block(results: Path, listed: bool = True) -> str:
+    """The replicate verdicts: per kind and target, how many of SD²'s verdicts against each baseline hold across
+    runs and how many two-level intervals exclude 1; `listed`: each comparison that does not hold, too."""
     path = results / "replicates" / "tables" / "replicates.csv"
     if not path.exists():
         return "No replicate study yet (`make replicates` after `make run` writes `results/replicates/`)."
@@ -99,9 +105,12 @@ def replicates_block(results: Path) -> str:
         held = rows["verdict_holds"].eq(True)
         lines.append(
             f"- **{kind} replicates** ({rows['runs'].max()} runs each): the verdict holds in every run in "
-            f"{int(held.sum())} of {len(rows)} comparisons; run-to-run spread of the ratio (sd) "
+            f"{int(held.sum())} of {len(rows)} comparisons ({_per_target(rows, 'verdict_holds')}); the two-level "
+            f"interval excludes 1 in {_per_target(rows, 'ratio_significant')}; run-to-run spread of the ratio (sd) "
             f"{rows['run_spread_sd'].median():.3f} median."
         )
+        if not listed:
+            continue
         for _, r in rows[~held].iterrows():
             lines.append(
                 f"  - does not hold: {r['target']}/{r['draft']} s{r['sparsity']} {r['eval_set']} ({r['estimator']}) "
