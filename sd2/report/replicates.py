@@ -109,6 +109,14 @@ def replicates_block(results: Path, listed: bool = True) -> str:
             f"interval excludes 1 in {_per_target(rows, 'ratio_significant')}; run-to-run spread of the ratio (sd) "
             f"{rows['run_spread_sd'].median():.3f} median."
         )
+        widest = rows.loc[rows["run_spread_sd"].idxmax()]
+        ratios = ", ".join(f"{float(x):.2f}" for x in str(widest["run_ratios"]).split())
+        lines.append(
+            f"  - widest spread: {widest['target']}/{widest['draft']} s{widest['sparsity']} {widest['eval_set']} "
+            f"against {widest['baseline']}, ratio {ratios} in the "
+            f"{widest['runs']} runs ({', '.join(str(widest['run_labels']).split())}; two-level "
+            f"{widest['ratio']:.2f} [{widest['ratio_ci_low']:.2f}, {widest['ratio_ci_high']:.2f}])."
+        )
         if not listed:
             continue
         for _, r in rows[~held].iterrows():
