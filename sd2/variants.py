@@ -147,8 +147,8 @@ def tokenizer_source(config: dict, name: str) -> tuple[str, str]:
         return tokenizer_source(config, spec["layers_of"]["model"])
     if "hub" in spec:
         return "model", name
-    family = config["tokenizers"][spec["tokenizer"]]
-    if family["kind"] == "from_model":
+    family = config.get("tokenizers", {}).get(spec["tokenizer"], {})
+    if family.get("kind") == "from_model":
         return tokenizer_source(config, family["model"])
     return "family", spec["tokenizer"]
 
