@@ -267,13 +267,12 @@ def _measure_need(rule, models, shapes, dtypes, config, parallel: bool = False) 
     parts, host = {}, 0
     for role in ("target", "draft"):
         s, dt = shapes[role], dtypes[role]
-        new = m["max_new_tokens"]
         if parallel and role == "draft":
-            slots = prompt + new * m["k_max"]
+            slots = prompt + m["max_new_tokens"] * m["k_max"]
             scored = inference_parts(s, dt, m["batch_size"], slots, 0, True)
             scored["attention_mask"] = m["batch_size"] * slots * slots * DTYPE_BYTES[dt]
         else:
-            scored = inference_parts(s, dt, m["batch_size"], prompt, new, True)
+            scored = inference_parts(s, dt, m["batch_size"], prompt, m["max_new_tokens"], True)
         # Assisted generation runs one prompt at a time: a batch-1 KV cache beside the teacher-forced batches.
         scored["kv_cache"] = kv_cache_bytes(s, dt, prompt + m["max_new_tokens"])
         parts.update({f"{role}_{k}": v for k, v in scored.items()})

@@ -24,6 +24,7 @@ Four estimators, each named in its records:
   (1 - alpha^(k+1)) / (1 - alpha). An estimate, labelled as one.
 """
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -584,8 +585,8 @@ def parallel_check(job: Job, k: int, walked: list, forced: list[dict]) -> dict:
     steps_ok = []
     for ok, it, r, walk, f in zip(outputs_ok, job.items, runs, walked, forced):
         # The gap of the proposals read at the step's first token: where a near-tie could change the step.
-        at_start = [f["gap"][sum(c for c, _ in walk[:step])] for step in range(len(walk))] + [float("inf")]
-        gap_at = at_start.__getitem__
+        starts = itertools.accumulate((c for c, _ in walk[:-1]), initial=0)
+        gap_at = [*(f["gap"][t] for t in starts), float("inf")].__getitem__
         steps_ok.append(ok and steps_agree(it, r["steps"], walk, gap_at, k, "parallel decoding"))
     timed = runs[: job.settings["n_check"]]
     return check_summary(outputs_ok, steps_ok, runs, _speed(timed, job.settings["warmup_prompts"]), job.ar_speed)
@@ -713,11 +714,11 @@ def measure_job(job: Job) -> None:
     if drafts_in_parallel and job.path != "assisted":
         raise ValueError("a parallel draft is measured only with the target's own tokenizer")
     for temperature in job.settings["temperatures"]:
-        if temperature == 0 and drafts_in_parallel:
-            parallel_records(job)
-            continue
         if drafts_in_parallel:
-            print(f"temperature {temperature}: not measured for a parallel draft (its walk is greedy)")
+            if temperature == 0:
+                parallel_records(job)
+            else:
+                print(f"temperature {temperature}: not measured for a parallel draft (its walk is greedy)")
             continue
         if temperature == 0 and job.path == "assisted":
             walk_records(job)

@@ -12,6 +12,8 @@ from sd2.report.collect import drop_ranks, read_records, unquantized, with_rank,
 
 # The exact greedy estimators of a chain draft: one shared tokenizer, then the two different-tokenizer rules.
 EXACT_CHAINS = ("teacher_forced_walk", "uag_walk", "tli_walk")
+# A record's cell in _reported_records' index, after its (method, loss, scheme).
+RECORD_CELL = ("target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k")
 # Fewer prompts than this: no comparison is called significant, whatever its interval.
 MIN_PROMPTS_FOR_SIGNIFICANCE = 20
 
@@ -133,7 +135,7 @@ def _reported_records(record_paths) -> dict:
             continue
         method, loss = variants.parse_variant(record["method"])
         scheme = variants.split_quantization(record["method"])[1]
-        cell = tuple(record[c] for c in ("target", "draft", "sparsity", "eval_set", "temperature", "estimator", "k"))
+        cell = tuple(record[c] for c in RECORD_CELL)
         index[(method, loss, scheme, *cell)] = (record, ids)
     return index
 
@@ -160,7 +162,7 @@ def _comparison_columns(index: dict, variant: tuple, cell: list, rec: dict, ids)
     ce_method = methods.ce_counterpart(method)
     counterpart = list(cell)
     if methods.LOSSES[loss].parallel:  # a parallel draft against the same draft drafting one token per pass
-        counterpart[5] = "teacher_forced_walk"
+        counterpart[RECORD_CELL.index("estimator")] = "teacher_forced_walk"
     return _loss_row(rec, ids, ce_method, index.get((ce_method, methods.DEFAULT_LOSS, none, *counterpart)))
 
 
